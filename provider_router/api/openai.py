@@ -1,0 +1,355 @@
+"""The OpenAI surface: `POST /v1/chat/completions`, `GET /v1/models`.
+
+The only module that knows OpenAI's JSON shapes. Pass-through upstreams are forwarded
+byte for byte as their chunks arrive; translating providers' events are rendered here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ..errors import ApiError
+from ..providers import ChatCall, Delta, Finish, Provider, Started, UpstreamReply, Usage
+from ..routing import NoRoute
+from ..sse import DONE, SSEParser, encode_event
+from ..state import STATE, State
+from ..store.records import RequestRecord
+from .validate import (
+    JSON_TYPES,
+    bad,
+    content_text,
+    last_user_text,
+    parse_body,
+    strip_steering,
+    validate_chat,
+)
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+MAX_MESSAGES = 10_000
+
+
+def record_of(request: web.Request) -> RequestRecord:
+    return request["record"]
+
+
+# -- request intake ----------------------------------------------------------------------
+async def read_body(request: web.Request, rec: RequestRecord) -> tuple[bytes, dict[str, Any]]:
+    ctype = request.content_type if request.headers.get("Content-Type") else ""
+    if ctype not in JSON_TYPES and not ctype.endswith("+json"):
+        raise ApiError(415, f"Content-Type must be application/json, not {ctype!r}.", code="unsupported_media_type")
+    limit = request.app[STATE].config.server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"The request body exceeds the limit of {limit} bytes.", code="body_too_large")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"The request body exceeds the limit of {limit} bytes.", code="body_too_large") from None
+    rec.request_body = raw
+    if ctype == "application/x-www-form-urlencoded" and not raw.lstrip().startswith(b"{"):
+        # curl -d sends this type; we accept it only when the body is really JSON.
+        raise ApiError(415, "Content-Type must be application/json.", code="unsupported_media_type")
+    body = parse_body(raw)
+    if b"\\u0000" in raw:
+        raise bad("The request contains a NUL character (\\u0000), which is not accepted.", code="invalid_text")
+    return raw, body
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    rec = record_of(request)
+    raw, body = await read_body(request, rec)
+    model = body.get("model")
+    if isinstance(model, str):
+        rec.model = model
+    validate_chat(body, max_messages=MAX_MESSAGES)
+    stream = bool(body.get("stream", False))
+    rec.stream = stream
+    rec.prompt_text = last_user_text(body["messages"])
+    try:
+        route = state.router.route(model)
+    except NoRoute as e:
+        raise ApiError(404, str(e), param="model", code="model_not_found") from None
+    rec.provider = route.provider.name
+    rec.upstream_model = route.upstream_model
+    changed = strip_steering(raw, body)
+    if route.upstream_model != model:
+        body["model"] = route.upstream_model
+        changed = True
+    call = ChatCall(
+        body=body,
+        raw=orjson.dumps(body) if changed else raw,
+        stream=stream,
+        upstream_model=route.upstream_model,
+    )
+    provider = state.providers[route.provider.name]
+    threads = state.threads
+    if threads is not None:
+        return await threads.handle(request, rec, route, provider, call, lambda: _relay(request, rec, provider, call))
+    return await _relay(request, rec, provider, call)
+
+
+async def _relay(request: web.Request, rec: RequestRecord, provider: Provider, call: ChatCall) -> web.StreamResponse:
+    reply = await provider.chat(call)
+    try:
+        if reply.raw is not None:
+            return await _passthrough(request, rec, reply, call)
+        return await _render(request, rec, reply, call)
+    finally:
+        reply.close()
+
+
+# -- pass-through (openai) ---------------------------------------------------------------
+async def _passthrough(request: web.Request, rec: RequestRecord, reply: UpstreamReply, call: ChatCall) -> web.StreamResponse:
+    assert reply.raw is not None
+    is_sse = reply.headers.get("content-type", "").startswith("text/event-stream")
+    if call.stream and reply.status == 200 and is_sse:
+        return await _passthrough_stream(request, rec, reply)
+    parts = [chunk async for chunk in reply.raw]
+    data = b"".join(parts)
+    if reply.status >= 400:
+        data = request.app[STATE].redactor.bytes(data)
+        rec.outcome = "upstream_error"
+        rec.error = f"upstream returned HTTP {reply.status}: {data[:2000].decode('utf-8', 'replace')}"
+    rec.response_body = data
+    rec.assemble = assemble_completion
+    rec.first_byte()
+    return web.Response(status=reply.status, body=data, headers=reply.headers)
+
+
+async def _passthrough_stream(request: web.Request, rec: RequestRecord, reply: UpstreamReply) -> web.StreamResponse:
+    assert reply.raw is not None
+    resp = web.StreamResponse(status=reply.status, headers={**SSE_HEADERS, **reply.headers})
+    chunks: list[bytes] = []
+    rec.stream_bytes = chunks
+    rec.assemble = assemble_stream
+    await resp.prepare(request)
+    rec.status = reply.status
+    write = resp.write
+    try:
+        async for chunk in reply.raw:
+            if not chunks:
+                rec.first_byte()
+            chunks.append(chunk)
+            await write(chunk)
+    except ApiError as e:
+        await _stream_error(resp, rec, e)
+        return resp
+    await resp.write_eof()
+    return resp
+
+
+async def _stream_error(resp: web.StreamResponse, rec: RequestRecord, e: ApiError) -> None:
+    """Mid-stream failure: an SSE error event and no `[DONE]`, so clients see it failed."""
+    rec.outcome = e.outcome
+    rec.error = e.message
+    rec.status = resp.status
+    payload = e.payload()
+    payload["error"]["status"] = e.status
+    await resp.write(encode_event(orjson.dumps(payload)))
+    await resp.write_eof()
+
+
+# -- translating providers (echo, qwen) ---------------------------------------------------
+class _Reply:
+    """Accumulates a translated reply as its events arrive."""
+
+    __slots__ = ("text", "reasoning", "usage", "finish", "reply_id", "chat_id", "chunks")
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.reasoning: list[str] = []
+        self.usage: Usage | None = None
+        self.finish: str | None = None
+        self.reply_id: str | None = None
+        self.chat_id: str | None = None
+        self.chunks = 0
+
+    def take(self, ev: object) -> None:
+        if isinstance(ev, Delta):
+            if ev.content:
+                self.text.append(ev.content)
+            if ev.reasoning:
+                self.reasoning.append(ev.reasoning)
+        elif isinstance(ev, Usage):
+            self.usage = ev
+        elif isinstance(ev, Finish):
+            self.finish = ev.reason
+        elif isinstance(ev, Started):
+            self.reply_id = ev.reply_id or self.reply_id
+            self.chat_id = ev.chat_id or self.chat_id
+
+    def fill(self, rec: RequestRecord) -> None:
+        rec.response_text = "".join(self.text)
+        rec.reasoning_text = "".join(self.reasoning) or None
+        rec.finish_reason = self.finish
+        rec.reply_id = self.reply_id or rec.reply_id
+        rec.chat_id = self.chat_id or rec.chat_id
+        if self.usage is not None:
+            rec.prompt_tokens = self.usage.prompt_tokens
+            rec.completion_tokens = self.usage.completion_tokens
+            rec.total_tokens = self.usage.total_tokens
+
+
+async def _open_stream(request: web.Request, rec: RequestRecord) -> web.StreamResponse:
+    resp = web.StreamResponse(headers=SSE_HEADERS)
+    await resp.prepare(request)
+    rec.status = 200
+    rec.first_byte()
+    return resp
+
+
+def _usage_json(u: Usage) -> dict[str, int]:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}
+
+
+async def _render(request: web.Request, rec: RequestRecord, reply: UpstreamReply, call: ChatCall) -> web.StreamResponse:
+    assert reply.events is not None
+    acc = _Reply()
+    request["reply"] = acc
+    events = reply.events
+    cid = f"chatcmpl-{rec.id}"
+    created = int(time.time())
+    model = call.body.get("model", call.upstream_model)
+    if not call.stream:
+        try:
+            async for ev in events:
+                acc.take(ev)
+        finally:
+            acc.fill(rec)
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(acc.text)}
+        if acc.reasoning:
+            message["reasoning_content"] = "".join(acc.reasoning)
+        out: dict[str, Any] = {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": acc.finish or "stop"}],
+        }
+        if acc.usage is not None:
+            out["usage"] = _usage_json(acc.usage)
+        data = orjson.dumps(out)
+        rec.response_body = data
+        rec.first_byte()
+        return web.Response(body=data, content_type="application/json")
+
+    opts = call.body.get("stream_options") or {}
+    include_usage = bool(opts.get("include_usage"))
+    head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+    resp: web.StreamResponse | None = None
+    first = True
+    try:
+        async for ev in events:
+            acc.take(ev)
+            if isinstance(ev, Delta):
+                delta: dict[str, Any] = {}
+                if first:
+                    delta["role"] = "assistant"
+                if ev.content:
+                    delta["content"] = ev.content
+                if ev.reasoning:
+                    delta["reasoning_content"] = ev.reasoning
+                chunk = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            elif isinstance(ev, Finish):
+                chunk = {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": ev.reason}]}
+            else:
+                continue
+            if resp is None:
+                resp = await _open_stream(request, rec)
+            first = False
+            acc.chunks += 1
+            await resp.write(encode_event(orjson.dumps(chunk)))
+        if resp is None:  # a reply with no content at all still gets a well-formed stream
+            resp = await _open_stream(request, rec)
+        if include_usage and acc.usage is not None:
+            await resp.write(encode_event(orjson.dumps({**head, "choices": [], "usage": _usage_json(acc.usage)})))
+        await resp.write(DONE)
+        await resp.write_eof()
+    except ApiError as e:
+        if resp is None:
+            raise
+        await _stream_error(resp, rec, e)
+    finally:
+        acc.fill(rec)
+        rec.chunk_count = acc.chunks
+    return resp
+
+
+# -- assembling what passed through, for the log (runs in the writer, off the request path)
+def _fill_from_message(rec: RequestRecord, obj: dict[str, Any]) -> None:
+    rec.reply_id = obj.get("id") or rec.reply_id
+    usage = obj.get("usage")
+    if isinstance(usage, dict):
+        rec.prompt_tokens = usage.get("prompt_tokens")
+        rec.completion_tokens = usage.get("completion_tokens")
+        rec.total_tokens = usage.get("total_tokens")
+
+
+def assemble_completion(rec: RequestRecord) -> None:
+    """Fill text, finish reason and usage from a non-stream chat.completion body."""
+    if not rec.response_body or rec.status is None or rec.status >= 400:
+        return
+    obj = orjson.loads(rec.response_body)
+    if not isinstance(obj, dict):
+        return
+    _fill_from_message(rec, obj)
+    choices = obj.get("choices") or []
+    if choices and isinstance(choices[0], dict):
+        msg = choices[0].get("message") or {}
+        rec.response_text = content_text(msg.get("content"))
+        rec.reasoning_text = msg.get("reasoning_content") or msg.get("reasoning") or None
+        rec.finish_reason = choices[0].get("finish_reason")
+
+
+def assemble_stream(rec: RequestRecord) -> None:
+    """Fill text, finish reason, usage and chunk count from forwarded SSE bytes."""
+    parser = SSEParser()
+    text: list[str] = []
+    reasoning: list[str] = []
+    count = 0
+    for part in rec.stream_bytes or ():
+        for ev in parser.feed(part):
+            if ev.data == "[DONE]":
+                continue
+            try:
+                obj = orjson.loads(ev.data)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            count += 1
+            _fill_from_message(rec, obj)
+            for choice in obj.get("choices") or ():
+                if not isinstance(choice, dict):
+                    continue
+                delta = choice.get("delta") or {}
+                if isinstance(delta.get("content"), str):
+                    text.append(delta["content"])
+                r = delta.get("reasoning_content") or delta.get("reasoning")
+                if isinstance(r, str):
+                    reasoning.append(r)
+                if choice.get("finish_reason"):
+                    rec.finish_reason = choice["finish_reason"]
+    rec.response_text = "".join(text)
+    rec.reasoning_text = "".join(reasoning) or None
+    rec.chunk_count = count
+    rec.stream_bytes = None
+
+
+# -- models ------------------------------------------------------------------------------
+async def list_models(request: web.Request) -> web.Response:
+    state: State = request.app[STATE]
+    data = [
+        {"id": m.name, "object": "model", "created": 0, "owned_by": m.provider}
+        for m in state.router.available
+    ]
+    return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+
+
+async def not_found(request: web.Request) -> web.Response:
+    raise ApiError(404, f"Unknown endpoint {request.method} {request.path}", code="unknown_url")
+

@@ -1,0 +1,132 @@
+"""Validating a chat request body: every refusal is a clear OpenAI-shaped 400.
+
+Checks are cheap and done once; nothing here walks message contents beyond their type.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from ..errors import ApiError
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+# Fields a client could use to steer where the proxy sends its key: dropped at any depth.
+STEERING = frozenset({"api_base", "base_url", "api_key", "extra_headers", "headers"})
+_STEERING_BYTES = tuple(f'"{k}"'.encode() for k in STEERING)
+JSON_TYPES = ("application/json", "application/x-www-form-urlencoded", "")
+MAX_N = 128
+
+
+def bad(message: str, param: str | None = None, code: str = "invalid_request") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """Decode the JSON object of a request body."""
+    if not raw:
+        raise bad("The request body is empty; expected a JSON object.", code="invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise bad(f"The request body is not valid JSON (UTF-8): {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad(f"The request body must be a JSON object, not {type(body).__name__}.", code="invalid_json")
+    return body
+
+
+def _strip_steering(node: Any) -> bool:
+    changed = False
+    if isinstance(node, dict):
+        for key in STEERING.intersection(node):
+            del node[key]
+            changed = True
+        for v in node.values():
+            changed |= _strip_steering(v)
+    elif isinstance(node, list):
+        for v in node:
+            changed |= _strip_steering(v)
+    return changed
+
+
+def strip_steering(raw: bytes, body: dict[str, Any]) -> bool:
+    """Drop upstream-steering fields; True if any were present. Walks only when needed."""
+    if not any(k in raw for k in _STEERING_BYTES):
+        return False
+    return _strip_steering(body)
+
+
+def _int_field(body: dict[str, Any], name: str, lo: int, hi: int) -> None:
+    v = body.get(name)
+    if v is None:
+        return
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise bad(f"`{name}` must be an integer from {lo} to {hi}.", param=name)
+
+
+def _num_field(body: dict[str, Any], name: str, lo: float, hi: float) -> None:
+    v = body.get(name)
+    if v is None:
+        return
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
+        raise bad(f"`{name}` must be a number from {lo:g} to {hi:g}.", param=name)
+
+
+def validate_chat(body: dict[str, Any], *, max_messages: int) -> None:
+    """Check the shape OpenAI's chat endpoint documents; raise `ApiError` (400) on the first fault."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise bad("`model` is required and must be a non-empty string.", param="model")
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad("`messages` is required and must be a non-empty array.", param="messages")
+    if len(msgs) > max_messages:
+        raise bad(f"`messages` has {len(msgs)} entries; this proxy accepts at most {max_messages}.", param="messages")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise bad(f"`messages[{i}]` must be an object.", param=f"messages[{i}]")
+        role = m.get("role")
+        if role not in ROLES:
+            raise bad(
+                f"`messages[{i}].role` must be one of {', '.join(sorted(ROLES))}; got {role!r}."[:300],
+                param=f"messages[{i}].role",
+            )
+        content = m.get("content")
+        if isinstance(content, str):
+            continue
+        if content is None and role in ("assistant", "tool", "function"):
+            continue  # e.g. an assistant turn that only has tool_calls
+        if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in content):
+            continue
+        raise bad(
+            f"`messages[{i}].content` must be a string or an array of content parts.",
+            param=f"messages[{i}].content",
+        )
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad("`stream` must be a boolean.", param="stream")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise bad("`stream_options` must be an object.", param="stream_options")
+    _int_field(body, "max_tokens", 1, 10_000_000)
+    _int_field(body, "max_completion_tokens", 1, 10_000_000)
+    _int_field(body, "n", 1, MAX_N)
+    _num_field(body, "temperature", 0, 2)
+    _num_field(body, "top_p", 0, 1)
+
+
+def content_text(content: Any) -> str:
+    """The text of a message's content (string, or the text parts of an array)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str:
+    for m in reversed(messages):
+        if m.get("role") == "user":
+            return content_text(m.get("content"))
+    return ""

@@ -1,0 +1,296 @@
+"""Typed configuration: YAML with ``${VAR}`` / ``${VAR:-default}`` expansion, validated.
+
+A wrong key or a wrong type stops start-up with a `ConfigError` naming the key's path
+(``providers[1].base_url``), never printing the value (it may be a secret).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+PROVIDER_TYPES = ("openai", "echo", "qwen")
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(ValueError):
+    """The config file is unreadable or does not validate; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 8 * 1024 * 1024
+    shutdown_grace_seconds: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    path: str = "data/provider-router.db"
+
+
+@dataclass(frozen=True, slots=True)
+class LogsConfig:
+    retention_days: int = 0  # 0 keeps records forever
+    max_body_bytes: int = 1024 * 1024
+    queue_size: int = 10_000
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutsConfig:
+    """Split timeouts: there is deliberately no total cap on a healthy stream."""
+
+    connect: float = 10.0
+    first_byte: float = 120.0
+    idle: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    name: str
+    type: str
+    base_url: str = ""
+    api_key: str = ""
+    token: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    cookie: str = ""
+    retries: int = 0
+    delete_chats_on_expiry: bool = False
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+
+    @property
+    def enabled(self) -> bool:
+        """An `openai` provider aimed at a remote host switches on only when it has a key."""
+        if self.type != "openai":
+            return True
+        return bool(self.api_key) or _is_loopback_url(self.base_url)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str
+    provider: str
+    upstream_model: str | None = None
+    fallbacks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ClientKey:
+    name: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    client_keys: tuple[ClientKey, ...] = ()
+    admin_key: str = ""
+    metrics_public: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SessionsConfig:
+    timeout_minutes: float = 30.0
+    cleanup_interval_minutes: float = 10.0
+    max_sessions: int = 10_000
+    lock_wait_seconds: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    logs: LogsConfig = field(default_factory=LogsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
+    providers: tuple[ProviderConfig, ...] = ()
+    models: tuple[ModelConfig, ...] = ()
+
+    def secrets(self) -> list[str]:
+        """Every configured secret value, for redaction."""
+        out = [p.api_key for p in self.providers] + [p.token for p in self.providers]
+        out += [p.cookie for p in self.providers]
+        out += [v for p in self.providers for v in p.headers.values()]
+        out += [k.key for k in self.auth.client_keys] + [self.auth.admin_key]
+        return [s for s in out if s and len(s) >= 4]
+
+
+def _is_loopback_url(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    host = (urlsplit(url).hostname or "").lower()
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def expand_env(text: str, env: Mapping[str, str]) -> str:
+    """Replace ``${VAR}`` and ``${VAR:-default}``; an unset ``${VAR}`` becomes empty."""
+
+    def sub(m: re.Match[str]) -> str:
+        value = env.get(m.group(1))
+        if value is None or (value == "" and m.group(2) is not None):
+            return m.group(2) or ""
+        return value
+
+    return _ENV_RE.sub(sub, text)
+
+
+def _expand_tree(node: Any, env: Mapping[str, str]) -> Any:
+    # Expand after parsing, so a value containing YAML syntax cannot change the structure.
+    if isinstance(node, str):
+        return expand_env(node, env)
+    if isinstance(node, list):
+        return [_expand_tree(v, env) for v in node]
+    if isinstance(node, dict):
+        return {k: _expand_tree(v, env) for k, v in node.items()}
+    return node
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking keys and scalar types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(known))})")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(cls, name, known[name].type, value, f"{path}.{name}" if path else name)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required key is missing
+        missing = str(e).split("argument")[-1].strip(": ")
+        raise ConfigError(f"{path or 'config'}: missing required key {missing}") from None
+
+
+_NESTED: dict[str, type] = {}
+
+
+def _coerce(cls: type, name: str, annotation: str, value: Any, path: str) -> Any:
+    ann = str(annotation)
+    nested = _NESTED.get(ann)
+    if nested is not None:
+        return _build(nested, value, path)
+    if ann.startswith("tuple["):
+        item = ann[len("tuple[") :].split(",")[0].strip()
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        if item in _NESTED:
+            return tuple(_build(_NESTED[item], v, f"{path}[{i}]") for i, v in enumerate(value))
+        return tuple(_scalar("str", v, f"{path}[{i}]") for i, v in enumerate(value))
+    if ann.startswith("Mapping["):
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return {str(k): _scalar("str", v, f"{path}.{k}") for k, v in value.items()}
+    return _scalar(ann, value, path)
+
+
+def _scalar(ann: str, value: Any, path: str) -> Any:
+    optional = "None" in ann
+    base = ann.replace("| None", "").strip()
+    if value is None and optional:
+        return None
+    if base == "str":
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif base == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif base == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif base == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    expected = {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a number"}
+    raise ConfigError(f"{path}: expected {expected.get(base, base)}, got {type(value).__name__}")
+
+
+_NESTED.update(
+    {
+        "ServerConfig": ServerConfig,
+        "DatabaseConfig": DatabaseConfig,
+        "LogsConfig": LogsConfig,
+        "AuthConfig": AuthConfig,
+        "SessionsConfig": SessionsConfig,
+        "TimeoutsConfig": TimeoutsConfig,
+        "ProviderConfig": ProviderConfig,
+        "ModelConfig": ModelConfig,
+        "ClientKey": ClientKey,
+    }
+)
+
+
+def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
+    """Parse and validate YAML text into a `Config`."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config is not valid YAML: {e}") from None
+    cfg: Config = _build(Config, _expand_tree(raw, os.environ if env is None else env), "")
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read, expand and validate the config file at `path`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    return parse_config(text, env)
+
+
+def _validate(cfg: Config) -> None:
+    names: set[str] = set()
+    for i, p in enumerate(cfg.providers):
+        where = f"providers[{i}]"
+        if p.type not in PROVIDER_TYPES:
+            raise ConfigError(f"{where}.type: must be one of {', '.join(PROVIDER_TYPES)}")
+        if p.name in names:
+            raise ConfigError(f"{where}.name: duplicate provider name {p.name!r}")
+        names.add(p.name)
+        if p.type in ("openai", "qwen") and not p.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.base_url: must be an http(s) URL")
+        if p.retries < 0:
+            raise ConfigError(f"{where}.retries: must be >= 0")
+    model_names = {m.name for m in cfg.models}
+    for i, m in enumerate(cfg.models):
+        if m.provider not in names:
+            raise ConfigError(f"models[{i}].provider: no provider named {m.provider!r}")
+        for fb in m.fallbacks:
+            if fb not in model_names:
+                raise ConfigError(f"models[{i}].fallbacks: no model named {fb!r}")
+    for i, k in enumerate(cfg.auth.client_keys):
+        if not k.key:
+            raise ConfigError(f"auth.client_keys[{i}].key: empty (is its environment variable set?)")
+    if not 0 < cfg.server.port < 65536 and cfg.server.port != 0:
+        raise ConfigError("server.port: must be 0..65535")
+    if cfg.server.max_body_bytes <= 0:
+        raise ConfigError("server.max_body_bytes: must be > 0")
+    if cfg.logs.queue_size <= 0:
+        raise ConfigError("logs.queue_size: must be > 0")
+    if cfg.sessions.max_sessions <= 0:
+        raise ConfigError("sessions.max_sessions: must be > 0")

@@ -1,0 +1,62 @@
+"""OpenAI-shaped errors: one exception type the handlers raise and the middleware renders.
+
+`{"error": {"message", "type", "param", "code"}}` is the only error body the proxy writes.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "client_disconnected",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+class ApiError(Exception):
+    """An error answered to the client with `status` and an OpenAI error body.
+
+    `outcome` is what the log record says about it (`rejected`, `upstream_error`, `timeout`).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        type: str | None = None,
+        outcome: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type or _TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        self.outcome = outcome or ("rejected" if status < 500 else "upstream_error")
+
+    def payload(self) -> dict[str, object]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def body(self) -> bytes:
+        return orjson.dumps(self.payload())
+
+
+def upstream_timeout(what: str) -> ApiError:
+    return ApiError(504, f"upstream timed out ({what})", code="upstream_timeout", outcome="timeout")
+
+
+def upstream_unreachable(detail: str) -> ApiError:
+    return ApiError(502, f"upstream unreachable: {detail}", code="upstream_unreachable")

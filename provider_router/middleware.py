@@ -1,0 +1,116 @@
+"""The edge of every request: request id, client auth, OpenAI-shaped errors, and the
+request's one log record and one canonical log line, whatever happens (disconnects too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import structlog
+from aiohttp import web
+
+from .errors import ApiError
+from .state import STATE
+from .store.records import RequestRecord, new_id
+
+log = structlog.get_logger("provider_router.request")
+
+
+def key_digest(key: str) -> str:
+    # Look keys up by digest: no secret-dependent early exit in a string compare.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _client_name(request: web.Request, keys: dict[str, str]) -> str:
+    auth = request.headers.get("Authorization", "")
+    scheme, _, token = auth.partition(" ")
+    name = keys.get(key_digest(token.strip())) if scheme.lower() == "bearer" and token else None
+    if name is None:
+        raise ApiError(
+            401,
+            "Missing or invalid API key: send a configured client key as `Authorization: Bearer <key>`.",
+            code="invalid_api_key",
+        )
+    return name
+
+
+def _error_response(e: ApiError) -> web.Response:
+    return web.Response(status=e.status, body=e.body(), content_type="application/json")
+
+
+def _from_http_exception(e: web.HTTPException) -> ApiError:
+    if e.status == 413:
+        return ApiError(413, "The request body is too large.", code="body_too_large")
+    if e.status == 405:
+        return ApiError(405, f"Method not allowed; allowed: {e.headers.get('Allow', '')}", code="method_not_allowed")
+    return ApiError(e.status, e.reason or "error", code="http_error")
+
+
+@web.middleware
+async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    state = request.app[STATE]
+    api = request.path.startswith("/v1/")
+    rec = RequestRecord(request.method, request.path) if api else None
+    rid = rec.id if rec is not None else new_id()
+    request["request_id"] = rid
+    structlog.contextvars.bind_contextvars(request_id=rid)
+    status, outcome, error = 500, "error", None
+    try:
+        if rec is not None:
+            request["record"] = rec
+            rec.user_agent = request.headers.get("User-Agent")
+            if state.client_keys:
+                rec.client = _client_name(request, state.client_keys)
+        resp = await handler(request)
+        status = resp.status
+        outcome = "ok" if status < 400 else "rejected"
+        return resp
+    except ApiError as e:
+        status, outcome, error = e.status, e.outcome, e.message
+        return _error_response(e)
+    except web.HTTPException as e:
+        err = _from_http_exception(e)
+        status, outcome, error = err.status, "rejected", err.message
+        return _error_response(err)
+    except (asyncio.CancelledError, ConnectionResetError):
+        # The client went away (aiohttp cancels the handler, or a write found the socket gone).
+        status, outcome, error = 499, "client_disconnected", "client disconnected"
+        raise
+    except Exception as e:
+        log.exception("internal_error")
+        status, outcome, error = 500, "error", f"internal error: {type(e).__name__}"
+        return _error_response(ApiError(500, "Internal proxy error.", code="internal_error", type="server_error"))
+    finally:
+        if rec is not None:
+            if status == 499 and rec.status is not None:
+                status = rec.status  # a stream that had started keeps its status
+            rec.finish(status, outcome, error)
+            if state.writer is not None:
+                state.writer.submit(rec)
+            if state.metrics is not None:
+                state.metrics.observe(rec)
+            log.info(
+                "request",
+                method=rec.method,
+                path=rec.path,
+                status=rec.status,
+                outcome=rec.outcome,
+                model=rec.model,
+                provider=rec.provider,
+                client=rec.client,
+                session=rec.session_id,
+                ttfb_ms=None if rec.ttfb_ms is None else round(rec.ttfb_ms, 2),
+                duration_ms=round(rec.duration_ms or 0.0, 2),
+            )
+        structlog.contextvars.unbind_contextvars("request_id")
+
+
+async def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: ids go on every response, streams included (headers leave early)."""
+    rid = request.get("request_id")
+    if rid is not None:
+        response.headers["X-Request-Id"] = rid
+    rec: RequestRecord | None = request.get("record")
+    if rec is not None and rec.session_id is not None:
+        response.headers["X-Session-Id"] = rec.session_id

@@ -1,0 +1,80 @@
+"""The provider interface: what the API layer hands a provider and what it gets back.
+
+Providers translate; they hold no session state. A pass-through provider returns the
+upstream's bytes to forward verbatim; a translating one returns a stream of `Event`s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Mapping, Protocol, Union
+
+
+@dataclass(slots=True)
+class ChatCall:
+    """One upstream call, as decided by the API layer and the thread logic."""
+
+    body: dict[str, Any]  # the client's validated body, `model` already the upstream model
+    raw: bytes  # `body` encoded: what a pass-through provider sends
+    stream: bool
+    upstream_model: str
+    # Threaded upstreams only (decided by threads.py): where the turn continues from.
+    chat_id: str | None = None
+    parent_id: str | None = None
+    messages: list[dict[str, Any]] = field(default_factory=list)  # the messages not yet upstream
+
+
+@dataclass(slots=True)
+class Started:
+    """The upstream accepted the turn: its chat and the id its reply will have."""
+
+    chat_id: str | None
+    reply_id: str | None
+
+
+@dataclass(slots=True)
+class Delta:
+    content: str = ""
+    reasoning: str = ""
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class Finish:
+    """The reply completed; only a completed reply may become a thread's parent."""
+
+    reason: str = "stop"
+
+
+Event = Union[Started, Delta, Usage, Finish]
+
+
+@dataclass(slots=True)
+class UpstreamReply:
+    """Either `raw` (forward verbatim with `status`/`headers`) or `events` (render as OpenAI)."""
+
+    status: int = 200
+    headers: Mapping[str, str] = field(default_factory=dict)
+    raw: AsyncIterator[bytes] | None = None
+    events: AsyncIterator[Event] | None = None
+    close: Callable[[], None] = lambda: None
+
+
+class Provider(Protocol):
+    name: str
+    threaded: bool  # True: the upstream keeps the thread; send only new messages
+
+    async def chat(self, call: ChatCall) -> UpstreamReply:
+        """Start the upstream call. Raise `ApiError` for failures before anything was received."""
+        ...
+
+    async def close(self) -> None: ...

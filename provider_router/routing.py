@@ -1,0 +1,66 @@
+"""Model routing: the client's `model` -> (provider, upstream model). First match wins.
+
+Names may be `*` globs. Routes whose provider is switched off (no key) are skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from .config import Config, ModelConfig, ProviderConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    model: ModelConfig
+    provider: ProviderConfig
+    upstream_model: str
+
+
+class NoRoute(LookupError):
+    """No enabled route; `str()` is a message fit for the client."""
+
+
+class Router:
+    def __init__(self, cfg: Config) -> None:
+        self._providers = {p.name: p for p in cfg.providers}
+        self._models = cfg.models
+        self._cache: dict[str, Route | str] = {}
+
+    @property
+    def available(self) -> list[ModelConfig]:
+        return [m for m in self._models if self._providers[m.provider].enabled]
+
+    def route(self, model: str) -> Route:
+        """The route for `model`, or raise `NoRoute`."""
+        hit = self._cache.get(model)
+        if hit is None:
+            hit = self._resolve(model)
+            if len(self._cache) < 4096:  # clients send few distinct names; bound it anyway
+                self._cache[model] = hit
+        if isinstance(hit, str):
+            raise NoRoute(hit)
+        return hit
+
+    def _resolve(self, model: str) -> Route | str:
+        disabled: ProviderConfig | None = None
+        for m in self._models:
+            if not fnmatchcase(model, m.name):
+                continue
+            p = self._providers[m.provider]
+            if not p.enabled:
+                disabled = disabled or p
+                continue
+            upstream = m.upstream_model or model
+            return Route(m, p, upstream)
+        names = ", ".join(m.name for m in self.available) or "none"
+        if disabled is not None:
+            return (
+                f"The model `{model}` routes to provider `{disabled.name}`, which is switched off "
+                f"(no api_key configured). Available models: {names}"
+            )
+        return f"The model `{model}` does not exist or is not routed. Available models: {names}"
+
+    def by_name(self, name: str) -> ModelConfig | None:
+        return next((m for m in self._models if m.name == name), None)

@@ -1,0 +1,38 @@
+"""What the running app owns, in one typed object stored on the aiohttp app.
+
+Handlers reach it as `request.app[STATE]`; `app.py` fills it in `cleanup_ctx`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from .config import Config
+from .providers import Provider
+from .routing import Router
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+    from .store import LogWriter, Redactor
+    from .threads import Threads
+
+
+@dataclass(slots=True)
+class State:
+    config: Config
+    router: Router
+    db_path: str
+    redactor: Redactor
+    client_keys: dict[str, str] = field(default_factory=dict)  # sha256(key) -> name
+    providers: dict[str, Provider] = field(default_factory=dict)
+    http: aiohttp.ClientSession | None = None
+    writer: LogWriter | None = None
+    threads: Threads | None = None
+    metrics: Metrics | None = None
+
+
+STATE = web.AppKey("state", State)

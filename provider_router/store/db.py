@@ -1,0 +1,38 @@
+"""Opening the SQLite database: PRAGMAs, and migrations applied before anything else runs.
+
+One writer connection belongs to the log writer; readers (CLI, admin API) open their own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiosqlite
+
+from .migrations import migrate
+
+PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=NORMAL",
+    "PRAGMA busy_timeout=5000",
+    "PRAGMA foreign_keys=ON",
+    "PRAGMA temp_store=MEMORY",
+)
+
+
+async def connect(path: str | Path, *, readonly: bool = False) -> aiosqlite.Connection:
+    """Open `path` with the project's PRAGMAs; a writable open also applies pending migrations."""
+    if str(path) != ":memory:" and not readonly:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if readonly:
+        conn = await aiosqlite.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+    else:
+        conn = await aiosqlite.connect(str(path))
+    conn.row_factory = aiosqlite.Row
+    for pragma in PRAGMAS:
+        if readonly and "journal_mode" in pragma:
+            continue
+        await conn.execute(pragma)
+    if not readonly:
+        await migrate(conn)
+    return conn

@@ -1,0 +1,76 @@
+"""The request record: one per request to /v1/*, filled along the request path.
+
+It crosses modules (middleware, handlers, writer), so it is a plain slotted dataclass.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+
+def new_id() -> str:
+    """A sortable id: 48-bit millisecond time then 64 random bits, as 28 hex digits."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(8).hex()}"
+
+
+def iso(ts: float) -> str:
+    """ISO 8601 UTC with milliseconds: sortable as text, readable in sqlite3."""
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    method: str
+    path: str
+    id: str = field(default_factory=new_id)
+    started: float = field(default_factory=time.time)
+    started_mono: float = field(default_factory=time.perf_counter)
+    finished: float | None = None
+    client: str | None = None
+    user_agent: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    upstream_model: str | None = None
+    stream: bool | None = None
+    request_body: bytes | None = None
+    response_body: bytes | None = None
+    prompt_text: str | None = None
+    response_text: str | None = None
+    reasoning_text: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    chunk_count: int | None = None
+    status: int | None = None
+    outcome: str | None = None
+    error: str | None = None
+    ttfb_ms: float | None = None
+    duration_ms: float | None = None
+    session_id: str | None = None
+    turn: int | None = None
+    chat_id: str | None = None
+    parent_id: str | None = None
+    reply_id: str | None = None
+    attempts: list[dict[str, Any]] | None = None
+    # Raw streamed bytes, assembled into text/usage by the writer, off the request path.
+    stream_bytes: list[bytes] | None = None
+    # Set by the API layer: fills text/usage from `stream_bytes`; the writer calls it.
+    assemble: Callable[[RequestRecord], None] | None = None
+
+    def first_byte(self) -> None:
+        if self.ttfb_ms is None:
+            self.ttfb_ms = (time.perf_counter() - self.started_mono) * 1000.0
+
+    def finish(self, status: int, outcome: str, error: str | None = None) -> None:
+        self.status = status
+        if self.outcome is None:
+            self.outcome = outcome
+        if error is not None and self.error is None:
+            self.error = error
+        self.finished = time.time()
+        self.duration_ms = (time.perf_counter() - self.started_mono) * 1000.0

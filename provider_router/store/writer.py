@@ -1,0 +1,220 @@
+"""The single writer task: request records and session changes, batched into SQLite.
+
+Handlers never wait on the database. Records go into a bounded buffer (full: dropped and
+counted, never blocking a request); session changes go into an unbounded one (they are
+state, not telemetry). One task drains both, in order, one transaction per batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import deque
+from typing import Any, Iterable, Sequence
+
+import aiosqlite
+import orjson
+import structlog
+
+from .records import RequestRecord, iso
+
+log = structlog.get_logger("provider_router.writer")
+
+TRUNCATED_MARK = "…[truncated {n} bytes]"
+
+INSERT_REQUEST = """
+INSERT OR REPLACE INTO requests (
+    id, received_at, finished_at, method, path, client, user_agent, model, provider,
+    upstream_model, stream, request_body, response_body, prompt_text, response_text,
+    reasoning_text, finish_reason, prompt_tokens, completion_tokens, total_tokens,
+    chunk_count, status, outcome, error, ttfb_ms, duration_ms, session_id, turn, chat_id,
+    parent_id, reply_id, attempts
+) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+"""
+
+# (sql, params) executed in order with the records of the same batch.
+Statement = tuple[str, Sequence[Any]]
+
+
+class Redactor:
+    """Replaces every configured secret in text with ``[REDACTED]``."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        uniq = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._re = re.compile("|".join(map(re.escape, uniq))) if uniq else None
+
+    def __call__(self, text: str | None) -> str | None:
+        if text is None or self._re is None:
+            return text
+        return self._re.sub("[REDACTED]", text)
+
+    def bytes(self, data: bytes) -> bytes:
+        if self._re is None:
+            return data
+        text = data.decode("utf-8", "replace")
+        red = self._re.sub("[REDACTED]", text)
+        return data if red == text else red.encode()
+
+
+class LogWriter:
+    """Owns the write connection. `submit()` a record, `execute()` a state change.
+
+    Start with `start()`, stop with `await stop()`, which flushes everything queued.
+    """
+
+    def __init__(
+        self,
+        conn: aiosqlite.Connection,
+        *,
+        max_queue: int = 10_000,
+        max_body_bytes: int = 1024 * 1024,
+        redactor: Redactor | None = None,
+        batch_size: int = 1000,
+    ) -> None:
+        self._conn = conn
+        self._records: deque[RequestRecord] = deque()
+        self._statements: deque[Statement] = deque()
+        self._max_queue = max_queue
+        self._max_body = max_body_bytes
+        self._redact = redactor or Redactor(())
+        self._batch = batch_size
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.written = 0
+        self.dropped = 0
+        self.failed_batches = 0
+        self._last_drop_warning = 0.0
+
+    # -- producers -------------------------------------------------------------------
+    def submit(self, record: RequestRecord) -> None:
+        """Queue a finished record; never blocks. Drops (and counts) when the queue is full."""
+        if len(self._records) >= self._max_queue:
+            self.dropped += 1
+            now = time.monotonic()
+            if now - self._last_drop_warning > 5.0:
+                self._last_drop_warning = now
+                log.warning("log_queue_full", dropped_total=self.dropped, queue=self._max_queue)
+            return
+        self._records.append(record)
+        self._idle.clear()
+        self._wake.set()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """Queue a state change (sessions, turns); never dropped, applied in order."""
+        self._statements.append((sql, params))
+        self._idle.clear()
+        self._wake.set()
+
+    @property
+    def depth(self) -> int:
+        return len(self._records) + len(self._statements)
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="log-writer")
+
+    async def stop(self) -> None:
+        """Flush everything queued, then end the task."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        await self._flush()
+
+    async def drained(self) -> None:
+        """Wait until everything queued so far is committed (tests, CLI, shutdown)."""
+        while self.depth or not self._idle.is_set():
+            await self._idle.wait()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._flush()
+            if self._stopping:
+                return
+
+    async def _flush(self) -> None:
+        while self._records or self._statements:
+            # Statements first: a record may name a session created in the same tick.
+            stmts = [self._statements.popleft() for _ in range(min(len(self._statements), self._batch))]
+            recs = [self._records.popleft() for _ in range(min(len(self._records), self._batch))]
+            try:
+                rows = [self._row(r) for r in recs]
+                await self._conn.execute("BEGIN IMMEDIATE")
+                for sql, params in stmts:
+                    await self._conn.execute(sql, params)
+                if rows:
+                    await self._conn.executemany(INSERT_REQUEST, rows)
+                await self._conn.commit()
+                self.written += len(rows)
+            except Exception as e:  # a bad batch must not kill the writer or the daemon
+                self.failed_batches += 1
+                log.error("log_write_failed", error=repr(e), records=len(recs), statements=len(stmts))
+                if self._conn.in_transaction:
+                    await self._conn.rollback()
+        self._idle.set()
+
+    # -- row building (off the request path) -----------------------------------------
+    def _text(self, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return self._redact(value)
+
+    def _body(self, data: bytes | None) -> str | None:
+        if data is None:
+            return None
+        extra = len(data) - self._max_body
+        if extra > 0:
+            data = data[: self._max_body]
+        text = data.decode("utf-8", "replace")
+        if extra > 0:
+            text += TRUNCATED_MARK.format(n=extra)
+        return self._redact(text)
+
+    def _row(self, r: RequestRecord) -> tuple[Any, ...]:
+        if r.assemble is not None:
+            try:
+                r.assemble(r)
+            except Exception as e:  # a malformed upstream stream still gets its record
+                r.error = r.error or f"could not assemble stream: {e!r}"
+        return (
+            r.id,
+            iso(r.started),
+            iso(r.finished) if r.finished else None,
+            r.method,
+            r.path,
+            r.client,
+            self._text(r.user_agent),
+            self._text(r.model),
+            r.provider,
+            r.upstream_model,
+            None if r.stream is None else int(r.stream),
+            self._body(r.request_body),
+            self._body(r.response_body),
+            self._text(r.prompt_text),
+            self._text(r.response_text),
+            self._text(r.reasoning_text),
+            r.finish_reason,
+            r.prompt_tokens,
+            r.completion_tokens,
+            r.total_tokens,
+            r.chunk_count,
+            r.status,
+            r.outcome,
+            self._text(r.error),
+            None if r.ttfb_ms is None else round(r.ttfb_ms, 3),
+            None if r.duration_ms is None else round(r.duration_ms, 3),
+            r.session_id,
+            r.turn,
+            r.chat_id,
+            r.parent_id,
+            r.reply_id,
+            orjson.dumps(r.attempts).decode() if r.attempts else None,
+        )
+
