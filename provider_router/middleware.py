@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 
 from .errors import ApiError
-from .state import STATE
+from .state import RECORD, REQUEST_ID, STATE
 from .store.records import RequestRecord, new_id
 
 log = structlog.get_logger("provider_router.request")
@@ -53,12 +53,12 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
     api = request.path.startswith("/v1/")
     rec = RequestRecord(request.method, request.path) if api else None
     rid = rec.id if rec is not None else new_id()
-    request["request_id"] = rid
+    request[REQUEST_ID] = rid
     structlog.contextvars.bind_contextvars(request_id=rid)
     status, outcome, error = 500, "error", None
     try:
         if rec is not None:
-            request["record"] = rec
+            request[RECORD] = rec
             rec.user_agent = request.headers.get("User-Agent")
             if state.client_keys:
                 rec.client = _client_name(request, state.client_keys)
@@ -108,9 +108,9 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
 
 async def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
     """`on_response_prepare`: ids go on every response, streams included (headers leave early)."""
-    rid = request.get("request_id")
+    rid = request.get(REQUEST_ID)
     if rid is not None:
         response.headers["X-Request-Id"] = rid
-    rec: RequestRecord | None = request.get("record")
+    rec = request.get(RECORD)
     if rec is not None and rec.session_id is not None:
         response.headers["X-Session-Id"] = rec.session_id

@@ -18,29 +18,29 @@ from .state import STATE
 log = structlog.get_logger("provider_router")
 
 
-def _loop_factory() -> type[asyncio.AbstractEventLoop] | None:
+def _new_loop() -> asyncio.AbstractEventLoop:
     try:
-        import uvloop  # optional extra: `pip install provider-router[speed]`
+        import uvloop  # optional extra `speed`: a faster event loop
     except ImportError:
-        return None
-    return uvloop.Loop  # type: ignore[no-any-return]
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()  # type: ignore[no-any-return]
 
 
 def run(cfg: Config, *, db_path: str | None = None) -> None:
+    """Serve until SIGINT/SIGTERM."""
     app = create_app(cfg, db_path=db_path)
     host, port = cfg.server.host, cfg.server.port
 
-    async def announce(app: web.Application) -> None:
+    def announce(_: str) -> None:
+        # Called by run_app once the socket listens, so "listening" means ready.
         log.info(
             "listening",
             url=f"http://{host}:{port}/v1",
-            db=db_path or cfg.database.path,
+            db=app[STATE].db_path,
             models=[m.name for m in app[STATE].router.available],
         )
 
-    app.on_startup.append(announce)
-    factory = _loop_factory()
-    loop = factory() if factory else asyncio.new_event_loop()
+    loop = _new_loop()
     asyncio.set_event_loop(loop)
     web.run_app(
         app,
@@ -49,6 +49,7 @@ def run(cfg: Config, *, db_path: str | None = None) -> None:
         shutdown_timeout=cfg.server.shutdown_grace_seconds,
         handler_cancellation=True,
         access_log=None,
-        print=None,
+        print=announce,
         loop=loop,
     )
+    log.info("stopped")

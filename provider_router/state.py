@@ -18,6 +18,7 @@ from .routing import Router
 if TYPE_CHECKING:
     from .metrics import Metrics
     from .store import LogWriter, Redactor
+    from .store.records import RequestRecord
     from .threads import Threads
 
 
@@ -36,3 +37,6 @@ class State:
 
 
 STATE = web.AppKey("state", State)
+# Per-request storage: the request id, and the log record the handlers fill.
+REQUEST_ID = web.RequestKey("request_id", str)
+RECORD = web.RequestKey("record", "RequestRecord")

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from fakes.qwen import QwenFake
+from tests.fakes.qwen import QwenFake
 
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -453,21 +453,25 @@ async def test_chunk_words_groups_words_per_delta(aiohttp_client: ClientFactory)
     assert answer(events) == reply
 
 
-async def test_events_arrive_split_at_arbitrary_bytes(client: TestClient) -> None:
-    """The client sees many small reads, cut inside events, '\\n\\n' and UTF-8 characters."""
+async def test_events_arrive_split_at_arbitrary_bytes(aiohttp_client: ClientFactory) -> None:
+    """The client sees many small reads, cut inside events, '\\n\\n' and UTF-8 characters.
+
+    max_piece=3 makes each kind of cut near-certain whatever the seed; the default makes it likely.
+    """
+    fake = QwenFake(TOKEN, max_piece=3)
+    client = await aiohttp_client(fake.app)
     chat_id = await new_chat(client)
     reads: list[bytes] = []
     parent = None
-    for i in range(4):
-        resp = await post_turn(client, body(chat_id, parent, f"turn {i} ✓"))
+    for i in range(2):
+        resp = await post_turn(client, body(chat_id, parent, f"turn {i}"))
         stream = Events(resp)
         events = await stream.rest()
-        assert finished(events)
+        assert finished(events) and answer(events) == fake.turns[i].reply
         parent = events[0]["response.created"]["response_id"]
-        assert len(stream.reads) > len(events)
+        assert len(stream.reads) > 3 * len(events)
         reads.extend(stream.reads)
 
-    assert any(not r.endswith(b"\n\n") for r in reads)
     assert any(r.endswith(b"\n") and not r.endswith(b"\n\n") for r in reads)
 
     def is_utf8(chunk: bytes) -> bool:
@@ -478,6 +482,17 @@ async def test_events_arrive_split_at_arbitrary_bytes(client: TestClient) -> Non
         return True
 
     assert any(not is_utf8(r) for r in reads)
+
+
+async def test_default_split_still_cuts_inside_events(client: TestClient) -> None:
+    """With default settings reads are still smaller than events and end mid-event."""
+    chat_id = await new_chat(client)
+    resp = await post_turn(client, body(chat_id, None, "hello"))
+    stream = Events(resp)
+    events = await stream.rest()
+    assert finished(events)
+    assert len(stream.reads) > len(events)
+    assert any(not r.endswith(b"\n\n") for r in stream.reads)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from ..errors import ApiError
 from ..providers import ChatCall, Delta, Finish, Provider, Started, UpstreamReply, Usage
 from ..routing import NoRoute
 from ..sse import DONE, SSEParser, encode_event
-from ..state import STATE, State
+from ..state import RECORD, STATE, State
 from ..store.records import RequestRecord
 from .validate import (
     JSON_TYPES,
@@ -33,7 +33,7 @@ MAX_MESSAGES = 10_000
 
 
 def record_of(request: web.Request) -> RequestRecord:
-    return request["record"]
+    return request[RECORD]
 
 
 # -- request intake ----------------------------------------------------------------------
@@ -209,7 +209,6 @@ def _usage_json(u: Usage) -> dict[str, int]:
 async def _render(request: web.Request, rec: RequestRecord, reply: UpstreamReply, call: ChatCall) -> web.StreamResponse:
     assert reply.events is not None
     acc = _Reply()
-    request["reply"] = acc
     events = reply.events
     cid = f"chatcmpl-{rec.id}"
     created = int(time.time())

@@ -62,6 +62,8 @@ class Message:
 
 @dataclass
 class Chat:
+    """One chat upstream: its message tree and the reply it is generating, if any."""
+
     id: str
     title: str
     models: list[str]

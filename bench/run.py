@@ -1,0 +1,847 @@
+"""One-shot benchmark of provider-router: starts a fake OpenAI upstream, a bare aiohttp
+pass-through (the floor) and the real proxy, measures all three in the same run, and prints
+one markdown table of medians and ratios (also written to bench/results/latest.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+CHAT_PATH = "/v1/chat/completions"
+API_KEY = "bench-key"
+MESSAGES = [{"role": "user", "content": "Say hello in five words."}]
+BODY_PLAIN = json.dumps({"model": "bench-model", "messages": MESSAGES, "stream": False})
+BODY_STREAM = json.dumps({"model": "bench-model", "messages": MESSAGES, "stream": True})
+HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
+FAKE_CONTENT = "Hello from the fake upstream."
+STREAM_EVENTS_MIN = 65  # 64 chunks + the usage chunk, then [DONE]
+TARGETS = ("direct", "passthrough", "proxy")
+LABELS = {"direct": "direct", "passthrough": "pass-through", "proxy": "proxy"}
+READY_TIMEOUT_S = 30.0
+STOP_GRACE_S = 5.0
+MIB = 1024 * 1024
+
+
+# ---------------------------------------------------------------- settings and results
+
+
+@dataclass(frozen=True)
+class Settings:
+    quick: bool
+    reps: int
+    duration_s: int
+    concurrency: int
+    requests: int
+    stream_requests: int
+    stream_concurrency: int
+    mix_stream_every: int
+    only: tuple[str, ...]
+    python: str
+    output: Path
+    keep_tmp: bool
+
+
+@dataclass
+class Row:
+    """One line of the table; cells are preformatted strings ("" renders as blank)."""
+
+    metric: str
+    direct: str = ""
+    passthrough: str = ""
+    proxy: str = ""
+    vs_direct: str = ""
+    vs_passthrough: str = ""
+    target: str = ""
+    met: str = ""
+
+
+@dataclass
+class Target:
+    name: str
+    base_url: str
+    pid: int
+
+    @property
+    def chat_url(self) -> str:
+        return self.base_url + CHAT_PATH
+
+
+@dataclass
+class Context:
+    settings: Settings
+    tmp: Path
+    targets: dict[str, Target]
+    raw: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def names(self, rep: int = 0) -> list[str]:
+        """Available targets, rotated per repetition so no target always runs first."""
+        names = [n for n in TARGETS if n in self.targets]
+        shift = rep % len(names) if names else 0
+        return names[shift:] + names[:shift]
+
+    @property
+    def has_proxy(self) -> bool:
+        return "proxy" in self.targets
+
+
+# ---------------------------------------------------------------- child processes
+
+
+def _die_with_parent() -> None:
+    """Linux: a child gets SIGKILL if run.py dies without cleaning up (e.g. kill -9)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class Children:
+    """Starts server processes in their own process groups and always stops them all."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def __enter__(self) -> Children:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.log_dir / f"{name}.log", "wb")
+        proc = subprocess.Popen(
+            list(argv), cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True, preexec_fn=_die_with_parent,
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        path = self.log_dir / f"{name}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait(timeout=STOP_GRACE_S)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs)[::-1]:
+            self.stop(name)
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(proc: subprocess.Popen[bytes], url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Poll `url` until it answers 200; raise if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with code {proc.returncode} before becoming ready")
+        try:
+            with urllib.request.urlopen(_get(url), timeout=1.0) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"not ready at {url} after {timeout_s:.0f}s")
+
+
+def _get(url: str) -> urllib.request.Request:
+    return urllib.request.Request(url, headers={"Authorization": f"Bearer {API_KEY}"})
+
+
+def _post(url: str, body: str) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body.encode(), headers=HEADERS, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def start_fake(kids: Children, python: str) -> Target:
+    port = free_port()
+    proc = kids.start("fake", [python, str(BENCH_DIR / "fake_openai.py"), "--port", str(port)])
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(proc, base + "/v1/models")
+    return Target("direct", base, proc.pid)
+
+
+def start_passthrough(kids: Children, python: str, upstream: str) -> Target:
+    port = free_port()
+    argv = [python, str(BENCH_DIR / "passthrough.py"), "--port", str(port), "--upstream", upstream]
+    proc = kids.start("passthrough", argv)
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(proc, base + "/v1/models")
+    return Target("passthrough", base, proc.pid)
+
+
+def proxy_unavailable_reason(python: str) -> str | None:
+    """None if `python -m provider_router serve --help` works, else why not."""
+    try:
+        done = subprocess.run([python, "-m", "provider_router", "serve", "--help"], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"`provider_router serve --help` failed: {e}"
+    if done.returncode == 0:
+        return None
+    last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+    return f"`python -m provider_router serve --help` exited {done.returncode}: {last[0]}"
+
+
+def write_proxy_config(tmp: Path, port: int, upstream: str) -> tuple[Path, Path]:
+    db = tmp / "bench.db"
+    config = tmp / "config.yaml"
+    config.write_text(
+        "server: {host: 127.0.0.1, port: %d}\n"
+        "database: {path: %s}\n"
+        "providers:\n"
+        '  - {name: fake, type: openai, base_url: "%s/v1", api_key: "%s"}\n'
+        "models:\n"
+        '  - {name: "*", provider: fake}\n' % (port, json.dumps(str(db)), upstream, API_KEY)
+    )
+    return config, db
+
+
+def start_proxy(kids: Children, python: str, tmp: Path, upstream: str) -> Target:
+    port = free_port()
+    config, db = write_proxy_config(tmp, port, upstream)
+    argv = [python, "-m", "provider_router", "serve", "--config", str(config),
+            "--port", str(port), "--db", str(db)]
+    proc = kids.start("proxy", argv)
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(proc, base + "/v1/models")
+    return Target("proxy", base, proc.pid)
+
+
+# ---------------------------------------------------------------- preflight checks
+
+
+def check_plain(url: str) -> str | None:
+    status, body = _post(url, BODY_PLAIN)
+    if status != 200:
+        return f"non-stream request returned HTTP {status}: {body[:200]!r}"
+    try:
+        content = json.loads(body)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return f"non-stream reply is not a chat.completion: {body[:200]!r}"
+    return None if content == FAKE_CONTENT else f"unexpected content {content!r}"
+
+
+def stream_reply_ok(body: bytes) -> bool:
+    return b"[DONE]" in body and body.count(b"data:") >= STREAM_EVENTS_MIN + 1
+
+
+def check_stream(url: str) -> str | None:
+    status, body = _post(url, BODY_STREAM)
+    if status != 200:
+        return f"stream request returned HTTP {status}: {body[:200]!r}"
+    if not stream_reply_ok(body):
+        return f"stream reply lacks 64 chunks + usage + [DONE] ({body.count(b'data:')} events)"
+    return None
+
+
+def preflight(target: Target) -> str | None:
+    return check_plain(target.chat_url) or check_stream(target.chat_url)
+
+
+# ---------------------------------------------------------------- /proc readings
+
+
+def read_status_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc/<pid>/stat."""
+    fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------- wrk
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    requests: int
+    duration_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    non_2xx: int
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.duration_s if self.duration_s else 0.0
+
+
+WRK_DONE = """
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH_JSON {\\"requests\\":%d,\\"duration_us\\":%d,\\"p50_us\\":%d,\\"p99_us\\":%d," ..
+    "\\"connect\\":%d,\\"read\\":%d,\\"write\\":%d,\\"timeout\\":%d,\\"status\\":%d}\\n",
+    summary.requests, summary.duration, latency:percentile(50.0), latency:percentile(99.0),
+    e.connect, e.read, e.write, e.timeout, e.status))
+end
+"""
+
+
+def _lua_string(text: str) -> str:
+    return "[==[" + text + "]==]"
+
+
+def wrk_script(bodies: Sequence[str]) -> str:
+    """POST script; with several bodies, requests cycle through them (slower path in wrk)."""
+    lines = ['wrk.method = "POST"']
+    lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in HEADERS.items()]
+    if len(bodies) == 1:
+        lines.append(f"wrk.body = {_lua_string(bodies[0])}")
+    else:
+        lines.append("local bodies = {" + ", ".join(_lua_string(b) for b in bodies) + "}")
+        lines.append("local n = 0")
+        lines.append("function request()\n  n = n + 1\n"
+                     "  return wrk.format(nil, nil, nil, bodies[(n % #bodies) + 1])\nend")
+    return "\n".join(lines) + "\n" + WRK_DONE
+
+
+def run_wrk(ctx: Context, url: str, connections: int, duration_s: int,
+            bodies: Sequence[str] = (BODY_PLAIN,)) -> WrkResult:
+    script = ctx.tmp / f"wrk-{abs(hash(tuple(bodies)))}.lua"
+    if not script.exists():
+        script.write_text(wrk_script(bodies))
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--timeout", "10s",
+            "-s", str(script), url]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 60)
+    for line in done.stdout.splitlines():
+        if line.startswith("BENCH_JSON "):
+            return _wrk_result(json.loads(line[len("BENCH_JSON "):]))
+    raise RuntimeError(f"wrk printed no result (exit {done.returncode}): {done.stderr.strip()[-300:]}")
+
+
+def _wrk_result(d: dict[str, int]) -> WrkResult:
+    errors = d["connect"] + d["read"] + d["write"] + d["timeout"]
+    return WrkResult(d["requests"], d["duration_us"] / 1e6, d["p50_us"] / 1000, d["p99_us"] / 1000,
+                     errors, d["status"])
+
+
+def ensure_wrk() -> None:
+    if shutil.which("wrk"):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise SystemExit("wrk is not installed; install it (e.g. `apt-get install -y wrk`) and rerun")
+    print("wrk not found: installing it with apt-get ...", file=sys.stderr, flush=True)
+    for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "wrk"]):
+        subprocess.run(argv, check=True, timeout=600, stdout=subprocess.DEVNULL,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    if not shutil.which("wrk"):
+        raise SystemExit("apt-get did not provide wrk")
+
+
+def note_wrk_errors(ctx: Context, name: str, what: str, res: WrkResult) -> None:
+    if res.errors or res.non_2xx:
+        ctx.notes.append(f"{LABELS[name]} {what}: {res.non_2xx} non-2xx and {res.errors} socket "
+                         f"errors out of {res.requests} requests; its figures are suspect.")
+
+
+# ---------------------------------------------------------------- formatting helpers
+
+
+def med(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "n/a"
+    return f"{a / b:.2f}×"
+
+
+def verdict(ok: bool | None) -> str:
+    return "—" if ok is None else ("✅" if ok else "❌")
+
+
+def count_label(n: int) -> str:
+    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else f"{n:,}"
+
+
+def figure_row(metric: str, values: dict[str, float | None], digits: int = 2, **extra: str) -> Row:
+    """A row with one figure per target and proxy ratios to direct and to pass-through."""
+    cells = {n: fmt(values.get(n), digits) for n in TARGETS}
+    proxy = values.get("proxy")
+    return Row(metric, cells["direct"], cells["passthrough"], cells["proxy"],
+               ratio(proxy, values.get("direct")), ratio(proxy, values.get("passthrough")), **extra)
+
+
+def added_row(metric: str, added: dict[str, float | None], target: str = "",
+              ok: Callable[[float, float | None], bool] | None = None) -> Row:
+    """A row of figures added on top of direct: only pass-through and proxy, ratio to pass-through."""
+    proxy, floor = added.get("proxy"), added.get("passthrough")
+    met = verdict(ok(proxy, floor) if ok and proxy is not None else None)
+    return Row(metric, "—", fmt(floor, 3), fmt(proxy, 3), "—", ratio(proxy, floor), target, met)
+
+
+def per_rep_added(samples: dict[str, list[float]]) -> dict[str, float | None]:
+    """Median over repetitions of (target − direct) paired within each repetition."""
+    direct = samples.get("direct", [])
+    out: dict[str, float | None] = {}
+    for name in ("passthrough", "proxy"):
+        pairs = list(zip(samples.get(name, []), direct))
+        out[name] = med([t - d for t, d in pairs]) if pairs else None
+    return out
+
+
+def medians(samples: dict[str, list[float]]) -> dict[str, float | None]:
+    return {name: med(values) for name, values in samples.items()}
+
+
+def progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def measure_latency(ctx: Context) -> list[Row]:
+    """Non-stream latency at concurrency 1 (wrk -c1), per repetition, all targets interleaved."""
+    s = ctx.settings
+    p50: dict[str, list[float]] = {n: [] for n in ctx.names()}
+    p99: dict[str, list[float]] = {n: [] for n in ctx.names()}
+    for rep in range(s.reps):
+        for name in ctx.names(rep):
+            progress(f"latency c=1 rep {rep + 1}/{s.reps}: {name}")
+            res = run_wrk(ctx, ctx.targets[name].chat_url, 1, s.duration_s)
+            note_wrk_errors(ctx, name, "latency run", res)
+            p50[name].append(res.p50_ms)
+            p99[name].append(res.p99_ms)
+    ctx.raw["latency"] = {"p50_ms": p50, "p99_ms": p99}
+    added50, added99 = per_rep_added(p50), per_rep_added(p99)
+    return [
+        figure_row("latency p50, non-stream, c=1 (ms)", medians(p50), 3),
+        figure_row("latency p99, non-stream, c=1 (ms)", medians(p99), 3),
+        added_row("added latency p50 vs direct (ms)", added50, "≤ 1.2× pass-through",
+                  lambda proxy, floor: floor is not None and proxy <= 1.2 * floor),
+        added_row("added latency p99 vs direct (ms)", added99),
+    ]
+
+
+def measure_throughput(ctx: Context) -> list[Row]:
+    """Non-stream req/s at the configured concurrency, plus server CPU time per request."""
+    s = ctx.settings
+    rps: dict[str, list[float]] = {n: [] for n in ctx.names()}
+    cpu_us: dict[str, list[float]] = {n: [] for n in ctx.names()}
+    for rep in range(s.reps):
+        for name in ctx.names(rep):
+            progress(f"throughput c={s.concurrency} rep {rep + 1}/{s.reps}: {name}")
+            pid = ctx.targets[name].pid
+            cpu0 = cpu_seconds(pid)
+            res = run_wrk(ctx, ctx.targets[name].chat_url, s.concurrency, s.duration_s)
+            note_wrk_errors(ctx, name, "throughput run", res)
+            rps[name].append(res.rps)
+            cpu_us[name].append((cpu_seconds(pid) - cpu0) / max(res.requests, 1) * 1e6)
+    ctx.raw["throughput"] = {"rps": rps, "cpu_us_per_request": cpu_us}
+    rps_med = medians(rps)
+    proxy, floor = rps_med.get("proxy"), rps_med.get("passthrough")
+    ok = None if proxy is None or floor is None else proxy >= 0.8 * floor
+    return [
+        figure_row(f"throughput, non-stream, c={s.concurrency} (req/s)", rps_med, 0,
+                   target="≥ 0.8× pass-through", met=verdict(ok)),
+        figure_row("server CPU per request at that load (µs)", medians(cpu_us), 0),
+    ]
+
+
+async def _stream_once(session: Any, url: str) -> tuple[float, float, bool]:
+    """(time to first body byte, total time, reply complete) for one streamed completion."""
+    t0 = time.perf_counter()
+    async with session.post(url, data=BODY_STREAM, headers=HEADERS) as resp:
+        first = await resp.content.readany()
+        t1 = time.perf_counter()
+        body = bytearray(first)
+        while chunk := await resp.content.readany():
+            body += chunk
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t0, resp.status == 200 and stream_reply_ok(bytes(body))
+
+
+async def _stream_batch(url: str, count: int, concurrency: int) -> list[tuple[float, float, bool]]:
+    import aiohttp
+
+    results: list[tuple[float, float, bool]] = []
+    remaining = iter(range(count))
+    timeout = aiohttp.ClientTimeout(total=30)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        for _ in range(min(3, count)):  # warm the keep-alive connection(s)
+            await _stream_once(session, url)
+
+        async def worker() -> None:
+            for _ in remaining:
+                results.append(await _stream_once(session, url))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results
+
+
+def _use_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def measure_streaming(ctx: Context) -> list[Row]:
+    """64-chunk SSE replies through a small aiohttp client: TTFB and total time."""
+    s = ctx.settings
+    per_rep = max(1, s.stream_requests // s.reps)
+    ttfb: dict[str, list[float]] = {n: [] for n in ctx.names()}
+    total: dict[str, list[float]] = {n: [] for n in ctx.names()}
+    _use_uvloop()
+    for rep in range(s.reps):
+        for name in ctx.names(rep):
+            progress(f"streaming c={s.stream_concurrency} rep {rep + 1}/{s.reps}: {name}")
+            batch = asyncio.run(_stream_batch(ctx.targets[name].chat_url, per_rep, s.stream_concurrency))
+            bad = sum(1 for *_, ok in batch if not ok)
+            if bad:
+                ctx.notes.append(f"{LABELS[name]} streaming: {bad} of {len(batch)} replies incomplete.")
+            ttfb[name] += [a * 1000 for a, _, _ in batch]
+            total[name] += [b * 1000 for _, b, _ in batch]
+    ctx.raw["streaming"] = {"ttfb_ms": ttfb, "total_ms": total}
+    ttfb_med, total_med = medians(ttfb), medians(total)
+    return [
+        figure_row(f"stream TTFB median, c={s.stream_concurrency} (ms)", ttfb_med, 3),
+        figure_row("stream total time median (ms)", total_med, 3),
+        added_row("stream added TTFB vs direct (ms)", _minus_direct(ttfb_med), "≤ 1 ms",
+                  lambda proxy, _floor: proxy <= 1.0),
+        added_row("stream added total time vs direct (ms)", _minus_direct(total_med)),
+    ]
+
+
+def _minus_direct(values: dict[str, float | None]) -> dict[str, float | None]:
+    direct = values.get("direct")
+    return {n: (v - direct if v is not None and direct is not None else None)
+            for n, v in values.items() if n != "direct"}
+
+
+def drive_requests(ctx: Context, name: str, count: int, cap_s: float) -> int:
+    """Send about `count` mixed requests (wrk in short slices); returns how many completed."""
+    s = ctx.settings
+    bodies = [BODY_PLAIN] * (s.mix_stream_every - 1) + [BODY_STREAM]
+    done, rate = 0, 0.0  # the first 1 s slice measures the rate
+    deadline = time.monotonic() + cap_s
+    while done < count and time.monotonic() < deadline:
+        wanted = (count - done) / rate if rate else 1
+        slice_s = int(min(10, max(1, wanted), max(1, deadline - time.monotonic())))
+        res = run_wrk(ctx, ctx.targets[name].chat_url, s.concurrency, slice_s, bodies)
+        note_wrk_errors(ctx, name, "memory run", res)
+        done += res.requests
+        rate = max(res.rps, 1.0)
+    if done < count:
+        ctx.notes.append(f"{LABELS[name]} memory run hit its {cap_s:.0f}s cap after {done} requests.")
+    return done
+
+
+def measure_memory(ctx: Context) -> list[Row]:
+    """VmRSS after N/2 and N requests (stream every k-th), VmHWM at the end, growth over the 2nd half."""
+    s = ctx.settings
+    half = s.requests // 2
+    cap_s = max(60.0, half / 200)
+    readings: dict[str, dict[str, float]] = {}
+    for name in ("passthrough", "proxy"):
+        if name not in ctx.targets:
+            continue
+        pid = ctx.targets[name].pid
+        r: dict[str, float] = {}
+        for phase in ("half", "full"):
+            progress(f"memory: {name}, {phase} ({count_label(half)} requests)")
+            r[f"requests_{phase}"] = drive_requests(ctx, name, half, cap_s)
+            time.sleep(1.0)  # let queued log writes land before reading
+            r[f"rss_{phase}"] = read_status_kib(pid, "VmRSS") * 1024 / MIB
+        r["hwm"] = read_status_kib(pid, "VmHWM") * 1024 / MIB
+        readings[name] = r
+    ctx.raw["memory"] = readings
+    sent = "; ".join(f"{LABELS[n]} {r['requests_half']:,.0f} + {r['requests_full']:,.0f}"
+                     for n, r in readings.items())
+    ctx.notes.append(f"memory phases really sent (wrk runs whole seconds): {sent}.")
+
+    def pick(key: str) -> dict[str, float | None]:
+        return {n: readings[n][key] if n in readings else None for n in ("passthrough", "proxy")}
+
+    growth = {n: (readings[n]["rss_full"] - readings[n]["rss_half"]) if n in readings else None
+              for n in ("passthrough", "proxy")}
+    g = growth["proxy"]
+    mixed = f"1 in {s.mix_stream_every} streamed"
+    return [
+        _memory_row(f"RSS after {count_label(half)} requests ({mixed}) (MiB)", pick("rss_half")),
+        _memory_row(f"RSS after {count_label(2 * half)} requests (MiB)", pick("rss_full")),
+        _memory_row("peak RSS, VmHWM (MiB)", pick("hwm")),
+        Row(f"RSS growth over the last {count_label(half)} (MiB)", "—", fmt(growth["passthrough"], 1),
+            fmt(g, 1), "—", "—", "< 10 MiB", verdict(None if g is None else g < 10)),
+    ]
+
+
+def _memory_row(metric: str, values: dict[str, float | None]) -> Row:
+    return Row(metric, "—", fmt(values["passthrough"], 1), fmt(values["proxy"], 1), "—",
+               ratio(values["proxy"], values["passthrough"]))
+
+
+def pending_threaded(ctx: Context) -> list[Row]:
+    """Placeholder: the lead wires this to the threaded provider and a fake threaded upstream."""
+    return [
+        Row("threaded path: turn-by-turn conversations (req/s)", "—", "—", "pending"),
+        Row("threaded path: upstream bytes per turn, turn 2 vs turn 50", "—", "—", "pending"),
+    ]
+
+
+def pending_log_writer(ctx: Context) -> list[Row]:
+    """Placeholder: the lead wires this to the log writer's internal API."""
+    return [
+        Row("log writer alone (records/s)", "—", "—", "pending"),
+        Row("log writer: records lost", "—", "—", "pending", target="0"),
+    ]
+
+
+# Adding a measurement = writing one function (Context -> rows) and listing it here.
+MEASUREMENTS: dict[str, Callable[[Context], list[Row]]] = {
+    "latency": measure_latency,
+    "throughput": measure_throughput,
+    "streaming": measure_streaming,
+    "memory": measure_memory,
+    "threaded": pending_threaded,
+    "log_writer": pending_log_writer,
+}
+
+
+# ---------------------------------------------------------------- report
+
+
+COLUMNS = ("measurement", "direct", "pass-through", "proxy", "proxy ÷ direct",
+           "proxy ÷ pass-through", "target", "met")
+
+
+def render_table(rows: Sequence[Row]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * 5 + ["---", ":-:"]) + "|"]
+    for r in rows:
+        cells = [r.metric, r.direct, r.passthrough, r.proxy, r.vs_direct, r.vs_passthrough, r.target, r.met]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _git(*args: str) -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+        if done.returncode == 0:
+            return done.stdout.strip()
+    return ""
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def render_header(ctx: Context, started: float, load_start: str) -> str:
+    s = ctx.settings
+    commit = _git("rev-parse", "--short", "HEAD") or "no commit yet"
+    dirty = " + uncommitted changes" if _git("status", "--porcelain", "provider_router") else ""
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split(" [")[0]
+    return "\n".join([
+        f"# provider-router benchmark ({'quick' if s.quick else 'full'} run)",
+        "",
+        f"- when: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; took {time.monotonic() - started:.0f} s",
+        f"- code: {commit}{dirty}",
+        f"- machine: {os.cpu_count()} × {_cpu_model()}; Python {platform.python_version()}; "
+        f"load average {load_start} at start, {_loadavg()} at end",
+        f"- method: {s.reps} repetitions of {s.duration_s} s per target for wrk figures "
+        f"({wrk_version.strip()}, 1 thread), targets interleaved; {s.stream_requests} streamed "
+        f"requests per target; memory over {count_label(s.requests)} requests per server",
+        "- figures are medians over repetitions; \"added\" = target − direct within each "
+        "repetition; see bench/README.md for how to read them",
+    ])
+
+
+def _loadavg() -> str:
+    with contextlib.suppress(OSError):
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return "?"
+
+
+def write_report(ctx: Context, rows: Sequence[Row], started: float, load_start: str) -> str:
+    parts = [render_header(ctx, started, load_start), "", render_table(rows)]
+    if ctx.notes:
+        parts += ["", "Notes:", ""] + [f"- {n}" for n in ctx.notes]
+    report = "\n".join(parts) + "\n"
+    ctx.settings.output.parent.mkdir(parents=True, exist_ok=True)
+    ctx.settings.output.write_text(report)
+    raw = {"settings": {k: str(v) for k, v in asdict(ctx.settings).items()}, "results": ctx.raw,
+           "rows": [asdict(r) for r in rows], "notes": ctx.notes}
+    ctx.settings.output.with_suffix(".raw").write_text(json.dumps(raw, indent=1))
+    return report
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Settings:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: small counts, about a minute")
+    p.add_argument("--reps", type=int, help="repetitions per wrk figure (default 5; quick 3)")
+    p.add_argument("--duration", type=int, help="seconds per wrk run (default 5; quick 2)")
+    p.add_argument("--concurrency", type=int, default=32, help="connections for throughput (32)")
+    p.add_argument("--requests", type=int, help="requests for the memory test (default 100000; quick 10000)")
+    p.add_argument("--stream-requests", type=int, help="streamed requests per target (default 500; quick 150)")
+    p.add_argument("--stream-concurrency", type=int, default=1, help="streaming client concurrency (1)")
+    p.add_argument("--mix-stream-every", type=int, default=4,
+                   help="in the memory test, every k-th request streams (4)")
+    p.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(MEASUREMENTS)}")
+    p.add_argument("--python", default=sys.executable, help="interpreter for the servers (this one)")
+    p.add_argument("--output", type=Path, default=RESULTS_DIR / "latest.md")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (config, db, server logs)")
+    a = p.parse_args(argv)
+    only = tuple(x for x in a.only.split(",") if x)
+    unknown = set(only) - set(MEASUREMENTS)
+    if unknown:
+        p.error(f"unknown measurement(s): {', '.join(sorted(unknown))}")
+    return Settings(
+        quick=a.quick, reps=max(1, a.reps or (3 if a.quick else 5)),
+        duration_s=max(1, a.duration or (2 if a.quick else 5)), concurrency=max(1, a.concurrency),
+        requests=max(2, a.requests or (10_000 if a.quick else 100_000)),
+        stream_requests=max(1, a.stream_requests or (150 if a.quick else 500)),
+        stream_concurrency=max(1, a.stream_concurrency), mix_stream_every=max(1, a.mix_stream_every),
+        only=only or tuple(MEASUREMENTS), python=a.python, output=a.output, keep_tmp=a.keep_tmp,
+    )
+
+
+def start_targets(ctx: Context, kids: Children) -> None:
+    py = ctx.settings.python
+    progress("starting the fake upstream and the pass-through")
+    ctx.targets["direct"] = start_fake(kids, py)
+    upstream = ctx.targets["direct"].base_url
+    ctx.targets["passthrough"] = start_passthrough(kids, py, upstream)
+    reason = proxy_unavailable_reason(py)
+    if reason is None:
+        progress("starting provider_router")
+        try:
+            ctx.targets["proxy"] = start_proxy(kids, py, ctx.tmp, upstream)
+        except RuntimeError as e:
+            reason = f"proxy failed to start: {e}\n```\n{kids.log_tail('proxy')}\n```"
+            kids.stop("proxy")
+    if reason:
+        ctx.notes.append(f"proxy column is n/a: {reason}")
+    for name in list(ctx.targets):
+        problem = preflight(ctx.targets[name])
+        if problem:
+            if name != "proxy":
+                raise RuntimeError(f"{name} failed its preflight check: {problem}")
+            ctx.notes.append(f"proxy column is n/a: preflight failed: {problem}")
+            del ctx.targets[name]
+            kids.stop("proxy")
+
+
+def warm_up(ctx: Context) -> None:
+    for name in ctx.names():
+        run_wrk(ctx, ctx.targets[name].chat_url, 4, 1)
+
+
+def run(settings: Settings) -> str:
+    started, load_start = time.monotonic(), _loadavg()
+    ensure_wrk()
+    tmp = Path(tempfile.mkdtemp(prefix="provider-router-bench-"))
+    ctx = Context(settings, tmp, {})
+    try:
+        with Children(tmp) as kids:
+            start_targets(ctx, kids)
+            warm_up(ctx)
+            rows: list[Row] = []
+            for name in settings.only:
+                rows += MEASUREMENTS[name](ctx)
+            check_alive(ctx, kids)
+        return write_report(ctx, rows, started, load_start)
+    finally:
+        if settings.keep_tmp:
+            progress(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_alive(ctx: Context, kids: Children) -> None:
+    for name, proc in kids.procs.items():
+        if proc.poll() is not None:
+            ctx.notes.append(f"{name} exited (code {proc.returncode}) during the run:\n"
+                             f"```\n{kids.log_tail(name)}\n```")
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
+    try:
+        report = run(settings)
+    except KeyboardInterrupt:
+        print("\ninterrupted; all servers stopped", file=sys.stderr)
+        return 130
+    print(report)
+    progress(f"written to {settings.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""A strict fake of an OpenAI-compatible chat upstream, served on loopback in tests.
+
+It checks the key and the body like the real API, answers from the conversation it was
+sent (so a test can prove what reached it), and can be told to hold, fail, stall or cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+def _err(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+@dataclass
+class Seen:
+    headers: dict[str, str]
+    body: dict[str, Any]
+    raw: bytes
+
+
+@dataclass
+class OpenAIFake:
+    """`app` is the aiohttp app. Script behaviour by setting the attributes before a request."""
+
+    key: str = "sk-upstream-test"
+    seen: list[Seen] = field(default_factory=list)
+    # Stream control: after the first chunk, wait for this event before sending the rest.
+    hold_after_first: asyncio.Event | None = None
+    # Wait for this event before sending the response head (a stalled upstream).
+    stall_head: asyncio.Event | None = None
+    # Close the connection after this many chunks, without [DONE].
+    cut_after: int | None = None
+    # Answer the next request with this (status, body) instead.
+    fail_next: tuple[int, bytes] | None = None
+    # Set when a client closed the connection while the fake was still answering.
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    chunks_sent: int = 0
+
+    def __post_init__(self) -> None:
+        self.app = web.Application()
+        self.app.router.add_post("/v1/chat/completions", self.chat)
+
+    @staticmethod
+    def reply_for(messages: list[dict[str, Any]]) -> str:
+        """What the fake answers: proves how many messages it saw and the last one."""
+        last = messages[-1].get("content")
+        return f"upstream saw {len(messages)} messages; last: {last}"
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        if request.headers.get("Authorization") != f"Bearer {self.key}":
+            return _err(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        if request.content_type != "application/json":
+            return _err(400, "Content-Type must be application/json")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return _err(400, "We could not parse the JSON body of your request.")
+        model, messages = body.get("model"), body.get("messages")
+        if not isinstance(model, str) or not isinstance(messages, list) or not messages:
+            return _err(400, "model and messages are required")
+        self.seen.append(Seen(dict(request.headers), body, raw))
+        try:
+            return await self._answer(request, body, model, messages)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.disconnected.set()
+            raise
+
+    async def _answer(
+        self, request: web.Request, body: dict[str, Any], model: str, messages: list[dict[str, Any]]
+    ) -> web.StreamResponse:
+        if self.stall_head is not None:
+            await self.stall_head.wait()
+        if self.fail_next is not None:
+            status, data = self.fail_next
+            self.fail_next = None
+            return web.Response(status=status, body=data, content_type="application/json")
+        text = self.reply_for(messages)
+        words = text.split(" ")
+        usage = {"prompt_tokens": 3 * len(messages), "completion_tokens": len(words), "total_tokens": 3 * len(messages) + len(words)}
+        cid = f"chatcmpl-fake{len(self.seen)}"
+        if not body.get("stream"):
+            out = {
+                "id": cid,
+                "object": "chat.completion",
+                "created": 1700000000,
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": usage,
+            }
+            return web.Response(body=orjson.dumps(out), content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        head = {"id": cid, "object": "chat.completion.chunk", "created": 1700000000, "model": model}
+        pieces = [{"role": "assistant", "content": ""}] + [{"content": w if i == 0 else " " + w} for i, w in enumerate(words)]
+        for i, delta in enumerate(pieces):
+            if self.cut_after is not None and i >= self.cut_after:
+                request.transport.close()  # type: ignore[union-attr]
+                return resp
+            chunk = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            self.chunks_sent += 1
+            if i == 0 and self.hold_after_first is not None:
+                await self.hold_after_first.wait()
+        final = {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await resp.write(b"data: " + orjson.dumps({**head, "choices": [], "usage": usage}) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp

@@ -1,0 +1,65 @@
+"""The log database: migrations from blank, the writer's batching, truncation and redaction."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from provider_router.store import LogWriter, Redactor, RequestRecord, connect
+from provider_router.store.migrations import MIGRATIONS, migrate
+
+
+async def test_blank_database_migrates(tmp_path: Path) -> None:
+    """A blank file gets every migration, recorded by name; running again applies nothing."""
+    conn = await connect(tmp_path / "x.db")
+    try:
+        assert await migrate(conn) == []
+    finally:
+        await conn.close()
+    db = sqlite3.connect(tmp_path / "x.db")
+    names = [r[0] for r in db.execute("SELECT name FROM _migrations ORDER BY name")]
+    assert names == [name for name, _ in MIGRATIONS]
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type IN ('table')")}
+    assert {"requests", "requests_fts"} <= tables
+
+
+async def test_writer_batches_truncates_redacts_and_indexes(tmp_path: Path) -> None:
+    """Records are written with long bodies truncated (marked), secrets redacted, FTS searchable."""
+    conn = await connect(tmp_path / "x.db")
+    writer = LogWriter(conn, max_body_bytes=100, redactor=Redactor(["sk-canary-secret"]))
+    writer.start()
+    for i in range(250):
+        rec = RequestRecord("POST", "/v1/chat/completions")
+        rec.request_body = b"A" * 500 if i == 0 else b'{"x": 1}'
+        rec.prompt_text = f"zebra number {i}"
+        rec.error = "bad key sk-canary-secret" if i == 1 else None
+        rec.finish(200, "ok")
+        writer.submit(rec)
+    await writer.stop()
+    await conn.close()
+    db = sqlite3.connect(tmp_path / "x.db")
+    assert db.execute("SELECT count(*) FROM requests").fetchone()[0] == 250
+    bodies = [r[0] for r in db.execute("SELECT request_body FROM requests ORDER BY id")]
+    assert bodies[0].startswith("A" * 100) and bodies[0].endswith("[truncated 400 bytes]")
+    errors = [r[0] for r in db.execute("SELECT error FROM requests WHERE error IS NOT NULL")]
+    assert errors == ["bad key [REDACTED]"]
+    hits = db.execute("SELECT count(*) FROM requests_fts WHERE requests_fts MATCH 'zebra AND 17'").fetchone()[0]
+    assert hits == 1
+    assert writer.written == 250 and writer.dropped == 0
+
+
+async def test_full_queue_drops_and_counts(tmp_path: Path) -> None:
+    """When the queue is full, records are dropped and counted; submit never blocks."""
+    conn = await connect(tmp_path / "x.db")
+    writer = LogWriter(conn, max_queue=10)  # not started: nothing drains
+    for _ in range(15):
+        rec = RequestRecord("GET", "/v1/models")
+        rec.finish(200, "ok")
+        writer.submit(rec)
+    assert (writer.depth, writer.dropped) == (10, 5)
+    writer.start()
+    await writer.stop()
+    await conn.close()
+    assert sqlite3.connect(tmp_path / "x.db").execute("SELECT count(*) FROM requests").fetchone()[0] == 10
