@@ -5,6 +5,8 @@ writer last, so every record of a finished request is flushed.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import AsyncIterator
 
 import aiohttp
@@ -17,6 +19,8 @@ from .providers import build_provider
 from .routing import Router
 from .state import STATE, State
 from .store import LogWriter, Redactor, connect
+from .store.sessions import SessionRepo
+from .threads import Threads
 
 
 def create_app(cfg: Config, *, db_path: str | None = None) -> web.Application:
@@ -32,6 +36,7 @@ def create_app(cfg: Config, *, db_path: str | None = None) -> web.Application:
     app[STATE] = state
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_upstreams)
+    app.cleanup_ctx.append(_threads)
     app.on_response_prepare.append(stamp_headers)
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
     app.router.add_get("/v1/models", openai_api.list_models)
@@ -45,13 +50,29 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
     logs = state.config.logs
     writer = LogWriter(conn, max_queue=logs.queue_size, max_body_bytes=logs.max_body_bytes, redactor=state.redactor)
     writer.start()
-    state.writer = writer
+    state.db, state.writer = conn, writer
     try:
         yield
     finally:
         await writer.stop()
-        state.writer = None
+        state.writer = state.db = None
         await conn.close()
+
+
+async def _threads(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    assert state.db is not None and state.writer is not None
+    threads = Threads(state.config.sessions, SessionRepo(state.db, state.writer), state.providers)
+    await threads.start()
+    state.threads = threads
+    cleanup = asyncio.create_task(threads.run_cleanup(), name="session-cleanup")
+    try:
+        yield
+    finally:
+        cleanup.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await cleanup
+        state.threads = None
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import aiohttp
+import aiosqlite
 from aiohttp import web
 
 from .config import Config
@@ -31,6 +32,7 @@ class State:
     client_keys: dict[str, str] = field(default_factory=dict)  # sha256(key) -> name
     providers: dict[str, Provider] = field(default_factory=dict)
     http: aiohttp.ClientSession | None = None
+    db: aiosqlite.Connection | None = None  # the writer's connection (also serves session reads)
     writer: LogWriter | None = None
     threads: Threads | None = None
     metrics: Metrics | None = None

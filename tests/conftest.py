@@ -17,8 +17,10 @@ from aiohttp.test_utils import TestServer
 from provider_router import create_app, parse_config
 from provider_router.state import STATE, State
 from tests.fakes.openai import OpenAIFake
+from tests.fakes.qwen import QwenFake
 
 UPSTREAM_KEY = "sk-upstream-test"
+QWEN_TOKEN = "qwen-token-test"
 
 
 class Proxy:
@@ -93,3 +95,26 @@ def make_proxy(aiohttp_server: Any, tmp_path: Path) -> ProxyFactory:
 @pytest.fixture
 async def proxy(make_proxy: ProxyFactory, openai_fake: OpenAIFake) -> Proxy:
     return await make_proxy(base_config(openai_fake.base_url))  # type: ignore[attr-defined]
+
+
+def qwen_config(qwen_url: str, **sessions: Any) -> dict[str, Any]:
+    """Routes `qwen*` to a threaded qwen provider at `qwen_url`, plus echo."""
+    cfg = base_config()
+    cfg["providers"].append({"name": "qwen", "type": "qwen", "base_url": qwen_url, "token": QWEN_TOKEN})
+    cfg["models"].append({"name": "qwen*", "provider": "qwen"})
+    if sessions:
+        cfg["sessions"] = sessions
+    return cfg
+
+
+@pytest.fixture
+async def qwen_fake(aiohttp_server: Any) -> QwenFake:
+    fake = QwenFake(token=QWEN_TOKEN)
+    server = await aiohttp_server(fake.app)
+    fake.base_url = str(server.make_url("")).rstrip("/")  # type: ignore[attr-defined]
+    return fake
+
+
+@pytest.fixture
+async def qproxy(make_proxy: ProxyFactory, qwen_fake: QwenFake) -> Proxy:
+    return await make_proxy(qwen_config(qwen_fake.base_url))  # type: ignore[attr-defined]

@@ -114,8 +114,9 @@ async def _passthrough(request: web.Request, rec: RequestRecord, reply: Upstream
         data = request.app[STATE].redactor.bytes(data)
         rec.outcome = "upstream_error"
         rec.error = f"upstream returned HTTP {reply.status}: {data[:2000].decode('utf-8', 'replace')}"
+    else:
+        rec.assemble = assemble_completion
     rec.response_body = data
-    rec.assemble = assemble_completion
     rec.first_byte()
     return web.Response(status=reply.status, body=data, headers=reply.headers)
 
@@ -290,7 +291,7 @@ def _fill_from_message(rec: RequestRecord, obj: dict[str, Any]) -> None:
 
 def assemble_completion(rec: RequestRecord) -> None:
     """Fill text, finish reason and usage from a non-stream chat.completion body."""
-    if not rec.response_body or rec.status is None or rec.status >= 400:
+    if not rec.response_body:
         return
     obj = orjson.loads(rec.response_body)
     if not isinstance(obj, dict):

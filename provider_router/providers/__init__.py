@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 
 from ..config import ProviderConfig
-from .base import ChatCall, Delta, Event, Finish, Provider, Started, UpstreamReply, Usage
+from .base import ChatCall, ChatGone, Delta, Event, Finish, Provider, Started, UpstreamReply, Usage
 from .echo import EchoProvider
 from .openai import OpenAIProvider
 
@@ -24,5 +24,5 @@ def build_provider(cfg: ProviderConfig, http: aiohttp.ClientSession) -> Provider
 
 
 __all__ = [
-    "ChatCall", "Delta", "Event", "Finish", "Provider", "Started", "UpstreamReply", "Usage", "build_provider",
+    "ChatCall", "ChatGone", "Delta", "Event", "Finish", "Provider", "Started", "UpstreamReply", "Usage", "build_provider",
 ]

@@ -22,6 +22,11 @@ class ChatCall:
     chat_id: str | None = None
     parent_id: str | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)  # the messages not yet upstream
+    sent_bytes: int = 0  # size of the upstream request body (threaded providers report it)
+
+
+class ChatGone(Exception):
+    """The upstream no longer knows the chat (expired, deleted): the thread must be rebuilt."""
 
 
 @dataclass(slots=True)
@@ -78,3 +83,9 @@ class Provider(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class ThreadedProvider(Provider, Protocol):
+    async def delete_chat(self, chat_id: str) -> None:
+        """Delete an upstream chat (used when sessions expire, if configured)."""
+        ...

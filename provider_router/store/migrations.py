@@ -61,9 +61,44 @@ CREATE TRIGGER requests_ad AFTER DELETE ON requests BEGIN
 END;
 """
 
+M002_SESSIONS = """
+CREATE TABLE sessions (
+    id TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,        -- hash of client, route, system messages + first user message
+    client TEXT NOT NULL,             -- client key name, or 'anonymous'
+    provider TEXT NOT NULL,
+    upstream_model TEXT NOT NULL,
+    chat_id TEXT,                     -- upstream chat of the tip (our own id on stateless upstreams)
+    parent_id TEXT,                   -- the tip: upstream id of the last completed reply
+    state TEXT NOT NULL DEFAULT 'active',   -- active | expired
+    created_at TEXT NOT NULL,
+    last_accessed_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
+    message_count INTEGER NOT NULL DEFAULT 0,
+    request_count INTEGER NOT NULL DEFAULT 0,
+    metadata TEXT                     -- JSON: user agent, client key name, why it ended
+);
+CREATE INDEX sessions_fingerprint ON sessions(fingerprint, state);
+CREATE INDEX sessions_state_expires ON sessions(state, expires_at);
+
+-- The thread tree: one row per completed reply the upstream knows.
+CREATE TABLE turns (
+    session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    prefix_hash TEXT NOT NULL,        -- hash of the client's messages up to and including this reply
+    parent_hash TEXT,                 -- the turn this one continued from (NULL: first turn of a chat)
+    turn INTEGER NOT NULL,            -- assistant replies on the path, this one included
+    chat_id TEXT,
+    reply_id TEXT,                    -- the upstream id of the reply: the next turn's parent_id
+    request_id TEXT,                  -- the requests row that produced it
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (session_id, prefix_hash)
+) WITHOUT ROWID;
+"""
+
 # (name, SQL). Append only.
 MIGRATIONS: list[tuple[str, str]] = [
     ("001_requests", M001_REQUESTS),
+    ("002_sessions", M002_SESSIONS),
 ]
 
 

@@ -86,7 +86,7 @@ class LogWriter:
         self._idle.set()
         self.written = 0
         self.dropped = 0
-        self.failed_batches = 0
+        self.failed = 0  # statements or records that could not be written at all
         self._last_drop_warning = 0.0
 
     # -- producers -------------------------------------------------------------------
@@ -144,21 +144,43 @@ class LogWriter:
             # Statements first: a record may name a session created in the same tick.
             stmts = [self._statements.popleft() for _ in range(min(len(self._statements), self._batch))]
             recs = [self._records.popleft() for _ in range(min(len(self._records), self._batch))]
+            rows = [self._row(r) for r in recs]
             try:
-                rows = [self._row(r) for r in recs]
-                await self._conn.execute("BEGIN IMMEDIATE")
+                await self._write(stmts, rows)
+            except Exception as e:
+                # One bad row must not cost the batch: retry one by one, skipping only failures.
+                log.warning("log_batch_failed", error=repr(e), records=len(rows), statements=len(stmts))
+                await self._rollback()
                 for sql, params in stmts:
-                    await self._conn.execute(sql, params)
-                if rows:
-                    await self._conn.executemany(INSERT_REQUEST, rows)
-                await self._conn.commit()
+                    await self._one(sql, params)
+                for row in rows:
+                    self.written += await self._one(INSERT_REQUEST, row)
+            else:
                 self.written += len(rows)
-            except Exception as e:  # a bad batch must not kill the writer or the daemon
-                self.failed_batches += 1
-                log.error("log_write_failed", error=repr(e), records=len(recs), statements=len(stmts))
-                if self._conn.in_transaction:
-                    await self._conn.rollback()
         self._idle.set()
+
+    async def _write(self, stmts: list[Statement], rows: list[tuple[Any, ...]]) -> None:
+        await self._conn.execute("BEGIN IMMEDIATE")
+        for sql, params in stmts:
+            await self._conn.execute(sql, params)
+        if rows:
+            await self._conn.executemany(INSERT_REQUEST, rows)
+        await self._conn.commit()
+
+    async def _one(self, sql: str, params: Sequence[Any]) -> bool:
+        try:
+            await self._conn.execute(sql, params)
+            await self._conn.commit()
+            return True
+        except Exception as e:
+            self.failed += 1
+            log.error("log_write_failed", error=repr(e), sql=sql.split("(")[0].strip()[:60])
+            await self._rollback()
+            return False
+
+    async def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            await self._conn.rollback()
 
     # -- row building (off the request path) -----------------------------------------
     def _text(self, value: str | None) -> str | None:
@@ -181,6 +203,7 @@ class LogWriter:
         if r.assemble is not None:
             try:
                 r.assemble(r)
+                r.assemble = None
             except Exception as e:  # a malformed upstream stream still gets its record
                 r.error = r.error or f"could not assemble stream: {e!r}"
         return (

@@ -1,0 +1,132 @@
+"""The session repository: sessions and their thread turns in SQLite.
+
+Reads go through the given connection; every change goes through the log writer's ordered
+statement queue, so session state and request records commit in the order they happened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from .records import iso
+from .writer import LogWriter
+
+
+@dataclass(slots=True)
+class Session:
+    id: str
+    fingerprint: str
+    client: str
+    provider: str
+    upstream_model: str
+    created: float
+    last_access: float
+    expires: float
+    chat_id: str | None = None
+    parent_id: str | None = None
+    state: str = "active"
+    message_count: int = 0
+    request_count: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """A completed reply the upstream knows: continuing from it means `parent_id = reply_id`."""
+
+    prefix_hash: str
+    parent_hash: str | None
+    turn: int
+    chat_id: str | None
+    reply_id: str | None
+
+
+def _ts(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+_COLUMNS = (
+    "id, fingerprint, client, provider, upstream_model, chat_id, parent_id, state, "
+    "created_at, last_accessed_at, expires_at, message_count, request_count, metadata"
+)
+
+UPSERT = f"""
+INSERT INTO sessions ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+ON CONFLICT(id) DO UPDATE SET
+    chat_id=excluded.chat_id, parent_id=excluded.parent_id, state=excluded.state,
+    last_accessed_at=excluded.last_accessed_at, expires_at=excluded.expires_at,
+    message_count=excluded.message_count, request_count=excluded.request_count,
+    metadata=excluded.metadata
+"""
+
+INSERT_TURN = """
+INSERT OR IGNORE INTO turns (session_id, prefix_hash, parent_hash, turn, chat_id, reply_id, request_id, created_at)
+VALUES (?,?,?,?,?,?,?,?)
+"""
+
+
+def _session(row: aiosqlite.Row) -> Session:
+    return Session(
+        id=row["id"],
+        fingerprint=row["fingerprint"],
+        client=row["client"],
+        provider=row["provider"],
+        upstream_model=row["upstream_model"],
+        created=_ts(row["created_at"]),
+        last_access=_ts(row["last_accessed_at"]),
+        expires=_ts(row["expires_at"]),
+        chat_id=row["chat_id"],
+        parent_id=row["parent_id"],
+        state=row["state"],
+        message_count=row["message_count"],
+        request_count=row["request_count"],
+        metadata=orjson.loads(row["metadata"]) if row["metadata"] else {},
+    )
+
+
+class SessionRepo:
+    def __init__(self, conn: aiosqlite.Connection, writer: LogWriter) -> None:
+        self._conn = conn
+        self._writer = writer
+
+    async def load_active(self, now: float) -> list[Session]:
+        """Active, unexpired sessions, least recently used first."""
+        sql = f"SELECT {_COLUMNS} FROM sessions WHERE state = 'active' AND expires_at > ? ORDER BY last_accessed_at"
+        async with self._conn.execute(sql, (iso(now),)) as cur:
+            return [_session(r) for r in await cur.fetchall()]
+
+    async def load(self, session_id: str) -> Session | None:
+        async with self._conn.execute(f"SELECT {_COLUMNS} FROM sessions WHERE id = ?", (session_id,)) as cur:
+            row = await cur.fetchone()
+        return _session(row) if row else None
+
+    async def load_turns(self, session_id: str) -> list[Turn]:
+        sql = "SELECT prefix_hash, parent_hash, turn, chat_id, reply_id FROM turns WHERE session_id = ?"
+        async with self._conn.execute(sql, (session_id,)) as cur:
+            return [Turn(*r) for r in await cur.fetchall()]
+
+    def save(self, s: Session) -> None:
+        self._writer.execute(
+            UPSERT,
+            (
+                s.id, s.fingerprint, s.client, s.provider, s.upstream_model, s.chat_id, s.parent_id, s.state,
+                iso(s.created), iso(s.last_access), iso(s.expires), s.message_count, s.request_count,
+                orjson.dumps(s.metadata).decode() if s.metadata else None,
+            ),
+        )
+
+    def add_turn(self, session_id: str, t: Turn, request_id: str, now: float) -> None:
+        self._writer.execute(
+            INSERT_TURN, (session_id, t.prefix_hash, t.parent_hash, t.turn, t.chat_id, t.reply_id, request_id, iso(now))
+        )
+
+    def forget_chat(self, session_id: str, chat_id: str) -> None:
+        self._writer.execute("DELETE FROM turns WHERE session_id = ? AND chat_id = ?", (session_id, chat_id))
+
+    def delete(self, session_id: str) -> None:
+        self._writer.execute("DELETE FROM sessions WHERE id = ?", (session_id,))

@@ -1,0 +1,350 @@
+"""Conversation threading: which session a request belongs to, where in its thread the
+client's history continues, what a threaded upstream must be sent, and when the thread
+advances. Knows no wire format: providers translate, this module decides.
+
+A session is found by a fingerprint of the request's opening (client, route, system
+messages, first user message), or named by `X-Session-Id`. Its thread is a tree of
+turns keyed by a chained hash of the client's message prefix up to each completed reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import orjson
+import structlog
+from aiohttp import web
+
+from .config import SessionsConfig
+from .errors import ApiError
+from .providers import ChatCall, ChatGone, Provider
+from .routing import Route
+from .store.records import RequestRecord, new_id
+from .store.sessions import Session, SessionRepo, Turn
+
+log = structlog.get_logger("provider_router.threads")
+
+_SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+Relay = Callable[[], Awaitable[web.StreamResponse]]
+
+
+# -- hashing -----------------------------------------------------------------------------
+def _canon(m: dict[str, Any]) -> bytes:
+    """A message as the thread sees it: role and content. Other fields (name, refusal,
+    reasoning) vary between clients that resend the same message, so they are left out."""
+    content = m.get("content")
+    if isinstance(content, str):
+        body = content.strip().encode()
+    elif content is None:
+        body = b""
+    else:
+        body = orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
+    return str(m.get("role")).encode() + b"\x1f" + body
+
+
+def _h(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def prefix_hashes(messages: list[dict[str, Any]]) -> list[bytes]:
+    """`out[i]` identifies `messages[: i + 1]`: a chain, so equal prefixes hash equal."""
+    out: list[bytes] = []
+    h = b""
+    for m in messages:
+        h = _h(h + _canon(m))
+        out.append(h)
+    return out
+
+
+def reply_hash(prefix: bytes, text: str) -> bytes:
+    """The hash the client's next request will have for its history plus this reply."""
+    return _h(prefix + _canon({"role": "assistant", "content": text}))
+
+
+def fingerprint(client: str, route: Route, messages: list[dict[str, Any]]) -> str:
+    """Who, which route, and the opening: system messages up to and including the first user message."""
+    parts = [client.encode(), route.provider.name.encode(), route.upstream_model.encode()]
+    for m in messages:
+        parts.append(_canon(m))
+        if m.get("role") == "user":
+            break
+    return hashlib.blake2b(b"\x1e".join(parts), digest_size=16).hexdigest()
+
+
+# -- per-chat serialisation -----------------------------------------------------------------
+class ChatLocks:
+    """One turn at a time per upstream chat (the upstream refuses overlap); waiters queue."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, list[Any]] = {}  # chat_id -> [Lock, users]
+
+    @asynccontextmanager
+    async def hold(self, chat_id: str, wait: float) -> AsyncIterator[None]:
+        entry = self._locks.setdefault(chat_id, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            try:
+                async with asyncio.timeout(wait):
+                    await entry[0].acquire()
+            except TimeoutError:
+                raise ApiError(
+                    429, f"This conversation is busy with another request (waited {wait:g}s).", code="conversation_busy"
+                ) from None
+            try:
+                yield
+            finally:
+                entry[0].release()
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[chat_id]
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+# -- the thread logic ------------------------------------------------------------------------
+class Threads:
+    def __init__(self, cfg: SessionsConfig, repo: SessionRepo, providers: dict[str, Provider]) -> None:
+        self.cfg = cfg
+        self.repo = repo
+        self.providers = providers
+        self.timeout = cfg.timeout_minutes * 60.0
+        self.sessions: OrderedDict[str, Session] = OrderedDict()  # active, least recently used first
+        self.by_fingerprint: dict[str, str] = {}
+        self.turns: dict[str, dict[str, Turn]] = {}  # loaded lazily per session
+        self.locks = ChatLocks()
+        self.created_total = 0
+        self.expired_total = 0
+        self.evicted_total = 0
+        self._doomed_chats: list[tuple[str, str]] = []  # (provider, chat_id) to delete upstream
+
+    async def start(self) -> None:
+        """Load the active sessions a previous run left, so their upstream chats continue."""
+        for s in await self.repo.load_active(time.time()):
+            self._remember(s)
+
+    # -- sessions ------------------------------------------------------------------------
+    def _remember(self, s: Session) -> None:
+        self.sessions[s.id] = s
+        self.sessions.move_to_end(s.id)
+        if not s.metadata.get("explicit"):  # a named session is joined only by its name
+            self.by_fingerprint[s.fingerprint] = s.id
+
+    def _end(self, s: Session, reason: str) -> None:
+        s.state = "expired"
+        s.metadata = {**s.metadata, "ended": reason}
+        self.sessions.pop(s.id, None)
+        if self.by_fingerprint.get(s.fingerprint) == s.id:
+            del self.by_fingerprint[s.fingerprint]
+        turns = self.turns.pop(s.id, None)
+        self.repo.save(s)
+        if reason == "evicted":
+            self.evicted_total += 1
+        else:
+            self.expired_total += 1
+        provider = self.providers.get(s.provider)
+        if provider is not None and getattr(provider, "threaded", False) and getattr(provider, "delete_chats", False):
+            chats = {t.chat_id for t in (turns or {}).values() if t.chat_id} | ({s.chat_id} if s.chat_id else set())
+            self._doomed_chats += [(s.provider, c) for c in chats]
+
+    def _new(
+        self, sid: str, fp: str, client: str, route: Route, request: web.Request, now: float, explicit: bool = False
+    ) -> Session:
+        while len(self.sessions) >= self.cfg.max_sessions:
+            _, oldest = next(iter(self.sessions.items()))
+            self._end(oldest, "evicted")
+        s = Session(
+            id=sid,
+            fingerprint=fp,
+            client=client,
+            provider=route.provider.name,
+            upstream_model=route.upstream_model,
+            created=now,
+            last_access=now,
+            expires=now + self.timeout,
+            metadata={"user_agent": request.headers.get("User-Agent"), "client": client},
+        )
+        if explicit:
+            s.metadata["explicit"] = True
+        if not getattr(self.providers[route.provider.name], "threaded", False):
+            s.chat_id = sid  # stateless upstreams: the conversation's id is our own
+        self.turns[sid] = {}
+        self._remember(s)
+        self.repo.save(s)  # before any of its turns: they reference it
+        self.created_total += 1
+        return s
+
+    async def _session(self, request: web.Request, client: str, route: Route, messages: list[dict[str, Any]], now: float) -> Session:
+        fp = fingerprint(client, route, messages)
+        explicit = request.headers.get("X-Session-Id")
+        if explicit is not None:
+            if not _SESSION_ID.match(explicit):
+                raise ApiError(400, "X-Session-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -", param="X-Session-Id")
+            s = self.sessions.get(explicit) or await self.repo.load(explicit)
+            if s is not None and s.client != client:
+                # Never reveal, or join, another client's session.
+                raise ApiError(404, f"No session {explicit}.", code="session_not_found", param="X-Session-Id")
+            if s is not None and (s.provider, s.upstream_model) != (route.provider.name, route.upstream_model):
+                raise ApiError(
+                    409,
+                    f"Session {explicit} belongs to {s.provider}/{s.upstream_model}, not {route.provider.name}/{route.upstream_model}.",
+                    code="session_route_mismatch",
+                    param="X-Session-Id",
+                )
+            if s is None:
+                return self._new(explicit, fp, client, route, request, now, explicit=True)
+            if s.id not in self.sessions:  # an expired session named again comes back
+                s.state = "active"
+                self._remember(s)
+            return s
+        sid = self.by_fingerprint.get(fp)
+        s = self.sessions.get(sid) if sid else None
+        if s is not None and s.expires <= now:
+            self._end(s, "expired")
+            s = None
+        if s is None:
+            s = self._new(new_id(), fp, client, route, request, now)
+        return s
+
+    async def _turns(self, s: Session) -> dict[str, Turn]:
+        turns = self.turns.get(s.id)
+        if turns is None:
+            turns = {t.prefix_hash: t for t in await self.repo.load_turns(s.id)}
+            self.turns[s.id] = turns
+        return turns
+
+    # -- the request path ---------------------------------------------------------------
+    async def handle(
+        self, request: web.Request, rec: RequestRecord, route: Route, provider: Provider, call: ChatCall, relay: Relay
+    ) -> web.StreamResponse:
+        now = time.time()
+        messages: list[dict[str, Any]] = call.body["messages"]
+        s = await self._session(request, rec.client or "anonymous", route, messages, now)
+        s.last_access = now
+        s.expires = now + self.timeout
+        s.request_count += 1
+        self.sessions.move_to_end(s.id)
+        rec.session_id = s.id
+        rec.turn = sum(1 for m in messages if m.get("role") == "assistant") + 1
+        turns = await self._turns(s)
+        hashes = prefix_hashes(messages)
+        k, node = self._place(messages, hashes, turns)
+        try:
+            if provider.threaded:
+                resp, node = await self._threaded(s, rec, call, relay, messages, k, node)
+            else:
+                rec.chat_id = s.id
+                rec.parent_id = node.reply_id if node else None
+                resp = await relay()
+                if rec.assemble is not None and resp.status == 200:
+                    rec.assemble(rec)  # the thread needs the reply's text and id now
+                    rec.assemble = None
+            if resp.status == 200 and rec.outcome is None and rec.finish_reason is not None:
+                self._advance(s, rec, messages, hashes, node, now)
+        finally:
+            self.repo.save(s)
+        return resp
+
+    @staticmethod
+    def _place(messages: list[dict[str, Any]], hashes: list[bytes], turns: dict[str, Turn]) -> tuple[int, Turn | None]:
+        """The longest prefix of the history that ends at a recorded reply: (its length, the turn)."""
+        for k in range(len(messages) - 1, 0, -1):
+            if messages[k - 1].get("role") == "assistant":
+                t = turns.get(hashes[k - 1].hex())
+                if t is not None:
+                    return k, t
+        return 0, None
+
+    async def _threaded(
+        self, s: Session, rec: RequestRecord, call: ChatCall, relay: Relay, messages: list[dict[str, Any]], k: int, node: Turn | None
+    ) -> tuple[web.StreamResponse, Turn | None]:
+        for attempt in (1, 2):
+            if node is None:  # never seen, or its chat is gone: a new chat with the whole history
+                call.chat_id, call.parent_id, call.messages = None, None, messages
+            else:
+                call.chat_id, call.parent_id, call.messages = node.chat_id, node.reply_id, messages[k:]
+            rec.chat_id, rec.parent_id = call.chat_id, call.parent_id
+            try:
+                if call.chat_id is None:
+                    return await relay(), node
+                async with self.locks.hold(call.chat_id, self.cfg.lock_wait_seconds):
+                    return await relay(), node
+            except ChatGone as e:
+                if attempt == 2 or call.chat_id is None:
+                    raise ApiError(502, f"upstream lost the chat: {e}", code="upstream_error") from None
+                log.info("chat_gone", session=s.id, chat_id=call.chat_id)
+                self._forget_chat(s, call.chat_id)
+                k, node = 0, None
+        raise AssertionError("unreachable")
+
+    def _forget_chat(self, s: Session, chat_id: str) -> None:
+        turns = self.turns.get(s.id, {})
+        for h in [h for h, t in turns.items() if t.chat_id == chat_id]:
+            del turns[h]
+        self.repo.forget_chat(s.id, chat_id)
+
+    def _advance(
+        self, s: Session, rec: RequestRecord, messages: list[dict[str, Any]], hashes: list[bytes], node: Turn | None, now: float
+    ) -> None:
+        """The reply completed: record it as a turn the next request can continue from."""
+        h = reply_hash(hashes[-1], rec.response_text or "").hex()
+        t = Turn(
+            prefix_hash=h,
+            parent_hash=node.prefix_hash if node else None,
+            turn=rec.turn or 1,
+            chat_id=rec.chat_id,
+            reply_id=rec.reply_id,
+        )
+        if s.id in self.sessions:  # an evicted session keeps no turns in memory
+            self.turns.setdefault(s.id, {})[h] = t
+        self.repo.add_turn(s.id, t, rec.id, now)
+        s.chat_id, s.parent_id = rec.chat_id, rec.reply_id
+        s.message_count = len(messages) + 1
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def expire(self, now: float | None = None) -> int:
+        """End every session whose sliding timeout has passed; returns how many."""
+        now = time.time() if now is None else now
+        ended = [s for s in self.sessions.values() if s.expires <= now]
+        for s in ended:
+            self._end(s, "expired")
+        return len(ended)
+
+    async def delete_doomed_chats(self) -> None:
+        """Delete upstream chats of ended sessions (when the provider is configured to)."""
+        doomed, self._doomed_chats = self._doomed_chats, []
+        for provider_name, chat_id in doomed:
+            provider = self.providers.get(provider_name)
+            try:
+                await provider.delete_chat(chat_id)  # type: ignore[union-attr]
+            except Exception as e:  # best effort: the upstream expires chats itself too
+                log.warning("chat_delete_failed", chat_id=chat_id, error=str(e))
+
+    def stats(self, now: float | None = None) -> dict[str, Any]:
+        now = time.time() if now is None else now
+        ages = [now - s.created for s in self.sessions.values()]
+        return {
+            "active": len(self.sessions),
+            "created_total": self.created_total,
+            "expired_total": self.expired_total,
+            "evicted_total": self.evicted_total,
+            "oldest_age_seconds": round(max(ages), 3) if ages else None,
+            "newest_age_seconds": round(min(ages), 3) if ages else None,
+        }
+
+    async def run_cleanup(self) -> None:
+        """The periodic cleanup loop: owned by the app, cancelled on shutdown."""
+        interval = self.cfg.cleanup_interval_minutes * 60.0
+        while True:
+            await asyncio.sleep(interval)
+            n = self.expire()
+            if n:
+                log.info("sessions_expired", count=n, active=len(self.sessions))
+            await self.delete_doomed_chats()

@@ -1,0 +1,359 @@
+"""Conversation threading through the official SDK against the strict Qwen fake: at every
+turn, the context the upstream saw must be exactly the history the client sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import openai
+import pytest
+
+from provider_router.providers.qwen import fold_messages
+from tests.conftest import Proxy, ProxyFactory, base_config, qwen_config
+from tests.fakes.openai import OpenAIFake
+from tests.fakes.qwen import QwenFake
+
+Msg = dict[str, Any]
+
+
+def context_matches(context: list[tuple[str, str]], history: list[Msg]) -> bool:
+    """True when the fake's path (root -> new user message) carries exactly `history`.
+
+    The path alternates user / assistant entries; each user entry is the fold of the client
+    messages since the previous upstream reply, and each assistant entry is that reply.
+    """
+    pos = 0
+    entries = list(context)
+    while len(entries) >= 2:
+        (urole, ucontent), (arole, acontent) = entries[0], entries[1]
+        if (urole, arole) != ("user", "assistant"):
+            return False
+        for b in range(pos, len(history)):
+            m = history[b]
+            if m["role"] == "assistant" and m["content"] == acontent and fold_messages(history[pos:b]) == ucontent:
+                pos = b + 1
+                break
+        else:
+            return False
+        entries = entries[2:]
+    return len(entries) == 1 and entries[0] == ("user", fold_messages(history[pos:]))
+
+
+class Conversation:
+    """A client that resends its whole history, like every OpenAI-style client."""
+
+    def __init__(self, sdk: openai.AsyncOpenAI, *, model: str = "qwen3-max", system: str | None = None) -> None:
+        self.sdk = sdk
+        self.model = model
+        self.history: list[Msg] = [{"role": "system", "content": system}] if system else []
+        self.session_id: str | None = None
+
+    async def ask(self, history: list[Msg], *, stream: bool = False, **kw: Any) -> str:
+        if stream:
+            raw = await self.sdk.chat.completions.with_raw_response.create(
+                model=self.model, messages=history, stream=True, **kw
+            )
+            parts = [c.choices[0].delta.content or "" async for c in raw.parse() if c.choices]
+            text = "".join(parts)
+        else:
+            raw = await self.sdk.chat.completions.with_raw_response.create(model=self.model, messages=history, **kw)
+            text = raw.parse().choices[0].message.content or ""
+        self.session_id = raw.headers.get("x-session-id")
+        return text
+
+    async def say(self, text: str, *, stream: bool = False) -> str:
+        self.history.append({"role": "user", "content": text})
+        reply = await self.ask(self.history, stream=stream)
+        self.history.append({"role": "assistant", "content": reply})
+        return reply
+
+
+def last_turn_ok(fake: QwenFake, history: list[Msg]) -> None:
+    t = fake.turns[-1]
+    assert t.completed
+    assert context_matches(t.context, history), (t.context, history)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_multi_turn_sends_only_new_messages(qproxy: Proxy, qwen_fake: QwenFake, stream: bool) -> None:
+    """Each continuation sends one new message under the previous reply, in one upstream chat."""
+    conv = Conversation(qproxy.sdk(), system="be brief")
+    for i in range(4):
+        reply = await conv.say(f"question {i}", stream=stream)
+        assert reply == qwen_fake.turns[-1].reply
+        last_turn_ok(qwen_fake, conv.history[:-1])
+    assert qwen_fake.created_chats == 1
+    t = qwen_fake.turns
+    assert [x.parent_id for x in t] == [None] + [x.response_id for x in t[:-1]]
+    assert t[0].user_content == "system: be brief\n\nuser: question 0"
+    assert [x.user_content for x in t[1:]] == ["question 1", "question 2", "question 3"]
+    rows = await qproxy.rows()
+    assert len({r["session_id"] for r in rows}) == 1
+    assert [r["turn"] for r in rows] == [1, 2, 3, 4]
+    assert [r["parent_id"] for r in rows] == [x.parent_id for x in t]
+    assert [r["reply_id"] for r in rows] == [x.response_id for x in t]
+    assert all(r["chat_id"] == t[0].chat_id for r in rows)
+
+
+async def test_regenerate_branches_from_the_same_parent(qproxy: Proxy, qwen_fake: QwenFake) -> None:
+    """Resending a history without its last reply regenerates: same parent, a new branch."""
+    conv = Conversation(qproxy.sdk())
+    await conv.say("one")
+    await conv.say("two")
+    before = qwen_fake.turns[-1]
+    await conv.ask(conv.history[:-1])
+    again = qwen_fake.turns[-1]
+    assert again.parent_id == before.parent_id and again.response_id != before.response_id
+    last_turn_ok(qwen_fake, conv.history[:-1])
+
+
+async def test_edit_last_user_message(qproxy: Proxy, qwen_fake: QwenFake) -> None:
+    """An edited last user message goes under the reply before it, with the new text."""
+    conv = Conversation(qproxy.sdk())
+    await conv.say("one")
+    await conv.say("two")
+    edited = conv.history[:2] + [{"role": "user", "content": "two, edited"}]
+    await conv.ask(edited)
+    assert qwen_fake.turns[-1].parent_id == qwen_fake.turns[0].response_id
+    last_turn_ok(qwen_fake, edited)
+
+
+async def test_going_back_to_an_earlier_turn(qproxy: Proxy, qwen_fake: QwenFake) -> None:
+    """A history cut back to turn 2 continues from turn 2's reply, not the latest one."""
+    conv = Conversation(qproxy.sdk())
+    for q in ("one", "two", "three", "four"):
+        await conv.say(q)
+    back = conv.history[:4] + [{"role": "user", "content": "instead of three"}]
+    await conv.ask(back, stream=True)
+    assert qwen_fake.turns[-1].parent_id == qwen_fake.turns[1].response_id
+    last_turn_ok(qwen_fake, back)
+    # ...and that new branch continues in its turn.
+    reply = qwen_fake.turns[-1].reply
+    onward = back + [{"role": "assistant", "content": reply}, {"role": "user", "content": "five"}]
+    await conv.ask(onward)
+    last_turn_ok(qwen_fake, onward)
+    assert qwen_fake.created_chats == 1
+
+
+async def test_two_conversations_with_the_same_first_message_never_mix(qproxy: Proxy, qwen_fake: QwenFake) -> None:
+    """Two conversations opening with "hi" then diverging each keep their own context."""
+    a, b = Conversation(qproxy.sdk()), Conversation(qproxy.sdk())
+    await a.say("hi")
+    await b.say("hi")
+    for qa, qb in [("cats?", "dogs?"), ("more", "more"), ("and?", "and?")]:
+        await a.say(qa)
+        last_turn_ok(qwen_fake, a.history[:-1])
+        await b.say(qb)
+        last_turn_ok(qwen_fake, b.history[:-1])
+    assert a.history != b.history
+
+
+async def test_two_client_keys_never_share_a_session(make_proxy: ProxyFactory, qwen_fake: QwenFake) -> None:
+    """The same first message from two client keys makes two sessions and two upstream chats."""
+    cfg = qwen_config(qwen_fake.base_url)  # type: ignore[attr-defined]
+    cfg["auth"] = {"client_keys": [{"name": "alice", "key": "alice-key-1234"}, {"name": "bob", "key": "bob-key-5678"}]}
+    p = await make_proxy(cfg)
+    alice, bob = Conversation(p.sdk("alice-key-1234")), Conversation(p.sdk("bob-key-5678"))
+    await alice.say("hi")
+    await bob.say("hi")
+    await alice.say("secret plan")
+    await bob.say("what did alice say?")
+    last_turn_ok(qwen_fake, bob.history[:-1])
+    assert alice.session_id != bob.session_id
+    assert len({t.chat_id for t in qwen_fake.turns}) == 2
+    # Bob cannot name Alice's session either.
+    with pytest.raises(openai.NotFoundError):
+        await p.sdk("bob-key-5678").chat.completions.create(
+            model="qwen3-max", messages=alice.history, extra_headers={"X-Session-Id": alice.session_id or ""}
+        )
+
+
+async def test_ten_concurrent_conversations(qproxy: Proxy, qwen_fake: QwenFake) -> None:
+    """Ten conversations interleaving their turns each see exactly their own history."""
+    convs = [Conversation(qproxy.sdk(), system=f"persona {i}") for i in range(10)]
+
+    async def run(i: int, conv: Conversation) -> None:
+        for turn in range(3):
+            await conv.say(f"c{i} t{turn}", stream=turn % 2 == 1)
+
+    await asyncio.gather(*(run(i, c) for i, c in enumerate(convs)))
+    by_content = {t.user_content: t for t in qwen_fake.turns}
+    for i, conv in enumerate(convs):
+        for turn in range(1, 3):
+            t = by_content[f"c{i} t{turn}"]
+            assert context_matches(t.context, conv.history[: 2 * turn + 2])
+    assert qwen_fake.created_chats == 10
+    assert len({c.session_id for c in convs}) == 10
+
+
+async def test_same_session_hit_concurrently_queues(qproxy: Proxy, qwen_fake: QwenFake) -> None:
+    """Two turns on one chat at once: the second waits for the first instead of colliding."""
+    conv = Conversation(qproxy.sdk())
+    await conv.say("one")
+    release = qwen_fake.stall_next()
+    h1 = conv.history + [{"role": "user", "content": "first"}]
+    h2 = conv.history + [{"role": "user", "content": "second"}]
+    first = asyncio.create_task(conv.ask(h1, stream=True))
+    second = asyncio.create_task(conv.ask(h2))
+    threads = qproxy.state.threads
+    assert threads is not None
+    chat = qwen_fake.turns[0].chat_id
+    async with asyncio.timeout(10):  # wait until both requests are at the chat's lock
+        while threads.locks._locks.get(chat, [None, 0])[1] < 2:  # noqa: SLF001 - observing, not patching
+            await asyncio.sleep(0.01)
+    release.set()
+    await asyncio.gather(first, second)
+    assert [t.user_content for t in qwen_fake.turns[1:]] == ["first", "second"]
+    assert all(t.completed and t.parent_id == qwen_fake.turns[0].response_id for t in qwen_fake.turns[1:])
+    assert context_matches(qwen_fake.turns[2].context, h2)
+
+
+async def test_restart_continues_the_same_upstream_chat(make_proxy: ProxyFactory, qwen_fake: QwenFake, tmp_path: Any) -> None:
+    """A proxy restarted on the same database continues the conversation in the same chat."""
+    db = tmp_path / "restart.db"
+    cfg = qwen_config(qwen_fake.base_url)  # type: ignore[attr-defined]
+    p1 = await make_proxy(cfg, db=db)
+    conv = Conversation(p1.sdk())
+    await conv.say("one")
+    await conv.say("two")
+    await p1.server.close()
+    p2 = await make_proxy(cfg, db=db)
+    conv.sdk = p2.sdk()
+    first_session = conv.session_id
+    await conv.say("three")
+    assert conv.session_id == first_session
+    assert qwen_fake.created_chats == 1
+    assert qwen_fake.turns[-1].parent_id == qwen_fake.turns[-2].response_id
+    last_turn_ok(qwen_fake, conv.history[:-1])
+
+
+async def test_expired_session_starts_over_with_the_whole_history(qproxy: Proxy, qwen_fake: QwenFake) -> None:
+    """After expiry the next request opens a new session and a new chat carrying the history."""
+    conv = Conversation(qproxy.sdk())
+    await conv.say("one")
+    old = conv.session_id
+    threads = qproxy.state.threads
+    assert threads is not None
+    assert threads.expire(now=10**12) == 1
+    assert threads.stats()["expired_total"] == 1 and threads.stats()["active"] == 0
+    await conv.say("two")
+    assert conv.session_id != old
+    assert qwen_fake.created_chats == 2 and qwen_fake.turns[-1].parent_id is None
+    last_turn_ok(qwen_fake, conv.history[:-1])
+    [row] = await qproxy.rows("SELECT state FROM sessions WHERE id = ?", old)
+    assert row["state"] == "expired"
+
+
+async def test_upstream_not_found_recovers_by_bootstrapping(qproxy: Proxy, qwen_fake: QwenFake) -> None:
+    """A chat gone upstream (NotFound) is rebuilt: a new chat with the whole history, same session."""
+    conv = Conversation(qproxy.sdk())
+    await conv.say("one")
+    await conv.say("two")
+    session = conv.session_id
+    qwen_fake.forget(qwen_fake.turns[-1].chat_id)
+    await conv.say("three", stream=True)
+    assert conv.session_id == session
+    assert qwen_fake.created_chats == 2
+    last_turn_ok(qwen_fake, conv.history[:-1])
+    await conv.say("four")  # and the rebuilt thread continues normally
+    assert qwen_fake.turns[-1].user_content == "four"
+    last_turn_ok(qwen_fake, conv.history[:-1])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_cut_stream_does_not_advance_the_thread(qproxy: Proxy, qwen_fake: QwenFake, stream: bool) -> None:
+    """A reply cut mid-stream errors, is not a parent, and the retried turn is correct."""
+    conv = Conversation(qproxy.sdk())
+    await conv.say("one")
+    qwen_fake.truncate_next(after_events=3)
+    nxt = conv.history + [{"role": "user", "content": "two"}]
+    with pytest.raises(openai.APIError):
+        await conv.ask(nxt, stream=stream)
+    await conv.ask(nxt, stream=stream)
+    assert qwen_fake.turns[-1].parent_id == qwen_fake.turns[0].response_id
+    last_turn_ok(qwen_fake, nxt)
+    rows = await qproxy.rows()
+    assert rows[1]["outcome"] == "upstream_error" and rows[2]["outcome"] == "ok"
+
+
+async def test_turn_20_request_is_no_larger_than_turn_2(qproxy: Proxy, qwen_fake: QwenFake) -> None:
+    """Only new messages travel: the upstream request does not grow with the conversation."""
+    conv = Conversation(qproxy.sdk())
+    for i in range(20):
+        await conv.say(f"message {i:03d}")
+    sizes = [t.request_bytes for t in qwen_fake.turns]
+    assert sizes[19] <= sizes[1]
+
+
+async def test_thinking_maps_to_reasoning_content(qproxy: Proxy, qwen_fake: QwenFake) -> None:
+    """`think` deltas arrive as `reasoning_content`; only `answer` text is the content."""
+    sdk = qproxy.sdk()
+    msgs: list[Msg] = [{"role": "user", "content": "think first"}]
+    answer = await sdk.chat.completions.create(model="qwen3-max", messages=msgs, reasoning_effort="high")
+    msg = answer.choices[0].message
+    assert msg.content == qwen_fake.turns[-1].reply
+    assert getattr(msg, "reasoning_content", None) == QwenFake.thinking_for(qwen_fake.turns[-1].context)
+    assert answer.usage is not None and answer.usage.total_tokens == qwen_fake.turns[-1].usage["total_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("code", "status"), [("RateLimited", 429), ("Unauthorized", 401), ("Bad_Request", 502)]
+)
+async def test_upstream_errors_are_mapped(qproxy: Proxy, qwen_fake: QwenFake, code: str, status: int) -> None:
+    """Upstream error codes become OpenAI errors with a fitting status and the upstream's text."""
+    qwen_fake.fail_next(code, details="the upstream's words")
+    with pytest.raises(openai.APIStatusError) as e:
+        await qproxy.sdk().chat.completions.create(model="qwen3-max", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == status
+    assert "the upstream's words" in e.value.message
+
+
+async def test_upstream_http_error_is_502(qproxy: Proxy, qwen_fake: QwenFake) -> None:
+    """A plain HTTP 500 with an HTML body from the upstream is a 502 for the client."""
+    qwen_fake.http_error_next(500, "<html>oops</html>", "text/html")
+    with pytest.raises(openai.APIStatusError) as e:
+        await qproxy.sdk().chat.completions.create(model="qwen3-max", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 502
+
+
+async def test_stateless_upstream_groups_turns_in_the_log(make_proxy: ProxyFactory, openai_fake: OpenAIFake) -> None:
+    """On a stateless upstream the full history travels, and the log still threads the turns."""
+    p = await make_proxy(base_config(openai_fake.base_url))  # type: ignore[attr-defined]
+    conv = Conversation(p.sdk(), model="gpt-4o")
+    for q in ("one", "two", "three"):
+        await conv.say(q, stream=q == "two")
+    assert [len(s.body["messages"]) for s in openai_fake.seen] == [1, 3, 5]
+    rows = await p.rows()
+    assert len({r["session_id"] for r in rows}) == 1
+    assert [r["turn"] for r in rows] == [1, 2, 3]
+    assert all(r["chat_id"] == rows[0]["session_id"] for r in rows)
+    assert [r["parent_id"] for r in rows] == [None, rows[0]["reply_id"], rows[1]["reply_id"]]
+    [session] = await p.rows("SELECT * FROM sessions")
+    assert (session["request_count"], session["message_count"], session["parent_id"]) == (3, 6, rows[2]["reply_id"])
+
+
+async def test_explicit_session_header_wins(qproxy: Proxy, qwen_fake: QwenFake) -> None:
+    """`X-Session-Id` names the session; two openings under one name share it."""
+    sdk = qproxy.sdk(default_headers={"X-Session-Id": "agent-run-7"})
+    a, b = Conversation(sdk), Conversation(sdk)
+    await a.say("first opening")
+    await b.say("second opening")
+    assert a.session_id == b.session_id == "agent-run-7"
+    rows = await qproxy.rows()
+    assert {r["session_id"] for r in rows} == {"agent-run-7"}
+
+
+async def test_max_sessions_evicts_least_recently_used(make_proxy: ProxyFactory, qwen_fake: QwenFake) -> None:
+    """Past `max_sessions` the least recently used session is evicted and counted."""
+    p = await make_proxy(qwen_config(qwen_fake.base_url, max_sessions=2))  # type: ignore[attr-defined]
+    convs = [Conversation(p.sdk()) for _ in range(3)]
+    await convs[0].say("a")
+    await convs[1].say("b")
+    await convs[0].say("a again")  # 0 is now more recent than 1
+    await convs[2].say("c")
+    threads = p.state.threads
+    assert threads is not None
+    assert set(threads.sessions) == {convs[0].session_id, convs[2].session_id}
+    assert threads.stats()["evicted_total"] == 1
