@@ -38,10 +38,15 @@ def create_app(cfg: Config, *, db_path: str | None = None) -> web.Application:
     app.cleanup_ctx.append(_upstreams)
     app.cleanup_ctx.append(_threads)
     app.on_response_prepare.append(stamp_headers)
+    app.on_shutdown.append(_mark_shutting_down)
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
     app.router.add_get("/v1/models", openai_api.list_models)
     app.router.add_route("*", "/v1/{tail:.*}", openai_api.not_found)
     return app
+
+
+async def _mark_shutting_down(app: web.Application) -> None:
+    app[STATE].shutting_down = True
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:

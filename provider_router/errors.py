@@ -38,6 +38,7 @@ class ApiError(Exception):
         param: str | None = None,
         type: str | None = None,
         outcome: str | None = None,
+        retryable: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -46,6 +47,9 @@ class ApiError(Exception):
         self.param = param
         self.type = type or _TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
         self.outcome = outcome or ("rejected" if status < 500 else "upstream_error")
+        # True only for failures where another attempt may succeed and nothing reached the
+        # client: connection errors, timeouts before the first byte, upstream 429 / 5xx.
+        self.retryable = retryable
 
     def payload(self) -> dict[str, object]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -55,8 +59,8 @@ class ApiError(Exception):
 
 
 def upstream_timeout(what: str) -> ApiError:
-    return ApiError(504, f"upstream timed out ({what})", code="upstream_timeout", outcome="timeout")
+    return ApiError(504, f"upstream timed out ({what})", code="upstream_timeout", outcome="timeout", retryable=True)
 
 
 def upstream_unreachable(detail: str) -> ApiError:
-    return ApiError(502, f"upstream unreachable: {detail}", code="upstream_unreachable")
+    return ApiError(502, f"upstream unreachable: {detail}", code="upstream_unreachable", retryable=True)

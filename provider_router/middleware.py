@@ -67,6 +67,7 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
         outcome = "ok" if status < 400 else "rejected"
         return resp
     except ApiError as e:
+        e.message = state.redactor(e.message) or ""  # upstream text may echo a key back
         status, outcome, error = e.status, e.outcome, e.message
         return _error_response(e)
     except web.HTTPException as e:
@@ -74,8 +75,12 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
         status, outcome, error = err.status, "rejected", err.message
         return _error_response(err)
     except (asyncio.CancelledError, ConnectionResetError):
-        # The client went away (aiohttp cancels the handler, or a write found the socket gone).
-        status, outcome, error = 499, "client_disconnected", "client disconnected"
+        # The client went away (aiohttp cancels the handler, or a write found the socket gone),
+        # or the grace period of a shutdown ran out.
+        if state.shutting_down:
+            status, outcome, error = 503, "shutdown", "the proxy shut down before the request finished"
+        else:
+            status, outcome, error = 499, "client_disconnected", "client disconnected"
         raise
     except Exception as e:
         log.exception("internal_error")

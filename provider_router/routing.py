@@ -62,5 +62,18 @@ class Router:
             )
         return f"The model `{model}` does not exist or is not routed. Available models: {names}"
 
+    def chain(self, model: str) -> list[Route]:
+        """The route for `model`, then its configured fallbacks that are routable."""
+        first = self.route(model)
+        routes = [first]
+        for name in first.model.fallbacks:
+            try:
+                r = self.route(name)
+            except NoRoute:
+                continue  # a fallback whose provider is switched off
+            if r not in routes:
+                routes.append(r)
+        return routes
+
     def by_name(self, name: str) -> ModelConfig | None:
         return next((m for m in self._models if m.name == name), None)

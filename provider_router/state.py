@@ -36,6 +36,7 @@ class State:
     writer: LogWriter | None = None
     threads: Threads | None = None
     metrics: Metrics | None = None
+    shutting_down: bool = False  # set by on_shutdown, before in-flight requests get their grace
 
 
 STATE = web.AppKey("state", State)

@@ -6,15 +6,18 @@ byte for byte as their chunks arrive; translating providers' events are rendered
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any
+from typing import Any, Awaitable
+
+import structlog
 
 import orjson
 from aiohttp import web
 
 from ..errors import ApiError
 from ..providers import ChatCall, Delta, Finish, Provider, Started, UpstreamReply, Usage
-from ..routing import NoRoute
+from ..routing import NoRoute, Route
 from ..sse import DONE, SSEParser, encode_event
 from ..state import RECORD, STATE, State
 from ..store.records import RequestRecord
@@ -28,6 +31,7 @@ from .validate import (
     validate_chat,
 )
 
+log = structlog.get_logger("provider_router.api")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 MAX_MESSAGES = 10_000
 
@@ -70,47 +74,106 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     rec.stream = stream
     rec.prompt_text = last_user_text(body["messages"])
     try:
-        route = state.router.route(model)
+        routes = state.router.chain(model)
     except NoRoute as e:
         raise ApiError(404, str(e), param="model", code="model_not_found") from None
+    stripped = strip_steering(raw, body)
+    plan = [(route, n) for route in routes for n in range(route.provider.retries + 1)]
+    attempts: list[dict[str, Any]] = []
+    try:
+        for i, (route, n) in enumerate(plan):
+            last = i == len(plan) - 1
+            t0 = time.perf_counter()
+            try:
+                resp = await _attempt(request, rec, route, body, raw, stripped, stream, last)
+            except ApiError as e:
+                attempts.append(_attempt_entry(route, e.status, e.message, t0))
+                if last or not e.retryable:
+                    raise
+                log.info("upstream_retry", provider=route.provider.name, status=e.status, error=e.message, attempt=i + 1)
+                if n < route.provider.retries:  # same upstream again: give it a moment
+                    await asyncio.sleep(min(0.1 * 2**n, 1.0))
+                continue
+            attempts.append(_attempt_entry(route, resp.status, None, t0))
+            return resp
+        raise AssertionError("unreachable: the plan always has a last attempt")
+    finally:
+        if len(attempts) > 1:
+            rec.attempts = attempts
+
+
+def _attempt_entry(route: Route, status: int, error: str | None, t0: float) -> dict[str, Any]:
+    return {
+        "provider": route.provider.name,
+        "upstream_model": route.upstream_model,
+        "status": status,
+        "error": error,
+        "ms": round((time.perf_counter() - t0) * 1000, 3),
+    }
+
+
+async def _attempt(
+    request: web.Request,
+    rec: RequestRecord,
+    route: Route,
+    body: dict[str, Any],
+    raw: bytes,
+    stripped: bool,
+    stream: bool,
+    last: bool,
+) -> web.StreamResponse:
+    """One try on one route. Raises `ApiError` only while nothing has reached the client."""
+    state = request.app[STATE]
     rec.provider = route.provider.name
     rec.upstream_model = route.upstream_model
-    changed = strip_steering(raw, body)
-    if route.upstream_model != model:
-        body["model"] = route.upstream_model
-        changed = True
+    renamed = route.upstream_model != rec.model
+    if renamed:
+        body = {**body, "model": route.upstream_model}
     call = ChatCall(
         body=body,
-        raw=orjson.dumps(body) if changed else raw,
+        raw=orjson.dumps(body) if (stripped or renamed) else raw,
         stream=stream,
         upstream_model=route.upstream_model,
     )
     provider = state.providers[route.provider.name]
-    threads = state.threads
-    if threads is not None:
-        return await threads.handle(request, rec, route, provider, call, lambda: _relay(request, rec, provider, call))
-    return await _relay(request, rec, provider, call)
+
+    def relay() -> Awaitable[web.StreamResponse]:
+        return _relay(request, rec, provider, call, last)
+
+    if state.threads is not None:
+        return await state.threads.handle(request, rec, route, provider, call, relay)
+    return await relay()
 
 
-async def _relay(request: web.Request, rec: RequestRecord, provider: Provider, call: ChatCall) -> web.StreamResponse:
+async def _relay(
+    request: web.Request, rec: RequestRecord, provider: Provider, call: ChatCall, last: bool = True
+) -> web.StreamResponse:
     reply = await provider.chat(call)
     try:
         if reply.raw is not None:
-            return await _passthrough(request, rec, reply, call)
+            return await _passthrough(request, rec, reply, call, last)
         return await _render(request, rec, reply, call)
     finally:
         reply.close()
 
 
 # -- pass-through (openai) ---------------------------------------------------------------
-async def _passthrough(request: web.Request, rec: RequestRecord, reply: UpstreamReply, call: ChatCall) -> web.StreamResponse:
+async def _passthrough(
+    request: web.Request, rec: RequestRecord, reply: UpstreamReply, call: ChatCall, last: bool
+) -> web.StreamResponse:
     assert reply.raw is not None
+    status = reply.status
     is_sse = reply.headers.get("content-type", "").startswith("text/event-stream")
-    if call.stream and reply.status == 200 and is_sse:
+    if call.stream and status == 200 and is_sse:
         return await _passthrough_stream(request, rec, reply)
+    if 300 <= status < 400:
+        raise ApiError(502, f"upstream answered with a redirect (HTTP {status}), which is not followed", code="upstream_redirect")
     parts = [chunk async for chunk in reply.raw]
     data = b"".join(parts)
-    if reply.status >= 400:
+    if (status == 429 or status >= 500) and not last:
+        text = data[:500].decode("utf-8", "replace")
+        raise ApiError(status if status == 429 else 502, f"upstream returned HTTP {status}: {text}", retryable=True)
+    if status >= 400:
         data = request.app[STATE].redactor.bytes(data)
         rec.outcome = "upstream_error"
         rec.error = f"upstream returned HTTP {reply.status}: {data[:2000].decode('utf-8', 'replace')}"
@@ -139,6 +202,9 @@ async def _passthrough_stream(request: web.Request, rec: RequestRecord, reply: U
     except ApiError as e:
         await _stream_error(resp, rec, e)
         return resp
+    except asyncio.CancelledError:
+        await _shutdown_error(request, resp, rec)
+        raise
     await resp.write_eof()
     return resp
 
@@ -152,6 +218,19 @@ async def _stream_error(resp: web.StreamResponse, rec: RequestRecord, e: ApiErro
     payload["error"]["status"] = e.status
     await resp.write(encode_event(orjson.dumps(payload)))
     await resp.write_eof()
+
+
+async def _shutdown_error(request: web.Request, resp: web.StreamResponse, rec: RequestRecord) -> None:
+    """A stream cut because the proxy stops (grace period over) ends with a clear error event.
+    A stream cut because its client left has no one to tell: nothing is written."""
+    if not request.app[STATE].shutting_down:
+        return
+    err = ApiError(503, "The proxy is shutting down; the stream was ended.", code="proxy_shutdown", outcome="shutdown")
+    try:
+        async with asyncio.timeout(1.0):
+            await _stream_error(resp, rec, err)
+    except Exception:  # the client may be gone too; the record still says what happened
+        rec.outcome, rec.error = err.outcome, err.message
 
 
 # -- translating providers (echo, qwen) ---------------------------------------------------
@@ -273,6 +352,10 @@ async def _render(request: web.Request, rec: RequestRecord, reply: UpstreamReply
         if resp is None:
             raise
         await _stream_error(resp, rec, e)
+    except asyncio.CancelledError:
+        if resp is not None:
+            await _shutdown_error(request, resp, rec)
+        raise
     finally:
         acc.fill(rec)
         rec.chunk_count = acc.chunks

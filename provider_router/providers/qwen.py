@@ -50,12 +50,14 @@ def _error(data: dict[str, Any], status: int) -> Exception:
     if code == "RateLimited":
         hours = inner.get("num")
         wait = f" (retry in {hours} h)" if hours is not None else ""
-        return ApiError(429, f"upstream rate limit: {details}{wait}", code="upstream_rate_limited", outcome="upstream_error")
+        return ApiError(
+            429, f"upstream rate limit: {details}{wait}", code="upstream_rate_limited", outcome="upstream_error", retryable=True
+        )
     if code == "Unauthorized" or status == 401:
         return ApiError(401, f"upstream refused the provider's token: {details}", code="upstream_unauthorized", outcome="upstream_error")
     if "in progress" in details:
-        return ApiError(429, f"upstream chat busy: {details}", code="upstream_chat_busy", outcome="upstream_error")
-    return ApiError(502, f"upstream error {code}: {details}", code="upstream_error")
+        return ApiError(429, f"upstream chat busy: {details}", code="upstream_chat_busy", outcome="upstream_error", retryable=True)
+    return ApiError(502, f"upstream error {code} (HTTP {status}): {details}", code="upstream_error", retryable=status >= 500)
 
 
 class QwenProvider:

@@ -1,0 +1,86 @@
+"""Retries and fallbacks: only while nothing reached the client, only for connection errors,
+timeouts before the first byte, 429 and 5xx; every attempt is in the log record.
+"""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import openai
+import pytest
+
+from tests.conftest import Proxy, ProxyFactory, base_config
+from tests.fakes.openai import OpenAIFake
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def with_retries(fake: OpenAIFake, retries: int) -> dict:
+    cfg = base_config(fake.base_url)  # type: ignore[attr-defined]
+    cfg["providers"][1]["retries"] = retries
+    return cfg
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+async def test_retry_after_retryable_status(make_proxy: ProxyFactory, openai_fake: OpenAIFake, status: int) -> None:
+    """A 429/5xx before anything was sent is retried; the record lists both attempts."""
+    p = await make_proxy(with_retries(openai_fake, 1))
+    openai_fake.fail_next = (status, b'{"error": {"message": "try later"}}')
+    answer = await p.sdk().chat.completions.create(model="gpt-4o", messages=HELLO)
+    assert answer.choices[0].message.content == OpenAIFake.reply_for(HELLO)
+    [row] = await p.rows()
+    attempts = json.loads(row["attempts"])
+    assert [a["status"] for a in attempts] == [status if status == 429 else 502, 200]
+    assert (row["status"], row["outcome"]) == (200, "ok")
+
+
+async def test_no_retry_on_other_4xx(make_proxy: ProxyFactory, openai_fake: OpenAIFake) -> None:
+    """A 400 from the upstream is the client's answer at once: it is never retried."""
+    p = await make_proxy(with_retries(openai_fake, 3))
+    openai_fake.fail_next = (400, b'{"error": {"message": "bad field"}}')
+    with pytest.raises(openai.BadRequestError):
+        await p.sdk().chat.completions.create(model="gpt-4o", messages=HELLO)
+    assert len(openai_fake.seen) == 1
+    [row] = await p.rows()
+    assert row["attempts"] is None and row["status"] == 400
+
+
+async def test_last_attempt_passes_the_upstream_error_through(make_proxy: ProxyFactory, openai_fake: OpenAIFake) -> None:
+    """When every attempt fails, the client gets the upstream's own status and body."""
+    p = await make_proxy(with_retries(openai_fake, 0))
+    openai_fake.fail_next = (503, b'{"error": {"message": "overloaded"}}')
+    with pytest.raises(openai.InternalServerError) as e:
+        await p.sdk().chat.completions.create(model="gpt-4o", messages=HELLO)
+    assert e.value.status_code == 503 and "overloaded" in e.value.message
+
+
+async def test_fallback_model_answers_when_the_upstream_is_down(make_proxy: ProxyFactory, unused_tcp_port: int) -> None:
+    """`fallbacks` moves a request whose upstream refuses connections to the next model."""
+    cfg = base_config(f"http://127.0.0.1:{unused_tcp_port}/v1")
+    cfg["models"] = [{"name": "echo", "provider": "echo"}, {"name": "gpt-4o", "provider": "up", "fallbacks": ["echo"]}]
+    p = await make_proxy(cfg)
+    answer = await p.sdk().chat.completions.create(model="gpt-4o", messages=HELLO)
+    assert answer.choices[0].message.content.endswith(": hello")
+    [row] = await p.rows()
+    assert (row["model"], row["provider"], row["status"]) == ("gpt-4o", "echo", 200)
+    assert [a["provider"] for a in json.loads(row["attempts"])] == ["up", "echo"]
+
+
+async def test_no_retry_after_the_first_byte(make_proxy: ProxyFactory, openai_fake: OpenAIFake) -> None:
+    """A stream that breaks after its first chunk is not retried: the client gets an error event."""
+    p = await make_proxy(with_retries(openai_fake, 3))
+    openai_fake.cut_after = 2
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{p.url}/v1/chat/completions", json={"model": "gpt-4o", "messages": HELLO, "stream": True}) as r:
+            text = await r.text()
+    assert '"error"' in text and "[DONE]" not in text
+    assert len(openai_fake.seen) == 1
+
+
+async def test_upstream_redirect_is_not_followed(proxy: Proxy, openai_fake: OpenAIFake) -> None:
+    """An upstream redirect is a 502, never followed (it could carry the key elsewhere)."""
+    openai_fake.fail_next = (302, b"")
+    with pytest.raises(openai.APIStatusError) as e:
+        await proxy.sdk().chat.completions.create(model="gpt-4o", messages=HELLO)
+    assert e.value.status_code == 502 and "redirect" in e.value.message
