@@ -7,20 +7,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import AsyncIterator
 
 import aiohttp
+import structlog
 from aiohttp import web
 
+from .api import admin as admin_api
 from .api import openai as openai_api
 from .config import Config
+from .metrics import Metrics
 from .middleware import edge, key_digest, stamp_headers
 from .providers import build_provider
 from .routing import Router
 from .state import STATE, State
-from .store import LogWriter, Redactor, connect
+from .store import LogWriter, Redactor, connect, queries
+from .store.records import iso
 from .store.sessions import SessionRepo
 from .threads import Threads
+
+log = structlog.get_logger("provider_router")
 
 
 def create_app(cfg: Config, *, db_path: str | None = None) -> web.Application:
@@ -42,11 +49,30 @@ def create_app(cfg: Config, *, db_path: str | None = None) -> web.Application:
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
     app.router.add_get("/v1/models", openai_api.list_models)
     app.router.add_route("*", "/v1/{tail:.*}", openai_api.not_found)
+    admin_api.setup(app)
+    state.metrics = Metrics(state)
     return app
 
 
 async def _mark_shutting_down(app: web.Application) -> None:
-    app[STATE].shutting_down = True
+    """`on_shutdown`: the listener is closed; in-flight requests now get their grace period.
+
+    aiohttp cancels handlers when the grace ends and closes their sockets in the same
+    tick, leaving no chance to tell a client why. So the app ends its own in-flight
+    requests a little earlier, while their sockets are open: streams get an error event,
+    the rest a 503.
+    """
+    state = app[STATE]
+    state.shutting_down = True
+    grace = state.config.server.shutdown_grace_seconds
+    log.info("shutting_down", grace_seconds=grace, inflight=len(state.inflight))
+
+    def end_inflight() -> None:
+        state.ending = True
+        for task in list(state.inflight):
+            task.cancel()
+
+    asyncio.get_running_loop().call_later(max(grace - min(1.0, grace * 0.2), 0.0), end_inflight)
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
@@ -55,12 +81,35 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
     logs = state.config.logs
     writer = LogWriter(conn, max_queue=logs.queue_size, max_body_bytes=logs.max_body_bytes, redactor=state.redactor)
     writer.start()
-    state.db, state.writer = conn, writer
+    reader = await connect(state.db_path, readonly=True)
+    state.db, state.writer, state.reader = conn, writer, reader
+    retention = None
+    if logs.retention_days > 0:
+        retention = asyncio.create_task(_retention(state.db_path, logs.retention_days), name="log-retention")
     try:
         yield
     finally:
+        if retention is not None:
+            retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retention
         await writer.stop()
-        state.writer = state.db = None
+        state.writer = state.db = state.reader = None
+        await reader.close()
+        await conn.close()
+
+
+async def _retention(db_path: str, days: int, interval: float = 3600.0) -> None:
+    """Prune records older than `days`, in bounded batches, now and then every `interval`."""
+    conn = await connect(db_path)
+    try:
+        while True:
+            cut = iso(time.time() - days * 86400)
+            result = await queries.prune(conn, cut)
+            if result.requests or result.sessions:
+                log.info("retention_pruned", requests=result.requests, sessions=result.sessions, older_than=cut)
+            await asyncio.sleep(interval)
+    finally:
         await conn.close()
 
 

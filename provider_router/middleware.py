@@ -56,6 +56,9 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
     request[REQUEST_ID] = rid
     structlog.contextvars.bind_contextvars(request_id=rid)
     status, outcome, error = 500, "error", None
+    task = asyncio.current_task()
+    if rec is not None and task is not None:
+        state.inflight.add(task)
     try:
         if rec is not None:
             request[RECORD] = rec
@@ -75,18 +78,21 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
         status, outcome, error = err.status, "rejected", err.message
         return _error_response(err)
     except (asyncio.CancelledError, ConnectionResetError):
-        # The client went away (aiohttp cancels the handler, or a write found the socket gone),
-        # or the grace period of a shutdown ran out.
-        if state.shutting_down:
-            status, outcome, error = 503, "shutdown", "the proxy shut down before the request finished"
-        else:
-            status, outcome, error = 499, "client_disconnected", "client disconnected"
+        if state.ending and task is not None and task.cancelling():
+            # Our own shutdown cancelled it (see app._mark_shutting_down): answer, don't vanish.
+            task.uncancel()
+            err = ApiError(503, "The proxy is shutting down.", code="proxy_shutdown", outcome="shutdown")
+            status, outcome, error = err.status, err.outcome, err.message
+            return _error_response(err)
+        # The client went away (aiohttp cancels the handler, or a write found the socket gone).
+        status, outcome, error = 499, "client_disconnected", "client disconnected"
         raise
     except Exception as e:
         log.exception("internal_error")
         status, outcome, error = 500, "error", f"internal error: {type(e).__name__}"
         return _error_response(ApiError(500, "Internal proxy error.", code="internal_error", type="server_error"))
     finally:
+        state.inflight.discard(task)  # type: ignore[arg-type]
         if rec is not None:
             if status == 499 and rec.status is not None:
                 status = rec.status  # a stream that had started keeps its status

@@ -5,8 +5,9 @@ Handlers reach it as `request.app[STATE]`; `app.py` fills it in `cleanup_ctx`.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import aiosqlite
@@ -33,10 +34,13 @@ class State:
     providers: dict[str, Provider] = field(default_factory=dict)
     http: aiohttp.ClientSession | None = None
     db: aiosqlite.Connection | None = None  # the writer's connection (also serves session reads)
+    reader: aiosqlite.Connection | None = None  # read-only: operator queries never queue behind writes
     writer: LogWriter | None = None
     threads: Threads | None = None
     metrics: Metrics | None = None
     shutting_down: bool = False  # set by on_shutdown, before in-flight requests get their grace
+    ending: bool = False  # the grace ran out: the app is cancelling its in-flight requests
+    inflight: set[asyncio.Task[Any]] = field(default_factory=set)
 
 
 STATE = web.AppKey("state", State)

@@ -309,6 +309,25 @@ class Threads:
         s.message_count = len(messages) + 1
 
     # -- lifecycle ------------------------------------------------------------------------
+    def refresh(self, session_id: str, now: float | None = None) -> Session | None:
+        """Extend an active session's sliding timeout from now."""
+        s = self.sessions.get(session_id)
+        if s is None:
+            return None
+        now = time.time() if now is None else now
+        s.last_access, s.expires = now, now + self.timeout
+        self.sessions.move_to_end(session_id)
+        self.repo.save(s)
+        return s
+
+    def delete(self, session_id: str) -> None:
+        """Forget a session everywhere (its turns go with it; its request rows stay)."""
+        s = self.sessions.pop(session_id, None)
+        if s is not None and self.by_fingerprint.get(s.fingerprint) == session_id:
+            del self.by_fingerprint[s.fingerprint]
+        self.turns.pop(session_id, None)
+        self.repo.delete(session_id)
+
     def expire(self, now: float | None = None) -> int:
         """End every session whose sliding timeout has passed; returns how many."""
         now = time.time() if now is None else now

@@ -1,10 +1,209 @@
-"""Operator HTTP surface (`/health`, `/metrics`, `/admin/*`): filled in by the inspect issue."""
+"""The operator surface: `GET /health` (open, minimal), `GET /metrics` (Prometheus; admin
+key unless `auth.metrics_public`), and `/admin/*` (admin key only; off without one).
+
+Reads use their own read-only connection, so they never wait behind the log writer.
+"""
 
 from __future__ import annotations
 
+import hmac
+import time
+from typing import Any
+
+import orjson
 from aiohttp import web
+
+from ..errors import ApiError
+from ..metrics import CONTENT_TYPE
+from ..state import STATE, State
+from ..store import queries
+
+MAX_PAGE = 500
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data, default=str), content_type="application/json")
+
+
+def _admin_ok(request: web.Request, state: State) -> bool:
+    key = state.config.auth.admin_key
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return bool(key) and scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+def _require_admin(request: web.Request) -> State:
+    state = request.app[STATE]
+    if not state.config.auth.admin_key:
+        # Off without a key: indistinguishable from a path that does not exist.
+        raise ApiError(404, f"Unknown endpoint {request.method} {request.path}", code="unknown_url")
+    if not _admin_ok(request, state):
+        raise ApiError(401, "The admin API needs `Authorization: Bearer <auth.admin_key>`.", code="invalid_admin_key")
+    return state
+
+
+def _reader(state: State) -> Any:
+    if state.reader is None:
+        raise ApiError(503, "The database is not open.", code="database_unavailable")
+    return state.reader
+
+
+def _int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"`{name}` must be an integer.", param=name) from None
+    if not lo <= value <= hi:
+        raise ApiError(400, f"`{name}` must be from {lo} to {hi}.", param=name)
+    return value
+
+
+# -- open endpoints ----------------------------------------------------------------------
+async def health(request: web.Request) -> web.Response:
+    """Liveness plus whether the database answers. Reveals nothing else."""
+    state = request.app[STATE]
+    db_ok = False
+    if state.reader is not None:
+        try:
+            async with state.reader.execute("SELECT 1") as cur:
+                db_ok = (await cur.fetchone()) is not None
+        except Exception:
+            db_ok = False
+    status = "ok" if db_ok and not state.shutting_down else "degraded"
+    return _json({"status": status, "database": "ok" if db_ok else "unavailable"}, 200 if status == "ok" else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if not state.config.auth.metrics_public:
+        _require_admin(request)
+    assert state.metrics is not None
+    return web.Response(body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+# -- admin: sessions -----------------------------------------------------------------------
+async def sessions_list(request: web.Request) -> web.Response:
+    state = _require_admin(request)
+    which = request.query.get("state")
+    if which not in (None, "active", "expired"):
+        raise ApiError(400, "`state` must be active or expired.", param="state")
+    limit = _int(request, "limit", 50, 1, MAX_PAGE)
+    offset = _int(request, "offset", 0, 0, 10**9)
+    rows = await queries.list_sessions(_reader(state), state=which, limit=limit, offset=offset, newest_first=True)
+    return _json({"object": "list", "data": rows, "limit": limit, "offset": offset, "has_more": len(rows) == limit})
+
+
+async def session_get(request: web.Request) -> web.Response:
+    state = _require_admin(request)
+    conn = _reader(state)
+    try:
+        session = await queries.get_session(conn, request.match_info["id"])
+    except queries.AmbiguousId as e:
+        raise ApiError(400, str(e), code="ambiguous_id") from None
+    if session is None:
+        raise ApiError(404, "No such session.", code="session_not_found")
+    session["turns"] = await queries.session_requests(conn, session["id"])
+    return _json(session)
+
+
+async def session_refresh(request: web.Request) -> web.Response:
+    state = _require_admin(request)
+    assert state.threads is not None
+    s = state.threads.refresh(request.match_info["id"])
+    if s is None:
+        raise ApiError(404, "No such active session.", code="session_not_found")
+    return _json({"id": s.id, "state": s.state, "expires_in_seconds": round(s.expires - time.time(), 3)})
+
+
+async def session_delete(request: web.Request) -> web.Response:
+    state = _require_admin(request)
+    assert state.threads is not None
+    sid = request.match_info["id"]
+    live = sid in state.threads.sessions
+    stored = live or await queries.get_session(_reader(state), sid) is not None
+    if not stored:
+        raise ApiError(404, "No such session.", code="session_not_found")
+    state.threads.delete(sid)
+    return _json({"id": sid, "deleted": True})
+
+
+async def sessions_cleanup(request: web.Request) -> web.Response:
+    state = _require_admin(request)
+    assert state.threads is not None
+    expired = state.threads.expire()
+    await state.threads.delete_doomed_chats()
+    return _json({"expired": expired, "active": len(state.threads.sessions)})
+
+
+# -- admin: stats and requests -----------------------------------------------------------
+async def stats(request: web.Request) -> web.Response:
+    state = _require_admin(request)
+    since = request.query.get("since")
+    try:
+        cut = queries.cutoff(since) if since else None
+    except ValueError as e:
+        raise ApiError(400, str(e), param="since") from None
+    figures = await queries.stats(_reader(state), since=cut)
+    writer = state.writer
+    return _json(
+        {
+            **figures.as_dict(),
+            "sessions_live": state.threads.stats() if state.threads else None,
+            "log_writer": None if writer is None else {"queue_depth": writer.depth, "written": writer.written, "dropped": writer.dropped, "failed": writer.failed},
+        }
+    )
+
+
+def _filter(request: web.Request) -> queries.RequestFilter:
+    q = request.query
+    since = q.get("since")
+    try:
+        cut = queries.cutoff(since) if since else None
+    except ValueError as e:
+        raise ApiError(400, str(e), param="since") from None
+    return queries.RequestFilter(
+        session=q.get("session"),
+        model=q.get("model"),
+        provider=q.get("provider"),
+        status=_int(request, "status", 0, 0, 999) or None,
+        outcome=q.get("outcome"),
+        query=q.get("q"),
+        since=cut,
+        before=q.get("before"),
+    )
+
+
+async def requests_list(request: web.Request) -> web.Response:
+    state = _require_admin(request)
+    limit = _int(request, "limit", 50, 1, MAX_PAGE)
+    page = await queries.recent_requests(_reader(state), _filter(request), limit=limit)
+    rows = list(reversed(page.rows))  # newest first; `before=<last id>` fetches the next page
+    return _json({"object": "list", "data": rows, "has_more": len(rows) == limit, "next_before": rows[-1]["id"] if rows else None})
+
+
+async def request_get(request: web.Request) -> web.Response:
+    state = _require_admin(request)
+    try:
+        row = await queries.get_request(_reader(state), request.match_info["id"])
+    except queries.AmbiguousId as e:
+        raise ApiError(400, str(e), code="ambiguous_id") from None
+    if row is None:
+        raise ApiError(404, "No such request.", code="request_not_found")
+    return _json(row)
 
 
 def setup(app: web.Application) -> None:
     """Add the operator routes to `app`."""
-    return None
+    r = app.router
+    r.add_get("/health", health)
+    r.add_get("/metrics", metrics)
+    r.add_get("/admin/sessions", sessions_list)
+    r.add_post("/admin/sessions/cleanup", sessions_cleanup)
+    r.add_get("/admin/sessions/{id}", session_get)
+    r.add_post("/admin/sessions/{id}/refresh", session_refresh)
+    r.add_delete("/admin/sessions/{id}", session_delete)
+    r.add_get("/admin/stats", stats)
+    r.add_get("/admin/requests", requests_list)
+    r.add_get("/admin/requests/{id}", request_get)

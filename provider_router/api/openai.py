@@ -203,8 +203,9 @@ async def _passthrough_stream(request: web.Request, rec: RequestRecord, reply: U
         await _stream_error(resp, rec, e)
         return resp
     except asyncio.CancelledError:
-        await _shutdown_error(request, resp, rec)
-        raise
+        if not await _shutdown_error(request, resp, rec):
+            raise
+        return resp
     await resp.write_eof()
     return resp
 
@@ -220,17 +221,20 @@ async def _stream_error(resp: web.StreamResponse, rec: RequestRecord, e: ApiErro
     await resp.write_eof()
 
 
-async def _shutdown_error(request: web.Request, resp: web.StreamResponse, rec: RequestRecord) -> None:
-    """A stream cut because the proxy stops (grace period over) ends with a clear error event.
-    A stream cut because its client left has no one to tell: nothing is written."""
-    if not request.app[STATE].shutting_down:
-        return
+async def _shutdown_error(request: web.Request, resp: web.StreamResponse, rec: RequestRecord) -> bool:
+    """A stream the proxy itself ended (shutdown grace over) gets a clear error event; True
+    if so. A stream cut because its client left has no one to tell: False, nothing written."""
+    task = asyncio.current_task()
+    if not request.app[STATE].ending or task is None or not task.cancelling():
+        return False
+    task.uncancel()
     err = ApiError(503, "The proxy is shutting down; the stream was ended.", code="proxy_shutdown", outcome="shutdown")
     try:
         async with asyncio.timeout(1.0):
             await _stream_error(resp, rec, err)
     except Exception:  # the client may be gone too; the record still says what happened
         rec.outcome, rec.error = err.outcome, err.message
+    return True
 
 
 # -- translating providers (echo, qwen) ---------------------------------------------------
@@ -353,9 +357,8 @@ async def _render(request: web.Request, rec: RequestRecord, reply: UpstreamReply
             raise
         await _stream_error(resp, rec, e)
     except asyncio.CancelledError:
-        if resp is not None:
-            await _shutdown_error(request, resp, rec)
-        raise
+        if resp is None or not await _shutdown_error(request, resp, rec):
+            raise
     finally:
         acc.fill(rec)
         rec.chunk_count = acc.chunks

@@ -1,0 +1,809 @@
+"""The inspection commands of the CLI: `logs`, `sessions`, `stats` and `db`, registered on the
+main parser by `register()`. It owns argument parsing and rendering (tables, transcripts,
+JSON lines); the SQL lives in `store.queries`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import sqlite3
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterable, Sequence
+
+import aiosqlite
+import orjson
+
+from .store import queries as q
+from .store.db import PRAGMAS, connect
+
+AddCommon = Callable[[argparse.ArgumentParser], None]
+FOLLOW_INTERVAL = 0.5  # seconds between polls of `logs --follow`
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line on stderr, exit status 1."""
+
+
+# == opening the database ===============================================================
+def resolve_db(args: argparse.Namespace) -> Path:
+    """--db, else database.path of the --config file (./config.yaml), else the default."""
+    if getattr(args, "db", None):
+        return Path(args.db)
+    from .cli import load  # cli imports this module: import late
+
+    if not hasattr(args, "config"):
+        args.config = "config.yaml"
+    return Path(load(args).database.path)
+
+
+async def open_db(path: Path, *, write: bool = False) -> aiosqlite.Connection:
+    """A connection of our own: read-only unless `write`. Never migrates or creates the file.
+
+    Readers never block the daemon (WAL). Writers get the project's PRAGMAs, notably
+    busy_timeout (wait for the daemon's writer) and foreign_keys (session cascades).
+    """
+    if not path.is_file():
+        raise CliError(f"no database at {path} (start `provider-router serve`, or pass --db PATH)")
+    if not write:
+        return await connect(path, readonly=True)
+    conn = await aiosqlite.connect(str(path))
+    conn.row_factory = aiosqlite.Row
+    for pragma in PRAGMAS:
+        await conn.execute(pragma)
+    return conn
+
+
+def _run(args: argparse.Namespace, body: Callable[[aiosqlite.Connection], Awaitable[int]], *, write: bool = False) -> int:
+    """Open the database, run `body`, close; user-facing errors become one line and exit 1."""
+
+    async def main() -> int:
+        conn = await open_db(resolve_db(args), write=write)
+        try:
+            return await body(conn)
+        finally:
+            await conn.close()
+
+    try:
+        return asyncio.run(main())
+    except (CliError, q.AmbiguousId) as e:
+        print(f"provider-router: {e}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as e:
+        print(f"provider-router: database error: {e}", file=sys.stderr)
+        return 1
+
+
+# == rendering helpers ==================================================================
+def _json_line(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def _json_doc(obj: Any) -> str:
+    return orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode()
+
+
+def _parse_ts(ts: str | None) -> datetime | None:
+    if not ts:
+        return None
+    try:
+        return datetime.fromisoformat(ts).astimezone()
+    except ValueError:
+        return None
+
+
+def local_time(ts: str | None, *, today: datetime | None = None) -> str:
+    """`HH:MM:SS` local time if `ts` is today, else `YYYY-MM-DD HH:MM:SS`; `-` when unset."""
+    when = _parse_ts(ts)
+    if when is None:
+        return ts or "-"
+    today = today or datetime.now().astimezone()
+    return when.strftime("%H:%M:%S" if when.date() == today.date() else "%Y-%m-%d %H:%M:%S")
+
+
+def full_time(ts: str | None) -> str:
+    """Local date and time with milliseconds, and the stored UTC value."""
+    when = _parse_ts(ts)
+    if when is None:
+        return ts or "-"
+    local = when.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    zone = when.strftime("%Z")
+    return f"{local} {zone} ({ts})" if zone else f"{local} ({ts})"
+
+
+def first_line(text: str | None) -> str:
+    """The first non-blank line, with tabs and control characters made spaces."""
+    if not text:
+        return ""
+    for line in text.splitlines():
+        if line.strip():
+            return "".join(c if c.isprintable() else " " for c in line.strip())
+    return ""
+
+
+def fit(text: str, width: int) -> str:
+    """`text` cut to `width` characters, marking the cut with an ellipsis."""
+    if width <= 0:
+        return ""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if value < 10 else f"{value:.0f}"  # sub-10 ms (local) still tells apart
+
+
+def _tokens(row: dict[str, Any]) -> str:
+    p, c = row.get("prompt_tokens"), row.get("completion_tokens")
+    if p is None and c is None:
+        return "-" if row.get("total_tokens") is None else str(row["total_tokens"])
+    return f"{p if p is not None else '?'}/{c if c is not None else '?'}"
+
+
+def _status(row: dict[str, Any]) -> str:
+    status = "-" if row.get("status") is None else str(row["status"])
+    outcome = row.get("outcome")
+    return status if outcome in (None, "ok") else f"{status} {outcome}"
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: Iterable[int] = ()) -> list[str]:
+    """Plain aligned columns (two spaces apart); column indexes in `right` align right."""
+    rows = [list(r) for r in rows]
+    right = set(right)
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  ".join(out).rstrip()
+
+    return [line(headers)] + [line(r) for r in rows]
+
+
+def _human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def content_text(content: Any) -> str:
+    """A message's content as text: strings as-is, parts joined, images as `[image]`."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict):
+                parts.append(str(part))
+            elif part.get("type") == "text" or "text" in part:
+                parts.append(str(part.get("text", "")))
+            else:
+                parts.append(f"[{part.get('type', 'part')}]")
+        return "\n".join(parts)
+    return orjson.dumps(content).decode()
+
+
+def transcript_lines(role: str, text: str, width: int = 11) -> list[str]:
+    """`role: text`, continuation lines indented under the text."""
+    lines = text.splitlines() or [""]
+    head = f"{role:>{width - 2}}: "
+    return [head + lines[0]] + [" " * width + line for line in lines[1:]]
+
+
+def message_transcript(messages: Any) -> list[str]:
+    """The request's messages, one speaker per block, tool calls spelled out."""
+    if not isinstance(messages, list):
+        return ["  (no messages)"]
+    out: list[str] = []
+    for msg in messages:
+        if not isinstance(msg, dict):
+            out += transcript_lines("?", str(msg))
+            continue
+        role = str(msg.get("role", "?"))
+        if msg.get("name"):
+            role += f" ({msg['name']})"
+        if msg.get("tool_call_id"):
+            role += f" [{msg['tool_call_id']}]"
+        text = content_text(msg.get("content"))
+        for call in msg.get("tool_calls") or []:
+            fn = call.get("function", {}) if isinstance(call, dict) else {}
+            text += ("\n" if text else "") + f"-> {fn.get('name', '?')}({fn.get('arguments', '')})"
+        out += transcript_lines(role, text)
+    return out
+
+
+def _section(title: str) -> str:
+    return f"\n-- {title} " + "-" * max(0, 60 - len(title))
+
+
+def _fields(pairs: Iterable[tuple[str, Any]]) -> list[str]:
+    pairs = list(pairs)
+    width = max(len(k) for k, _ in pairs)
+    return [f"{k:<{width}}  {'-' if v is None or v == '' else v}" for k, v in pairs]
+
+
+# == logs ===============================================================================
+class LogTable:
+    """The `logs` table: fixed columns sized from the first rows, prompt and reply sharing
+    whatever the terminal has left, so `--follow` lines stay aligned with the header.
+    """
+
+    HEADERS = ("TIME", "ID", "MODEL", "PROVIDER", "STATUS", "TTFB", "DUR", "TOKENS", "PROMPT", "REPLY")
+    CAPS = (19, 16, 24, 16, 24, 8, 8, 11)  # the fixed columns' widest
+    RIGHT = {5, 6, 7}
+    ID_WIDTH = 16  # ms + sequence: unique within a daemon; `logs show` takes any prefix
+    OPTIONAL = (3, 5, 7)  # provider, ttfb, tokens: dropped in this order on narrow terminals
+    SHRINK = ((2, 10), (4, 6), (2, 6))  # then model and status narrow to these widths
+    MIN_TEXT = 16
+    # Piped output has no terminal: be generous rather than cut at the 80-column fallback.
+    PIPE_WIDTH = 160
+
+    def __init__(self, rows: list[dict[str, Any]], width: int | None = None) -> None:
+        self.today = datetime.now().astimezone()
+        self.total = width or shutil.get_terminal_size((self.PIPE_WIDTH, 24)).columns
+        cells = [self.fixed(r) for r in rows]
+        self.widths = [
+            min(cap, max([len(h)] + [len(c[i]) for c in cells]))
+            for i, (h, cap) in enumerate(zip(self.HEADERS, self.CAPS))
+        ]
+        if not rows:  # --follow on an empty result: leave room for typical values
+            self.widths = [max(w, d) for w, d in zip(self.widths, (8, 16, 12, 8, 6, 4, 4, 7))]
+        self.shown = list(range(len(self.widths)))
+        for i in self.OPTIONAL:
+            if self._room() >= 2 * self.MIN_TEXT:
+                break
+            self.shown.remove(i)
+        for i, floor in self.SHRINK:
+            if self._room() >= 2 * self.MIN_TEXT:
+                break
+            self.widths[i] = min(self.widths[i], floor)
+        # The prompt takes what its longest first line needs (up to half), the reply the rest.
+        room = self._room()
+        longest = max([len(first_line(r.get("prompt_text"))) for r in rows] or [room])
+        self.prompt_width = max(min(room // 2, max(longest, self.MIN_TEXT)), 8)
+        self.reply_width = max(room - self.prompt_width, 8)
+
+    def _room(self) -> int:
+        """Columns left for prompt and reply, after the shown fixed ones and the gaps."""
+        return self.total - sum(self.widths[i] for i in self.shown) - 2 * (len(self.shown) + 1)
+
+    def fixed(self, r: dict[str, Any]) -> list[str]:
+        return [
+            local_time(r.get("received_at"), today=self.today),
+            (r.get("id") or "")[: self.ID_WIDTH],
+            r.get("model") or "-",
+            r.get("provider") or "-",
+            _status(r),
+            _ms(r.get("ttfb_ms")),
+            _ms(r.get("duration_ms")),
+            _tokens(r),
+        ]
+
+    def _line(self, cells: Sequence[str]) -> str:
+        out = []
+        for i in [*self.shown, len(self.widths), len(self.widths) + 1]:
+            w = self.widths[i] if i < len(self.widths) else (self.prompt_width, self.reply_width)[i - len(self.widths)]
+            cell = fit(cells[i], w)
+            out.append(cell.rjust(w) if i in self.RIGHT else cell.ljust(w))
+        # A terminal too narrow even for the shrunk columns: cut rather than wrap.
+        return fit("  ".join(out).rstrip(), self.total)
+
+    def header(self) -> str:
+        return self._line(self.HEADERS)
+
+    def line(self, r: dict[str, Any]) -> str:
+        reply = first_line(r.get("response_text"))
+        if not reply and r.get("error"):
+            reply = "! " + first_line(r["error"])
+        cells = self.fixed(r)
+        if len(cells[0]) > self.widths[0]:  # --follow past midnight: keep the time, drop the date
+            cells[0] = cells[0][-8:]
+        if len(cells[4]) > self.widths[4]:  # a narrow status column keeps the code, not "404 re…"
+            cells[4] = cells[4].split()[0]
+        return self._line(cells + [first_line(r.get("prompt_text")), reply])
+
+
+def _filter(args: argparse.Namespace) -> q.RequestFilter:
+    return q.RequestFilter(
+        session=args.session, model=args.model, provider=args.provider, status=args.status,
+        outcome=args.outcome, query=args.query, since=args.since,
+    )
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    async def body(conn: aiosqlite.Connection) -> int:
+        flt = _filter(args)
+        page = await q.recent_requests(conn, flt, args.limit)
+        out = sys.stdout
+        tbl = None if args.json else LogTable(page.rows)
+        if tbl is not None and (page.rows or args.follow):
+            print(tbl.header(), file=out)
+        for row in page.rows:
+            print(_json_line(row) if tbl is None else tbl.line(row), file=out)
+        if not args.follow:
+            if not page.rows and tbl is not None:
+                print("no matching requests", file=sys.stderr)
+            return 0
+        out.flush()
+        last = page.last_rowid
+        while True:
+            await asyncio.sleep(FOLLOW_INTERVAL)
+            page = await q.new_requests(conn, flt, last)
+            last = page.last_rowid
+            for row in page.rows:
+                print(_json_line(row) if tbl is None else tbl.line(row), file=out, flush=True)
+
+    try:
+        return _run(args, body)
+    except KeyboardInterrupt:
+        if args.follow:  # the way out of --follow: quiet, and not a failure
+            return 0
+        raise
+
+
+def render_request(r: dict[str, Any]) -> list[str]:
+    """One request in full: fields, the request as a transcript, reply, reasoning, error."""
+    body = r.get("request_body")
+    stream = {None: None, 0: "no", 1: "yes"}.get(r.get("stream"), r.get("stream"))
+    if stream == "yes" and r.get("chunk_count") is not None:
+        stream += f" ({r['chunk_count']} chunks)"
+    usage = None
+    if any(r.get(k) is not None for k in ("prompt_tokens", "completion_tokens", "total_tokens")):
+        usage = (
+            f"prompt {r.get('prompt_tokens', '-')}, completion {r.get('completion_tokens', '-')}, "
+            f"total {r.get('total_tokens', '-')}"
+        )
+    lineage = None
+    if r.get("parent_id") or r.get("reply_id"):
+        lineage = f"{r.get('parent_id') or '(new chat)'} -> {r.get('reply_id') or '-'}"
+    out = [f"request {r['id']}"]
+    out += _fields([
+        ("received", full_time(r.get("received_at"))),
+        ("finished", full_time(r.get("finished_at"))),
+        ("method", f"{r.get('method')} {r.get('path')}"),
+        ("client", r.get("client")),
+        ("user agent", r.get("user_agent")),
+        ("model", r.get("model")),
+        ("provider", r.get("provider")),
+        ("upstream model", r.get("upstream_model")),
+        ("stream", stream),
+        ("status", _status(r)),
+        ("finish reason", r.get("finish_reason")),
+        ("ttfb", None if r.get("ttfb_ms") is None else f"{r['ttfb_ms']:.1f} ms"),
+        ("duration", None if r.get("duration_ms") is None else f"{r['duration_ms']:.1f} ms"),
+        ("usage", usage),
+        ("session", r.get("session_id")),
+        ("turn", r.get("turn")),
+        ("chat_id", r.get("chat_id")),
+        ("parent -> reply", lineage),
+    ])
+    if r.get("error"):
+        out += [_section("error"), str(r["error"])]
+    if isinstance(body, dict):
+        params = {k: v for k, v in body.items() if k != "messages"}
+        out += [_section("request"), *message_transcript(body.get("messages"))]
+        if params:
+            out.append("params: " + _json_line(params))
+    elif body:
+        out += [_section("request body (not JSON)"), str(body)]
+    if r.get("reasoning_text"):
+        out += [_section("reasoning"), r["reasoning_text"]]
+    if r.get("response_text") is not None:
+        out += [_section("reply"), r["response_text"]]
+    elif r.get("response_body") is not None:
+        resp = r["response_body"]
+        out += [_section("response body"), resp if isinstance(resp, str) else _json_doc(resp)]
+    if r.get("attempts"):
+        out += [_section("upstream attempts")]
+        out += [_json_line(a) for a in r["attempts"]] if isinstance(r["attempts"], list) else [str(r["attempts"])]
+    return out
+
+
+def cmd_logs_show(args: argparse.Namespace) -> int:
+    async def body(conn: aiosqlite.Connection) -> int:
+        row = await q.get_request(conn, args.id)
+        if row is None:
+            raise CliError(f"no request with id {args.id!r}")
+        print(_json_doc(row) if getattr(args, "json", False) else "\n".join(render_request(row)))
+        return 0
+
+    return _run(args, body)
+
+
+# == sessions ===========================================================================
+def cmd_sessions_list(args: argparse.Namespace) -> int:
+    async def body(conn: aiosqlite.Connection) -> int:
+        rows = await q.list_sessions(conn, active_only=args.active, limit=args.limit)
+        if args.json:
+            for row in rows:
+                print(_json_line(row))
+            return 0
+        if not rows:
+            print("no sessions" + (" active" if args.active else ""), file=sys.stderr)
+            return 0
+        today = datetime.now().astimezone()
+        cells = [
+            [
+                r["id"], r["state"], r["client"], f"{r['provider']}/{r['upstream_model']}",
+                str(r["request_count"]), str(r["message_count"]),
+                local_time(r["created_at"], today=today), local_time(r["last_accessed_at"], today=today),
+                local_time(r["expires_at"], today=today),
+            ]
+            for r in rows
+        ]
+        headers = ("ID", "STATE", "CLIENT", "PROVIDER/MODEL", "TURNS", "MSGS", "CREATED", "LAST ACCESS", "EXPIRES")
+        print("\n".join(table(headers, cells, right={4, 5})))
+        return 0
+
+    return _run(args, body)
+
+
+def render_session(s: dict[str, Any], requests: list[dict[str, Any]]) -> list[str]:
+    """The session's fields, then each of its requests as a turn of the conversation."""
+    meta = s.get("metadata")
+    out = [f"session {s['id']}"]
+    out += _fields([
+        ("state", s.get("state")),
+        ("client", s.get("client")),
+        ("route", f"{s.get('provider')}/{s.get('upstream_model')}"),
+        ("chat_id", s.get("chat_id")),
+        ("tip (parent_id)", s.get("parent_id")),
+        ("created", full_time(s.get("created_at"))),
+        ("last access", full_time(s.get("last_accessed_at"))),
+        ("expires", full_time(s.get("expires_at"))),
+        ("requests", s.get("request_count")),
+        ("messages", s.get("message_count")),
+        ("thread turns", s.get("turn_rows")),
+        ("fingerprint", s.get("fingerprint")),
+        ("metadata", None if meta is None else (meta if isinstance(meta, str) else _json_line(meta))),
+    ])
+    out.append(_section(f"conversation ({len(requests)} requests)"))
+    if not requests:
+        out.append("(no request rows: they may have been pruned)")
+    for r in requests:
+        turn = "?" if r.get("turn") is None else r["turn"]
+        lineage = f"{r.get('parent_id') or '(new chat)'} -> {r.get('reply_id') or '-'}"
+        out.append("")
+        out.append(
+            f"turn {turn}  {r['id']}  {local_time(r.get('received_at'))}  {_status(r)}"
+            f"  chat {r.get('chat_id') or '-'}  {lineage}"
+        )
+        out += transcript_lines("user", r.get("prompt_text") or "")
+        reply = r.get("response_text")
+        if reply is None and r.get("error"):
+            out += transcript_lines("error", str(r["error"]))
+        else:
+            out += transcript_lines("assistant", reply or "")
+    return out
+
+
+async def _session(conn: aiosqlite.Connection, prefix: str) -> dict[str, Any]:
+    s = await q.get_session(conn, prefix)
+    if s is None:
+        raise CliError(f"no session with id {prefix!r}")
+    return s
+
+
+def cmd_sessions_show(args: argparse.Namespace) -> int:
+    async def body(conn: aiosqlite.Connection) -> int:
+        s = await _session(conn, args.id)
+        requests = await q.session_requests(conn, s["id"])
+        if args.json:
+            print(_json_doc({"session": s, "requests": requests}))
+        else:
+            print("\n".join(render_session(s, requests)))
+        return 0
+
+    return _run(args, body)
+
+
+def cmd_sessions_delete(args: argparse.Namespace) -> int:
+    async def body(conn: aiosqlite.Connection) -> int:
+        s = await _session(conn, args.id)
+        gone = await q.delete_session(conn, s["id"])
+        if gone is None:  # the daemon deleted it between the lookup and the delete
+            raise CliError(f"no session with id {args.id!r}")
+        print(
+            f"deleted session {gone.id} ({s['provider']}/{s['upstream_model']}, {s['state']}) "
+            f"and its {gone.turns} thread turn(s); its {gone.requests_kept} request row(s) are kept"
+        )
+        return 0
+
+    return _run(args, body, write=True)
+
+
+def cmd_sessions_cleanup(args: argparse.Namespace) -> int:
+    async def body(conn: aiosqlite.Connection) -> int:
+        n = await q.expire_sessions(conn)
+        print(f"marked {n} session(s) expired")
+        return 0
+
+    return _run(args, body, write=True)
+
+
+# == stats ==============================================================================
+def cmd_stats(args: argparse.Namespace) -> int:
+    async def body(conn: aiosqlite.Connection) -> int:
+        st = await q.stats(conn, args.since)
+        if args.json:
+            print(_json_doc(st.as_dict()))
+            return 0
+        headers = ("MODEL", "PROVIDER", "REQS", "ERRORS", "TOK IN", "TOK OUT",
+                   "TTFB p50", "TTFB p95", "DUR p50", "DUR p95")
+
+        def cells(g: q.GroupStats, model: str, provider: str) -> list[str]:
+            return [
+                model, provider, str(g.requests), str(g.errors), str(g.prompt_tokens), str(g.completion_tokens),
+                _ms(g.ttfb_p50_ms), _ms(g.ttfb_p95_ms), _ms(g.duration_p50_ms), _ms(g.duration_p95_ms),
+            ]
+
+        rows = [cells(g, g.model or "-", g.provider or "-") for g in st.groups]
+        rows.append(cells(st.total, "TOTAL", ""))
+        if args.since:
+            print(f"since {full_time(args.since)}")
+        print("\n".join(table(headers, rows, right=range(2, 10))))
+        s = st.sessions
+        print(f"\nsessions: {s['active']} active, {s['expired']} expired, {s['total']} total (latencies in ms)")
+        return 0
+
+    return _run(args, body)
+
+
+# == db =================================================================================
+def cmd_db_path(args: argparse.Namespace) -> int:
+    print(resolve_db(args).resolve())
+    return 0
+
+
+def _db_size(path: Path) -> tuple[int, int]:
+    wal = Path(f"{path}-wal")
+    return path.stat().st_size, (wal.stat().st_size if wal.exists() else 0)
+
+
+def cmd_db_prune(args: argparse.Namespace) -> int:
+    def progress(kind: str, n: int) -> None:
+        print(f"  deleted {n} {kind} so far", file=sys.stderr, flush=True)
+
+    async def body(conn: aiosqlite.Connection) -> int:
+        res = await q.prune(conn, args.older_than, batch=args.batch, progress=progress)
+        print(
+            f"deleted {res.requests} request(s) received before {res.cutoff} and "
+            f"{res.sessions} expired session(s) last used before it"
+        )
+        if res.requests or res.sessions:
+            print("(the file keeps its size until `provider-router db vacuum`)", file=sys.stderr)
+        return 0
+
+    return _run(args, body, write=True)
+
+
+def cmd_db_vacuum(args: argparse.Namespace) -> int:
+    path = resolve_db(args)
+
+    async def body(conn: aiosqlite.Connection) -> int:
+        before = _db_size(path)
+        busy, _, _ = await q.vacuum(conn)
+        after = _db_size(path)
+        print(f"before: {_human_size(sum(before))} (db {_human_size(before[0])}, wal {_human_size(before[1])})")
+        print(f"after:  {_human_size(sum(after))} (db {_human_size(after[0])}, wal {_human_size(after[1])})")
+        if busy:
+            print("note: a reader kept the WAL busy; it is truncated at the next checkpoint", file=sys.stderr)
+        return 0
+
+    return _run(args, body, write=True)
+
+
+# == argument parsing ===================================================================
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return n
+
+
+def _positive(text: str) -> int:
+    n = _count(text)
+    if n == 0:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return n
+
+
+def _when(text: str) -> str:
+    try:
+        return q.cutoff(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _leaf(sub: Any, name: str, add_common: AddCommon, *, help: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        name, help=help, description=description, epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common(p)
+    return p
+
+
+def _keep_parent_values(parser: argparse.ArgumentParser) -> None:
+    # argparse copies a subcommand's namespace over its parent's, defaults included, so
+    # `logs --db X show ID` would lose X. Options the subcommand was not given stay unset.
+    for action in parser._actions:
+        if action.dest != "help":
+            if action.help and "%(default)s" in action.help:  # keep the help text readable
+                action.help = action.help.replace("%(default)s", str(action.default))
+            action.default = argparse.SUPPRESS
+
+
+SINCE_HELP = "only requests received since then: 30m, 1h, 2d, 1w ago, or an ISO date/time (local unless it has a zone)"
+
+
+def _register_logs(sub: Any, add_common: AddCommon) -> None:
+    logs = _leaf(
+        sub, "logs", add_common,
+        help="list logged requests (newest N, oldest first)",
+        description="List logged requests: the newest N matching ones, printed oldest first, one "
+        "line each (time, id, model, provider, status, ttfb, duration, tokens in/out, first line "
+        "of the prompt and of the reply), cut to the terminal's width; narrow terminals drop the "
+        "provider, ttfb and token columns first. Times are local; durations in ms. Works while "
+        "the daemon runs: it only reads.",
+        epilog="examples:\n"
+        "  provider-router logs -n 50 --model 'gpt-*'\n"
+        "  provider-router logs -q 'database migration' --since 2d\n"
+        "  provider-router logs --outcome upstream_error --json | jq .error\n"
+        "  provider-router logs --follow\n"
+        "  provider-router logs show 0193f2a1b2c3     (one request in full)",
+    )
+    logs.add_argument("-n", "--limit", type=_count, default=20, metavar="N", help="how many (default: 20; 0 = all)")
+    logs.add_argument("--session", metavar="ID", help="only requests of this session (id or prefix)")
+    logs.add_argument("-m", "--model", metavar="M", help="only this requested model; globs work: 'gpt-*'")
+    logs.add_argument("--provider", metavar="P", help="only requests routed to this provider")
+    logs.add_argument("--status", type=int, metavar="CODE", help="only this HTTP status, e.g. 404")
+    logs.add_argument(
+        "--outcome", metavar="O",
+        help="only this outcome: ok, rejected, upstream_error, timeout, client_disconnected",
+    )
+    logs.add_argument(
+        "-q", "--query", metavar="TEXT",
+        help="full-text search in prompts and replies; every word must occur (word* for a prefix)",
+    )
+    logs.add_argument("--since", type=_when, metavar="WHEN", help=SINCE_HELP)
+    logs.add_argument("--json", action="store_true", help="one JSON object per line, every column, bodies parsed")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new requests as they are logged, until Ctrl-C")
+    logs.set_defaults(func=cmd_logs)
+
+    logs_sub = logs.add_subparsers(dest="logs_command", title="subcommand", metavar="[show ID]")
+    show = _leaf(
+        logs_sub, "show", add_common,
+        help="one request in full",
+        description="Show one request in full: every field, the request messages as a transcript, "
+        "the assembled reply (streamed or not), reasoning, usage, session lineage and error.",
+        epilog="examples:\n  provider-router logs show 0193f2a1b2c3\n  provider-router logs show 0193f2a1b2c3 --json",
+    )
+    show.add_argument("id", metavar="ID", help="the request id, or a unique prefix of it")
+    show.add_argument("--json", action="store_true", help="the row as one JSON document, bodies parsed")
+    _keep_parent_values(show)
+    show.set_defaults(func=cmd_logs_show)
+
+
+def _register_sessions(sub: Any, add_common: AddCommon) -> None:
+    sessions = sub.add_parser(
+        "sessions", help="list, show, delete or expire conversation sessions",
+        description="Conversation sessions: the threads the daemon keeps on stateful upstreams.",
+        epilog="examples:\n  provider-router sessions list --active\n  provider-router sessions show 3f9a",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ssub = sessions.add_subparsers(dest="sessions_command", metavar="COMMAND")
+    sessions.set_defaults(func=lambda args: (sessions.print_help(), 2)[1])
+
+    ls = _leaf(
+        ssub, "list", add_common, help="list sessions, most recently used last",
+        description="List the most recently used sessions: id, state, client, provider/model, "
+        "requests (turns), messages, created, last access, expiry.",
+        epilog="examples:\n  provider-router sessions list\n  provider-router sessions list --active -n 0 --json",
+    )
+    ls.add_argument("--active", action="store_true", help="only active sessions")
+    ls.add_argument("-n", "--limit", type=_count, default=20, metavar="N", help="how many (default: 20; 0 = all)")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+    ls.set_defaults(func=cmd_sessions_list)
+
+    show = _leaf(
+        ssub, "show", add_common, help="one session and its conversation",
+        description="Show a session's fields and its conversation, request by request: turn, the "
+        "user's last message, the reply, and the upstream lineage (chat_id, parent_id -> reply_id).",
+        epilog="example:\n  provider-router sessions show 3f9a",
+    )
+    show.add_argument("id", metavar="ID", help="the session id, or a unique prefix of it")
+    show.add_argument("--json", action="store_true", help='one JSON document: {"session": ..., "requests": [...]}')
+    show.set_defaults(func=cmd_sessions_show)
+
+    delete = _leaf(
+        ssub, "delete", add_common, help="delete a session (its request rows stay)",
+        description="Delete a session and its thread turns. Its request rows stay in the log. "
+        "The next request of that conversation starts a new upstream chat. The upstream's "
+        "own copy of the chat is not deleted.",
+        epilog="example:\n  provider-router sessions delete 3f9a",
+    )
+    delete.add_argument("id", metavar="ID", help="the session id, or a unique prefix of it")
+    delete.set_defaults(func=cmd_sessions_delete)
+
+    cleanup = _leaf(
+        ssub, "cleanup", add_common, help="mark sessions past their expiry as expired",
+        description="Mark active sessions whose expiry time has passed as expired (the daemon does "
+        "this itself every sessions.cleanup_interval_minutes; this is the offline equivalent, and "
+        "it does not delete upstream chats).",
+        epilog="example:\n  provider-router sessions cleanup",
+    )
+    cleanup.set_defaults(func=cmd_sessions_cleanup)
+
+
+def _register_stats(sub: Any, add_common: AddCommon) -> None:
+    stats = _leaf(
+        sub, "stats", add_common, help="request counts, errors, tokens and latency per model",
+        description="Per (model, provider): requests, errors (outcome other than ok), tokens in and "
+        "out, p50/p95 time to first byte and total duration; then session counts by state.",
+        epilog="examples:\n  provider-router stats\n  provider-router stats --since 1d --json",
+    )
+    stats.add_argument("--since", type=_when, metavar="WHEN", help=SINCE_HELP + " (sessions: used since then)")
+    stats.add_argument("--json", action="store_true", help="one JSON document")
+    stats.set_defaults(func=cmd_stats)
+
+
+def _register_db(sub: Any, add_common: AddCommon) -> None:
+    db = sub.add_parser(
+        "db", help="database path, pruning and vacuuming",
+        description="Maintain the log database.",
+        epilog="examples:\n  provider-router db path\n  provider-router db prune --older-than 30d && provider-router db vacuum",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    dsub = db.add_subparsers(dest="db_command", metavar="COMMAND")
+    db.set_defaults(func=lambda args: (db.print_help(), 2)[1])
+
+    path = _leaf(
+        dsub, "path", add_common, help="print the database's path",
+        description="Print the absolute path of the log database (from --db, or database.path in the config).",
+        epilog="example:\n  sqlite3 \"$(provider-router db path)\"",
+    )
+    path.set_defaults(func=cmd_db_path)
+
+    prune = _leaf(
+        dsub, "prune", add_common, help="delete old requests and expired sessions",
+        description="Delete requests received before the cutoff, and expired sessions last used "
+        "before it, in small batches of one transaction each so a running daemon keeps "
+        "logging. The full-text index follows. Progress goes to stderr.",
+        epilog="examples:\n  provider-router db prune --older-than 30d\n"
+        "  provider-router db prune --older-than 2026-01-01 --batch 1000",
+    )
+    prune.add_argument(
+        "--older-than", type=_when, required=True, metavar="AGE",
+        help="the cutoff: an age (30d, 12h, 1w) or an ISO date/time",
+    )
+    prune.add_argument("--batch", type=_positive, default=5000, metavar="N", help="rows per transaction (default: %(default)s)")
+    prune.set_defaults(func=cmd_db_prune)
+
+    vacuum = _leaf(
+        dsub, "vacuum", add_common, help="compact the database file",
+        description="Rebuild the database file to return free space to the filesystem, then "
+        "checkpoint and truncate the WAL; prints the size before and after. VACUUM holds the "
+        "write lock while it runs: on a large database, stop the daemon first.",
+        epilog="example:\n  provider-router db vacuum",
+    )
+    vacuum.set_defaults(func=cmd_db_vacuum)
+
+
+def register(sub: Any, add_common: AddCommon) -> None:
+    """Add `logs`, `sessions`, `stats` and `db` to the main parser's subcommands."""
+    _register_logs(sub, add_common)
+    _register_sessions(sub, add_common)
+    _register_stats(sub, add_common)
+    _register_db(sub, add_common)
