@@ -5,7 +5,7 @@ It crosses modules (middleware, handlers, writer), so it is a plain slotted data
 
 from __future__ import annotations
 
-import os
+import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,12 +28,26 @@ def new_id() -> str:
     else:
         seq = 0
     _last[0], _last[1] = ms, seq
-    return f"{ms:012x}{seq:04x}{os.urandom(6).hex()}"
+    # Uniqueness comes from time + sequence; the random tail only separates processes.
+    return f"{ms:012x}{seq:04x}{random.getrandbits(48):012x}"
+
+
+_iso_second = [-1, ""]  # the last whole second formatted, and its text
 
 
 def iso(ts: float) -> str:
-    """ISO 8601 UTC with milliseconds: sortable as text, readable in sqlite3."""
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    """ISO 8601 UTC with milliseconds: sortable as text, readable in sqlite3.
+
+    Formatting a datetime costs microseconds and runs several times per request, so the
+    text of the current second is cached and only the milliseconds are appended.
+    """
+    sec = int(ts)
+    us = round((ts - sec) * 1e6)  # as datetime does: round to microseconds, then cut to ms
+    if us >= 1_000_000:
+        sec, us = sec + 1, us - 1_000_000
+    if sec != _iso_second[0]:
+        _iso_second[0], _iso_second[1] = sec, datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_iso_second[1]}.{us // 1000:03d}Z"
 
 
 @dataclass(slots=True)

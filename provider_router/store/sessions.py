@@ -70,6 +70,14 @@ VALUES (?,?,?,?,?,?,?,?)
 """
 
 
+def _params(s: Session) -> tuple[Any, ...]:
+    return (
+        s.id, s.fingerprint, s.client, s.provider, s.upstream_model, s.chat_id, s.parent_id, s.state,
+        iso(s.created), iso(s.last_access), iso(s.expires), s.message_count, s.request_count,
+        orjson.dumps(s.metadata).decode() if s.metadata else None,
+    )
+
+
 def _session(row: aiosqlite.Row) -> Session:
     return Session(
         id=row["id"],
@@ -111,14 +119,8 @@ class SessionRepo:
             return [Turn(*r) for r in await cur.fetchall()]
 
     def save(self, s: Session) -> None:
-        self._writer.execute(
-            UPSERT,
-            (
-                s.id, s.fingerprint, s.client, s.provider, s.upstream_model, s.chat_id, s.parent_id, s.state,
-                iso(s.created), iso(s.last_access), iso(s.expires), s.message_count, s.request_count,
-                orjson.dumps(s.metadata).decode() if s.metadata else None,
-            ),
-        )
+        """Persist the session's state as of the next flush (many saves between flushes: one write)."""
+        self._writer.latest(f"session:{s.id}", UPSERT, lambda: _params(s))
 
     def add_turn(self, session_id: str, t: Turn, request_id: str, now: float) -> None:
         self._writer.execute(
@@ -126,7 +128,7 @@ class SessionRepo:
         )
 
     def forget_chat(self, session_id: str, chat_id: str) -> None:
-        self._writer.execute("DELETE FROM turns WHERE session_id = ? AND chat_id = ?", (session_id, chat_id))
+        self._writer.execute("DELETE FROM turns WHERE session_id = ? AND chat_id = ?", (session_id, chat_id), barrier=True)
 
     def delete(self, session_id: str) -> None:
-        self._writer.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+        self._writer.execute("DELETE FROM sessions WHERE id = ?", (session_id,), barrier=True)

@@ -1,7 +1,7 @@
-"""The single writer task: request records and session changes, batched into SQLite.
+"""The single writer task: request records and state changes, batched into SQLite.
 
 Handlers never wait on the database. Records go into a bounded buffer (full: dropped and
-counted, never blocking a request); session changes go into an unbounded one (they are
+counted, never blocking a request); state changes go into an unbounded one (they are
 state, not telemetry). One task drains both, in order, one transaction per batch.
 """
 
@@ -11,7 +11,7 @@ import asyncio
 import re
 import time
 from collections import deque
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import aiosqlite
 import orjson
@@ -24,7 +24,7 @@ log = structlog.get_logger("provider_router.writer")
 TRUNCATED_MARK = "…[truncated {n} bytes]"
 
 INSERT_REQUEST = """
-INSERT OR REPLACE INTO requests (
+INSERT INTO requests (
     id, received_at, finished_at, method, path, client, user_agent, model, provider,
     upstream_model, stream, request_body, response_body, prompt_text, response_text,
     reasoning_text, finish_reason, prompt_tokens, completion_tokens, total_tokens,
@@ -32,9 +32,23 @@ INSERT OR REPLACE INTO requests (
     parent_id, reply_id, attempts
 ) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
 """
+INDEX_SINCE = (
+    "INSERT INTO requests_fts(rowid, prompt_text, response_text) "
+    "SELECT rowid, prompt_text, response_text FROM requests WHERE rowid > ?"
+)
+LAST_ROWID = "SELECT coalesce(max(rowid), 0) FROM requests"
 
-# (sql, params) executed in order with the records of the same batch.
-Statement = tuple[str, Sequence[Any]]
+Params = Callable[[], Sequence[Any]]
+
+
+class _Pending:
+    """One queued state change. `params` is called at flush time, so a `latest()` entry
+    written many times between two flushes is built and written once, with its newest state."""
+
+    __slots__ = ("sql", "params", "key", "barrier")
+
+    def __init__(self, sql: str, params: Params, key: str | None = None, barrier: bool = False) -> None:
+        self.sql, self.params, self.key, self.barrier = sql, params, key, barrier
 
 
 class Redactor:
@@ -43,6 +57,7 @@ class Redactor:
     def __init__(self, secrets: Iterable[str]) -> None:
         uniq = sorted({s for s in secrets if s}, key=len, reverse=True)
         self._re = re.compile("|".join(map(re.escape, uniq))) if uniq else None
+        self._bre = re.compile(b"|".join(re.escape(s.encode()) for s in uniq)) if uniq else None
 
     def __call__(self, text: str | None) -> str | None:
         if text is None or self._re is None:
@@ -50,15 +65,13 @@ class Redactor:
         return self._re.sub("[REDACTED]", text)
 
     def bytes(self, data: bytes) -> bytes:
-        if self._re is None:
+        if self._bre is None or not self._bre.search(data):
             return data
-        text = data.decode("utf-8", "replace")
-        red = self._re.sub("[REDACTED]", text)
-        return data if red == text else red.encode()
+        return self._bre.sub(b"[REDACTED]", data)
 
 
 class LogWriter:
-    """Owns the write connection. `submit()` a record, `execute()` a state change.
+    """Owns the write connection. `submit()` a record; `execute()` or `latest()` a state change.
 
     Start with `start()`, stop with `await stop()`, which flushes everything queued.
     """
@@ -74,7 +87,8 @@ class LogWriter:
     ) -> None:
         self._conn = conn
         self._records: deque[RequestRecord] = deque()
-        self._statements: deque[Statement] = deque()
+        self._statements: deque[_Pending] = deque()
+        self._latest: dict[str, _Pending] = {}
         self._max_queue = max_queue
         self._max_body = max_body_bytes
         self._redact = redactor or Redactor(())
@@ -100,12 +114,28 @@ class LogWriter:
                 log.warning("log_queue_full", dropped_total=self.dropped, queue=self._max_queue)
             return
         self._records.append(record)
-        self._idle.clear()
-        self._wake.set()
+        self._kick()
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
-        """Queue a state change (sessions, turns); never dropped, applied in order."""
-        self._statements.append((sql, params))
+    def execute(self, sql: str, params: Sequence[Any] = (), *, barrier: bool = False) -> None:
+        """Queue a state change; never dropped. A `barrier` (e.g. a delete) is applied after
+        everything queued before it and before everything queued after it."""
+        self._statements.append(_Pending(sql, lambda: params, barrier=barrier))
+        if barrier:
+            self._latest.clear()  # a later `latest()` must not be folded into an entry before it
+        self._kick()
+
+    def latest(self, key: str, sql: str, params: Params) -> None:
+        """Queue writing the newest state of `key` (e.g. a session row): repeated calls
+        before the next flush coalesce into one write, built when flushed."""
+        pending = self._latest.get(key)
+        if pending is not None:
+            pending.params = params
+            return
+        pending = self._latest[key] = _Pending(sql, params, key)
+        self._statements.append(pending)
+        self._kick()
+
+    def _kick(self) -> None:
         self._idle.clear()
         self._wake.set()
 
@@ -139,37 +169,80 @@ class LogWriter:
             if self._stopping:
                 return
 
+    # -- writing ---------------------------------------------------------------------
+    def _take_statements(self) -> list[tuple[str, list[Sequence[Any]]]]:
+        """Dequeue a batch of state changes as (sql, [params, ...]) groups in a safe order:
+        within each stretch between barriers, `latest()` rows first (the rows others refer
+        to), then the rest; consecutive equal statements share one executemany."""
+        groups: list[tuple[str, list[Sequence[Any]]]] = []
+        firsts: list[_Pending] = []
+        rest: list[_Pending] = []
+
+        def close_stretch() -> None:
+            for p in firsts + rest:
+                if groups and groups[-1][0] == p.sql:
+                    groups[-1][1].append(p.params())
+                else:
+                    groups.append((p.sql, [p.params()]))
+            firsts.clear()
+            rest.clear()
+
+        for _ in range(min(len(self._statements), self._batch)):
+            p = self._statements.popleft()
+            if p.key is not None:
+                if self._latest.get(p.key) is p:
+                    del self._latest[p.key]  # from now on a `latest()` queues anew
+                firsts.append(p)
+            elif p.barrier:
+                close_stretch()
+                rest.append(p)
+                close_stretch()
+            else:
+                rest.append(p)
+        close_stretch()
+        return groups
+
     async def _flush(self) -> None:
         while self._records or self._statements:
-            # Statements first: a record may name a session created in the same tick.
-            stmts = [self._statements.popleft() for _ in range(min(len(self._statements), self._batch))]
+            groups = self._take_statements()
             recs = [self._records.popleft() for _ in range(min(len(self._records), self._batch))]
             rows = [self._row(r) for r in recs]
             try:
-                await self._write(stmts, rows)
+                await self._write(groups, rows)
             except Exception as e:
                 # One bad row must not cost the batch: retry one by one, skipping only failures.
-                log.warning("log_batch_failed", error=repr(e), records=len(rows), statements=len(stmts))
+                log.warning("log_batch_failed", error=repr(e), records=len(rows), statements=len(groups))
                 await self._rollback()
-                for sql, params in stmts:
-                    await self._one(sql, params)
+                for sql, many in groups:
+                    for params in many:
+                        await self._one(sql, params)
                 for row in rows:
-                    self.written += await self._one(INSERT_REQUEST, row)
+                    self.written += await self._one(INSERT_REQUEST, row, index=True)
             else:
                 self.written += len(rows)
         self._idle.set()
 
-    async def _write(self, stmts: list[Statement], rows: list[tuple[Any, ...]]) -> None:
-        await self._conn.execute("BEGIN IMMEDIATE")
-        for sql, params in stmts:
-            await self._conn.execute(sql, params)
+    async def _write(self, groups: list[tuple[str, list[Sequence[Any]]]], rows: list[tuple[Any, ...]]) -> None:
+        conn = self._conn
+        await conn.execute("BEGIN IMMEDIATE")
+        for sql, many in groups:
+            await conn.executemany(sql, many)
         if rows:
-            await self._conn.executemany(INSERT_REQUEST, rows)
-        await self._conn.commit()
+            async with conn.execute(LAST_ROWID) as cur:
+                (last,) = await cur.fetchone()  # type: ignore[misc]
+            await conn.executemany(INSERT_REQUEST, rows)
+            await conn.execute(INDEX_SINCE, (last,))
+        await conn.commit()
 
-    async def _one(self, sql: str, params: Sequence[Any]) -> bool:
+    async def _one(self, sql: str, params: Sequence[Any], *, index: bool = False) -> bool:
         try:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            if index:
+                async with self._conn.execute(LAST_ROWID) as cur:
+                    (last,) = await cur.fetchone()  # type: ignore[misc]
             await self._conn.execute(sql, params)
+            if index:
+                await self._conn.execute(INDEX_SINCE, (last,))
             await self._conn.commit()
             return True
         except Exception as e:
