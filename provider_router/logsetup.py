@@ -1,26 +1,36 @@
 """structlog set-up: JSON lines when stderr is not a terminal, a console renderer when it is.
 
-Every string value passes the redactor, so a configured secret never reaches the log output.
+The rendered line passes the redactor, so a configured secret never reaches the log output.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any, Callable, TextIO
 
 import orjson
 import structlog
 
+from .store.records import iso
+from .store.writer import Redactor
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def _redacting(redact: Callable[[str | None], str | None]) -> Callable[..., dict[str, Any]]:
-    def processor(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
-        for k, v in event.items():
-            if isinstance(v, str):
-                event[k] = redact(v)
-        return event
+def _timestamp(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    # One line per request: the cached-second ISO formatter is ~10x cheaper than TimeStamper's.
+    event["timestamp"] = iso(time.time())
+    return event
+
+
+def _redacted(render: Callable[..., Any], redactor: Redactor) -> Callable[..., Any]:
+    """Redact the finished line: one scan of the output instead of one per field."""
+
+    def processor(logger: Any, name: str, event: dict[str, Any]) -> Any:
+        out = render(logger, name, event)
+        return redactor.bytes(out) if isinstance(out, bytes) else redactor(out)
 
     return processor
 
@@ -30,7 +40,7 @@ def setup_logging(
     *,
     json: bool | None = None,
     stream: TextIO | None = None,
-    redact: Callable[[str | None], str | None] | None = None,
+    redact: Redactor | None = None,
 ) -> None:
     """Configure structlog (and route aiohttp's stdlib logging through the same level)."""
     stream = stream or sys.stderr
@@ -39,16 +49,17 @@ def setup_logging(
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _timestamp,
     ]
-    if redact is not None:
-        processors.append(_redacting(redact))
+    render: Callable[..., Any]
     if json:
-        processors += [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer(serializer=orjson.dumps)]
+        processors.append(structlog.processors.dict_tracebacks)
+        render = structlog.processors.JSONRenderer(serializer=orjson.dumps)
         factory: Any = structlog.BytesLoggerFactory(stream.buffer)
     else:
-        processors.append(structlog.dev.ConsoleRenderer())
+        render = structlog.dev.ConsoleRenderer()
         factory = structlog.PrintLoggerFactory(stream)
+    processors.append(_redacted(render, redact) if redact is not None else render)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),

@@ -6,7 +6,7 @@ One registry per app, so several apps in one process (tests) never share series.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -68,6 +68,8 @@ class Metrics:
         )
         self.registry.register(_Live(state))
         self._models: set[str] = set()
+        # labels() takes a lock and builds a key on every call; the children never change.
+        self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
 
     def _model_label(self, rec: RequestRecord) -> str:
         # Only routed names become labels, and at most MAX_MODELS of them: a client's
@@ -81,12 +83,22 @@ class Metrics:
         return rec.model
 
     def observe(self, rec: RequestRecord) -> None:
-        provider = rec.provider or "none"
-        self.requests.labels(self._model_label(rec), provider, rec.outcome or "none").inc()
+        key = (rec.model or "", rec.provider or "none", rec.outcome or "none")
+        children = self._children.get(key)
+        if children is None:
+            provider = key[1]
+            children = (
+                self.requests.labels(self._model_label(rec), provider, key[2]),
+                self.ttfb.labels(provider),
+                self.duration.labels(provider),
+            )
+            if len(self._children) < 4 * MAX_MODELS:
+                self._children[key] = children
+        children[0].inc()
         if rec.ttfb_ms is not None:
-            self.ttfb.labels(provider).observe(rec.ttfb_ms)
+            children[1].observe(rec.ttfb_ms)
         if rec.duration_ms is not None:
-            self.duration.labels(provider).observe(rec.duration_ms)
+            children[2].observe(rec.duration_ms)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
