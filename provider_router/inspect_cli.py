@@ -18,7 +18,7 @@ import aiosqlite
 import orjson
 
 from .store import queries as q
-from .store.db import PRAGMAS, connect
+from .store.db import connect
 
 AddCommon = Callable[[argparse.ArgumentParser], None]
 FOLLOW_INTERVAL = 0.5  # seconds between polls of `logs --follow`
@@ -48,13 +48,7 @@ async def open_db(path: Path, *, write: bool = False) -> aiosqlite.Connection:
     """
     if not path.is_file():
         raise CliError(f"no database at {path} (start `provider-router serve`, or pass --db PATH)")
-    if not write:
-        return await connect(path, readonly=True)
-    conn = await aiosqlite.connect(str(path))
-    conn.row_factory = aiosqlite.Row
-    for pragma in PRAGMAS:
-        await conn.execute(pragma)
-    return conn
+    return await connect(path, readonly=not write, migrate_schema=False)
 
 
 def _run(args: argparse.Namespace, body: Callable[[aiosqlite.Connection], Awaitable[int]], *, write: bool = False) -> int:

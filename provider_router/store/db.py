@@ -20,8 +20,9 @@ PRAGMAS = (
 )
 
 
-async def connect(path: str | Path, *, readonly: bool = False) -> aiosqlite.Connection:
-    """Open `path` with the project's PRAGMAs; a writable open also applies pending migrations."""
+async def connect(path: str | Path, *, readonly: bool = False, migrate_schema: bool = True) -> aiosqlite.Connection:
+    """Open `path` with the project's PRAGMAs. A writable open applies pending migrations
+    unless `migrate_schema=False` (tools editing a running daemon's file leave that to it)."""
     if str(path) != ":memory:" and not readonly:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     if readonly:
@@ -33,6 +34,6 @@ async def connect(path: str | Path, *, readonly: bool = False) -> aiosqlite.Conn
         if readonly and "journal_mode" in pragma:
             continue
         await conn.execute(pragma)
-    if not readonly:
+    if not readonly and migrate_schema:
         await migrate(conn)
     return conn
