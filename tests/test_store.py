@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import sqlite3
+from datetime import datetime, timezone
 from pathlib import Path
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from provider_router.store import LogWriter, Redactor, RequestRecord, connect
+from provider_router.store.records import iso
 from provider_router.store.migrations import MIGRATIONS, migrate
 
 
@@ -63,3 +68,32 @@ async def test_full_queue_drops_and_counts(tmp_path: Path) -> None:
     await writer.stop()
     await conn.close()
     assert sqlite3.connect(tmp_path / "x.db").execute("SELECT count(*) FROM requests").fetchone()[0] == 10
+
+
+@given(st.floats(min_value=0, max_value=4e9, allow_nan=False))
+def test_iso_matches_datetime_formatting(ts: float) -> None:
+    """The cached-second formatter gives exactly what datetime gives, rounding included."""
+    expected = datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    assert iso(ts) == expected
+
+
+async def test_latest_coalesces_and_barriers_keep_order(tmp_path: Path) -> None:
+    """`latest()` writes a key once per flush with its newest state; a barrier (delete)
+    splits the batch so a later `latest()` of the same key is applied after it."""
+    conn = await connect(tmp_path / "x.db")
+    await conn.execute("CREATE TABLE kv (k TEXT PRIMARY KEY, v INTEGER)")
+    await conn.commit()
+    writer = LogWriter(conn)
+    upsert = "INSERT INTO kv VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v"
+    state = {"v": 0}
+    for i in range(5):
+        state["v"] = i
+        writer.latest("a", upsert, lambda: ("a", state["v"]))
+    assert writer.depth == 1  # five saves, one queued write
+    writer.execute("DELETE FROM kv WHERE k = 'a'", barrier=True)
+    writer.latest("a", upsert, lambda: ("a", 99))
+    writer.start()
+    await writer.stop()
+    rows = await (await conn.execute("SELECT k, v FROM kv")).fetchall()
+    await conn.close()
+    assert [tuple(r) for r in rows] == [("a", 99)]
