@@ -52,12 +52,12 @@ def _h(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
-def prefix_hashes(messages: list[dict[str, Any]]) -> list[bytes]:
+def prefix_hashes(messages: list[dict[str, Any]], canons: list[bytes] | None = None) -> list[bytes]:
     """`out[i]` identifies `messages[: i + 1]`: a chain, so equal prefixes hash equal."""
     out: list[bytes] = []
     h = b""
-    for m in messages:
-        h = _h(h + _canon(m))
+    for c in canons if canons is not None else map(_canon, messages):
+        h = _h(h + c)
         out.append(h)
     return out
 
@@ -67,11 +67,11 @@ def reply_hash(prefix: bytes, text: str) -> bytes:
     return _h(prefix + _canon({"role": "assistant", "content": text}))
 
 
-def fingerprint(client: str, route: Route, messages: list[dict[str, Any]]) -> str:
+def fingerprint(client: str, route: Route, messages: list[dict[str, Any]], canons: list[bytes] | None = None) -> str:
     """Who, which route, and the opening: system messages up to and including the first user message."""
     parts = [client.encode(), route.provider.name.encode(), route.upstream_model.encode()]
-    for m in messages:
-        parts.append(_canon(m))
+    for i, m in enumerate(messages):
+        parts.append(canons[i] if canons is not None else _canon(m))
         if m.get("role") == "user":
             break
     return hashlib.blake2b(b"\x1e".join(parts), digest_size=16).hexdigest()
@@ -181,8 +181,10 @@ class Threads:
         self.created_total += 1
         return s
 
-    async def _session(self, request: web.Request, client: str, route: Route, messages: list[dict[str, Any]], now: float) -> Session:
-        fp = fingerprint(client, route, messages)
+    async def _session(
+        self, request: web.Request, client: str, route: Route, messages: list[dict[str, Any]], canons: list[bytes], now: float
+    ) -> Session:
+        fp = fingerprint(client, route, messages, canons)
         explicit = request.headers.get("X-Session-Id")
         if explicit is not None:
             if not _SESSION_ID.match(explicit):
@@ -226,15 +228,16 @@ class Threads:
     ) -> web.StreamResponse:
         now = time.time()
         messages: list[dict[str, Any]] = call.body["messages"]
-        s = await self._session(request, rec.client or "anonymous", route, messages, now)
+        canons = [_canon(m) for m in messages]  # each message canonicalised once per request
+        s = await self._session(request, rec.client or "anonymous", route, messages, canons, now)
         s.last_access = now
         s.expires = now + self.timeout
         s.request_count += 1
         self.sessions.move_to_end(s.id)
         rec.session_id = s.id
-        rec.turn = sum(1 for m in messages if m.get("role") == "assistant") + 1
+        rec.turn = sum(c.startswith(b"assistant\x1f") for c in canons) + 1
         turns = await self._turns(s)
-        hashes = prefix_hashes(messages)
+        hashes = prefix_hashes(messages, canons)
         k, node = self._place(messages, hashes, turns)
         try:
             if provider.threaded:
