@@ -7,6 +7,7 @@ byte for byte as their chunks arrive; translating providers' events are rendered
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any, Awaitable
 
@@ -200,7 +201,7 @@ async def _passthrough_stream(request: web.Request, rec: RequestRecord, reply: U
             chunks.append(chunk)
             await write(chunk)
     except ApiError as e:
-        await _stream_error(resp, rec, e)
+        await _stream_error(request, resp, rec, e)
         return resp
     except asyncio.CancelledError:
         if not await _shutdown_error(request, resp, rec):
@@ -210,8 +211,9 @@ async def _passthrough_stream(request: web.Request, rec: RequestRecord, reply: U
     return resp
 
 
-async def _stream_error(resp: web.StreamResponse, rec: RequestRecord, e: ApiError) -> None:
+async def _stream_error(request: web.Request, resp: web.StreamResponse, rec: RequestRecord, e: ApiError) -> None:
     """Mid-stream failure: an SSE error event and no `[DONE]`, so clients see it failed."""
+    e.message = request.app[STATE].redactor(e.message) or ""  # upstream text may echo a key back
     rec.outcome = e.outcome
     rec.error = e.message
     rec.status = resp.status
@@ -231,7 +233,7 @@ async def _shutdown_error(request: web.Request, resp: web.StreamResponse, rec: R
     err = ApiError(503, "The proxy is shutting down; the stream was ended.", code="proxy_shutdown", outcome="shutdown")
     try:
         async with asyncio.timeout(1.0):
-            await _stream_error(resp, rec, err)
+            await _stream_error(request, resp, rec, err)
     except Exception:  # the client may be gone too; the record still says what happened
         rec.outcome, rec.error = err.outcome, err.message
     return True
@@ -355,7 +357,7 @@ async def _render(request: web.Request, rec: RequestRecord, reply: UpstreamReply
     except ApiError as e:
         if resp is None:
             raise
-        await _stream_error(resp, rec, e)
+        await _stream_error(request, resp, rec, e)
     except asyncio.CancelledError:
         if resp is None or not await _shutdown_error(request, resp, rec):
             raise
@@ -391,35 +393,51 @@ def assemble_completion(rec: RequestRecord) -> None:
         rec.finish_reason = choices[0].get("finish_reason")
 
 
+_DATA_LINE = re.compile(rb"^data: ?([^\r\n]*)", re.M)
+
+
+def _stream_events(data: bytes) -> list[Any]:
+    """The JSON payloads of a complete SSE body, parsed in one call where possible."""
+    payloads = [p for p in _DATA_LINE.findall(data) if p and p != b"[DONE]"]
+    try:
+        # One parse of all events as a JSON array: ~3x cheaper than one loads() per event.
+        events = orjson.loads(b"[" + b",".join(payloads) + b"]")
+    except orjson.JSONDecodeError:
+        # A malformed or multi-line event: fall back to the incremental parser, event by event.
+        events = []
+        for ev in SSEParser().feed(data + b"\n\n"):
+            if ev.data and ev.data != "[DONE]":
+                try:
+                    events.append(orjson.loads(ev.data))
+                except orjson.JSONDecodeError:
+                    continue
+    return events
+
+
 def assemble_stream(rec: RequestRecord) -> None:
     """Fill text, finish reason, usage and chunk count from forwarded SSE bytes."""
-    parser = SSEParser()
     text: list[str] = []
     reasoning: list[str] = []
     count = 0
-    for part in rec.stream_bytes or ():
-        for ev in parser.feed(part):
-            if ev.data == "[DONE]":
-                continue
-            try:
-                obj = orjson.loads(ev.data)
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(obj, dict):
-                continue
-            count += 1
+    for obj in _stream_events(b"".join(rec.stream_bytes or ())):
+        if not isinstance(obj, dict):
+            continue
+        count += 1
+        if obj.get("usage") or rec.reply_id is None:
             _fill_from_message(rec, obj)
-            for choice in obj.get("choices") or ():
-                if not isinstance(choice, dict):
-                    continue
-                delta = choice.get("delta") or {}
-                if isinstance(delta.get("content"), str):
-                    text.append(delta["content"])
+        for choice in obj.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                content = delta.get("content")
+                if isinstance(content, str):
+                    text.append(content)
                 r = delta.get("reasoning_content") or delta.get("reasoning")
                 if isinstance(r, str):
                     reasoning.append(r)
-                if choice.get("finish_reason"):
-                    rec.finish_reason = choice["finish_reason"]
+            if choice.get("finish_reason"):
+                rec.finish_reason = choice["finish_reason"]
     rec.response_text = "".join(text)
     rec.reasoning_text = "".join(reasoning) or None
     rec.chunk_count = count

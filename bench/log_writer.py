@@ -1,0 +1,88 @@
+"""The log writer alone: how many request records per second it commits to SQLite, and
+whether any are lost. Records are realistic (JSON bodies, streamed replies to assemble).
+
+Run: .venv/bin/python bench/log_writer.py [--records N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from provider_router.api.openai import assemble_completion, assemble_stream  # noqa: E402
+from provider_router.store import LogWriter, Redactor, RequestRecord, connect  # noqa: E402
+
+BODY = orjson.dumps(
+    {"model": "gpt-4o-mini", "messages": [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Say hello in five words."}]}
+)
+REPLY = orjson.dumps(
+    {
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there, how are you?"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 20, "completion_tokens": 7, "total_tokens": 27},
+    }
+)
+CHUNKS = [
+    b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"word%d "},"finish_reason":null}]}\n\n' % i
+    for i in range(64)
+] + [b"data: [DONE]\n\n"]
+
+
+def make_records(n: int) -> list[RequestRecord]:
+    out = []
+    for i in range(n):
+        r = RequestRecord("POST", "/v1/chat/completions")
+        r.model, r.provider, r.upstream_model, r.prompt_text = "gpt-4o-mini", "fake", "gpt-4o-mini", "Say hello in five words."
+        r.request_body = BODY
+        if i % 4 == 3:  # one in four streamed, as in the memory test
+            r.stream, r.stream_bytes, r.assemble = True, list(CHUNKS), assemble_stream
+        else:
+            r.stream, r.response_body, r.assemble = False, REPLY, assemble_completion
+        r.finish(200, "ok")
+        out.append(r)
+    return out
+
+
+async def measure(n: int) -> dict[str, float]:
+    """Submit `n` records as fast as possible; time until all are committed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "w.db"
+        conn = await connect(path)
+        writer = LogWriter(conn, max_queue=n, redactor=Redactor(["sk-bench-secret"]))
+        writer.start()
+        records = make_records(n)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for r in records:
+            writer.submit(r)
+        await writer.drained()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        await writer.stop()
+        await conn.close()
+        stored = sqlite3.connect(path).execute("SELECT count(*) FROM requests").fetchone()[0]
+    return {
+        "records_per_s": n / wall,
+        "cpu_us_per_record": 1e6 * cpu / n,
+        "lost": n - stored,
+        "dropped": writer.dropped,
+        "failed": writer.failed,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", type=int, default=50_000)
+    args = ap.parse_args()
+    print(orjson.dumps(asyncio.run(measure(args.records)), option=orjson.OPT_INDENT_2).decode())
+
+
+if __name__ == "__main__":
+    main()
