@@ -357,3 +357,19 @@ async def test_max_sessions_evicts_least_recently_used(make_proxy: ProxyFactory,
     assert threads is not None
     assert set(threads.sessions) == {convs[0].session_id, convs[2].session_id}
     assert threads.stats()["evicted_total"] == 1
+
+
+async def test_expiry_can_delete_the_upstream_chats(make_proxy: ProxyFactory, qwen_fake: QwenFake) -> None:
+    """With `delete_chats_on_expiry`, the cleanup deletes an expired session's upstream chats."""
+    cfg = qwen_config(qwen_fake.base_url)  # type: ignore[attr-defined]
+    cfg["providers"][-1]["delete_chats_on_expiry"] = True
+    p = await make_proxy(cfg)
+    conv = Conversation(p.sdk())
+    await conv.say("one")
+    chat = qwen_fake.turns[-1].chat_id
+    assert chat in qwen_fake.chats
+    threads = p.state.threads
+    assert threads is not None
+    assert threads.expire(now=10**12) == 1
+    await threads.delete_doomed_chats()
+    assert chat not in qwen_fake.chats
