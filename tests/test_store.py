@@ -97,3 +97,16 @@ async def test_latest_coalesces_and_barriers_keep_order(tmp_path: Path) -> None:
     rows = await (await conn.execute("SELECT k, v FROM kv")).fetchall()
     await conn.close()
     assert [tuple(r) for r in rows] == [("a", 99)]
+
+
+async def test_database_files_are_private(tmp_path: Path) -> None:
+    """The log holds every prompt: its files are created readable by the owner only."""
+    conn = await connect(tmp_path / "x.db")
+    await conn.execute("CREATE TABLE t (x)")
+    await conn.commit()
+    try:
+        for suffix in ("", "-wal", "-shm"):
+            mode = (tmp_path / f"x.db{suffix}").stat().st_mode & 0o777
+            assert mode == 0o600, (suffix, oct(mode))
+    finally:
+        await conn.close()

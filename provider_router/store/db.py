@@ -5,6 +5,7 @@ One writer connection belongs to the log writer; readers (CLI, admin API) open t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import aiosqlite
@@ -25,6 +26,9 @@ async def connect(path: str | Path, *, readonly: bool = False, migrate_schema: b
     unless `migrate_schema=False` (tools editing a running daemon's file leave that to it)."""
     if str(path) != ":memory:" and not readonly:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # Every prompt and answer lands here: readable by its owner only. SQLite gives the
+        # -wal and -shm files the main file's mode, so creating it 0600 covers all three.
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
     if readonly:
         conn = await aiosqlite.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
     else:
