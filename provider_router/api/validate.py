@@ -87,7 +87,7 @@ def validate_chat(body: dict[str, Any], *, max_messages: int) -> None:
         if not isinstance(m, dict):
             raise bad(f"`messages[{i}]` must be an object.", param=f"messages[{i}]")
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list or object is unhashable
             raise bad(
                 f"`messages[{i}].role` must be one of {', '.join(sorted(ROLES))}; got {role!r}."[:300],
                 param=f"messages[{i}].role",

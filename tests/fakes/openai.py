@@ -34,12 +34,21 @@ class OpenAIFake:
     seen: list[Seen] = field(default_factory=list)
     # Stream control: after the first chunk, wait for this event before sending the rest.
     hold_after_first: asyncio.Event | None = None
+    # How many chunks go out before `hold_after_first` holds (1: just the role chunk).
+    hold_after: int = 1
     # Wait for this event before sending the response head (a stalled upstream).
     stall_head: asyncio.Event | None = None
     # Close the connection after this many chunks, without [DONE].
     cut_after: int | None = None
     # Answer the next request with this (status, body) instead.
     fail_next: tuple[int, bytes] | None = None
+    # Answer the next request with this status and an error body that echoes every request
+    # header it received, Authorization included (a careless upstream's debug output).
+    echo_headers_next: int | None = None
+    # Non-stream answers: send the head and the first half of the body, then wait for this.
+    stall_body: asyncio.Event | None = None
+    # Set when a request passed the checks and was recorded in `seen`.
+    received: asyncio.Event = field(default_factory=asyncio.Event)
     # Set when a client closed the connection while the fake was still answering.
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     chunks_sent: int = 0
@@ -68,6 +77,7 @@ class OpenAIFake:
         if not isinstance(model, str) or not isinstance(messages, list) or not messages:
             return _err(400, "model and messages are required")
         self.seen.append(Seen(dict(request.headers), body, raw))
+        self.received.set()
         try:
             return await self._answer(request, body, model, messages)
         except (asyncio.CancelledError, ConnectionResetError):
@@ -83,6 +93,9 @@ class OpenAIFake:
             status, data = self.fail_next
             self.fail_next = None
             return web.Response(status=status, body=data, content_type="application/json")
+        if self.echo_headers_next is not None:
+            status, self.echo_headers_next = self.echo_headers_next, None
+            return _err(status, f"request rejected; headers were {dict(request.headers)}", "upstream_debug")
         text = self.reply_for(messages)
         words = text.split(" ")
         usage = {"prompt_tokens": 3 * len(messages), "completion_tokens": len(words), "total_tokens": 3 * len(messages) + len(words)}
@@ -96,7 +109,16 @@ class OpenAIFake:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                 "usage": usage,
             }
-            return web.Response(body=orjson.dumps(out), content_type="application/json")
+            data = orjson.dumps(out)
+            if self.stall_body is None:
+                return web.Response(body=data, content_type="application/json")
+            resp = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": str(len(data))})
+            await resp.prepare(request)
+            await resp.write(data[: len(data) // 2])
+            await self.stall_body.wait()
+            await resp.write(data[len(data) // 2 :])
+            await resp.write_eof()
+            return resp
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         head = {"id": cid, "object": "chat.completion.chunk", "created": 1700000000, "model": model}
@@ -108,7 +130,7 @@ class OpenAIFake:
             chunk = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
             await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
             self.chunks_sent += 1
-            if i == 0 and self.hold_after_first is not None:
+            if i == self.hold_after - 1 and self.hold_after_first is not None:
                 await self.hold_after_first.wait()
         final = {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
         await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")

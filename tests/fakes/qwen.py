@@ -94,6 +94,7 @@ class _Script:
     after_events: int = 0
     abort: bool = False
     release: asyncio.Event | None = None
+    echo_auth: bool = False  # append the Authorization header received to the details
 
 
 class _Rejected(Exception):
@@ -128,6 +129,7 @@ class QwenFake:
         self.chats: dict[str, Chat] = {}
         self.created_chats = 0
         self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []  # request headers, every endpoint, in order
         self.disconnected = asyncio.Event()
         self._rng = random.Random(seed)
         self._scripts: deque[_Script] = deque()
@@ -139,14 +141,23 @@ class QwenFake:
 
     # -- scripting -------------------------------------------------------------------------
 
-    def fail_next(self, code: str, *, details: str = "", num: int | None = None) -> None:
-        """The next completion request gets `{"success": false, "data": {"code": code}}`."""
+    def fail_next(self, code: str, *, details: str = "", num: int | None = None, echo_auth: bool = False) -> None:
+        """The next completion request gets `{"success": false, "data": {"code": code}}`;
+        `echo_auth=True` appends the Authorization header it received to the details."""
         if code not in ERROR_CODES:
             raise ValueError(f"unknown error code {code!r}; one of {ERROR_CODES}")
         if code == "RateLimited" and num is None:
             num = 1  # the real service always says how many hours to wait
         details = details or _DEFAULT_DETAILS[code]
-        self._scripts.append(_Script("fail", code=code, details=details, num=num))
+        self._scripts.append(_Script("fail", code=code, details=details, num=num, echo_auth=echo_auth))
+
+    def error_mid_stream_next(self, code: str, *, details: str = "", echo_auth: bool = False) -> None:
+        """The next accepted stream sends response.created and one delta, then the error
+        body `{"success": false, "data": {...}}` as an event, and ends."""
+        if code not in ERROR_CODES:
+            raise ValueError(f"unknown error code {code!r}; one of {ERROR_CODES}")
+        details = details or _DEFAULT_DETAILS[code]
+        self._scripts.append(_Script("error_mid_stream", code=code, details=details, echo_auth=echo_auth))
 
     def http_error_next(
         self, status: int, body: str | bytes, content_type: str = "application/json"
@@ -191,6 +202,7 @@ class QwenFake:
     # -- handlers --------------------------------------------------------------------------
 
     async def _new_chat(self, request: web.Request) -> web.Response:
+        self.headers.append(dict(request.headers))
         try:
             self._check_auth(request)
             body = await self._json_body(request)
@@ -250,6 +262,7 @@ class QwenFake:
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
+        self.headers.append(dict(request.headers))
         try:
             parsed = json.loads(raw) if raw else None
         except ValueError:
@@ -265,7 +278,7 @@ class QwenFake:
                 raise _Rejected("Bad_Request", "body must be a JSON object")
             msg = _validate_completion(request.query.get("chat_id"), parsed)
             if script is not None and script.kind == "fail":
-                raise _Rejected(script.code, script.details, script.num)
+                raise _Rejected(script.code, _details(script, request), script.num)
             if script is not None and script.kind == "http":
                 return web.Response(
                     status=script.status,
@@ -384,6 +397,10 @@ class QwenFake:
         if kind == "truncate":
             assert script is not None
             events = events[: min(script.after_events, len(events) - 1)]
+        if kind == "error_mid_stream":
+            assert script is not None
+            error = {"success": False, "request_id": str(uuid.uuid4()), "data": {"code": script.code, "details": _details(script, request)}}
+            events = events[:2] + [(_sse(error), "", {})]
         pause_at = 2 if kind == "stall" else None
         resp = web.StreamResponse(headers={"Cache-Control": "no-cache"})
         resp.content_type = "text/event-stream"
@@ -405,10 +422,10 @@ class QwenFake:
                     await asyncio.sleep(0)
                 turn.sent += text
                 turn.usage = usage or turn.usage
-            if kind == "truncate":
+            if kind in ("truncate", "error_mid_stream"):
                 assert script is not None
                 chat.generating = None
-                if script.abort and request.transport is not None:
+                if script.kind == "truncate" and script.abort and request.transport is not None:
                     request.transport.abort()
                 return resp
             turn.completed = True
@@ -490,6 +507,12 @@ async def _wait_released(release: asyncio.Event, request: web.Request) -> bool:
     finally:
         waiter.cancel()
     return True
+
+
+def _details(script: _Script, request: web.Request) -> str:
+    if not script.echo_auth:
+        return script.details
+    return f"{script.details} (request had Authorization: {request.headers.get('Authorization')})"
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
