@@ -66,4 +66,27 @@ def setup_logging(
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=max(LEVELS.get(level, logging.INFO), logging.WARNING), stream=stream)
+    _route_stdlib(level, stream, json=json, redact=redact)
+
+
+def _route_stdlib(level: str, stream: TextIO, *, json: bool, redact: Redactor | None) -> None:
+    """aiohttp and asyncio log through stdlib logging (parse errors quote the request's
+    headers): render those records like ours, as JSON lines or console, and redacted."""
+    render: Callable[..., Any] = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    )  # stdlib handlers write text, so the str-producing renderers here
+    formatter = structlog.stdlib.ProcessorFormatter(
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            _redacted(render, redact) if redact is not None else render,
+        ],
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.processors.add_log_level, _timestamp],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(max(LEVELS.get(level, logging.INFO), logging.WARNING))

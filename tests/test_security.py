@@ -538,11 +538,6 @@ async def test_insecure_no_auth_starts_on_a_non_loopback_address(spawn: Spawn) -
     assert await d.stop() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aiohttp.server logs HTTP parse errors (with the offending bytes) through stdlib logging, "
-    "which logsetup.setup_logging neither redacts nor renders as JSON",
-)
 async def test_http_parse_errors_in_the_log_are_redacted(spawn: Spawn) -> None:
     """A request whose over-long Authorization header carries a client key is refused by the
     HTTP parser (400); the daemon's log line about it must not contain the key."""
