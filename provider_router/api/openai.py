@@ -22,15 +22,8 @@ from ..routing import NoRoute, Route
 from ..sse import DONE, SSEParser, encode_event
 from ..state import RECORD, STATE, State
 from ..store.records import RequestRecord
-from .validate import (
-    JSON_TYPES,
-    bad,
-    content_text,
-    last_user_text,
-    parse_body,
-    strip_steering,
-    validate_chat,
-)
+from ..messages import content_text, last_user_text
+from .validate import JSON_TYPES, bad, parse_body, strip_steering, validate_chat
 
 log = structlog.get_logger("provider_router.api")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}

@@ -114,19 +114,3 @@ def validate_chat(body: dict[str, Any], *, max_messages: int) -> None:
     _int_field(body, "n", 1, MAX_N)
     _num_field(body, "temperature", 0, 2)
     _num_field(body, "top_p", 0, 1)
-
-
-def content_text(content: Any) -> str:
-    """The text of a message's content (string, or the text parts of an array)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
-
-
-def last_user_text(messages: list[dict[str, Any]]) -> str:
-    for m in reversed(messages):
-        if m.get("role") == "user":
-            return content_text(m.get("content"))
-    return ""

@@ -9,23 +9,15 @@ import hashlib
 from typing import Any, AsyncIterator
 
 from ..config import ProviderConfig
+from ..messages import content_text
 from .base import ChatCall, Delta, Event, Finish, Started, UpstreamReply, Usage
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        # Only string `text` counts: a part is any object with a `type` (validate.py).
-        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
 
 
 def echo_reply(messages: list[dict[str, Any]]) -> str:
     """`"echo #<turn> [<digest of the whole history>]: <last user message>"`."""
     users = [m for m in messages if m.get("role") == "user"]
-    last = _text(users[-1].get("content")) if users else ""
-    digest = hashlib.sha256(repr([(m.get("role"), _text(m.get("content"))) for m in messages]).encode())
+    last = content_text(users[-1].get("content")) if users else ""
+    digest = hashlib.sha256(repr([(m.get("role"), content_text(m.get("content"))) for m in messages]).encode())
     return f"echo #{len(users)} [{digest.hexdigest()[:8]}]: {last}"
 
 
@@ -46,7 +38,7 @@ class EchoProvider:
         words = reply.split(" ")
         for i, word in enumerate(words):
             yield Delta(content=word if i == 0 else " " + word)
-        prompt = sum(len(_text(m.get("content")).split()) for m in messages)
+        prompt = sum(len(content_text(m.get("content")).split()) for m in messages)
         yield Usage(prompt_tokens=prompt, completion_tokens=len(words))
         yield Finish("stop")
 

@@ -16,17 +16,10 @@ import orjson
 
 from ..config import ProviderConfig
 from ..errors import ApiError
+from ..messages import content_text
 from ..sse import SSEParser
 from .base import ChatCall, ChatGone, Delta, Event, Finish, Started, UpstreamReply, Usage
 from .http import Upstream
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
 
 
 def fold_messages(messages: list[dict[str, Any]]) -> str:
@@ -36,8 +29,8 @@ def fold_messages(messages: list[dict[str, Any]]) -> str:
     bootstrap of a whole history, tool results) become role-labelled blocks, in order.
     """
     if len(messages) == 1 and messages[0].get("role") == "user":
-        return _text(messages[0].get("content"))
-    return "\n\n".join(f"{m.get('role', 'user')}: {_text(m.get('content'))}" for m in messages)
+        return content_text(messages[0].get("content"))
+    return "\n\n".join(f"{m.get('role', 'user')}: {content_text(m.get('content'))}" for m in messages)
 
 
 def _error(data: dict[str, Any], status: int) -> Exception:

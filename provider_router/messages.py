@@ -1,0 +1,25 @@
+"""Reading chat messages as text: shared by validation, the log and the providers.
+
+A message's `content` is a string, or an array of parts of which only string `text` counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def content_text(content: Any) -> str:
+    """The text of a message's content (a string, or the text parts of an array, one per line)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str:
+    """The text of the last user message, or ""."""
+    for m in reversed(messages):
+        if m.get("role") == "user":
+            return content_text(m.get("content"))
+    return ""
