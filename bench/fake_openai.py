@@ -167,7 +167,13 @@ def wants_stream(body: bytes) -> bool | None:
 
 
 class FakeOpenAI(asyncio.Protocol):
-    """Serves requests in order on one keep-alive connection; a stream holds the next one back."""
+    """Serves requests in order on one keep-alive connection; a stream holds the next one back.
+
+    `first_gap_s` is a pause after the first SSE event (like a model's first token), so the
+    first event travels alone and time-to-first-byte is not mixed up with the rest of the stream.
+    """
+
+    first_gap_s = 0.0
 
     def __init__(self) -> None:
         self.buf = bytearray()
@@ -227,7 +233,10 @@ class FakeOpenAI(asyncio.Protocol):
             return
         self.transport.write(STREAM_PIECES[index])
         if index + 1 < len(STREAM_PIECES):
-            self.loop.call_soon(self.write_piece, index + 1, close)
+            if index == 0 and self.first_gap_s > 0:
+                self.loop.call_later(self.first_gap_s, self.write_piece, 1, close)
+            else:
+                self.loop.call_soon(self.write_piece, index + 1, close)
             return
         self.streaming = False
         if close:
@@ -260,7 +269,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--loop", choices=("auto", "asyncio"), default="auto")
+    parser.add_argument("--first-gap-ms", type=float, default=0.0,
+                        help="pause after a stream's first event (default 0: no pause at all)")
     args = parser.parse_args(argv)
+    FakeOpenAI.first_gap_s = max(0.0, args.first_gap_ms) / 1000
     loop_name = install_fast_loop() if args.loop == "auto" else "asyncio"
     print(f"fake_openai listening on {args.host}:{args.port} ({loop_name})", file=sys.stderr, flush=True)
     asyncio.run(serve(args.host, args.port))

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import ctypes
 import json
+import math
 import os
 import platform
 import shutil
@@ -27,11 +28,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 CHAT_PATH = "/v1/chat/completions"
 API_KEY = "bench-key"
+ADMIN_KEY = "bench-admin"  # lets run.py read the proxy's /metrics (log queue, drops)
 MESSAGES = [{"role": "user", "content": "Say hello in five words."}]
 BODY_PLAIN = json.dumps({"model": "bench-model", "messages": MESSAGES, "stream": False})
 BODY_STREAM = json.dumps({"model": "bench-model", "messages": MESSAGES, "stream": True})
@@ -57,6 +61,7 @@ class Settings:
     requests: int
     stream_requests: int
     stream_concurrency: int
+    stream_gap_ms: float
     mix_stream_every: int
     only: tuple[str, ...]
     python: str
@@ -89,6 +94,48 @@ class Target:
         return self.base_url + CHAT_PATH
 
 
+@dataclass(frozen=True)
+class Clock:
+    """Where the run started: wall time, load, and CPU used by the machine and by us."""
+
+    started: float
+    load: str
+    machine_busy_s: float
+    ours_s: float
+
+    @classmethod
+    def now(cls) -> Clock:
+        t = os.times()
+        ours = t.user + t.system + t.children_user + t.children_system
+        return cls(time.monotonic(), _loadavg(), machine_busy_seconds(), ours)
+
+
+def machine_busy_seconds() -> float:
+    """CPU-seconds all cores spent busy since boot (/proc/stat, idle and iowait excluded)."""
+    with contextlib.suppress(OSError, ValueError):
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+def _loadavg() -> str:
+    with contextlib.suppress(OSError):
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return "?"
+
+
+def other_cpu_share(start: Clock, server_pids: Sequence[int]) -> str:
+    """How much CPU processes outside the benchmark took during the run (noise indicator)."""
+    end = Clock.now()
+    ours = end.ours_s - start.ours_s
+    for pid in server_pids:
+        with contextlib.suppress(OSError):
+            ours += cpu_seconds(pid)
+    other = max(0.0, end.machine_busy_s - start.machine_busy_s - ours)
+    capacity = (end.started - start.started) * (os.cpu_count() or 1)
+    return f"{other:.0f} CPU-s ({100 * other / capacity:.0f}% of the machine)" if capacity else "?"
+
+
 @dataclass
 class Context:
     settings: Settings
@@ -96,6 +143,8 @@ class Context:
     targets: dict[str, Target]
     raw: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    clock: Clock = field(default_factory=lambda: Clock.now())
+    other_cpu: str = "?"
 
     def names(self, rep: int = 0) -> list[str]:
         """Available targets, rotated per repetition so no target always runs first."""
@@ -134,14 +183,14 @@ class Children:
         log = open(self.log_dir / f"{name}.log", "wb")
         proc = subprocess.Popen(
             list(argv), cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env={**os.environ, **(env or {})},
             start_new_session=True, preexec_fn=_die_with_parent,
         )
         log.close()
         self.procs[name] = proc
         return proc
 
-    def log_tail(self, name: str, lines: int = 15) -> str:
+    def log_tail(self, name: str, lines: int = 8) -> str:
         path = self.log_dir / f"{name}.log"
         text = path.read_text(errors="replace") if path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
@@ -189,8 +238,24 @@ def wait_ready(proc: subprocess.Popen[bytes], url: str, timeout_s: float = READY
     raise RuntimeError(f"not ready at {url} after {timeout_s:.0f}s")
 
 
-def _get(url: str) -> urllib.request.Request:
-    return urllib.request.Request(url, headers={"Authorization": f"Bearer {API_KEY}"})
+def _get(url: str, key: str = API_KEY) -> urllib.request.Request:
+    return urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+
+
+def proxy_metrics(target: Target) -> dict[str, float]:
+    """The proxy's Prometheus samples by name (labels dropped); {} if /metrics fails."""
+    try:
+        with urllib.request.urlopen(_get(target.base_url + "/metrics", ADMIN_KEY), timeout=5) as resp:
+            text = resp.read().decode()
+    except (urllib.error.URLError, OSError):
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[name.split("{", 1)[0]] = float(value)
+    return out
 
 
 def _post(url: str, body: str) -> tuple[int, bytes]:
@@ -202,9 +267,10 @@ def _post(url: str, body: str) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-def start_fake(kids: Children, python: str) -> Target:
+def start_fake(kids: Children, python: str, first_gap_ms: float) -> Target:
     port = free_port()
-    proc = kids.start("fake", [python, str(BENCH_DIR / "fake_openai.py"), "--port", str(port)])
+    argv = [python, str(BENCH_DIR / "fake_openai.py"), "--port", str(port), "--first-gap-ms", str(first_gap_ms)]
+    proc = kids.start("fake", argv)
     base = f"http://127.0.0.1:{port}"
     wait_ready(proc, base + "/v1/models")
     return Target("direct", base, proc.pid)
@@ -238,10 +304,11 @@ def write_proxy_config(tmp: Path, port: int, upstream: str) -> tuple[Path, Path]
     config.write_text(
         "server: {host: 127.0.0.1, port: %d}\n"
         "database: {path: %s}\n"
+        "auth: {admin_key: %s}\n"
         "providers:\n"
         '  - {name: fake, type: openai, base_url: "%s/v1", api_key: "%s"}\n'
         "models:\n"
-        '  - {name: "*", provider: fake}\n' % (port, json.dumps(str(db)), upstream, API_KEY)
+        '  - {name: "*", provider: fake}\n' % (port, json.dumps(str(db)), ADMIN_KEY, upstream, API_KEY)
     )
     return config, db
 
@@ -502,7 +569,7 @@ def measure_throughput(ctx: Context) -> list[Row]:
     ]
 
 
-async def _stream_once(session: Any, url: str) -> tuple[float, float, bool]:
+async def _stream_once(session: aiohttp.ClientSession, url: str) -> tuple[float, float, bool]:
     """(time to first body byte, total time, reply complete) for one streamed completion."""
     t0 = time.perf_counter()
     async with session.post(url, data=BODY_STREAM, headers=HEADERS) as resp:
@@ -516,8 +583,6 @@ async def _stream_once(session: Any, url: str) -> tuple[float, float, bool]:
 
 
 async def _stream_batch(url: str, count: int, concurrency: int) -> list[tuple[float, float, bool]]:
-    import aiohttp
-
     results: list[tuple[float, float, bool]] = []
     remaining = iter(range(count))
     timeout = aiohttp.ClientTimeout(total=30)
@@ -608,6 +673,10 @@ def measure_memory(ctx: Context) -> list[Row]:
             r[f"requests_{phase}"] = drive_requests(ctx, name, half, cap_s)
             time.sleep(1.0)  # let queued log writes land before reading
             r[f"rss_{phase}"] = read_status_kib(pid, "VmRSS") * 1024 / MIB
+            if name == "proxy":
+                m = proxy_metrics(ctx.targets[name])
+                r[f"queue_{phase}"] = m.get("provider_router_log_queue_depth", math.nan)
+                r["dropped"] = m.get("provider_router_log_records_dropped_total", math.nan)
         r["hwm"] = read_status_kib(pid, "VmHWM") * 1024 / MIB
         readings[name] = r
     ctx.raw["memory"] = readings
@@ -628,6 +697,20 @@ def measure_memory(ctx: Context) -> list[Row]:
         _memory_row("peak RSS, VmHWM (MiB)", pick("hwm")),
         Row(f"RSS growth over the last {count_label(half)} (MiB)", "—", fmt(growth["passthrough"], 1),
             fmt(g, 1), "—", "—", "< 10 MiB", verdict(None if g is None else g < 10)),
+        *_log_queue_rows(readings.get("proxy")),
+    ]
+
+
+def _log_queue_rows(r: dict[str, float] | None) -> list[Row]:
+    """The proxy's log backlog at the RSS readings (a backlog looks like a leak) and drops."""
+    if r is None or math.isnan(r.get("queue_full", math.nan)):
+        return [Row("proxy log queue at the readings / records dropped", "—", "—", "n/a")]
+    dropped = r["dropped"]
+    queue = f"{r['queue_half']:,.0f} / {r['queue_full']:,.0f}"
+    return [
+        Row("proxy log queue at the two readings (records + changes)", "—", "—", queue),
+        Row("proxy log records dropped so far (queue full)", "—", "—", fmt(dropped, 0), target="0",
+            met=verdict(None if math.isnan(dropped) else dropped == 0)),
     ]
 
 
@@ -636,19 +719,45 @@ def _memory_row(metric: str, values: dict[str, float | None]) -> Row:
                ratio(values["proxy"], values["passthrough"]))
 
 
-def pending_threaded(ctx: Context) -> list[Row]:
-    """Placeholder: the lead wires this to the threaded provider and a fake threaded upstream."""
+def _json_from(ctx: Context, script: str, *args: str) -> dict[str, float] | None:
+    """Run a measurement script of bench/ (its own process and event loop); its JSON result."""
+    argv = [ctx.settings.python, str(Path(__file__).parent / script), *args]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        ctx.notes.append(f"{script} failed: {done.stderr.strip().splitlines()[-1:]}")
+        return None
+    result: dict[str, float] = json.loads(done.stdout)
+    return result
+
+
+def measure_threaded(ctx: Context) -> list[Row]:
+    """Turn-by-turn conversations through the proxy against a fake Qwen upstream (bench/threaded.py)."""
+    turns = 20 if ctx.settings.quick else 50
+    r = _json_from(ctx, "threaded.py", "--conversations", "8", "--turns", str(turns))
+    if r is None:
+        return [Row("threaded path: turn-by-turn conversations (req/s)", "—", "—", "n/a")]
+    ctx.raw["threaded"] = r
+    first, last = r["bytes_turn_2"], r[f"bytes_turn_{turns}"]
     return [
-        Row("threaded path: turn-by-turn conversations (req/s)", "—", "—", "pending"),
-        Row("threaded path: upstream bytes per turn, turn 2 vs turn 50", "—", "—", "pending"),
+        Row("threaded path: turn-by-turn conversations, 8 at once (req/s)", "—", "—", fmt(r["turns_per_s"], 0)),
+        Row(f"threaded path: upstream bytes per turn, turn 2 → turn {turns}", "—", "—",
+            f"{first:,.0f} → {last:,.0f}", "—", "—", "flat in turn number", verdict(last <= first)),
     ]
 
 
-def pending_log_writer(ctx: Context) -> list[Row]:
-    """Placeholder: the lead wires this to the log writer's internal API."""
+def measure_log_writer(ctx: Context) -> list[Row]:
+    """The log writer alone, realistic records (1 in 4 a 64-chunk stream): bench/log_writer.py."""
+    n = 20_000 if ctx.settings.quick else 100_000
+    r = _json_from(ctx, "log_writer.py", "--records", str(n))
+    if r is None:
+        return [Row("log writer alone (records/s)", "—", "—", "n/a")]
+    ctx.raw["log_writer"] = r
     return [
-        Row("log writer alone (records/s)", "—", "—", "pending"),
-        Row("log writer: records lost", "—", "—", "pending", target="0"),
+        Row("log writer alone (records/s)", "—", "—", fmt(r["records_per_s"], 0), "—", "—",
+            "≥ 20,000", verdict(r["records_per_s"] >= 20_000)),
+        Row("log writer: CPU per record (µs)", "—", "—", fmt(r["cpu_us_per_record"], 0)),
+        Row("stream assembly for the log, one 64-chunk stream (µs CPU)", "—", "—", fmt(r["stream_assembly_us"], 0)),
+        Row("log writer: records lost", "—", "—", f"{r['lost']:.0f}", "—", "—", "0", verdict(r["lost"] == 0)),
     ]
 
 
@@ -658,8 +767,8 @@ MEASUREMENTS: dict[str, Callable[[Context], list[Row]]] = {
     "throughput": measure_throughput,
     "streaming": measure_streaming,
     "memory": measure_memory,
-    "threaded": pending_threaded,
-    "log_writer": pending_log_writer,
+    "threaded": measure_threaded,
+    "log_writer": measure_log_writer,
 }
 
 
@@ -694,7 +803,7 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def render_header(ctx: Context, started: float, load_start: str) -> str:
+def render_header(ctx: Context) -> str:
     s = ctx.settings
     commit = _git("rev-parse", "--short", "HEAD") or "no commit yet"
     dirty = " + uncommitted changes" if _git("status", "--porcelain", "provider_router") else ""
@@ -702,11 +811,13 @@ def render_header(ctx: Context, started: float, load_start: str) -> str:
     return "\n".join([
         f"# provider-router benchmark ({'quick' if s.quick else 'full'} run)",
         "",
-        f"- when: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; took {time.monotonic() - started:.0f} s",
+        f"- when: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; took {time.monotonic() - ctx.clock.started:.0f} s",
         f"- code: {commit}{dirty}",
         f"- machine: {os.cpu_count()} × {_cpu_model()}; Python {platform.python_version()}; "
-        f"load average {load_start} at start, {_loadavg()} at end",
-        f"- method: {s.reps} repetitions of {s.duration_s} s per target for wrk figures "
+        f"load average {ctx.clock.load} at start, {_loadavg()} at end",
+        f"- noise: other processes used {ctx.other_cpu} during the run "
+        "(more than a few % makes absolute figures unreliable; ratios suffer less)",
+        f"- method: {s.reps} repetition{'s' if s.reps != 1 else ''} of {s.duration_s} s per target for wrk figures "
         f"({wrk_version.strip()}, 1 thread), targets interleaved; {s.stream_requests} streamed "
         f"requests per target; memory over {count_label(s.requests)} requests per server",
         "- figures are medians over repetitions; \"added\" = target − direct within each "
@@ -714,14 +825,8 @@ def render_header(ctx: Context, started: float, load_start: str) -> str:
     ])
 
 
-def _loadavg() -> str:
-    with contextlib.suppress(OSError):
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    return "?"
-
-
-def write_report(ctx: Context, rows: Sequence[Row], started: float, load_start: str) -> str:
-    parts = [render_header(ctx, started, load_start), "", render_table(rows)]
+def write_report(ctx: Context, rows: Sequence[Row]) -> str:
+    parts = [render_header(ctx), "", render_table(rows)]
     if ctx.notes:
         parts += ["", "Notes:", ""] + [f"- {n}" for n in ctx.notes]
     report = "\n".join(parts) + "\n"
@@ -745,6 +850,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     p.add_argument("--requests", type=int, help="requests for the memory test (default 100000; quick 10000)")
     p.add_argument("--stream-requests", type=int, help="streamed requests per target (default 500; quick 150)")
     p.add_argument("--stream-concurrency", type=int, default=1, help="streaming client concurrency (1)")
+    p.add_argument("--stream-gap-ms", type=float, default=2.0,
+                   help="the fake's pause after a stream's first event, like a first token (2)")
     p.add_argument("--mix-stream-every", type=int, default=4,
                    help="in the memory test, every k-th request streams (4)")
     p.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(MEASUREMENTS)}")
@@ -761,7 +868,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         duration_s=max(1, a.duration or (2 if a.quick else 5)), concurrency=max(1, a.concurrency),
         requests=max(2, a.requests or (10_000 if a.quick else 100_000)),
         stream_requests=max(1, a.stream_requests or (150 if a.quick else 500)),
-        stream_concurrency=max(1, a.stream_concurrency), mix_stream_every=max(1, a.mix_stream_every),
+        stream_concurrency=max(1, a.stream_concurrency), stream_gap_ms=max(0.0, a.stream_gap_ms),
+        mix_stream_every=max(1, a.mix_stream_every),
         only=only or tuple(MEASUREMENTS), python=a.python, output=a.output, keep_tmp=a.keep_tmp,
     )
 
@@ -769,7 +877,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
 def start_targets(ctx: Context, kids: Children) -> None:
     py = ctx.settings.python
     progress("starting the fake upstream and the pass-through")
-    ctx.targets["direct"] = start_fake(kids, py)
+    ctx.targets["direct"] = start_fake(kids, py, ctx.settings.stream_gap_ms)
     upstream = ctx.targets["direct"].base_url
     ctx.targets["passthrough"] = start_passthrough(kids, py, upstream)
     reason = proxy_unavailable_reason(py)
@@ -792,30 +900,51 @@ def start_targets(ctx: Context, kids: Children) -> None:
             kids.stop("proxy")
 
 
+def run_measurement(ctx: Context, name: str) -> list[Row]:
+    """One measurement's rows; a failure becomes a row and a note, and the run goes on."""
+    try:
+        return MEASUREMENTS[name](ctx)
+    except (RuntimeError, OSError, subprocess.SubprocessError, aiohttp.ClientError, asyncio.TimeoutError) as e:
+        ctx.notes.append(f"{name} failed: {type(e).__name__}: {e}")
+        return [Row(f"{name}: failed (see notes)")]
+
+
 def warm_up(ctx: Context) -> None:
     for name in ctx.names():
         run_wrk(ctx, ctx.targets[name].chat_url, 4, 1)
 
 
 def run(settings: Settings) -> str:
-    started, load_start = time.monotonic(), _loadavg()
     ensure_wrk()
     tmp = Path(tempfile.mkdtemp(prefix="provider-router-bench-"))
     ctx = Context(settings, tmp, {})
+    check_quiet(ctx)
     try:
         with Children(tmp) as kids:
             start_targets(ctx, kids)
             warm_up(ctx)
             rows: list[Row] = []
             for name in settings.only:
-                rows += MEASUREMENTS[name](ctx)
+                rows += run_measurement(ctx, name)
             check_alive(ctx, kids)
-        return write_report(ctx, rows, started, load_start)
+            ctx.other_cpu = other_cpu_share(ctx.clock, [t.pid for t in ctx.targets.values()])
+        return write_report(ctx, rows)
     finally:
         if settings.keep_tmp:
             progress(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_quiet(ctx: Context) -> None:
+    """Warn when the machine is already busy: everything shares its 2 cores."""
+    before = machine_busy_seconds()
+    time.sleep(1.0)
+    busy = (machine_busy_seconds() - before) / (os.cpu_count() or 1)
+    if busy > 0.2:
+        message = f"the machine was {100 * busy:.0f}% busy in the second before the run started"
+        progress(f"warning: {message}; figures will be noisy")
+        ctx.notes.append(message + ".")
 
 
 def check_alive(ctx: Context, kids: Children) -> None:
@@ -831,7 +960,7 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGINT too: it may arrive ignored
         signal.signal(sig, _raise_interrupt)
     try:
         report = run(settings)
