@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestServer
 
 from provider_router import create_app, parse_config
 from provider_router.state import STATE, State
+from tests.daemon import spawn  # noqa: F401 - the `spawn` fixture: real daemon processes
 from tests.fakes.openai import OpenAIFake
 from tests.fakes.qwen import QwenFake
 

@@ -18,17 +18,17 @@ import signal
 import sqlite3
 from datetime import datetime
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import openai
-import pytest
 import structlog
 import yaml
 
 from tests.conftest import ProxyFactory, base_config
 from tests.fakes.qwen import QwenFake
-from tests.test_security import Spawn, daemons, ro_query, serve_fake, wait_rows
+from tests.daemon import Spawn, ro_query, wait_rows
+from tests.test_security import serve_fake
 from tests.test_threads import Conversation, last_turn_ok
 
 OUTCOMES = {"ok", "rejected", "upstream_error", "timeout", "client_disconnected", "shutdown", "error"}
@@ -78,12 +78,6 @@ def check_rows(db: Path) -> int:
         return len(rows)
     finally:
         conn.close()
-
-
-@pytest.fixture
-async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
-    async with daemons(tmp_path) as factory:
-        yield factory
 
 
 async def test_kill_9_mid_burst_keeps_the_database_sound_and_threads_continue(aiohttp_server: Any, spawn: Spawn) -> None:

@@ -8,7 +8,6 @@ import asyncio
 import json
 import signal
 import sqlite3
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,12 +15,12 @@ import yaml
 
 from tests.conftest import UPSTREAM_KEY
 from tests.fakes.openai import OpenAIFake
-from tests.test_daemon import Daemon, start_daemon
+from tests.daemon import Daemon, Spawn
 
 BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "a long story"}], "stream": True}
 
 
-async def _setup(tmp_path: Path, aiohttp_server: Any, grace: float) -> tuple[OpenAIFake, Daemon]:
+async def _setup(spawn: Spawn, aiohttp_server: Any, grace: float) -> tuple[OpenAIFake, Daemon]:
     fake = OpenAIFake(key=UPSTREAM_KEY)
     server = await aiohttp_server(fake.app)
     cfg = {
@@ -29,22 +28,20 @@ async def _setup(tmp_path: Path, aiohttp_server: Any, grace: float) -> tuple[Ope
         "providers": [{"name": "up", "type": "openai", "base_url": str(server.make_url("/v1")), "api_key": UPSTREAM_KEY}],
         "models": [{"name": "gpt-*", "provider": "up"}],
     }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return fake, await start_daemon(tmp_path, config=path)
+    return fake, await spawn(yaml.safe_dump(cfg))
 
 
 async def _first_chunk_then_sigterm(daemon: Daemon, fake: OpenAIFake, r: aiohttp.ClientResponse) -> bytes:
     first = await r.content.readuntil(b"\n\n")
     assert fake.chunks_sent == 1
     daemon.proc.send_signal(signal.SIGTERM)
-    await daemon.read_until("shutting_down")
+    await daemon.wait_log("shutting_down")
     return first
 
 
-async def test_sigterm_lets_an_inflight_stream_finish(tmp_path: Path, aiohttp_server: Any) -> None:
+async def test_sigterm_lets_an_inflight_stream_finish(spawn: Spawn, aiohttp_server: Any) -> None:
     """A stream in flight at SIGTERM completes normally within the grace period; its record is kept."""
-    fake, daemon = await _setup(tmp_path, aiohttp_server, grace=30)
+    fake, daemon = await _setup(spawn, aiohttp_server, grace=30)
     fake.hold_after_first = asyncio.Event()
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{daemon.url}/v1/chat/completions", json=BODY) as r:
@@ -58,10 +55,10 @@ async def test_sigterm_lets_an_inflight_stream_finish(tmp_path: Path, aiohttp_se
     assert rows == [("ok", OpenAIFake.reply_for(BODY["messages"]))]
 
 
-async def test_sigterm_after_grace_ends_the_stream_with_an_error_event(tmp_path: Path, aiohttp_server: Any) -> None:
+async def test_sigterm_after_grace_ends_the_stream_with_an_error_event(spawn: Spawn, aiohttp_server: Any) -> None:
     """Past the grace period a stream ends with a `proxy_shutdown` error event, no [DONE],
     and its record (with the text that had arrived) is still written."""
-    fake, daemon = await _setup(tmp_path, aiohttp_server, grace=0.5)
+    fake, daemon = await _setup(spawn, aiohttp_server, grace=0.5)
     fake.hold_after_first = asyncio.Event()  # never released: the upstream stalls
     try:
         async with aiohttp.ClientSession() as s:
