@@ -150,7 +150,7 @@ class Threads:
         else:
             self.expired_total += 1
         provider = self.providers.get(s.provider)
-        if provider is not None and getattr(provider, "threaded", False) and getattr(provider, "delete_chats", False):
+        if provider is not None and provider.threaded and getattr(provider, "delete_chats", False):
             chats = {t.chat_id for t in (turns or {}).values() if t.chat_id} | ({s.chat_id} if s.chat_id else set())
             self._doomed_chats += [(s.provider, c) for c in chats]
 
@@ -173,7 +173,7 @@ class Threads:
         )
         if explicit:
             s.metadata["explicit"] = True
-        if not getattr(self.providers[route.provider.name], "threaded", False):
+        if not self.providers[route.provider.name].threaded:
             s.chat_id = sid  # stateless upstreams: the conversation's id is our own
         self.turns[sid] = {}
         self._remember(s)

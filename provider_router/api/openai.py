@@ -30,10 +30,6 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 MAX_MESSAGES = 10_000
 
 
-def record_of(request: web.Request) -> RequestRecord:
-    return request[RECORD]
-
-
 # -- request intake ----------------------------------------------------------------------
 async def read_body(request: web.Request, rec: RequestRecord) -> tuple[bytes, dict[str, Any]]:
     ctype = request.content_type if request.headers.get("Content-Type") else ""
@@ -58,7 +54,7 @@ async def read_body(request: web.Request, rec: RequestRecord) -> tuple[bytes, di
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    rec = record_of(request)
+    rec = request[RECORD]
     raw, body = await read_body(request, rec)
     model = body.get("model")
     if isinstance(model, str):

@@ -22,7 +22,6 @@ class ChatCall:
     chat_id: str | None = None
     parent_id: str | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)  # the messages not yet upstream
-    sent_bytes: int = 0  # size of the upstream request body (threaded providers report it)
 
 
 class ChatGone(Exception):
@@ -86,6 +85,8 @@ class Provider(Protocol):
 
 
 class ThreadedProvider(Provider, Protocol):
+    delete_chats: bool  # delete upstream chats when their session ends
+
     async def delete_chat(self, chat_id: str) -> None:
         """Delete an upstream chat (used when sessions expire, if configured)."""
         ...

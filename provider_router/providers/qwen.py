@@ -128,7 +128,6 @@ class QwenProvider:
             "timestamp": now + 1,
         }
         data = orjson.dumps(body)
-        call.sent_bytes = len(data)
         resp = await self._up.request(
             "POST", f"{self._base}/api/v2/chat/completions", params={"chat_id": chat_id}, data=data, headers=self._stream_headers
         )
