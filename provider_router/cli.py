@@ -6,24 +6,14 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, is_loopback, load_config
 
 DEFAULT_CONFIG = "config.yaml"
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def load(args: argparse.Namespace) -> Config:
@@ -49,7 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = replace(cfg, server=server)
     if not cfg.providers:
         raise ConfigError("no providers configured: add a `providers:` list (see config.yaml)")
-    if not _is_loopback(server.host) and not cfg.auth.client_keys and not args.insecure_no_auth:
+    if not is_loopback(server.host) and not cfg.auth.client_keys and not args.insecure_no_auth:
         raise ConfigError(
             f"refusing to listen on {server.host} with no auth.client_keys: anyone on the network "
             "could spend your provider keys. Configure client keys, or pass --insecure-no-auth."

@@ -6,11 +6,13 @@ A wrong key or a wrong type stops start-up with a `ConfigError` naming the key's
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -70,7 +72,7 @@ class ProviderConfig:
         """An `openai` provider aimed at a remote host switches on only when it has a key."""
         if self.type != "openai":
             return True
-        return bool(self.api_key) or _is_loopback_url(self.base_url)
+        return bool(self.api_key) or is_loopback(urlsplit(self.base_url).hostname or "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,11 +123,24 @@ class Config:
         return [s for s in out if s and len(s) >= 4]
 
 
-def _is_loopback_url(url: str) -> bool:
-    from urllib.parse import urlsplit
+# The config classes a field annotation may name (annotations are strings here).
+_NESTED: dict[str, type] = {
+    c.__name__: c
+    for c in (
+        ServerConfig, DatabaseConfig, LogsConfig, AuthConfig, SessionsConfig,
+        TimeoutsConfig, ProviderConfig, ModelConfig, ClientKey,
+    )
+}
 
-    host = (urlsplit(url).hostname or "").lower()
-    return host in ("localhost", "::1") or host.startswith("127.")
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def expand_env(text: str, env: Mapping[str, str]) -> str:
@@ -164,7 +179,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
         raise ConfigError(f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(known))})")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        kwargs[name] = _coerce(cls, name, known[name].type, value, f"{path}.{name}" if path else name)
+        kwargs[name] = _coerce(known[name].type, value, f"{path}.{name}" if path else name)
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required key is missing
@@ -172,10 +187,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
         raise ConfigError(f"{path or 'config'}: missing required key {missing}") from None
 
 
-_NESTED: dict[str, type] = {}
-
-
-def _coerce(cls: type, name: str, annotation: str, value: Any, path: str) -> Any:
+def _coerce(annotation: str, value: Any, path: str) -> Any:
     ann = str(annotation)
     nested = _NESTED.get(ann)
     if nested is not None:
@@ -227,20 +239,6 @@ def _scalar(ann: str, value: Any, path: str) -> Any:
     expected = {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a number"}
     raise ConfigError(f"{path}: expected {expected.get(base, base)}, got {type(value).__name__}")
 
-
-_NESTED.update(
-    {
-        "ServerConfig": ServerConfig,
-        "DatabaseConfig": DatabaseConfig,
-        "LogsConfig": LogsConfig,
-        "AuthConfig": AuthConfig,
-        "SessionsConfig": SessionsConfig,
-        "TimeoutsConfig": TimeoutsConfig,
-        "ProviderConfig": ProviderConfig,
-        "ModelConfig": ModelConfig,
-        "ClientKey": ClientKey,
-    }
-)
 
 
 def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:

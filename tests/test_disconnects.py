@@ -57,19 +57,23 @@ def sse_events(data: bytes) -> list[str]:
 
 
 # -- the client leaves ---------------------------------------------------------------------
+async def leave_once_upstream_has_it(proxy: Proxy, fake: OpenAIFake, body: dict[str, Any]) -> None:
+    """Send `body`, hang up as soon as the upstream has received it, and wait until the
+    upstream sees its own connection closed."""
+    async with aiohttp.ClientSession() as s:
+        task = asyncio.create_task(s.post(f"{proxy.url}/v1/chat/completions", json=body))
+        await asyncio.wait_for(fake.received.wait(), WAIT)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await asyncio.wait_for(fake.disconnected.wait(), WAIT)
+
+
 async def test_disconnect_before_first_byte_cancels_upstream(proxy: Proxy, openai_fake: OpenAIFake) -> None:
     """A streaming client that leaves while the upstream has not sent its head: the upstream
     request is cancelled, the row says `client_disconnected` (499, no first byte)."""
     openai_fake.stall_head = asyncio.Event()
-    async with aiohttp.ClientSession() as s:
-        task = asyncio.create_task(
-            s.post(f"{proxy.url}/v1/chat/completions", json={"model": "gpt-4o", "messages": HELLO, "stream": True})
-        )
-        await asyncio.wait_for(openai_fake.received.wait(), WAIT)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    await asyncio.wait_for(openai_fake.disconnected.wait(), WAIT)
+    await leave_once_upstream_has_it(proxy, openai_fake, {"model": "gpt-4o", "messages": HELLO, "stream": True})
     [row] = await rows_when(proxy, 1)
     assert (row["status"], row["outcome"], row["error"]) == (499, "client_disconnected", "client disconnected")
     assert (row["provider"], row["stream"], row["ttfb_ms"]) == ("up", 1, None)
@@ -104,13 +108,7 @@ async def test_disconnect_during_non_stream_body_cancels_upstream(proxy: Proxy, 
     """A plain (non-stream) client that leaves while the upstream's body is half sent: the
     upstream read is cancelled and the row says `client_disconnected`."""
     openai_fake.stall_body = asyncio.Event()
-    async with aiohttp.ClientSession() as s:
-        task = asyncio.create_task(s.post(f"{proxy.url}/v1/chat/completions", json={"model": "gpt-4o", "messages": HELLO}))
-        await asyncio.wait_for(openai_fake.received.wait(), WAIT)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    await asyncio.wait_for(openai_fake.disconnected.wait(), WAIT)
+    await leave_once_upstream_has_it(proxy, openai_fake, {"model": "gpt-4o", "messages": HELLO})
     [row] = await rows_when(proxy, 1)
     assert (row["status"], row["outcome"], row["stream"]) == (499, "client_disconnected", 0)
     assert row["response_body"] is None

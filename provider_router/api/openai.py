@@ -11,18 +11,17 @@ import re
 import time
 from typing import Any, Awaitable
 
-import structlog
-
 import orjson
+import structlog
 from aiohttp import web
 
 from ..errors import ApiError
+from ..messages import content_text, last_user_text
 from ..providers import ChatCall, Delta, Finish, Provider, Started, UpstreamReply, Usage
 from ..routing import NoRoute, Route
 from ..sse import DONE, SSEParser, encode_event
 from ..state import RECORD, STATE, State
 from ..store.records import RequestRecord
-from ..messages import content_text, last_user_text
 from .validate import JSON_TYPES, bad, parse_body, strip_steering, validate_chat
 
 log = structlog.get_logger("provider_router.api")
@@ -166,12 +165,12 @@ async def _passthrough(
     if status >= 400:
         data = request.app[STATE].redactor.bytes(data)
         rec.outcome = "upstream_error"
-        rec.error = f"upstream returned HTTP {reply.status}: {data[:2000].decode('utf-8', 'replace')}"
+        rec.error = f"upstream returned HTTP {status}: {data[:2000].decode('utf-8', 'replace')}"
     else:
         rec.assemble = assemble_completion
     rec.response_body = data
     rec.first_byte()
-    return web.Response(status=reply.status, body=data, headers=reply.headers)
+    return web.Response(status=status, body=data, headers=reply.headers)
 
 
 async def _passthrough_stream(request: web.Request, rec: RequestRecord, reply: UpstreamReply) -> web.StreamResponse:
