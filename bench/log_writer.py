@@ -1,8 +1,9 @@
 """The log writer alone: how many request records per second it commits to SQLite, and
 whether any are lost; and, separately, what assembling one forwarded 64-chunk stream costs.
 
-Records are shaped as the daemon hands them over: with sessions on, a stream's text is
-assembled on the request path (the thread needs it) before the record is submitted.
+Records are shaped as the daemon hands them over with sessions on: raw reply bytes (one
+in four a 64-chunk stream) for the writer process to assemble, and a stateless turn for
+it to thread in the log, in 100 conversations.
 
 Run: .venv/bin/python bench/log_writer.py [--records N]
 """
@@ -13,6 +14,7 @@ import argparse
 import asyncio
 import sqlite3
 import sys
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -21,8 +23,11 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from provider_router.api.openai import assemble_completion, assemble_stream  # noqa: E402
-from provider_router.store import LogWriter, Redactor, RequestRecord, connect  # noqa: E402
+from provider_router.api.assemble import assemble_stream  # noqa: E402
+from provider_router.store import LogWriter, RequestRecord, connect  # noqa: E402
+from provider_router.store.sessions import Session, SessionRepo  # noqa: E402
+
+SESSIONS = 100
 
 BODY = orjson.dumps(
     {"model": "gpt-4o-mini", "messages": [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Say hello in five words."}]}
@@ -38,6 +43,7 @@ CHUNKS = [
     b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"word%d "},"finish_reason":null}]}\n\n' % i
     for i in range(64)
 ] + [b"data: [DONE]\n\n"]
+STREAM = b"".join(CHUNKS)
 
 
 def make_records(n: int) -> list[RequestRecord]:
@@ -46,11 +52,12 @@ def make_records(n: int) -> list[RequestRecord]:
         r = RequestRecord("POST", "/v1/chat/completions")
         r.model, r.provider, r.upstream_model, r.prompt_text = "gpt-4o-mini", "fake", "gpt-4o-mini", "Say hello in five words."
         r.request_body = BODY
-        if i % 4 == 3:  # one in four streamed, as in the memory test; already assembled
-            r.stream, r.stream_bytes = True, list(CHUNKS)
-            assemble_stream(r)
+        r.session_id = r.chat_id = f"s{i % SESSIONS}"
+        r.log_turn = True
+        if i % 4 == 3:  # one in four streamed, as in the memory test
+            r.stream, r.stream_body, r.reply_format = True, STREAM, "stream"
         else:
-            r.stream, r.response_body, r.assemble = False, REPLY, assemble_completion
+            r.stream, r.response_body, r.reply_format = False, REPLY, "completion"
         r.finish(200, "ok")
         out.append(r)
     return out
@@ -61,25 +68,37 @@ async def measure(n: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "w.db"
         conn = await connect(path)
-        writer = LogWriter(conn, max_queue=n, redactor=Redactor(["sk-bench-secret"]))
-        writer.start()
+        writer = LogWriter(str(path), max_queue=n, secrets=["sk-bench-secret"])
+        await writer.start()
+        repo, now = SessionRepo(conn, writer), time.time()
+        for k in range(SESSIONS):
+            repo.save(Session(f"s{k}", f"fp{k}", "bench", "fake", "gpt-4o-mini", now, now, now + 1800, chat_id=f"s{k}"))
+        await writer.drained()
+        pid = writer._proc.pid  # type: ignore[union-attr]
         records = make_records(n)
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, w0 = time.perf_counter(), time.process_time(), _cpu_s(pid)
         for r in records:
             writer.submit(r)
         await writer.drained()
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        wall, cpu, wcpu = time.perf_counter() - t0, time.process_time() - c0, _cpu_s(pid) - w0
         await writer.stop()
         await conn.close()
         stored = sqlite3.connect(path).execute("SELECT count(*) FROM requests").fetchone()[0]
     return {
         "stream_assembly_us": _assembly_us(),
         "records_per_s": n / wall,
-        "cpu_us_per_record": 1e6 * cpu / n,
+        "cpu_us_per_record": 1e6 * (cpu + wcpu) / n,
+        "daemon_cpu_us_per_record": 1e6 * cpu / n,
         "lost": n - stored,
         "dropped": writer.dropped,
         "failed": writer.failed,
     }
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _assembly_us(n: int = 2000) -> float:
@@ -87,7 +106,7 @@ def _assembly_us(n: int = 2000) -> float:
     records = []
     for _ in range(n):
         r = RequestRecord("POST", "/v1/chat/completions")
-        r.stream_bytes = list(CHUNKS)
+        r.stream_body = STREAM
         records.append(r)
     c0 = time.process_time()
     for r in records:

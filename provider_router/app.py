@@ -77,10 +77,12 @@ async def _mark_shutting_down(app: web.Application) -> None:
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    conn = await connect(state.db_path)
+    conn = await connect(state.db_path)  # applies migrations before the writer process opens the file
     logs = state.config.logs
-    writer = LogWriter(conn, max_queue=logs.queue_size, max_body_bytes=logs.max_body_bytes, redactor=state.redactor)
-    writer.start()
+    writer = LogWriter(
+        state.db_path, max_queue=logs.queue_size, max_body_bytes=logs.max_body_bytes, secrets=state.redactor.secrets
+    )
+    await writer.start()
     reader = await connect(state.db_path, readonly=True)
     state.db, state.writer, state.reader = conn, writer, reader
     retention = None

@@ -14,7 +14,7 @@ import orjson
 import structlog
 
 from .store.records import iso
-from .store.writer import Redactor
+from .store.redact import Redactor
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 

@@ -6,10 +6,11 @@ One registry per app, so several apps in one process (tests) never share series.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+from bisect import bisect_left
+from typing import TYPE_CHECKING, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -47,29 +48,69 @@ class _Live(Collector):
             yield CounterMetricFamily("provider_router_log_write_failures", "Rows that could not be written.", value=writer.failed)
 
 
+class _Tally:
+    """One (model, provider, outcome) series: a request count and two latency histograms
+    kept as plain per-bucket counts (made cumulative when scraped)."""
+
+    __slots__ = ("requests", "ttfb", "ttfb_sum", "duration", "duration_sum")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.ttfb = [0] * (len(_BUCKETS_MS) + 1)  # the last one is +Inf
+        self.ttfb_sum = 0.0
+        self.duration = [0] * (len(_BUCKETS_MS) + 1)
+        self.duration_sum = 0.0
+
+
+def _buckets(counts: list[int]) -> list[tuple[str, float]]:
+    out, total = [], 0
+    for bound, n in zip((*map(str, _BUCKETS_MS), "+Inf"), counts):
+        total += n
+        out.append((bound, float(total)))
+    return out
+
+
+class _Requests(Collector):
+    """The per-request series, from the tallies, when scraped."""
+
+    def __init__(self, tallies: dict[tuple[str, str, str], _Tally]) -> None:
+        self._tallies = tallies
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "provider_router_requests", "Requests to /v1, by model, provider and outcome.", labels=("model", "provider", "outcome")
+        )
+        ttfb = HistogramMetricFamily("provider_router_ttfb_ms", "Time to first byte to the client (ms).", labels=("provider",))
+        duration = HistogramMetricFamily("provider_router_duration_ms", "Request duration (ms).", labels=("provider",))
+        by_provider: dict[str, _Tally] = {}
+        for (model, provider, outcome), t in self._tallies.items():
+            requests.add_metric((model, provider, outcome), t.requests)
+            p = by_provider.setdefault(provider, _Tally())
+            p.ttfb = [a + b for a, b in zip(p.ttfb, t.ttfb)]
+            p.duration = [a + b for a, b in zip(p.duration, t.duration)]
+            p.ttfb_sum += t.ttfb_sum
+            p.duration_sum += t.duration_sum
+        for provider, p in by_provider.items():
+            ttfb.add_metric((provider,), _buckets(p.ttfb), p.ttfb_sum)
+            duration.add_metric((provider,), _buckets(p.duration), p.duration_sum)
+        yield from (requests, ttfb, duration)
+
+
 class Metrics:
-    """`observe(record)` once per finished /v1 request; `render()` for `GET /metrics`."""
+    """`observe(record)` once per finished /v1 request; `render()` for `GET /metrics`.
+
+    prometheus-client's own Counter and Histogram take a lock, walk the buckets in Python
+    and resolve label children on every observation (~25 us a request here); this keeps
+    plain counts per series and lets the library build and format them only when scraped.
+    """
 
     def __init__(self, state: State) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "provider_router_requests",
-            "Requests to /v1, by model, provider and outcome.",
-            ("model", "provider", "outcome"),
-            registry=self.registry,
-        )
-        self.ttfb = Histogram(
-            "provider_router_ttfb_ms", "Time to first byte to the client (ms).", ("provider",),
-            buckets=_BUCKETS_MS, registry=self.registry,
-        )
-        self.duration = Histogram(
-            "provider_router_duration_ms", "Request duration (ms).", ("provider",),
-            buckets=_BUCKETS_MS, registry=self.registry,
-        )
+        self._tallies: dict[tuple[str, str, str], _Tally] = {}
+        self._labels: dict[tuple[str | None, str | None, str | None], tuple[str, str, str]] = {}
+        self.registry.register(_Requests(self._tallies))
         self.registry.register(_Live(state))
         self._models: set[str] = set()
-        # labels() takes a lock and builds a key on every call; the children never change.
-        self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
 
     def _model_label(self, rec: RequestRecord) -> str:
         # Only routed names become labels, and at most MAX_MODELS of them: a client's
@@ -83,22 +124,22 @@ class Metrics:
         return rec.model
 
     def observe(self, rec: RequestRecord) -> None:
-        key = (rec.model or "", rec.provider or "none", rec.outcome or "none")
-        children = self._children.get(key)
-        if children is None:
-            provider = key[1]
-            children = (
-                self.requests.labels(self._model_label(rec), provider, key[2]),
-                self.ttfb.labels(provider),
-                self.duration.labels(provider),
-            )
-            if len(self._children) < 4 * MAX_MODELS:
-                self._children[key] = children
-        children[0].inc()
+        raw = (rec.model, rec.provider, rec.outcome)
+        key = self._labels.get(raw)
+        if key is None:
+            key = (self._model_label(rec), rec.provider or "none", rec.outcome or "none")
+            if len(self._labels) < 4 * MAX_MODELS:
+                self._labels[raw] = key
+        t = self._tallies.get(key)
+        if t is None:
+            t = self._tallies[key] = _Tally()
+        t.requests += 1
         if rec.ttfb_ms is not None:
-            children[1].observe(rec.ttfb_ms)
+            t.ttfb[bisect_left(_BUCKETS_MS, rec.ttfb_ms)] += 1
+            t.ttfb_sum += rec.ttfb_ms
         if rec.duration_ms is not None:
-            children[2].observe(rec.duration_ms)
+            t.duration[bisect_left(_BUCKETS_MS, rec.duration_ms)] += 1
+            t.duration_sum += rec.duration_ms
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

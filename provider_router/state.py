@@ -33,7 +33,7 @@ class State:
     client_keys: dict[str, str] = field(default_factory=dict)  # sha256(key) -> name
     providers: dict[str, Provider] = field(default_factory=dict)
     http: aiohttp.ClientSession | None = None
-    db: aiosqlite.Connection | None = None  # the writer's connection (also serves session reads)
+    db: aiosqlite.Connection | None = None  # migrations and session reads; writes go through `writer`
     reader: aiosqlite.Connection | None = None  # read-only: operator queries never queue behind writes
     writer: LogWriter | None = None
     threads: Threads | None = None

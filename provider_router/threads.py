@@ -10,19 +10,18 @@ turns keyed by a chained hash of the client's message prefix up to each complete
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-import orjson
 import structlog
 from aiohttp import web
 
 from .config import SessionsConfig
 from .errors import ApiError
+from .history import canon, fingerprint, place, prefix_hashes, reply_hash, turn_number
 from .providers import ChatCall, ChatGone, Provider
 from .routing import Route
 from .store.records import RequestRecord, new_id
@@ -32,49 +31,6 @@ log = structlog.get_logger("provider_router.threads")
 
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 Relay = Callable[[], Awaitable[web.StreamResponse]]
-
-
-# -- hashing -----------------------------------------------------------------------------
-def _canon(m: dict[str, Any]) -> bytes:
-    """A message as the thread sees it: role and content. Other fields (name, refusal,
-    reasoning) vary between clients that resend the same message, so they are left out."""
-    content = m.get("content")
-    if isinstance(content, str):
-        body = content.strip().encode()
-    elif content is None:
-        body = b""
-    else:
-        body = orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
-    return str(m.get("role")).encode() + b"\x1f" + body
-
-
-def _h(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def prefix_hashes(messages: list[dict[str, Any]], canons: list[bytes] | None = None) -> list[bytes]:
-    """`out[i]` identifies `messages[: i + 1]`: a chain, so equal prefixes hash equal."""
-    out: list[bytes] = []
-    h = b""
-    for c in canons if canons is not None else map(_canon, messages):
-        h = _h(h + c)
-        out.append(h)
-    return out
-
-
-def reply_hash(prefix: bytes, text: str) -> bytes:
-    """The hash the client's next request will have for its history plus this reply."""
-    return _h(prefix + _canon({"role": "assistant", "content": text}))
-
-
-def fingerprint(client: str, route: Route, messages: list[dict[str, Any]], canons: list[bytes] | None = None) -> str:
-    """Who, which route, and the opening: system messages up to and including the first user message."""
-    parts = [client.encode(), route.provider.name.encode(), route.upstream_model.encode()]
-    for i, m in enumerate(messages):
-        parts.append(canons[i] if canons is not None else _canon(m))
-        if m.get("role") == "user":
-            break
-    return hashlib.blake2b(b"\x1e".join(parts), digest_size=16).hexdigest()
 
 
 # -- per-chat serialisation -----------------------------------------------------------------
@@ -182,9 +138,9 @@ class Threads:
         return s
 
     async def _session(
-        self, request: web.Request, client: str, route: Route, messages: list[dict[str, Any]], canons: list[bytes], now: float
+        self, request: web.Request, client: str, route: Route, messages: list[dict[str, Any]], now: float
     ) -> Session:
-        fp = fingerprint(client, route, messages, canons)
+        fp = fingerprint(client, route.provider.name, route.upstream_model, messages)
         explicit = request.headers.get("X-Session-Id")
         if explicit is not None:
             if not _SESSION_ID.match(explicit):
@@ -223,47 +179,44 @@ class Threads:
         return turns
 
     # -- the request path ---------------------------------------------------------------
-    async def handle(
-        self, request: web.Request, rec: RequestRecord, route: Route, provider: Provider, call: ChatCall, relay: Relay
-    ) -> web.StreamResponse:
+    async def join(self, request: web.Request, rec: RequestRecord, route: Route, call: ChatCall) -> Session:
+        """Find or start the request's session and count the request in it.
+
+        On a stateless upstream this is all the request path does: the full history
+        travels, and where it continues matters only to the log, so the log writer
+        process threads it once it has assembled the reply (`rec.log_turn`)."""
         now = time.time()
-        messages: list[dict[str, Any]] = call.body["messages"]
-        canons = [_canon(m) for m in messages]  # each message canonicalised once per request
-        s = await self._session(request, rec.client or "anonymous", route, messages, canons, now)
+        s = await self._session(request, rec.client or "anonymous", route, call.body["messages"], now)
         s.last_access = now
         s.expires = now + self.timeout
         s.request_count += 1
         self.sessions.move_to_end(s.id)
         rec.session_id = s.id
-        rec.turn = sum(c.startswith(b"assistant\x1f") for c in canons) + 1
-        turns = await self._turns(s)
-        hashes = prefix_hashes(messages, canons)
-        k, node = self._place(messages, hashes, turns)
+        if not self.providers[route.provider.name].threaded:
+            rec.chat_id = s.id
+            rec.log_turn = True
+        self.repo.save(s)
+        return s
+
+    async def handle(
+        self, request: web.Request, rec: RequestRecord, route: Route, provider: Provider, call: ChatCall, relay: Relay
+    ) -> web.StreamResponse:
+        """A turn on a threaded upstream: place the history in the thread, send only what
+        the upstream has not seen, and advance the thread when the reply completes."""
+        s = await self.join(request, rec, route, call)
+        messages: list[dict[str, Any]] = call.body["messages"]
         try:
-            if provider.threaded:
-                resp, node = await self._threaded(s, rec, call, relay, messages, k, node)
-            else:
-                rec.chat_id = s.id
-                rec.parent_id = node.reply_id if node else None
-                resp = await relay()
-                if rec.assemble is not None and resp.status == 200:
-                    rec.assemble(rec)  # the thread needs the reply's text and id now
-                    rec.assemble = None
+            canons = [canon(m) for m in messages]  # each message canonicalised once per request
+            rec.turn = turn_number(canons)
+            turns = await self._turns(s)
+            hashes = prefix_hashes(canons)
+            k, node = place(canons, hashes, turns.get)
+            resp, node = await self._threaded(s, rec, call, relay, messages, k, node)
             if resp.status == 200 and rec.outcome is None and rec.finish_reason is not None:
-                self._advance(s, rec, messages, hashes, node, now)
+                self._advance(s, rec, messages, hashes, node, s.last_access)
+            return resp
         finally:
             self.repo.save(s)
-        return resp
-
-    @staticmethod
-    def _place(messages: list[dict[str, Any]], hashes: list[bytes], turns: dict[str, Turn]) -> tuple[int, Turn | None]:
-        """The longest prefix of the history that ends at a recorded reply: (its length, the turn)."""
-        for k in range(len(messages) - 1, 0, -1):
-            if messages[k - 1].get("role") == "assistant":
-                t = turns.get(hashes[k - 1].hex())
-                if t is not None:
-                    return k, t
-        return 0, None
 
     async def _threaded(
         self, s: Session, rec: RequestRecord, call: ChatCall, relay: Relay, messages: list[dict[str, Any]], k: int, node: Turn | None

@@ -33,8 +33,8 @@ async def test_blank_database_migrates(tmp_path: Path) -> None:
 async def test_writer_batches_truncates_redacts_and_indexes(tmp_path: Path) -> None:
     """Records are written with long bodies truncated (marked), secrets redacted, FTS searchable."""
     conn = await connect(tmp_path / "x.db")
-    writer = LogWriter(conn, max_body_bytes=100, redactor=Redactor(["sk-canary-secret"]))
-    writer.start()
+    writer = LogWriter(str(tmp_path / "x.db"), max_body_bytes=100, secrets=["sk-canary-secret"])
+    await writer.start()
     for i in range(250):
         rec = RequestRecord("POST", "/v1/chat/completions")
         rec.request_body = b"A" * 500 if i == 0 else b'{"x": 1}'
@@ -58,13 +58,13 @@ async def test_writer_batches_truncates_redacts_and_indexes(tmp_path: Path) -> N
 async def test_full_queue_drops_and_counts(tmp_path: Path) -> None:
     """When the queue is full, records are dropped and counted; submit never blocks."""
     conn = await connect(tmp_path / "x.db")
-    writer = LogWriter(conn, max_queue=10)  # not started: nothing drains
+    writer = LogWriter(str(tmp_path / "x.db"), max_queue=10)  # not started: nothing drains
     for _ in range(15):
         rec = RequestRecord("GET", "/v1/models")
         rec.finish(200, "ok")
         writer.submit(rec)
     assert (writer.depth, writer.dropped) == (10, 5)
-    writer.start()
+    await writer.start()
     await writer.stop()
     await conn.close()
     assert sqlite3.connect(tmp_path / "x.db").execute("SELECT count(*) FROM requests").fetchone()[0] == 10
@@ -83,7 +83,7 @@ async def test_latest_coalesces_and_barriers_keep_order(tmp_path: Path) -> None:
     conn = await connect(tmp_path / "x.db")
     await conn.execute("CREATE TABLE kv (k TEXT PRIMARY KEY, v INTEGER)")
     await conn.commit()
-    writer = LogWriter(conn)
+    writer = LogWriter(str(tmp_path / "x.db"))
     upsert = "INSERT INTO kv VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v"
     state = {"v": 0}
     for i in range(5):
@@ -92,7 +92,7 @@ async def test_latest_coalesces_and_barriers_keep_order(tmp_path: Path) -> None:
     assert writer.depth == 1  # five saves, one queued write
     writer.execute("DELETE FROM kv WHERE k = 'a'", barrier=True)
     writer.latest("a", upsert, lambda: ("a", 99))
-    writer.start()
+    await writer.start()
     await writer.stop()
     rows = await (await conn.execute("SELECT k, v FROM kv")).fetchall()
     await conn.close()
@@ -110,3 +110,63 @@ async def test_database_files_are_private(tmp_path: Path) -> None:
             assert mode == 0o600, (suffix, oct(mode))
     finally:
         await conn.close()
+
+
+async def test_a_killed_writer_process_is_replaced(tmp_path: Path) -> None:
+    """The writer process dying (killed, out of memory) costs only what it had not committed:
+    it is logged, counted as failed, and a new process takes the records that follow."""
+    import os
+    import signal
+
+    import structlog
+
+    conn = await connect(tmp_path / "x.db")
+    writer = LogWriter(str(tmp_path / "x.db"))
+    await writer.start()
+
+    def submit(n: int) -> None:
+        for _ in range(n):
+            rec = RequestRecord("GET", "/v1/models")
+            rec.finish(200, "ok")
+            writer.submit(rec)
+
+    submit(3)
+    await writer.drained()
+    first = writer._proc
+    assert first is not None and writer.written == 3
+    with structlog.testing.capture_logs() as logs:
+        os.kill(first.pid, signal.SIGKILL)
+        await first.wait()
+        await writer.drained()  # waits for the replacement
+        submit(4)
+        await writer.drained()
+    assert writer._proc is not None and writer._proc.pid != first.pid
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["log_writer_exited"]
+    await writer.stop()
+    await conn.close()
+    assert sqlite3.connect(tmp_path / "x.db").execute("SELECT count(*) FROM requests").fetchone()[0] == 7
+    assert (writer.written, writer.failed, writer.depth) == (7, 0, 0)
+
+
+async def test_writer_process_ignores_terminal_signals_and_commits_on_end_of_input(tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole process group: the writer process outlives SIGINT/SIGTERM and
+    ends only when the daemon closes its input, after committing what it was sent."""
+    import os
+    import signal
+
+    conn = await connect(tmp_path / "x.db")
+    writer = LogWriter(str(tmp_path / "x.db"))
+    await writer.start()
+    await writer.drained()  # started and configured: its handlers are in place
+    proc = writer._proc
+    assert proc is not None
+    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, signal.SIGTERM)
+    for _ in range(5):
+        rec = RequestRecord("GET", "/v1/models")
+        rec.finish(200, "ok")
+        writer.submit(rec)
+    await writer.stop()
+    await conn.close()
+    assert proc.returncode == 0
+    assert sqlite3.connect(tmp_path / "x.db").execute("SELECT count(*) FROM requests").fetchone()[0] == 5

@@ -7,7 +7,6 @@ byte for byte as their chunks arrive; translating providers' events are rendered
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from typing import Any, Awaitable
 
@@ -16,10 +15,10 @@ import structlog
 from aiohttp import web
 
 from ..errors import ApiError
-from ..messages import content_text, last_user_text
+from ..messages import last_user_text
 from ..providers import ChatCall, Delta, Finish, Provider, Started, UpstreamReply, Usage
 from ..routing import NoRoute, Route
-from ..sse import DONE, SSEParser, encode_event
+from ..sse import DONE, encode_event
 from ..state import RECORD, STATE, State
 from ..store.records import RequestRecord
 from .validate import JSON_TYPES, bad, parse_body, strip_steering, validate_chat
@@ -125,13 +124,16 @@ async def _attempt(
         upstream_model=route.upstream_model,
     )
     provider = state.providers[route.provider.name]
+    threads = state.threads
+    if threads is not None and provider.threaded:
 
-    def relay() -> Awaitable[web.StreamResponse]:
-        return _relay(request, rec, provider, call, last)
+        def relay() -> Awaitable[web.StreamResponse]:
+            return _relay(request, rec, provider, call, last)
 
-    if state.threads is not None:
-        return await state.threads.handle(request, rec, route, provider, call, relay)
-    return await relay()
+        return await threads.handle(request, rec, route, provider, call, relay)
+    if threads is not None:
+        await threads.join(request, rec, route, call)
+    return await _relay(request, rec, provider, call, last)
 
 
 async def _relay(
@@ -157,8 +159,7 @@ async def _passthrough(
         return await _passthrough_stream(request, rec, reply)
     if 300 <= status < 400:
         raise ApiError(502, f"upstream answered with a redirect (HTTP {status}), which is not followed", code="upstream_redirect")
-    parts = [chunk async for chunk in reply.raw]
-    data = b"".join(parts)
+    data = await reply.read() if reply.read is not None else b"".join([chunk async for chunk in reply.raw])
     if (status == 429 or status >= 500) and not last:
         text = data[:500].decode("utf-8", "replace")
         raise ApiError(status if status == 429 else 502, f"upstream returned HTTP {status}: {text}", retryable=True)
@@ -167,7 +168,7 @@ async def _passthrough(
         rec.outcome = "upstream_error"
         rec.error = f"upstream returned HTTP {status}: {data[:2000].decode('utf-8', 'replace')}"
     else:
-        rec.assemble = assemble_completion
+        rec.reply_format = "completion"  # the log writer reads text and usage from it
     rec.response_body = data
     rec.first_byte()
     return web.Response(status=status, body=data, headers=reply.headers)
@@ -177,8 +178,7 @@ async def _passthrough_stream(request: web.Request, rec: RequestRecord, reply: U
     assert reply.raw is not None
     resp = web.StreamResponse(status=reply.status, headers={**SSE_HEADERS, **reply.headers})
     chunks: list[bytes] = []
-    rec.stream_bytes = chunks
-    rec.assemble = assemble_stream
+    rec.reply_format = "stream"  # the log writer reads text and usage from the events
     await resp.prepare(request)
     rec.status = reply.status
     write = resp.write
@@ -195,6 +195,8 @@ async def _passthrough_stream(request: web.Request, rec: RequestRecord, reply: U
         if not await _shutdown_error(request, resp, rec):
             raise
         return resp
+    finally:
+        rec.stream_body = b"".join(chunks)
     await resp.write_eof()
     return resp
 
@@ -353,83 +355,6 @@ async def _render(request: web.Request, rec: RequestRecord, reply: UpstreamReply
         acc.fill(rec)
         rec.chunk_count = acc.chunks
     return resp
-
-
-# -- assembling what passed through, for the log (runs in the writer, off the request path)
-def _fill_from_message(rec: RequestRecord, obj: dict[str, Any]) -> None:
-    rec.reply_id = obj.get("id") or rec.reply_id
-    usage = obj.get("usage")
-    if isinstance(usage, dict):
-        rec.prompt_tokens = usage.get("prompt_tokens")
-        rec.completion_tokens = usage.get("completion_tokens")
-        rec.total_tokens = usage.get("total_tokens")
-
-
-def assemble_completion(rec: RequestRecord) -> None:
-    """Fill text, finish reason and usage from a non-stream chat.completion body."""
-    if not rec.response_body:
-        return
-    obj = orjson.loads(rec.response_body)
-    if not isinstance(obj, dict):
-        return
-    _fill_from_message(rec, obj)
-    choices = obj.get("choices") or []
-    if choices and isinstance(choices[0], dict):
-        msg = choices[0].get("message") or {}
-        rec.response_text = content_text(msg.get("content"))
-        rec.reasoning_text = msg.get("reasoning_content") or msg.get("reasoning") or None
-        rec.finish_reason = choices[0].get("finish_reason")
-
-
-_DATA_LINE = re.compile(rb"^data: ?([^\r\n]*)", re.M)
-
-
-def _stream_events(data: bytes) -> list[Any]:
-    """The JSON payloads of a complete SSE body, parsed in one call where possible."""
-    payloads = [p for p in _DATA_LINE.findall(data) if p and p != b"[DONE]"]
-    try:
-        # One parse of all events as a JSON array: ~3x cheaper than one loads() per event.
-        events = orjson.loads(b"[" + b",".join(payloads) + b"]")
-    except orjson.JSONDecodeError:
-        # A malformed or multi-line event: fall back to the incremental parser, event by event.
-        events = []
-        for ev in SSEParser().feed(data + b"\n\n"):
-            if ev.data and ev.data != "[DONE]":
-                try:
-                    events.append(orjson.loads(ev.data))
-                except orjson.JSONDecodeError:
-                    continue
-    return events
-
-
-def assemble_stream(rec: RequestRecord) -> None:
-    """Fill text, finish reason, usage and chunk count from forwarded SSE bytes."""
-    text: list[str] = []
-    reasoning: list[str] = []
-    count = 0
-    for obj in _stream_events(b"".join(rec.stream_bytes or ())):
-        if not isinstance(obj, dict):
-            continue
-        count += 1
-        if obj.get("usage") or rec.reply_id is None:
-            _fill_from_message(rec, obj)
-        for choice in obj.get("choices") or ():
-            if not isinstance(choice, dict):
-                continue
-            delta = choice.get("delta")
-            if isinstance(delta, dict):
-                content = delta.get("content")
-                if isinstance(content, str):
-                    text.append(content)
-                r = delta.get("reasoning_content") or delta.get("reasoning")
-                if isinstance(r, str):
-                    reasoning.append(r)
-            if choice.get("finish_reason"):
-                rec.finish_reason = choice["finish_reason"]
-    rec.response_text = "".join(text)
-    rec.reasoning_text = "".join(reasoning) or None
-    rec.chunk_count = count
-    rec.stream_bytes = None
 
 
 # -- models ------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ upstream's bytes to forward verbatim; a translating one returns a stream of `Eve
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Mapping, Protocol, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol, Union
 
 
 @dataclass(slots=True)
@@ -69,6 +69,8 @@ class UpstreamReply:
     status: int = 200
     headers: Mapping[str, str] = field(default_factory=dict)
     raw: AsyncIterator[bytes] | None = None
+    # With `raw`: the whole body in one await, for replies that are not forwarded as they arrive.
+    read: Callable[[], Awaitable[bytes]] | None = None
     events: AsyncIterator[Event] | None = None
     close: Callable[[], None] = lambda: None
 

@@ -53,13 +53,13 @@ class Upstream:
         finally:
             resp.close()
 
-    async def read(self, resp: aiohttp.ClientResponse, limit: int = 4 * 1024 * 1024) -> bytes:
-        """The whole (small) body, with the same idle timeout."""
-        parts: list[bytes] = []
-        size = 0
-        async for chunk in self.chunks(resp):
-            parts.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(502, "upstream body too large", code="upstream_error")
-        return b"".join(parts)
+    async def read(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The whole body, within the idle timeout (one timer, not one per piece: a
+        non-stream reply arrives in one go once the model has finished)."""
+        try:
+            async with asyncio.timeout(self.t.idle):
+                return await resp.read()
+        except TimeoutError:
+            raise upstream_timeout(f"no complete body within {self.t.idle:g}s") from None
+        except aiohttp.ClientError as e:
+            raise ApiError(502, f"upstream body broke: {type(e).__name__}", code="upstream_stream_error") from None

@@ -28,7 +28,13 @@ class OpenAIProvider:
         headers = self._stream_headers if call.stream else self._headers
         resp = await self._up.request("POST", self._url, data=call.raw, headers=headers)
         headers_out = {k: resp.headers[k] for k in _FORWARD if k in resp.headers}
-        return UpstreamReply(status=resp.status, headers=headers_out, raw=self._up.chunks(resp), close=resp.close)
+        return UpstreamReply(
+            status=resp.status,
+            headers=headers_out,
+            raw=self._up.chunks(resp),
+            read=lambda: self._up.read(resp),
+            close=resp.close,
+        )
 
     async def close(self) -> None:
         return None

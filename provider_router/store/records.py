@@ -9,7 +9,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 
 _last = [0, 0]  # last millisecond used, sequence within it
@@ -85,10 +85,18 @@ class RequestRecord:
     parent_id: str | None = None
     reply_id: str | None = None
     attempts: list[dict[str, Any]] | None = None
-    # Raw streamed bytes, assembled into text/usage by the writer, off the request path.
-    stream_bytes: list[bytes] | None = None
-    # Set by the API layer: fills text/usage from `stream_bytes`; the writer calls it.
-    assemble: Callable[[RequestRecord], None] | None = None
+    # The forwarded SSE body, assembled into text/usage by the log writer process.
+    stream_body: bytes | None = None
+    # How the writer fills text/usage from the forwarded reply: "completion", "stream" or None.
+    reply_format: str | None = None
+    # A turn of a stateless upstream: the writer threads it in the log (parent, turn, reply)
+    # once it has assembled the reply; nothing on the request path needs that.
+    log_turn: bool = False
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Records cross to the writer process in pickled batches: a plain tuple of values
+        # pickles ~2x faster than the default slots state (a dict per record).
+        return (_rebuild, (tuple([getattr(self, f) for f in _FIELDS]),))
 
     def first_byte(self) -> None:
         if self.ttfb_ms is None:
@@ -102,3 +110,10 @@ class RequestRecord:
             self.error = error
         self.finished = time.time()
         self.duration_ms = (time.perf_counter() - self.started_mono) * 1000.0
+
+
+_FIELDS = tuple(RequestRecord.__slots__)
+
+
+def _rebuild(values: tuple[Any, ...]) -> RequestRecord:
+    return RequestRecord(*values)  # every field, in declaration order: no defaults run

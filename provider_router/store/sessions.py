@@ -14,6 +14,7 @@ import aiosqlite
 import orjson
 
 from .records import iso
+from .sink import INSERT_TURN
 from .writer import LogWriter
 
 
@@ -58,17 +59,14 @@ _COLUMNS = (
 UPSERT = f"""
 INSERT INTO sessions ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
 ON CONFLICT(id) DO UPDATE SET
-    chat_id=excluded.chat_id, parent_id=excluded.parent_id, state=excluded.state,
+    chat_id=excluded.chat_id, state=excluded.state,
+    -- On stateless upstreams the log writer process advances these two (it sees the reply).
+    parent_id=coalesce(excluded.parent_id, sessions.parent_id),
+    message_count=CASE WHEN excluded.message_count > 0 THEN excluded.message_count ELSE sessions.message_count END,
     last_accessed_at=excluded.last_accessed_at, expires_at=excluded.expires_at,
-    message_count=excluded.message_count, request_count=excluded.request_count,
+    request_count=excluded.request_count,
     metadata=excluded.metadata
 """
-
-INSERT_TURN = """
-INSERT OR IGNORE INTO turns (session_id, prefix_hash, parent_hash, turn, chat_id, reply_id, request_id, created_at)
-VALUES (?,?,?,?,?,?,?,?)
-"""
-
 
 def _params(s: Session) -> tuple[Any, ...]:
     return (

@@ -1,42 +1,30 @@
-"""The single writer task: request records and state changes, batched into SQLite.
+"""The daemon's side of the log: request records and state changes, handed to the log
+writer process (`sink.py`) in batches.
 
-Handlers never wait on the database. Records go into a bounded buffer (full: dropped and
-counted, never blocking a request); state changes go into an unbounded one (they are
-state, not telemetry). One task drains both, in order, one transaction per batch.
+Handlers never wait on the database, and the event loop never builds rows or runs SQLite:
+a finished record is queued as it is, and every few milliseconds the queue is pickled
+into one frame for the writer process, which assembles replies, redacts, and commits on
+the other core. Records not yet committed are bounded (`max_queue`; past it a record is
+dropped and counted, never blocking a request); state changes are never dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
+import os
+import sys
 import time
+from pathlib import Path
 from collections import deque
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
-import aiosqlite
-import orjson
 import structlog
 
-from .records import RequestRecord, iso
+from .records import RequestRecord
+from .sink import Frames, frame
 
 log = structlog.get_logger("provider_router.writer")
-
-TRUNCATED_MARK = "…[truncated {n} bytes]"
-
-INSERT_REQUEST = """
-INSERT INTO requests (
-    id, received_at, finished_at, method, path, client, user_agent, model, provider,
-    upstream_model, stream, request_body, response_body, prompt_text, response_text,
-    reasoning_text, finish_reason, prompt_tokens, completion_tokens, total_tokens,
-    chunk_count, status, outcome, error, ttfb_ms, duration_ms, session_id, turn, chat_id,
-    parent_id, reply_id, attempts
-) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
-"""
-INDEX_SINCE = (
-    "INSERT INTO requests_fts(rowid, prompt_text, response_text) "
-    "SELECT rowid, prompt_text, response_text FROM requests WHERE rowid > ?"
-)
-LAST_ROWID = "SELECT coalesce(max(rowid), 0) FROM requests"
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # where `provider_router` imports from
 
 Params = Callable[[], Sequence[Any]]
 
@@ -51,59 +39,42 @@ class _Pending:
         self.sql, self.params, self.key, self.barrier = sql, params, key, barrier
 
 
-class Redactor:
-    """Replaces every configured secret in text with ``[REDACTED]``."""
-
-    def __init__(self, secrets: Iterable[str]) -> None:
-        uniq = sorted({s for s in secrets if s}, key=len, reverse=True)
-        self._re = re.compile("|".join(map(re.escape, uniq))) if uniq else None
-        self._bre = re.compile(b"|".join(re.escape(s.encode()) for s in uniq)) if uniq else None
-
-    def __call__(self, text: str | None) -> str | None:
-        if text is None or self._re is None:
-            return text
-        return self._re.sub("[REDACTED]", text)
-
-    def bytes(self, data: bytes) -> bytes:
-        if self._bre is None or not self._bre.search(data):
-            return data
-        return self._bre.sub(b"[REDACTED]", data)
-
-
 class LogWriter:
-    """Owns the write connection. `submit()` a record; `execute()` or `latest()` a state change.
+    """`submit()` a record; `execute()` or `latest()` a state change.
 
-    Start with `start()`, stop with `await stop()`, which flushes everything queued.
+    `await start()` starts the writer process; `await stop()` hands it everything queued
+    and waits until it has committed and exited.
     """
 
     def __init__(
         self,
-        conn: aiosqlite.Connection,
+        db_path: str,
         *,
         max_queue: int = 10_000,
         max_body_bytes: int = 1024 * 1024,
-        redactor: Redactor | None = None,
+        secrets: Sequence[str] = (),
         batch_size: int = 1000,
-        linger: float = 0.05,
+        linger: float = 0.01,
     ) -> None:
-        self._conn = conn
+        self._db_path = db_path
+        self._config = {"db": db_path, "max_body_bytes": max_body_bytes, "secrets": list(secrets)}
         self._records: deque[RequestRecord] = deque()
         self._statements: deque[_Pending] = deque()
         self._latest: dict[str, _Pending] = {}
         self._max_queue = max_queue
-        self._max_body = max_body_bytes
-        self._redact = redactor or Redactor(())
         self._batch = batch_size
-        # Write-behind: gather for `linger` seconds (or a full batch) before writing. Every
-        # flush costs several thread round trips; paid per record, they were the largest
-        # part of the proxy's per-request CPU. `drained()` and `stop()` skip the wait.
         self._linger = linger
-        self._urgent = asyncio.Event()
-        self._wake = asyncio.Event()
-        self._stopping = False
-        self._task: asyncio.Task[None] | None = None
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._started_at = 0.0
+        self._reader: asyncio.Task[None] | None = None
+        self._scheduled = False
+        self._sent = 0  # records handed to the process
+        self._done = 0  # records it has finished with (written or failed)
+        self._syncs: dict[int, asyncio.Future[bool]] = {}  # True: synced; False: the process died
+        self._running = asyncio.Event()
+        self._stopped = False
+        self._base = (0, 0, 0)
+        self._sync_seq = 0
         self.written = 0
         self.dropped = 0
         self.failed = 0  # statements or records that could not be written at all
@@ -111,8 +82,9 @@ class LogWriter:
 
     # -- producers -------------------------------------------------------------------
     def submit(self, record: RequestRecord) -> None:
-        """Queue a finished record; never blocks. Drops (and counts) when the queue is full."""
-        if len(self._records) >= self._max_queue:
+        """Queue a finished record; never blocks. Drops (and counts) when too many records
+        are not yet committed."""
+        if len(self._records) + self._sent - self._done >= self._max_queue:
             self.dropped += 1
             now = time.monotonic()
             if now - self._last_drop_warning > 5.0:
@@ -120,7 +92,7 @@ class LogWriter:
                 log.warning("log_queue_full", dropped_total=self.dropped, queue=self._max_queue)
             return
         self._records.append(record)
-        self._kick()
+        self._schedule()
 
     def execute(self, sql: str, params: Sequence[Any] = (), *, barrier: bool = False) -> None:
         """Queue a state change; never dropped. A `barrier` (e.g. a delete) is applied after
@@ -128,7 +100,7 @@ class LogWriter:
         self._statements.append(_Pending(sql, lambda: params, barrier=barrier))
         if barrier:
             self._latest.clear()  # a later `latest()` must not be folded into an entry before it
-        self._kick()
+        self._schedule()
 
     def latest(self, key: str, sql: str, params: Params) -> None:
         """Queue writing the newest state of `key` (e.g. a session row): repeated calls
@@ -139,56 +111,74 @@ class LogWriter:
             return
         pending = self._latest[key] = _Pending(sql, params, key)
         self._statements.append(pending)
-        self._kick()
+        self._schedule()
 
-    def _kick(self) -> None:
-        self._idle.clear()
-        self._wake.set()
-        if len(self._records) >= self._batch or len(self._statements) >= self._batch:
-            self._urgent.set()
+    def _schedule(self) -> None:
+        # Hand over every `linger` seconds: one pickle and one pipe write for many records.
+        if not self._scheduled and self._proc is not None:
+            self._scheduled = True
+            asyncio.get_running_loop().call_later(self._linger, self._flush)
 
     @property
     def depth(self) -> int:
-        return len(self._records) + len(self._statements)
+        """Records and state changes queued or in the writer process, not yet committed."""
+        return len(self._records) + len(self._statements) + self._sent - self._done
 
     # -- lifecycle -------------------------------------------------------------------
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="log-writer")
+    async def start(self) -> None:
+        self._started_at = time.monotonic()
+        self._base = (self._done, self.written, self.failed)  # a new process counts from zero
+        path = os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "provider_router.store.sink",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": path},
+        )  # fmt: skip
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(frame(self._config))
+        self._reader = asyncio.create_task(self._read_replies(self._proc), name="log-writer-replies")
+        self._running.set()
+        if self._records or self._statements:
+            self._schedule()
 
     async def stop(self) -> None:
-        """Flush everything queued, then end the task."""
-        self._stopping = True
-        self._urgent.set()
-        self._wake.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
-        await self._flush()
+        """Hand over everything queued, then wait for the writer process to commit and exit."""
+        self._stopped = True
+        proc = self._proc
+        if proc is None:
+            return
+        self._flush()
+        self._proc = None
+        self._running.clear()
+        assert proc.stdin is not None
+        proc.stdin.close()  # end of input: the process commits what it has and exits
+        if self._reader is not None:
+            await self._reader
+        await proc.wait()
+        self._end_syncs(True)
+
+    def _end_syncs(self, synced: bool) -> None:
+        for fut in self._syncs.values():
+            if not fut.done():
+                fut.set_result(synced)
+        self._syncs.clear()
 
     async def drained(self) -> None:
-        """Wait until everything queued so far is committed (tests, CLI, shutdown)."""
-        while self.depth or not self._idle.is_set():
-            self._urgent.set()
-            await self._idle.wait()
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            if not self._urgent.is_set() and self._linger > 0:
-                try:
-                    async with asyncio.timeout(self._linger):
-                        await self._urgent.wait()
-                except TimeoutError:
-                    pass
-            self._wake.clear()
-            self._urgent.clear()
-            await self._flush()
-            if self._stopping:
+        """Wait until everything queued so far is committed or, if the writer process died
+        meanwhile, lost (tests, CLI, shutdown). Returns at once before `start()`."""
+        while not self._stopped and (self._proc is not None or self._reader is not None):
+            await self._running.wait()  # a writer process that died is being replaced
+            if self._proc is None or self._proc.stdin is None:
+                return
+            self._flush()
+            self._sync_seq += 1
+            fut = self._syncs[self._sync_seq] = asyncio.get_running_loop().create_future()
+            self._proc.stdin.write(frame(("sync", self._sync_seq)))
+            if await fut:
                 return
 
-    # -- writing ---------------------------------------------------------------------
+    # -- the hand-over ---------------------------------------------------------------
     def _take_statements(self) -> list[tuple[str, list[Sequence[Any]]]]:
-        """Dequeue a batch of state changes as (sql, [params, ...]) groups in a safe order:
+        """Dequeue the state changes as (sql, [params, ...]) groups in a safe order:
         within each stretch between barriers, `latest()` rows first (the rows others refer
         to), then the rest; consecutive equal statements share one executemany."""
         groups: list[tuple[str, list[Sequence[Any]]]] = []
@@ -204,7 +194,7 @@ class LogWriter:
             firsts.clear()
             rest.clear()
 
-        for _ in range(min(len(self._statements), self._batch)):
+        while self._statements:
             p = self._statements.popleft()
             if p.key is not None:
                 if self._latest.get(p.key) is p:
@@ -219,121 +209,48 @@ class LogWriter:
         close_stretch()
         return groups
 
-    async def _flush(self) -> None:
-        while self._records or self._statements:
-            groups = self._take_statements()
-            recs = [self._records.popleft() for _ in range(min(len(self._records), self._batch))]
-            rows = [self._row(r) for r in recs]
-            try:
-                await self._write(groups, rows)
-            except Exception as e:
-                # One bad row must not cost the batch: retry one by one, skipping only failures.
-                log.warning("log_batch_failed", error=repr(e), records=len(rows), statements=len(groups))
-                await self._rollback()
-                for sql, many in groups:
-                    for params in many:
-                        await self._one(sql, params)
-                for row in rows:
-                    self.written += await self._one(INSERT_REQUEST, row, index=True)
-            else:
-                self.written += len(rows)
-        self._idle.set()
+    def _flush(self) -> None:
+        self._scheduled = False
+        proc = self._proc
+        if proc is None or proc.stdin is None or not (self._records or self._statements):
+            return
+        groups = self._take_statements()
+        while True:
+            n = min(len(self._records), self._batch)
+            records = [self._records.popleft() for _ in range(n)]
+            self._sent += n
+            proc.stdin.write(frame(("batch", groups, records)))
+            groups = []
+            if not self._records:
+                return
 
-    async def _write(self, groups: list[tuple[str, list[Sequence[Any]]]], rows: list[tuple[Any, ...]]) -> None:
-        conn = self._conn
-        await conn.execute("BEGIN IMMEDIATE")
-        for sql, many in groups:
-            await conn.executemany(sql, many)
-        if rows:
-            async with conn.execute(LAST_ROWID) as cur:
-                (last,) = await cur.fetchone()  # type: ignore[misc]
-            await conn.executemany(INSERT_REQUEST, rows)
-            await conn.execute(INDEX_SINCE, (last,))
-        await conn.commit()
-
-    async def _one(self, sql: str, params: Sequence[Any], *, index: bool = False) -> bool:
-        try:
-            await self._conn.execute("BEGIN IMMEDIATE")
-            if index:
-                async with self._conn.execute(LAST_ROWID) as cur:
-                    (last,) = await cur.fetchone()  # type: ignore[misc]
-            await self._conn.execute(sql, params)
-            if index:
-                await self._conn.execute(INDEX_SINCE, (last,))
-            await self._conn.commit()
-            return True
-        except Exception as e:
-            self.failed += 1
-            log.error("log_write_failed", error=repr(e), sql=sql.split("(")[0].strip()[:60])
-            await self._rollback()
-            return False
-
-    async def _rollback(self) -> None:
-        if self._conn.in_transaction:
-            await self._conn.rollback()
-
-    # -- row building (off the request path) -----------------------------------------
-    def _text(self, value: str | None) -> str | None:
-        if value is None:
-            return None
-        return self._redact(value)
-
-    def _body(self, data: bytes | None) -> str | None:
-        if data is None:
-            return None
-        extra = len(data) - self._max_body
-        if extra > 0:
-            data = data[: self._max_body]
-        text = data.decode("utf-8", "replace")
-        if extra > 0:
-            text += TRUNCATED_MARK.format(n=extra)
-        return self._redact(text)
-
-    def _attempts(self, attempts: list[dict[str, Any]] | None) -> str | None:
-        if not attempts:
-            return None
-        # A failed attempt's error quotes the upstream's answer, which may echo our key.
-        return orjson.dumps([{**a, "error": self._text(a.get("error"))} for a in attempts]).decode()
-
-    def _row(self, r: RequestRecord) -> tuple[Any, ...]:
-        if r.assemble is not None:
-            try:
-                r.assemble(r)
-                r.assemble = None
-            except Exception as e:  # a malformed upstream stream still gets its record
-                r.error = r.error or f"could not assemble stream: {e!r}"
-        return (
-            r.id,
-            iso(r.started),
-            iso(r.finished) if r.finished else None,
-            r.method,
-            r.path,
-            r.client,
-            self._text(r.user_agent),
-            self._text(r.model),
-            r.provider,
-            r.upstream_model,
-            None if r.stream is None else int(r.stream),
-            self._body(r.request_body),
-            self._body(r.response_body),
-            self._text(r.prompt_text),
-            self._text(r.response_text),
-            self._text(r.reasoning_text),
-            r.finish_reason,
-            r.prompt_tokens,
-            r.completion_tokens,
-            r.total_tokens,
-            r.chunk_count,
-            r.status,
-            r.outcome,
-            self._text(r.error),
-            None if r.ttfb_ms is None else round(r.ttfb_ms, 3),
-            None if r.duration_ms is None else round(r.duration_ms, 3),
-            r.session_id,
-            r.turn,
-            r.chat_id,
-            r.parent_id,
-            r.reply_id,
-            self._attempts(r.attempts),
-        )
-
+    async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        frames = Frames()
+        while data := await proc.stdout.read(1 << 16):
+            for msg in frames.feed(data):
+                if msg[0] == "progress":
+                    _, done, written, failed, synced = msg
+                    base = self._base
+                    self._done, self.written, self.failed = base[0] + done, base[1] + written, base[2] + failed
+                    if synced is not None:
+                        for n in [n for n in self._syncs if n <= synced]:
+                            fut = self._syncs.pop(n)
+                            if not fut.done():
+                                fut.set_result(True)
+                elif msg[0] == "log":
+                    _, level, event, fields = msg
+                    getattr(log, level)(event, **fields)
+        if self._proc is not proc:
+            return  # stopped
+        # It died (killed, out of memory): what it had not committed is lost; start anew.
+        lost = self._sent - self._done
+        log.error("log_writer_exited", returncode=await proc.wait(), lost=lost)
+        self.failed += lost
+        self._done = self._sent
+        self._proc = None
+        self._running.clear()
+        self._end_syncs(False)
+        await asyncio.sleep(max(0.0, self._started_at + 1.0 - time.monotonic()))  # no tight restart loop
+        if not self._stopped:
+            await self.start()
