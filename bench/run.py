@@ -369,12 +369,10 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process and its live child processes (the proxy's log
     writer process), from /proc/<pid>/stat."""
     total = 0.0
-    for stat in [Path(f"/proc/{pid}/stat"), *Path("/proc").glob("[0-9]*/stat")]:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, IndexError, ValueError):
             fields_ = stat.read_text().rsplit(")", 1)[1].split()
-            if stat.parent.name == str(pid) and stat != Path(f"/proc/{pid}/stat"):
-                continue  # the process itself, met again in the scan
-            if stat == Path(f"/proc/{pid}/stat") or int(fields_[1]) == pid:
+            if stat.parent.name == str(pid) or int(fields_[1]) == pid:  # itself, or its child
                 total += (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
