@@ -53,13 +53,19 @@ class Upstream:
         finally:
             resp.close()
 
-    async def read(self, resp: aiohttp.ClientResponse) -> bytes:
+    async def read(self, resp: aiohttp.ClientResponse, limit: int = 64 * 1024 * 1024) -> bytes:
         """The whole body, within the idle timeout (one timer, not one per piece: a
-        non-stream reply arrives in one go once the model has finished)."""
+        non-stream reply arrives in one go once the model has finished); at most `limit` bytes."""
+        if resp.content_length is not None and resp.content_length > limit:
+            resp.close()
+            raise ApiError(502, "upstream body too large", code="upstream_error")
         try:
             async with asyncio.timeout(self.t.idle):
-                return await resp.read()
+                data = await resp.read()
         except TimeoutError:
             raise upstream_timeout(f"no complete body within {self.t.idle:g}s") from None
         except aiohttp.ClientError as e:
             raise ApiError(502, f"upstream body broke: {type(e).__name__}", code="upstream_stream_error") from None
+        if len(data) > limit:
+            raise ApiError(502, "upstream body too large", code="upstream_error")
+        return data
