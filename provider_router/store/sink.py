@@ -34,17 +34,11 @@ import orjson
 
 from .. import history
 from ..api.assemble import ASSEMBLERS
+from .db import PRAGMAS
 from .records import RequestRecord, iso
 from .redact import Redactor
 
 TRUNCATED_MARK = "…[truncated {n} bytes]"
-PRAGMAS = (
-    "PRAGMA journal_mode=WAL",
-    "PRAGMA synchronous=NORMAL",
-    "PRAGMA busy_timeout=5000",
-    "PRAGMA foreign_keys=ON",
-    "PRAGMA temp_store=MEMORY",
-)
 INSERT_REQUEST = """
 INSERT INTO requests (
     id, received_at, finished_at, method, path, client, user_agent, model, provider,
