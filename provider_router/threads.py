@@ -198,9 +198,7 @@ class Threads:
         self.repo.save(s)
         return s
 
-    async def handle(
-        self, request: web.Request, rec: RequestRecord, route: Route, provider: Provider, call: ChatCall, relay: Relay
-    ) -> web.StreamResponse:
+    async def handle(self, request: web.Request, rec: RequestRecord, route: Route, call: ChatCall, relay: Relay) -> web.StreamResponse:
         """A turn on a threaded upstream: place the history in the thread, send only what
         the upstream has not seen, and advance the thread when the reply completes."""
         s = await self.join(request, rec, route, call)

@@ -130,7 +130,7 @@ async def _attempt(
         def relay() -> Awaitable[web.StreamResponse]:
             return _relay(request, rec, provider, call, last)
 
-        return await threads.handle(request, rec, route, provider, call, relay)
+        return await threads.handle(request, rec, route, call, relay)
     if threads is not None:
         await threads.join(request, rec, route, call)
     return await _relay(request, rec, provider, call, last)
@@ -159,7 +159,8 @@ async def _passthrough(
         return await _passthrough_stream(request, rec, reply)
     if 300 <= status < 400:
         raise ApiError(502, f"upstream answered with a redirect (HTTP {status}), which is not followed", code="upstream_redirect")
-    data = await reply.read() if reply.read is not None else b"".join([chunk async for chunk in reply.raw])
+    assert reply.read is not None
+    data = await reply.read()
     if (status == 429 or status >= 500) and not last:
         text = data[:500].decode("utf-8", "replace")
         raise ApiError(status if status == 429 else 502, f"upstream returned HTTP {status}: {text}", retryable=True)

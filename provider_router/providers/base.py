@@ -69,7 +69,7 @@ class UpstreamReply:
     status: int = 200
     headers: Mapping[str, str] = field(default_factory=dict)
     raw: AsyncIterator[bytes] | None = None
-    # With `raw`: the whole body in one await, for replies that are not forwarded as they arrive.
+    # Set with `raw`: the whole body in one await, for replies that are not forwarded as they arrive.
     read: Callable[[], Awaitable[bytes]] | None = None
     events: AsyncIterator[Event] | None = None
     close: Callable[[], None] = lambda: None

@@ -1,7 +1,7 @@
 """Storage: the SQLite connection, migrations, the log writer and the session repository.
 
 Names are imported on first use: the log writer process imports modules of this package
-and should not pay for the daemon's (aiosqlite, structlog) on start.
+and should not pay for the daemon's side of it (structlog, asyncio) on start.
 """
 
 from __future__ import annotations

@@ -288,7 +288,7 @@ class Sink:
 
 
 def open_db(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, isolation_level=None)
     for pragma in PRAGMAS:
         conn.execute(pragma)
     return conn

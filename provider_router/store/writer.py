@@ -56,7 +56,6 @@ class LogWriter:
         batch_size: int = 1000,
         linger: float = 0.01,
     ) -> None:
-        self._db_path = db_path
         self._config = {"db": db_path, "max_body_bytes": max_body_bytes, "secrets": list(secrets)}
         self._records: deque[RequestRecord] = deque()
         self._statements: deque[_Pending] = deque()
