@@ -10,7 +10,6 @@ import contextlib
 import time
 from typing import AsyncIterator
 
-import aiohttp
 import structlog
 from aiohttp import web
 
@@ -20,6 +19,7 @@ from .config import Config
 from .metrics import Metrics
 from .middleware import edge, key_digest, stamp_headers
 from .providers import build_provider
+from .providers.client import HttpClient
 from .routing import Router
 from .state import STATE, State
 from .store import LogWriter, Redactor, connect, queries
@@ -133,9 +133,8 @@ async def _threads(app: web.Application) -> AsyncIterator[None]:
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    connector = aiohttp.TCPConnector(limit=512, limit_per_host=256, keepalive_timeout=30, ttl_dns_cache=300)
-    # Decoded here, forwarded without Content-Encoding: the client sees plain bytes.
-    http = aiohttp.ClientSession(connector=connector, auto_decompress=True, trust_env=False)
+    # Plain bytes: it asks for no compression and decodes gzip/deflate sent anyway.
+    http = HttpClient(limit_per_host=256, keepalive=30.0)
     state.http = http
     state.providers = {p.name: build_provider(p, http) for p in state.config.providers}
     try:

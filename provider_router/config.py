@@ -274,6 +274,16 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{where}.base_url: must be an http(s) URL")
         if p.retries < 0:
             raise ConfigError(f"{where}.retries: must be >= 0")
+        # These travel as HTTP header values: a line break (say, a key pasted with its
+        # CRLF) would split the request. Named by key; the value itself is never shown.
+        fields = {"api_key": p.api_key, "token": p.token, "cookie": p.cookie}
+        fields.update({f"headers.{k}": v for k, v in p.headers.items()})
+        for key, value in fields.items():
+            if any(c in value for c in "\r\n\0"):
+                raise ConfigError(f"{where}.{key}: contains a line break or NUL")
+        for k in p.headers:
+            if not k or any(c in k for c in "\r\n\0: "):
+                raise ConfigError(f"{where}.headers: {k!r} is not a valid header name")
     model_names = {m.name for m in cfg.models}
     for i, m in enumerate(cfg.models):
         if m.provider not in names:

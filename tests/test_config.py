@@ -68,3 +68,14 @@ def test_shipped_config_serves_with_no_keys() -> None:
     assert "gpt-*" not in [m.name for m in router.available]
     cfg = load_config(Path(__file__).parent.parent / "config.yaml", env={"OPENAI_API_KEY": "sk-x"})
     assert Router(cfg).route("gpt-4o-mini").provider.name == "openai"
+
+
+@pytest.mark.parametrize("key", ["api_key", "headers.X-Org"])
+def test_a_value_with_a_line_break_is_refused_without_showing_it(key: str) -> None:
+    """A key pasted with its CRLF would split the upstream request: refused at start-up,
+    named by key, the value not shown."""
+    field = "api_key: '${K}'" if key == "api_key" else "headers: {X-Org: '${K}'}"
+    text = f"providers: [{{name: up, type: openai, base_url: 'http://127.0.0.1:1/v1', {field}}}]\n"
+    with pytest.raises(ConfigError) as e:
+        parse_config(text + "models: [{name: m, provider: up}]\n", env={"K": "sk-secret-value\r\n"})
+    assert f"providers[0].{key}" in str(e.value) and "sk-secret" not in str(e.value)

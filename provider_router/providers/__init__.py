@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import aiohttp
-
 from ..config import ProviderConfig
 from .base import ChatCall, ChatGone, Delta, Event, Finish, Provider, Started, UpstreamReply, Usage
+from .client import HttpClient
 from .echo import EchoProvider
 from .openai import OpenAIProvider
 
 
-def build_provider(cfg: ProviderConfig, http: aiohttp.ClientSession) -> Provider:
+def build_provider(cfg: ProviderConfig, http: HttpClient) -> Provider:
     """The provider object for one `providers[]` entry."""
     if cfg.type == "openai":
         return OpenAIProvider(cfg, http)

@@ -1,71 +1,96 @@
-"""Upstream HTTP shared by the providers: the request with split timeouts, and body reads
-with an idle timeout. There is no total cap, so a healthy long stream is never cut.
+"""Upstream HTTP shared by the providers: requests with split timeouts (connect, first
+byte, idle between body pieces) and failures as `ApiError`s. There is no total cap, so a
+healthy long stream is never cut. The wire work is `client.py`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
-
-import aiohttp
+from typing import AsyncIterator, Mapping
 
 from ..config import TimeoutsConfig
 from ..errors import ApiError, upstream_timeout, upstream_unreachable
+from .client import HttpClient, ProtocolError, Response, header_block
+
+MAX_BODY = 64 * 1024 * 1024
 
 
 class Upstream:
-    """One provider's view of the shared `aiohttp.ClientSession`."""
+    """One provider's view of the app's `HttpClient`."""
 
-    def __init__(self, http: aiohttp.ClientSession, timeouts: TimeoutsConfig) -> None:
+    def __init__(self, http: HttpClient, timeouts: TimeoutsConfig) -> None:
         self.http = http
         self.t = timeouts
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect, sock_connect=timeouts.connect)
 
-    async def request(self, method: str, url: str, **kw: Any) -> aiohttp.ClientResponse:
+    @staticmethod
+    def headers(headers: Mapping[str, str]) -> bytes:
+        """Encode a provider's fixed headers once (see `client.header_block`)."""
+        return header_block(headers)
+
+    async def request(self, method: str, url: str, headers: bytes, body: bytes | None = None) -> Response:
         """Send; return once the response head arrived (within `first_byte`). Redirects are not followed."""
         try:
-            async with asyncio.timeout(self.t.first_byte):
-                return await self.http.request(method, url, timeout=self._timeout, allow_redirects=False, **kw)
+            return await self.http.request(
+                method, url, headers, body, connect=self.t.connect, first_byte=self.t.first_byte
+            )
         except TimeoutError:
             raise upstream_timeout("no response head") from None
-        except aiohttp.ClientConnectorError as e:
-            raise upstream_unreachable(f"{type(e).__name__}: {e.os_error.strerror or e}") from None
-        except aiohttp.ClientError as e:
-            raise upstream_unreachable(type(e).__name__) from None
+        except OSError as e:
+            raise upstream_unreachable(f"{type(e).__name__}: {e.strerror or e}") from None
+        except ProtocolError as e:
+            raise upstream_unreachable(str(e)) from None
 
-    async def chunks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    async def chunks(self, resp: Response) -> AsyncIterator[bytes]:
         """The body as it arrives; `ApiError` on idle timeout or a broken connection.
-        Closes (not releases) the response at the end, so a client that left stops the upstream."""
+        Closes the response at the end, so a client that left stops the upstream."""
         idle = self.t.idle
-        content = resp.content
         try:
             while True:
+                data = resp.take()
+                if data:
+                    yield data
+                    continue
+                if resp.done:
+                    return
+                _raise_broken(resp, "stream")
                 try:
-                    async with asyncio.timeout(idle):
-                        chunk = await content.readany()
+                    await resp.wait(idle)
                 except TimeoutError:
                     raise upstream_timeout(f"no data for {idle:g}s") from None
-                except aiohttp.ClientError as e:
-                    raise ApiError(502, f"upstream stream broke: {type(e).__name__}", code="upstream_stream_error") from None
-                if not chunk:
-                    return
-                yield chunk
         finally:
             resp.close()
 
-    async def read(self, resp: aiohttp.ClientResponse, limit: int = 64 * 1024 * 1024) -> bytes:
+    async def read(self, resp: Response, limit: int = MAX_BODY) -> bytes:
         """The whole body, within the idle timeout (one timer, not one per piece: a
         non-stream reply arrives in one go once the model has finished); at most `limit` bytes."""
-        if resp.content_length is not None and resp.content_length > limit:
-            resp.close()
-            raise ApiError(502, "upstream body too large", code="upstream_error")
         try:
-            async with asyncio.timeout(self.t.idle):
-                data = await resp.read()
-        except TimeoutError:
-            raise upstream_timeout(f"no complete body within {self.t.idle:g}s") from None
-        except aiohttp.ClientError as e:
-            raise ApiError(502, f"upstream body broke: {type(e).__name__}", code="upstream_stream_error") from None
-        if len(data) > limit:
-            raise ApiError(502, "upstream body too large", code="upstream_error")
-        return data
+            if resp.content_length is not None and resp.content_length > limit:
+                raise ApiError(502, "upstream body too large", code="upstream_error")
+            parts: list[bytes] = []
+            size = 0
+            loop_time = asyncio.get_running_loop().time
+            deadline = loop_time() + self.t.idle
+            while True:
+                data = resp.take()
+                if data:
+                    parts.append(data)
+                    size += len(data)
+                    if size > limit:
+                        raise ApiError(502, "upstream body too large", code="upstream_error")
+                    continue
+                if resp.done:
+                    return parts[0] if len(parts) == 1 else b"".join(parts)
+                _raise_broken(resp, "body")
+                try:
+                    await resp.wait(deadline - loop_time())
+                except TimeoutError:
+                    raise upstream_timeout(f"no complete body within {self.t.idle:g}s") from None
+        finally:
+            resp.close()
+
+
+def _raise_broken(resp: Response, what: str) -> None:
+    if resp.error is not None:
+        raise ApiError(
+            502, f"upstream {what} broke: {type(resp.error).__name__}", code="upstream_stream_error"
+        ) from None

@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 import uuid
 from typing import Any, AsyncIterator
+from urllib.parse import urlencode
 
-import aiohttp
 import orjson
 
 from ..config import ProviderConfig
@@ -19,6 +19,7 @@ from ..errors import ApiError
 from ..messages import content_text
 from ..sse import SSEParser
 from .base import ChatCall, ChatGone, Delta, Event, Finish, Started, UpstreamReply, Usage
+from .client import HttpClient, Response
 from .http import Upstream
 
 
@@ -56,24 +57,25 @@ def _error(data: dict[str, Any], status: int) -> Exception:
 class QwenProvider:
     threaded = True
 
-    def __init__(self, cfg: ProviderConfig, http: aiohttp.ClientSession) -> None:
+    def __init__(self, cfg: ProviderConfig, http: HttpClient) -> None:
         self.name = cfg.name
         self.delete_chats = cfg.delete_chats_on_expiry
         self._up = Upstream(http, cfg.timeouts)
         self._base = cfg.base_url.rstrip("/")
-        self._headers = {
+        headers = {
             **cfg.headers,
             "Authorization": f"Bearer {cfg.token}",
             "Content-Type": "application/json",
             "Accept": "application/json",
         }
         if cfg.cookie:
-            self._headers["Cookie"] = cfg.cookie
-        self._stream_headers = {**self._headers, "Accept": "text/event-stream"}
+            headers["Cookie"] = cfg.cookie
+        self._headers = Upstream.headers(headers)
+        self._stream_headers = Upstream.headers({**headers, "Accept": "text/event-stream"})
 
     async def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         data = orjson.dumps(body) if body is not None else None
-        resp = await self._up.request(method, self._base + path, data=data, headers=self._headers)
+        resp = await self._up.request(method, self._base + path, self._headers, data)
         raw = await self._up.read(resp)
         try:
             obj = orjson.loads(raw)
@@ -128,10 +130,9 @@ class QwenProvider:
             "timestamp": now + 1,
         }
         data = orjson.dumps(body)
-        resp = await self._up.request(
-            "POST", f"{self._base}/api/v2/chat/completions", params={"chat_id": chat_id}, data=data, headers=self._stream_headers
-        )
-        if not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+        url = f"{self._base}/api/v2/chat/completions?{urlencode({'chat_id': chat_id})}"
+        resp = await self._up.request("POST", url, self._stream_headers, data)
+        if not resp.headers.get("content-type", "").startswith("text/event-stream"):
             # Errors come as JSON (often with HTTP 200) instead of a stream.
             raw = await self._up.read(resp)
             try:
@@ -141,7 +142,7 @@ class QwenProvider:
             raise _error(obj if isinstance(obj, dict) else {}, resp.status)
         return UpstreamReply(events=self._events(resp, chat_id), close=resp.close)
 
-    async def _events(self, resp: aiohttp.ClientResponse, chat_id: str) -> AsyncIterator[Event]:
+    async def _events(self, resp: Response, chat_id: str) -> AsyncIterator[Event]:
         parser = SSEParser()
         usage: Usage | None = None
         async for chunk in self._up.chunks(resp):

@@ -1,0 +1,488 @@
+"""The upstream HTTP/1.1 client: keep-alive connections pooled per origin, responses
+parsed by httptools, bodies buffered with back-pressure. It does only what upstream
+calls need: one request per connection at a time, no redirects, no cookies, no proxies.
+
+Why not `aiohttp.ClientSession`: the proxy makes one upstream call per request, and that
+session costs 3-4 times the CPU per call of this client (`bench/upstream_client.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+import zlib
+from collections import deque
+from functools import lru_cache
+from typing import Mapping
+from urllib.parse import urlsplit
+
+import httptools
+
+HIGH_WATER = 256 * 1024  # buffered body bytes before the socket stops being read
+USER_AGENT = "provider-router"
+
+
+class ProtocolError(Exception):
+    """The upstream broke HTTP/1.1 (unparseable bytes, an unsupported encoding...)."""
+
+
+class ConnectionClosed(ConnectionError):
+    """The upstream closed the connection before the response was complete."""
+
+
+@lru_cache(maxsize=512)
+def _split(url: str) -> tuple[tuple[str, str, int], str, str]:
+    """`url` -> (origin, Host header value, request target)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
+    host = parts.hostname
+    shown = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        shown = f"{shown}:{port}"
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return (parts.scheme, host, port), shown, target
+
+
+def header_block(headers: Mapping[str, str]) -> bytes:
+    """`headers` as request-head lines, encoded once per provider (config.py has refused
+    values with line breaks). Ours are added unless the config sets them."""
+    given = {k.lower() for k in headers}
+    ours = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    lines = [f"{k}: {v}\r\n" for k, v in headers.items()]
+    lines += [f"{k}: {v}\r\n" for k, v in ours.items() if k.lower() not in given]
+    return "".join(lines).encode()
+
+
+class Response:
+    """A response whose head has arrived; the body follows through `Upstream` (http.py)."""
+
+    __slots__ = (
+        "status", "headers", "content_length", "_conn", "_loop", "_chunks", "_size",
+        "_done", "_exc", "_waiter", "_decoder", "_paused",
+    )
+
+    def __init__(self, conn: _Conn) -> None:
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.content_length: int | None = None
+        self._conn: _Conn | None = conn
+        self._loop = conn.loop
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._done = False
+        self._exc: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._decoder: zlib._Decompress | None = None
+        self._paused = False
+
+    # -- the consumer's side -------------------------------------------------------------
+    def take(self) -> bytes:
+        """Everything buffered so far (b"" if nothing is)."""
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._size = 0
+        if self._paused and self._conn is not None:
+            self._paused = False
+            self._conn.resume()
+        return data
+
+    @property
+    def buffered(self) -> int:
+        return self._size
+
+    @property
+    def done(self) -> bool:
+        """The whole body has arrived (it may still be buffered)."""
+        return self._done
+
+    @property
+    def error(self) -> BaseException | None:
+        """What broke the body, if something did."""
+        return self._exc
+
+    async def wait(self, timeout: float) -> None:
+        """Until more body, its end or its failure arrives; `TimeoutError` after `timeout` s."""
+        if self._chunks or self._done or self._exc is not None:
+            return
+        fut = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(timeout, _expire, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def close(self) -> None:
+        """Done with it: a complete response already went back to the pool; anything else
+        closes its connection (the upstream stops generating for a client that left)."""
+        conn, self._conn = self._conn, None
+        if conn is not None and not self._done:
+            conn.abort()
+
+    # -- the connection's side -----------------------------------------------------------
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _feed(self, data: bytes) -> None:
+        if self._decoder is not None:
+            try:
+                data = self._decoder.decompress(data)
+            except zlib.error as e:
+                self._fail(ProtocolError(f"bad {self.headers.get('content-encoding')} body: {e}"))
+                return
+            if not data:
+                return
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size > HIGH_WATER and not self._paused and self._conn is not None:
+            self._paused = True
+            self._conn.pause()
+        self._wake()
+
+    def _finish(self) -> None:
+        if self._decoder is not None:
+            tail = self._decoder.flush()
+            if tail:
+                self._chunks.append(tail)
+                self._size += len(tail)
+        self._done = True
+        conn, self._conn = self._conn, None  # it goes back to the pool: close() must not touch it
+        if self._paused and conn is not None:
+            self._paused = False
+            conn.resume()  # the body is all here; the next exchange needs the socket read
+        self._wake()
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self._done and self._exc is None:
+            self._exc = exc
+            self._wake()
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+class _Conn(asyncio.Protocol):
+    """One upstream connection; carries one exchange at a time."""
+
+    def __init__(self, pool: _Pool) -> None:
+        self.pool = pool
+        self.loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.resp: Response | None = None
+        self.head: asyncio.Future[Response] | None = None
+        self.got_bytes = False  # any byte of the current response arrived
+        self.uses = 0
+        self.idle_since = 0.0
+        self.closed = False
+        self._names: list[bytes] = []
+        self._values: list[bytes] = []
+
+    # -- the exchange ----------------------------------------------------------------------
+    def send(self, data: bytes, body: bytes | None) -> asyncio.Future[Response]:
+        assert self.transport is not None
+        self.uses += 1
+        self.got_bytes = False
+        self.resp = Response(self)
+        self.head = self.loop.create_future()
+        if body is None:
+            self.transport.write(data)
+        elif len(body) < 65536:
+            self.transport.write(data + body)
+        else:
+            self.transport.writelines((data, body))
+        return self.head
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()
+
+    def pause(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.resp is None:  # bytes nobody asked for: the connection is unusable
+            self.abort()
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self._broken(ProtocolError(f"invalid HTTP from upstream: {e}"))
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        resp = self.resp
+        if resp is not None:
+            if resp.status and _ends_at_close(resp):
+                self._complete(reusable=False)  # a body delimited by the connection's end
+            else:
+                self._broken(ConnectionClosed("upstream closed the connection") if exc is None else exc)
+        self.pool.lost(self)
+
+    # -- httptools callbacks -----------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._names.append(name)
+        self._values.append(value)
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        names, values = self._names, self._values
+        self._names, self._values = [], []
+        if 100 <= status < 200:
+            return  # informational (100, 103): the real head follows
+        resp = self.resp
+        if resp is None:  # a second message behind the one asked for: not a connection to keep
+            self.abort()
+            return
+        headers = resp.headers
+        for n, v in zip(names, values):
+            key = n.decode("latin-1").lower()
+            val = v.decode("latin-1")
+            headers[key] = f"{headers[key]}, {val}" if key in headers else val
+        resp.status = status
+        length = headers.get("content-length")
+        if length is not None and length.isdigit():
+            resp.content_length = int(length)
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            resp._decoder = zlib.decompressobj(47 if encoding != "deflate" else 15)
+        elif encoding != "identity":
+            self._broken(ProtocolError(f"unsupported Content-Encoding {encoding!r}"))
+            return
+        if self.head is not None and not self.head.done():
+            self.head.set_result(resp)
+
+    def on_body(self, body: bytes) -> None:
+        if self.resp is not None:
+            self.resp._feed(body)
+        else:
+            self.abort()
+
+    def on_message_complete(self) -> None:
+        resp = self.resp
+        if resp is not None and resp.status >= 200:
+            self._complete(reusable=self.parser.should_keep_alive())
+
+    # -- endings -----------------------------------------------------------------------------
+    def _complete(self, reusable: bool) -> None:
+        resp, self.resp = self.resp, None
+        self.head = None
+        assert resp is not None
+        if self.closed:
+            reusable = False
+        resp._finish()
+        self.pool.release(self, reusable)
+
+    def _broken(self, exc: BaseException) -> None:
+        resp, head = self.resp, self.head
+        self.resp = self.head = None
+        if head is not None and not head.done():
+            head.set_exception(exc)
+        if resp is not None:
+            resp._fail(exc)
+        self.abort()
+        self.pool.release(self, False)
+
+
+def _ends_at_close(resp: Response) -> bool:
+    h = resp.headers
+    return "content-length" not in h and "chunked" not in h.get("transfer-encoding", "").lower()
+
+
+class _Pool:
+    """The connections to one origin: idle ones for reuse, at most `limit` in use at once."""
+
+    def __init__(self, client: HttpClient, origin: tuple[str, str, int]) -> None:
+        self.client = client
+        self.loop = client.loop
+        self.scheme, self.host, self.port = origin
+        self.idle: list[_Conn] = []
+        self.busy: set[_Conn] = set()
+        self.connecting = 0
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self, deadline: float, connect: float, *, fresh: bool = False) -> _Conn:
+        """An idle connection, or a new one once fewer than the limit are in use."""
+        now = time.monotonic()
+        keepalive = self.client.keepalive
+        while not fresh and self.idle:
+            conn = self.idle.pop()
+            if not conn.closed and now - conn.idle_since < keepalive:
+                self.busy.add(conn)
+                return conn
+            conn.abort()
+        if len(self.busy) + self.connecting >= self.client.limit_per_host:
+            fut = self.loop.create_future()
+            self.waiters.append(fut)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await fut
+            finally:
+                if fut in self.waiters:
+                    self.waiters.remove(fut)
+            return await self.acquire(deadline, connect, fresh=fresh)
+        self.connecting += 1
+        try:
+            async with asyncio.timeout_at(min(deadline, self.loop.time() + connect)):
+                _, conn = await self.loop.create_connection(
+                    lambda: _Conn(self),
+                    self.host,
+                    self.port,
+                    ssl=self.client.tls() if self.scheme == "https" else None,
+                    server_hostname=self.host if self.scheme == "https" else None,
+                )
+        except BaseException:
+            self._wake_one()
+            raise
+        finally:
+            self.connecting -= 1
+        self.busy.add(conn)
+        return conn
+
+    def release(self, conn: _Conn, reusable: bool) -> None:
+        if conn not in self.busy:
+            return
+        self.busy.discard(conn)
+        if reusable and not conn.closed and not self.client.closed:
+            conn.idle_since = time.monotonic()
+            self.idle.append(conn)
+            self.client.sweep_later()
+        else:
+            conn.abort()
+        self._wake_one()
+
+    def lost(self, conn: _Conn) -> None:
+        if conn in self.busy:
+            self.release(conn, False)
+        elif conn in self.idle:
+            self.idle.remove(conn)
+
+    def sweep(self, now: float) -> None:
+        keep = self.client.keepalive
+        stale = [c for c in self.idle if now - c.idle_since >= keep]
+        if stale:
+            self.idle = [c for c in self.idle if now - c.idle_since < keep]
+            for c in stale:
+                c.abort()
+
+    def _wake_one(self) -> None:
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+
+class HttpClient:
+    """Keep-alive HTTP/1.1 to the upstreams, one per app (`app._upstreams`).
+
+    `limit_per_host` bounds the connections in use per origin (further requests wait);
+    idle connections close after `keepalive` seconds.
+    """
+
+    def __init__(self, *, limit_per_host: int = 256, keepalive: float = 30.0, tls: ssl.SSLContext | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.limit_per_host = limit_per_host
+        self.keepalive = keepalive
+        self.closed = False
+        self._tls = tls
+        self._pools: dict[tuple[str, str, int], _Pool] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def tls(self) -> ssl.SSLContext:
+        if self._tls is None:
+            self._tls = ssl.create_default_context()  # system CAs, hostname checks on
+        return self._tls
+
+    async def request(
+        self, method: str, url: str, headers: bytes, body: bytes | None = None, *, connect: float, first_byte: float
+    ) -> Response:
+        """Send; return once the response head arrived, `TimeoutError` if it has not within
+        `first_byte` s (connecting, at most `connect` s, included). `headers` come from
+        `header_block`. A reused connection the upstream had closed meanwhile (nothing came
+        back on it) is retried once on a new one."""
+        origin, host, target = _split(url)
+        pool = self._pools.get(origin)
+        if pool is None:
+            pool = self._pools[origin] = _Pool(self, origin)
+        length = b"" if body is None else b"Content-Length: %d\r\n" % len(body)
+        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%s\r\n" % (
+            method.encode(), target.encode(), host.encode(), headers, length
+        )
+        deadline = self.loop.time() + first_byte
+        conn = await pool.acquire(deadline, connect)
+        reused = conn.uses > 0
+        try:
+            return await self._exchange(conn, head, body, deadline)
+        except (ConnectionClosed, ConnectionResetError, BrokenPipeError):
+            if not reused or conn.got_bytes:
+                raise
+        conn = await pool.acquire(deadline, connect, fresh=True)
+        return await self._exchange(conn, head, body, deadline)
+
+    async def _exchange(self, conn: _Conn, head: bytes, body: bytes | None, deadline: float) -> Response:
+        fut = conn.send(head, body)
+        timer = self.loop.call_at(deadline, _expire, fut)
+        try:
+            return await fut
+        except BaseException:
+            conn.abort()  # timed out, cancelled or broken mid-exchange: not reusable
+            raise
+        finally:
+            timer.cancel()
+
+    def sweep_later(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self.keepalive, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = time.monotonic()
+        for pool in self._pools.values():
+            pool.sweep(now)
+        if any(pool.idle for pool in self._pools.values()):
+            self.sweep_later()
+
+    def usage(self) -> dict[str, int]:
+        """Connections in use and idle, and calls waiting for one, over all origins."""
+        pools = self._pools.values()
+        return {
+            "in_use": sum(len(p.busy) + p.connecting for p in pools),
+            "idle": sum(len(p.idle) for p in pools),
+            "waiting": sum(len(p.waiters) for p in pools),
+        }
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for pool in self._pools.values():
+            for conn in [*pool.idle, *pool.busy]:
+                conn.abort()
+            pool.idle.clear()
+        await asyncio.sleep(0)  # let the transports run connection_lost
