@@ -32,22 +32,26 @@ def new_id() -> str:
     return f"{ms:012x}{seq:04x}{random.getrandbits(48):012x}"
 
 
-_iso_second = [-1, ""]  # the last whole second formatted, and its text
+_iso_seconds: dict[int, str] = {}  # whole seconds formatted lately, and their text
 
 
 def iso(ts: float) -> str:
     """ISO 8601 UTC with milliseconds: sortable as text, readable in sqlite3.
 
     Formatting a datetime costs microseconds and runs several times per request, so the
-    text of the current second is cached and only the milliseconds are appended.
+    text of recent whole seconds is cached and only the milliseconds are appended (a
+    session's save alone formats three different seconds: created, now, expiry).
     """
     sec = int(ts)
     us = round((ts - sec) * 1e6)  # as datetime does: round to microseconds, then cut to ms
     if us >= 1_000_000:
         sec, us = sec + 1, us - 1_000_000
-    if sec != _iso_second[0]:
-        _iso_second[0], _iso_second[1] = sec, datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{_iso_second[1]}.{us // 1000:03d}Z"
+    text = _iso_seconds.get(sec)
+    if text is None:
+        if len(_iso_seconds) >= 256:
+            _iso_seconds.clear()
+        text = _iso_seconds[sec] = datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{text}.{us // 1000:03d}Z"
 
 
 @dataclass(slots=True)
