@@ -2,8 +2,8 @@
 whether any are lost; and, separately, what assembling one forwarded 64-chunk stream costs.
 
 Records are shaped as the daemon hands them over with sessions on: raw reply bytes (one
-in four a 64-chunk stream) for the writer process to assemble, and a stateless turn for
-it to thread in the log, in 100 conversations.
+in four a 64-chunk stream) for the writer process to assemble, a stateless turn for it to
+thread in the log, in 100 conversations, and the canonical log line for it to render.
 
 Run: .venv/bin/python bench/log_writer.py [--records N]
 """
@@ -53,7 +53,7 @@ def make_records(n: int) -> list[RequestRecord]:
         r.model, r.provider, r.upstream_model, r.prompt_text = "gpt-4o-mini", "fake", "gpt-4o-mini", "Say hello in five words."
         r.request_body = BODY
         r.session_id = r.chat_id = f"s{i % SESSIONS}"
-        r.log_turn = True
+        r.log_turn = r.log_line = True
         if i % 4 == 3:  # one in four streamed, as in the memory test
             r.stream, r.stream_body, r.reply_format = True, STREAM, "stream"
         else:
@@ -69,7 +69,16 @@ async def measure(n: int) -> dict[str, float]:
         path = Path(tmp) / "w.db"
         conn = await connect(path)
         writer = LogWriter(str(path), max_queue=n, secrets=["sk-bench-secret"])
-        await writer.start()
+        # The writer process renders each record's log line to its stderr, the daemon's:
+        # here a file, as under a service manager, instead of this script's output.
+        saved = os.dup(2)
+        with open(Path(tmp) / "daemon.log", "wb") as lines:
+            os.dup2(lines.fileno(), 2)
+            try:
+                await writer.start()
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
         repo, now = SessionRepo(conn, writer), time.time()
         for k in range(SESSIONS):
             repo.save(Session(f"s{k}", f"fp{k}", "bench", "fake", "gpt-4o-mini", now, now, now + 1800, chat_id=f"s{k}"))

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 
 import structlog
 from aiohttp import web
 
 from .errors import ApiError
 from .state import RECORD, REQUEST_ID, STATE
-from .store.records import RequestRecord, new_id
+from .store.records import RequestRecord, new_id, request_line
 
 log = structlog.get_logger("provider_router.request")
 
@@ -120,23 +121,13 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
             if status == 499 and rec.status is not None:
                 status = rec.status  # a stream that had started keeps its status
             rec.finish(status, outcome, error)
-            if state.writer is not None:
-                state.writer.submit(rec)
             if state.metrics is not None:
                 state.metrics.observe(rec)
-            log.info(
-                "request",
-                method=rec.method,
-                path=rec.path,
-                status=rec.status,
-                outcome=rec.outcome,
-                model=rec.model,
-                provider=rec.provider,
-                client=rec.client,
-                session=rec.session_id,
-                ttfb_ms=None if rec.ttfb_ms is None else round(rec.ttfb_ms, 2),
-                duration_ms=round(rec.duration_ms or 0.0, 2),
-            )
+            # The canonical line is rendered from the record by the log writer process,
+            # off the event loop; here only if the record could not be queued.
+            rec.log_line = log.is_enabled_for(logging.INFO)
+            if rec.log_line and (state.writer is None or not state.writer.submit(rec)):
+                log.info("request", **request_line(rec))
         structlog.contextvars.unbind_contextvars("request_id")
 
 

@@ -133,7 +133,8 @@ async def test_kill_9_mid_burst_keeps_the_database_sound_and_threads_continue(ai
 async def test_writer_behind_drops_and_counts_instead_of_blocking(make_proxy: ProxyFactory) -> None:
     """With the database locked by another connection's transaction the writer cannot commit;
     requests are still answered, records past `logs.queue_size` are dropped with a counter
-    (in /metrics too) and a `log_queue_full` warning, and the queued ones land afterwards."""
+    (in /metrics too) and a `log_queue_full` warning, their log lines still written, and the
+    queued ones land afterwards."""
     cfg = {**base_config(), "logs": {"queue_size": 3}, "auth": {"metrics_public": True}}
     p = await make_proxy(cfg)
     await p.drained()
@@ -152,6 +153,9 @@ async def test_writer_behind_drops_and_counts_instead_of_blocking(make_proxy: Pr
         lock.execute("ROLLBACK")
         lock.close()
     assert dropped >= n - 3 - 2  # at most one batch in the writer's hands plus a full queue
+    # A dropped record's line is still written, by the daemon itself (the others' come
+    # from the writer process, which this capture does not see).
+    assert sum(1 for e in logs if e["event"] == "request") == dropped
     warnings = [e for e in logs if e["event"] == "log_queue_full"]
     assert warnings and warnings[0]["log_level"] == "warning" and warnings[0]["queue"] == 3
     rows = await p.rows()

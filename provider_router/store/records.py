@@ -96,6 +96,10 @@ class RequestRecord:
     # A turn of a stateless upstream: the writer threads it in the log (parent, turn, reply)
     # once it has assembled the reply; nothing on the request path needs that.
     log_turn: bool = False
+    # The writer process renders the request's canonical log line (after the row is
+    # written) when this is set: the line is a view of the record, and rendering it costs
+    # the event loop nothing.
+    log_line: bool = False
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Records cross to the writer process in pickled batches: a plain tuple of values
@@ -117,6 +121,24 @@ class RequestRecord:
 
 
 _FIELDS = tuple(RequestRecord.__slots__)
+
+
+def request_line(r: RequestRecord) -> dict[str, Any]:
+    """The fields of a request's canonical log line (event `request`)."""
+    return {
+        "request_id": r.id,
+        "method": r.method,
+        "path": r.path,
+        "status": r.status,
+        "outcome": r.outcome,
+        "model": r.model,
+        "provider": r.provider,
+        "client": r.client,
+        "session": r.session_id,
+        "ttfb_ms": None if r.ttfb_ms is None else round(r.ttfb_ms, 2),
+        "duration_ms": round(r.duration_ms or 0.0, 2),
+        "timestamp": iso(r.finished or r.started),
+    }
 
 
 def _rebuild(values: tuple[Any, ...]) -> RequestRecord:

@@ -10,6 +10,10 @@ talks to it over its stdin/stdout in length-prefixed pickle frames:
 - out: ``("progress", records_done, written, failed, last_sync)`` after each commit, and
   ``("log", level, event, fields)`` for the daemon to log.
 
+It also renders each record's canonical log line (`request`) once the record is written,
+to its stderr, which is the daemon's: rendering costs the event loop nothing, and the line
+and the row come from the same record.
+
 Per record it assembles the forwarded reply (text, usage; a stream's events), threads a
 stateless upstream's turn in the log, redacts and truncates, and inserts the row; a batch
 is one transaction, with the full-text index filled by one statement. SIGINT and SIGTERM
@@ -35,7 +39,7 @@ import orjson
 from .. import history
 from ..api.assemble import ASSEMBLERS
 from .db import PRAGMAS
-from .records import RequestRecord, iso
+from .records import RequestRecord, iso, request_line
 from .redact import Redactor
 
 TRUNCATED_MARK = "…[truncated {n} bytes]"
@@ -142,8 +146,11 @@ class TurnLog:
 
 # -- rows ------------------------------------------------------------------------------------
 class Sink:
-    def __init__(self, conn: sqlite3.Connection, *, max_body_bytes: int, redactor: Redactor, emit: Any) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, *, max_body_bytes: int, redactor: Redactor, emit: Any, line: Any = None
+    ) -> None:
         self.conn = conn
+        self.line = line  # renders a record's canonical log line (structlog's `info`), if set
         self.max_body = max_body_bytes
         self.redact = redactor
         self.emit = emit  # sends a frame to the daemon
@@ -242,7 +249,15 @@ class Sink:
         if turns:
             steps.append((INSERT_TURN, turns))
             steps.append((ADVANCE_SESSION, [(reply_id, count, sid) for sid, (reply_id, count) in tips.items()]))
-        n = sum(len(records) for _, records in batches)
+        self._write_all(steps, rows)
+        self.records_done += sum(len(records) for _, records in batches)
+        if self.line is not None:  # after the rows: a line means its record is stored (or counted failed)
+            for _, records in batches:
+                for r in records:
+                    if r.log_line:
+                        self.line("request", **request_line(r))
+
+    def _write_all(self, steps: list[Group], rows: list[tuple[Any, ...]]) -> None:
         try:
             self._write(steps, rows)
             self.written += len(rows)
@@ -254,7 +269,6 @@ class Sink:
                     self._one(sql, params)
             for row in rows:
                 self.written += self._one(INSERT_REQUEST, row, index=True)
-        self.records_done += n
 
     def _write(self, steps: list[Group], rows: list[tuple[Any, ...]]) -> None:
         conn = self.conn
@@ -314,7 +328,13 @@ def serve(inp: int, out: BinaryIO) -> None:
             return
         pending += frames.feed(data)
     cfg = pending.pop(0)
-    sink = Sink(open_db(cfg["db"]), max_body_bytes=cfg["max_body_bytes"], redactor=Redactor(cfg["secrets"]), emit=emit)
+    from ..logsetup import setup_logging  # structlog: only this process's own start-up pays it
+    import structlog
+
+    redactor = Redactor(cfg["secrets"])
+    setup_logging("info", redact=redactor)  # JSON unless stderr (the daemon's) is a terminal
+    line = structlog.get_logger("provider_router.request").info
+    sink = Sink(open_db(cfg["db"]), max_body_bytes=cfg["max_body_bytes"], redactor=redactor, emit=emit, line=line)
     while not eof or pending:
         # Take what was sent (the daemon writes while we commit), lingering a little for
         # more unless asked to sync, then write it.

@@ -80,18 +80,19 @@ class LogWriter:
         self._last_drop_warning = 0.0
 
     # -- producers -------------------------------------------------------------------
-    def submit(self, record: RequestRecord) -> None:
+    def submit(self, record: RequestRecord) -> bool:
         """Queue a finished record; never blocks. Drops (and counts) when too many records
-        are not yet committed."""
+        are not yet committed: False then."""
         if len(self._records) + self._sent - self._done >= self._max_queue:
             self.dropped += 1
             now = time.monotonic()
             if now - self._last_drop_warning > 5.0:
                 self._last_drop_warning = now
                 log.warning("log_queue_full", dropped_total=self.dropped, queue=self._max_queue)
-            return
+            return False
         self._records.append(record)
         self._schedule()
+        return True
 
     def execute(self, sql: str, params: Sequence[Any] = (), *, barrier: bool = False) -> None:
         """Queue a state change; never dropped. A `barrier` (e.g. a delete) is applied after
