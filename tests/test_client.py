@@ -306,3 +306,20 @@ async def test_tls_with_hostname_check(client: HttpClient) -> None:
     finally:
         await c.close()
         await runner.cleanup()
+
+
+async def test_a_path_piece_cannot_split_the_request(raw_server, client) -> None:  # type: ignore[no-untyped-def]
+    """Ids that end up in a path (a chat id from an upstream) cannot add header lines: line
+    breaks are dropped (as `urlsplit` does), spaces and non-ASCII are percent-encoded."""
+
+    async def serve(s: RawServer, n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        s.requests.append(await read_request(reader))
+        writer.write(answer(b"{}"))
+        await writer.drain()
+
+    server = await raw_server(serve)
+    url = f"http://127.0.0.1:{server.port}/api/chats/a b\r\nX-Evil: 1/é?chat_id=x%20y"
+    assert await get_body(upstream(client), url) == (200, b"{}")
+    line = server.requests[0].split(b"\r\n", 1)[0]
+    assert line == b"POST /api/chats/a%20bX-Evil:%201/%C3%A9?chat_id=x%20y HTTP/1.1"
+    assert b"X-Evil" not in server.requests[0].split(b"\r\n", 1)[1]

@@ -15,7 +15,7 @@ import zlib
 from collections import deque
 from functools import lru_cache
 from typing import Mapping
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httptools
 
@@ -32,8 +32,8 @@ class ConnectionClosed(ConnectionError):
 
 
 @lru_cache(maxsize=512)
-def _split(url: str) -> tuple[tuple[str, str, int], str, str]:
-    """`url` -> (origin, Host header value, request target)."""
+def _split(url: str) -> tuple[tuple[str, str, int], bytes, bytes]:
+    """`url` -> (origin, Host header value, request target), the last two as sent."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not an http(s) URL: {url!r}")
@@ -44,7 +44,10 @@ def _split(url: str) -> tuple[tuple[str, str, int], str, str]:
     if parts.port is not None:
         shown = f"{shown}:{port}"
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return (parts.scheme, host, port), shown, target
+    # Path pieces can come from an upstream's own ids (a chat id): urlsplit has dropped any
+    # line breaks; spaces and non-ASCII are percent-encoded, never sent raw.
+    target = quote(target, safe="/?=&%:@+,;~!$'()*-._")
+    return (parts.scheme, host, port), shown.encode("idna"), target.encode("ascii")
 
 
 def header_block(headers: Mapping[str, str]) -> bytes:
@@ -238,8 +241,8 @@ class _Conn(asyncio.Protocol):
         self.closed = True
         resp = self.resp
         if resp is not None:
-            if resp.status and _ends_at_close(resp):
-                self._complete(reusable=False)  # a body delimited by the connection's end
+            if exc is None and resp.status and _ends_at_close(resp):
+                self._complete(reusable=False)  # a body delimited by the connection's (clean) end
             else:
                 self._broken(ConnectionClosed("upstream closed the connection") if exc is None else exc)
         self.pool.lost(self)
@@ -332,7 +335,8 @@ class _Pool:
         keepalive = self.client.keepalive
         while not fresh and self.idle:
             conn = self.idle.pop()
-            if not conn.closed and now - conn.idle_since < keepalive:
+            transport = conn.transport
+            if not conn.closed and transport is not None and not transport.is_closing() and now - conn.idle_since < keepalive:
                 self.busy.add(conn)
                 return conn
             conn.abort()
@@ -431,9 +435,7 @@ class HttpClient:
         if pool is None:
             pool = self._pools[origin] = _Pool(self, origin)
         length = b"" if body is None else b"Content-Length: %d\r\n" % len(body)
-        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%s\r\n" % (
-            method.encode(), target.encode(), host.encode(), headers, length
-        )
+        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%s\r\n" % (method.encode(), target, host, headers, length)
         deadline = self.loop.time() + first_byte
         conn = await pool.acquire(deadline, connect)
         reused = conn.uses > 0
