@@ -7,6 +7,7 @@ for the grace period, cancels the rest, then runs the app's cleanup (log flush l
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import structlog
 from aiohttp import web
@@ -26,9 +27,18 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()  # type: ignore[no-any-return]
 
 
+async def _settle_heap(_: web.Application) -> None:
+    """Once started: everything alive now (modules, config, the app) lives as long as the
+    daemon, so the cyclic collector stops walking it. A full collection otherwise walks
+    every object each time and stalls requests for milliseconds."""
+    gc.collect()
+    gc.freeze()
+
+
 def run(cfg: Config, *, db_path: str | None = None) -> None:
     """Serve until SIGINT/SIGTERM."""
     app = create_app(cfg, db_path=db_path)
+    app.on_startup.append(_settle_heap)  # after the app's own start-up (cleanup_ctx runs first)
     host, port = cfg.server.host, cfg.server.port
 
     def announce(_: str) -> None:
