@@ -30,7 +30,9 @@ MAX_MESSAGES = 10_000
 
 # -- request intake ----------------------------------------------------------------------
 async def read_body(request: web.Request, rec: RequestRecord) -> tuple[bytes, dict[str, Any]]:
-    ctype = request.content_type if request.headers.get("Content-Type") else ""
+    # The media type without parameters; aiohttp's `content_type` parses with the email
+    # package (~5 us a request), more than this check needs.
+    ctype = request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
     if ctype not in JSON_TYPES and not ctype.endswith("+json"):
         raise ApiError(415, f"Content-Type must be application/json, not {ctype!r}.", code="unsupported_media_type")
     limit = request.app[STATE].config.server.max_body_bytes
