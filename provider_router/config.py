@@ -261,6 +261,11 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
     return parse_config(text, env)
 
 
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 5.1)
+# How a request is framed on the wire is the HTTP client's business, never a provider's.
+_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade"})
+
 def _validate(cfg: Config) -> None:
     names: set[str] = set()
     for i, p in enumerate(cfg.providers):
@@ -282,8 +287,10 @@ def _validate(cfg: Config) -> None:
             if any(c in value for c in "\r\n\0"):
                 raise ConfigError(f"{where}.{key}: contains a line break or NUL")
         for k in p.headers:
-            if not k or any(c in k for c in "\r\n\0: "):
+            if not _TOKEN.fullmatch(k):
                 raise ConfigError(f"{where}.headers: {k!r} is not a valid header name")
+            if k.lower() in _FRAMING_HEADERS:
+                raise ConfigError(f"{where}.headers.{k}: set by the proxy for each request, not configurable")
     model_names = {m.name for m in cfg.models}
     for i, m in enumerate(cfg.models):
         if m.provider not in names:

@@ -126,7 +126,8 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
             # The canonical line is rendered from the record by the log writer process,
             # off the event loop; here only if the record could not be queued.
             rec.log_line = log.is_enabled_for(logging.INFO)
-            if rec.log_line and (state.writer is None or not state.writer.submit(rec)):
+            queued = state.writer is not None and state.writer.submit(rec)
+            if rec.log_line and not queued:
                 log.info("request", **request_line(rec))
         structlog.contextvars.unbind_contextvars("request_id")
 

@@ -110,25 +110,58 @@ async def test_sequential_requests_reuse_one_connection(raw_server, client) -> N
     assert b"Content-Length: 8\r\n" in first and first.endswith(b'\r\n\r\n{"i": 0}')
 
 
-async def test_a_connection_closed_by_the_upstream_while_idle_is_retried_on_a_new_one(raw_server, client) -> None:  # type: ignore[no-untyped-def]
-    """The keep-alive race: the upstream drops an idle connection just as the next request
-    goes out on it. Nothing came back on it, so the client resends once on a fresh one."""
+async def test_a_connection_the_upstream_closed_while_idle_is_not_reused(raw_server, client) -> None:  # type: ignore[no-untyped-def]
+    """An upstream that hangs up an idle keep-alive connection: the next call opens a new one."""
+    closed = asyncio.Event()
 
     async def serve(s: RawServer, n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(answer(b'{"conn": %d}' % n))
-        await writer.drain()
-        if n == 1:  # read the second request, then hang up without a word
-            await read_request(reader)
-            return
         while True:
             await read_request(reader)
             writer.write(answer(b'{"conn": %d}' % n))
+            await writer.drain()
+            if n == 1:
+                writer.close()
+                await writer.wait_closed()
+                closed.set()
+                return
 
     server = await raw_server(serve)
     up = upstream(client)
     assert await get_body(up, server.url) == (200, b'{"conn": 1}')
+    await closed.wait()
     assert await get_body(up, server.url) == (200, b'{"conn": 2}')
+    assert server.connections == 2
+
+
+async def hang_up_on_second_request(s: RawServer, n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer one request; then read the next one and hang up without a word."""
+    s.requests.append(await read_request(reader))
+    writer.write(answer(b'{"conn": %d}' % n))
+    await writer.drain()
+    while True:
+        s.requests.append(await read_request(reader))
+        if n == 1:
+            return
+        writer.write(answer(b'{"conn": %d}' % n))
+
+
+async def test_a_post_is_never_resent_but_an_idempotent_call_is(raw_server, client) -> None:  # type: ignore[no-untyped-def]
+    """A reused connection that breaks with nothing back: the upstream may have started on
+    the request. A POST (a generation someone pays for) fails with a retryable 502 and is
+    sent once; a DELETE is resent on a new connection."""
+    server = await raw_server(hang_up_on_second_request)
+    up = upstream(client)
+    assert await get_body(up, server.url) == (200, b'{"conn": 1}')
+    with pytest.raises(ApiError) as e:
+        await get_body(up, server.url, b'{"once": true}')
+    assert (e.value.status, e.value.code, e.value.retryable) == (502, "upstream_unreachable", True)
+    assert sum(r.endswith(b'{"once": true}') for r in server.requests) == 1
+
+    server = await raw_server(hang_up_on_second_request)
+    assert await get_body(up, server.url) == (200, b'{"conn": 1}')
+    resp = await up.request("DELETE", server.url, HEADERS)
+    assert (resp.status, await up.read(resp)) == (200, b'{"conn": 2}')
+    assert [r.split(b" ", 1)[0] for r in server.requests] == [b"POST", b"DELETE", b"DELETE"]
     assert server.connections == 2
 
 
@@ -323,3 +356,111 @@ async def test_a_path_piece_cannot_split_the_request(raw_server, client) -> None
     line = server.requests[0].split(b"\r\n", 1)[0]
     assert line == b"POST /api/chats/a%20bX-Evil:%201/%C3%A9?chat_id=x%20y HTTP/1.1"
     assert b"X-Evil" not in server.requests[0].split(b"\r\n", 1)[1]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Yield to the loop until `condition` holds (bounded): synchronisation on state, not time."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")
+
+
+async def test_a_waiter_that_leaves_passes_its_turn_on(raw_server) -> None:  # type: ignore[no-untyped-def]
+    """With one connection per host, A holds it and B and C wait. B is woken for it but
+    cancelled before it runs (its client left): C must get the connection, not time out."""
+    loop = asyncio.get_running_loop()
+    go = asyncio.Event()
+    tasks: dict[str, asyncio.Task[tuple[int, bytes]]] = {}
+
+    async def serve(s: RawServer, n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            s.requests.append(await read_request(reader))
+            if len(s.requests) == 1:
+                await go.wait()
+                # A's answer goes out now; B is cancelled in the iteration that wakes it.
+                loop.call_soon(lambda: loop.call_soon(tasks["B"].cancel))
+            writer.write(answer(b"{}"))
+            await writer.drain()
+
+    server = await raw_server(serve)
+    c = HttpClient(limit_per_host=1)
+    try:
+        up = upstream(c, first_byte=30.0)
+        tasks["A"] = asyncio.create_task(get_body(up, server.url))
+        await until(lambda: len(server.requests) == 1)
+        tasks["B"] = asyncio.create_task(get_body(up, server.url))
+        tasks["C"] = asyncio.create_task(get_body(up, server.url))
+        await until(lambda: c.usage()["waiting"] == 2)
+        go.set()
+        assert await tasks["A"] == (200, b"{}")
+        with pytest.raises(asyncio.CancelledError):
+            await tasks["B"]
+        assert await asyncio.wait_for(tasks["C"], 10) == (200, b"{}")
+        assert c.usage() == {"in_use": 0, "idle": 1, "waiting": 0}
+    finally:
+        go.set()
+        await c.close()
+
+
+async def test_bad_or_oversized_compressed_bodies_are_502(raw_server, client) -> None:  # type: ignore[no-untyped-def]
+    """A corrupt gzip body, one cut short, and one inflating past 64 MiB (a "zip bomb") are
+    502s, never a short body passed off as whole; their connections are not reused."""
+    good = gzip.compress(b"x" * 10_000)
+    bomb = gzip.compress(bytes(65 * 1024 * 1024), compresslevel=1)
+    bodies = [good[:10] + b"\xff" * 20 + good[30:], good[: len(good) // 2] + b"", bomb]
+    framed = [
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(bodies[0]), bodies[0]),
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(bodies[1]), bodies[1]),
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(bomb), bomb),
+    ]
+
+    async def serve(s: RawServer, n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(framed[len(s.requests)])
+            s.requests.append(b"")
+            await writer.drain()
+
+    server = await raw_server(serve)
+    up = upstream(client)
+    for expected in ("upstream body broke: ProtocolError",) * 3:
+        with pytest.raises(ApiError) as e:
+            await get_body(up, server.url)
+        assert e.value.status == 502 and e.value.message == expected
+    assert server.connections == 3
+
+
+async def test_a_configured_host_replaces_the_urls(raw_server, client) -> None:  # type: ignore[no-untyped-def]
+    """A provider that names a Host (a virtual host behind an address) sends exactly that one."""
+
+    async def serve(s: RawServer, n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        s.requests.append(await read_request(reader))
+        writer.write(answer(b"{}"))
+        await writer.drain()
+
+    server = await raw_server(serve)
+    up = upstream(client)
+    resp = await up.request("POST", server.url, header_block({"Host": "api.internal.example"}), b"{}")
+    assert (resp.status, await up.read(resp)) == (200, b"{}")
+    hosts = [line for line in server.requests[0].split(b"\r\n") if line.lower().startswith(b"host:")]
+    assert hosts == [b"Host: api.internal.example"]
+
+
+async def test_bytes_after_an_answer_retire_the_connection(raw_server, client) -> None:  # type: ignore[no-untyped-def]
+    """An upstream that sends more than the answer (here half of another head) leaves the
+    connection unusable: the next call goes out on a new one and succeeds."""
+
+    async def serve(s: RawServer, n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            s.requests.append(await read_request(reader))
+            stray = b"HTTP/1.1 200 OK\r\nX-Stray: 1\r\n" if len(s.requests) == 1 else b""
+            writer.write(answer(b'{"conn": %d}' % n) + stray)
+            await writer.drain()
+
+    server = await raw_server(serve)
+    up = upstream(client)
+    assert await get_body(up, server.url) == (200, b'{"conn": 1}')
+    assert await get_body(up, server.url) == (200, b'{"conn": 2}')
+    assert server.connections == 2

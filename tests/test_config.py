@@ -39,6 +39,8 @@ def test_defaults_and_expansion_in_values() -> None:
         ("providers: {name: echo}\n", "providers"),
         (MIN + "logs: [1]\n", "logs"),
         ("server: [\n", "YAML"),
+        ("providers: [{name: e, type: echo, headers: {Content-Length: '5'}}]\n", "providers[0].headers.Content-Length"),
+        ("providers: [{name: e, type: echo, headers: {'X-É': '1'}}]\n", "providers[0].headers"),
     ],
 )
 def test_errors_name_the_key(text: str, named: str) -> None:

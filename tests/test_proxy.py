@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import aiohttp
 import openai
 import pytest
+import structlog
+import structlog.testing
 
 from tests.conftest import UPSTREAM_KEY, Proxy, ProxyFactory, base_config
 from tests.fakes.openai import OpenAIFake
@@ -261,3 +264,21 @@ async def test_request_id_on_every_response(proxy: Proxy) -> None:
             async with s.request(method, f"{proxy.url}{path}", data=body) as r:
                 await r.read()
                 assert len(r.headers["X-Request-Id"]) == 28
+
+
+async def test_a_quieter_log_level_still_stores_every_request(make_proxy: ProxyFactory) -> None:
+    """With the level above info there is no per-request line, but every request's row is stored."""
+    from provider_router.middleware import log as request_log
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    try:
+        assert not request_log.is_enabled_for(logging.INFO)
+        p = await make_proxy(base_config())
+        with structlog.testing.capture_logs() as logs:
+            for i in range(3):
+                await p.sdk().chat.completions.create(model="echo", messages=[{"role": "user", "content": f"m{i}"}])
+        rows = await p.rows()
+    finally:
+        structlog.reset_defaults()
+    assert len(rows) == 3 and all(r["status"] == 200 for r in rows)
+    assert not [e for e in logs if e["event"] == "request"]

@@ -9,6 +9,7 @@ session costs 3-4 times the CPU per call of this client (`bench/upstream_client.
 from __future__ import annotations
 
 import asyncio
+import select
 import ssl
 import time
 import zlib
@@ -20,6 +21,10 @@ from urllib.parse import quote, urlsplit
 import httptools
 
 HIGH_WATER = 256 * 1024  # buffered body bytes before the socket stops being read
+MAX_DECODED = 64 * 1024 * 1024  # a compressed body may not inflate past this
+# Resent after a reused connection broke with nothing back: only requests that may be
+# repeated (RFC 9110 9.2.2). A POST starts a generation someone pays for; it gets a 502.
+IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 USER_AGENT = "provider-router"
 
 
@@ -47,7 +52,17 @@ def _split(url: str) -> tuple[tuple[str, str, int], bytes, bytes]:
     # Path pieces can come from an upstream's own ids (a chat id): urlsplit has dropped any
     # line breaks; spaces and non-ASCII are percent-encoded, never sent raw.
     target = quote(target, safe="/?=&%:@+,;~!$'()*-._")
-    return (parts.scheme, host, port), shown.encode("idna"), target.encode("ascii")
+    try:
+        host_header = shown.encode("idna")
+    except UnicodeError:
+        raise ProtocolError(f"invalid host name {host[:80]!r}") from None
+    return (parts.scheme, host, port), host_header, target.encode("ascii")
+
+
+@lru_cache(maxsize=64)
+def _sets_host(block: bytes) -> bool:
+    """The provider's headers name the Host (a virtual host behind the URL's address)."""
+    return any(line[:5].lower() == b"host:" for line in block.split(b"\r\n"))
 
 
 def header_block(headers: Mapping[str, str]) -> bytes:
@@ -65,7 +80,7 @@ class Response:
 
     __slots__ = (
         "status", "headers", "content_length", "_conn", "_loop", "_chunks", "_size",
-        "_done", "_exc", "_waiter", "_decoder", "_paused",
+        "_done", "_exc", "_waiter", "_decoder", "_decoded", "_paused",
     )
 
     def __init__(self, conn: _Conn) -> None:
@@ -80,6 +95,7 @@ class Response:
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._decoder: zlib._Decompress | None = None
+        self._decoded = 0
         self._paused = False
 
     # -- the consumer's side -------------------------------------------------------------
@@ -135,12 +151,16 @@ class Response:
             self._waiter.set_result(None)
 
     def _feed(self, data: bytes) -> None:
+        """Take a piece of body; `ProtocolError` if it cannot be decoded (or inflates too far)."""
         if self._decoder is not None:
+            allowance = MAX_DECODED - self._decoded
             try:
-                data = self._decoder.decompress(data)
+                data = self._decoder.decompress(data, allowance + 1)
             except zlib.error as e:
-                self._fail(ProtocolError(f"bad {self.headers.get('content-encoding')} body: {e}"))
-                return
+                raise ProtocolError(f"bad {self.headers.get('content-encoding')} body: {e}") from None
+            self._decoded += len(data)
+            if self._decoded > MAX_DECODED or self._decoder.unconsumed_tail:
+                raise ProtocolError(f"{self.headers.get('content-encoding')} body inflates past {MAX_DECODED} bytes")
             if not data:
                 return
         self._chunks.append(data)
@@ -150,8 +170,11 @@ class Response:
             self._conn.pause()
         self._wake()
 
-    def _finish(self) -> None:
+    def _finish(self) -> ProtocolError | None:
+        """The body ended: mark it done, or say why it is not whole."""
         if self._decoder is not None:
+            if not self._decoder.eof:
+                return ProtocolError(f"{self.headers.get('content-encoding')} body cut short")
             tail = self._decoder.flush()
             if tail:
                 self._chunks.append(tail)
@@ -162,6 +185,7 @@ class Response:
             self._paused = False
             conn.resume()  # the body is all here; the next exchange needs the socket read
         self._wake()
+        return None
 
     def _fail(self, exc: BaseException) -> None:
         if not self._done and self._exc is None:
@@ -188,6 +212,7 @@ class _Conn(asyncio.Protocol):
         self.uses = 0
         self.idle_since = 0.0
         self.closed = False
+        self.aborted = False  # closed by us: the connection's end says nothing about the body
         self._names: list[bytes] = []
         self._values: list[bytes] = []
 
@@ -206,9 +231,24 @@ class _Conn(asyncio.Protocol):
             self.transport.writelines((data, body))
         return self.head
 
+    def usable(self) -> bool:
+        """Still open, and nothing arrived while idle: a readable idle socket means the
+        upstream closed it (or sent something unasked), which the loop may not have seen yet."""
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            return False
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return True
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
     def abort(self) -> None:
         if not self.closed:
-            self.closed = True
+            self.closed = self.aborted = True
             if self.transport is not None:
                 self.transport.abort()
 
@@ -241,13 +281,17 @@ class _Conn(asyncio.Protocol):
         self.closed = True
         resp = self.resp
         if resp is not None:
-            if exc is None and resp.status and _ends_at_close(resp):
+            if exc is None and not self.aborted and resp.status and _ends_at_close(resp):
                 self._complete(reusable=False)  # a body delimited by the connection's (clean) end
             else:
                 self._broken(ConnectionClosed("upstream closed the connection") if exc is None else exc)
         self.pool.lost(self)
 
     # -- httptools callbacks -----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.resp is None:  # bytes behind the answer asked for: not a connection to keep
+            self.abort()
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._names.append(name)
         self._values.append(value)
@@ -281,10 +325,13 @@ class _Conn(asyncio.Protocol):
             self.head.set_result(resp)
 
     def on_body(self, body: bytes) -> None:
-        if self.resp is not None:
-            self.resp._feed(body)
-        else:
+        if self.resp is None:
             self.abort()
+            return
+        try:
+            self.resp._feed(body)
+        except ProtocolError as e:
+            self._broken(e)
 
     def on_message_complete(self) -> None:
         resp = self.resp
@@ -298,7 +345,11 @@ class _Conn(asyncio.Protocol):
         assert resp is not None
         if self.closed:
             reusable = False
-        resp._finish()
+        error = resp._finish()
+        if error is not None:
+            self.resp = resp  # so that _broken fails it
+            self._broken(error)
+            return
         self.pool.release(self, reusable)
 
     def _broken(self, exc: BaseException) -> None:
@@ -335,8 +386,7 @@ class _Pool:
         keepalive = self.client.keepalive
         while not fresh and self.idle:
             conn = self.idle.pop()
-            transport = conn.transport
-            if not conn.closed and transport is not None and not transport.is_closing() and now - conn.idle_since < keepalive:
+            if now - conn.idle_since < keepalive and conn.usable():
                 self.busy.add(conn)
                 return conn
             conn.abort()
@@ -346,6 +396,10 @@ class _Pool:
             try:
                 async with asyncio.timeout_at(deadline):
                     await fut
+            except BaseException:
+                if fut.done() and not fut.cancelled():
+                    self._wake_one()  # woken, but leaving (timed out, cancelled): pass it on
+                raise
             finally:
                 if fut in self.waiters:
                     self.waiters.remove(fut)
@@ -365,6 +419,9 @@ class _Pool:
             raise
         finally:
             self.connecting -= 1
+        if conn.closed:  # closed before we could use it (lost() found nothing to release)
+            self._wake_one()
+            raise ConnectionClosed("upstream closed the connection at once")
         self.busy.add(conn)
         return conn
 
@@ -428,32 +485,40 @@ class HttpClient:
     ) -> Response:
         """Send; return once the response head arrived, `TimeoutError` if it has not within
         `first_byte` s (connecting, at most `connect` s, included). `headers` come from
-        `header_block`. A reused connection the upstream had closed meanwhile (nothing came
-        back on it) is retried once on a new one."""
+        `header_block`. An idempotent request whose reused connection broke with nothing
+        back (the upstream had closed it) is resent once on a new connection; others fail."""
         origin, host, target = _split(url)
         pool = self._pools.get(origin)
         if pool is None:
             pool = self._pools[origin] = _Pool(self, origin)
         length = b"" if body is None else b"Content-Length: %d\r\n" % len(body)
-        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%s\r\n" % (method.encode(), target, host, headers, length)
+        host_line = b"" if _sets_host(headers) else b"Host: %s\r\n" % host
+        head = b"%s %s HTTP/1.1\r\n%s%s%s\r\n" % (method.encode(), target, host_line, headers, length)
         deadline = self.loop.time() + first_byte
         conn = await pool.acquire(deadline, connect)
         reused = conn.uses > 0
         try:
             return await self._exchange(conn, head, body, deadline)
         except (ConnectionClosed, ConnectionResetError, BrokenPipeError):
-            if not reused or conn.got_bytes:
+            if not reused or conn.got_bytes or method not in IDEMPOTENT:
                 raise
         conn = await pool.acquire(deadline, connect, fresh=True)
         return await self._exchange(conn, head, body, deadline)
 
     async def _exchange(self, conn: _Conn, head: bytes, body: bytes | None, deadline: float) -> Response:
-        fut = conn.send(head, body)
+        try:
+            fut = conn.send(head, body)
+        except RuntimeError:  # the transport closed under us (uvloop raises on write)
+            conn.abort()
+            raise ConnectionClosed("upstream closed the connection") from None
         timer = self.loop.call_at(deadline, _expire, fut)
         try:
             return await fut
         except BaseException:
-            conn.abort()  # timed out, cancelled or broken mid-exchange: not reusable
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                fut.result().close()  # cancelled as the head arrived: only this response is ours
+            elif conn.head is fut:
+                conn.abort()  # timed out, cancelled or broken mid-exchange: not reusable
             raise
         finally:
             timer.cancel()
