@@ -96,9 +96,8 @@ class RequestRecord:
     # A turn of a stateless upstream: the writer threads it in the log (parent, turn, reply)
     # once it has assembled the reply; nothing on the request path needs that.
     log_turn: bool = False
-    # The writer process renders the request's canonical log line (after the row is
-    # written) when this is set: the line is a view of the record, and rendering it costs
-    # the event loop nothing.
+    # The writer process renders the request's canonical log line when this is set: the
+    # line is a view of the record, and rendering it costs the event loop nothing.
     log_line: bool = False
 
     def __reduce__(self) -> tuple[Any, ...]:

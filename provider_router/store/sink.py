@@ -10,9 +10,9 @@ talks to it over its stdin/stdout in length-prefixed pickle frames:
 - out: ``("progress", records_done, written, failed, last_sync)`` after each commit, and
   ``("log", level, event, fields)`` for the daemon to log.
 
-It also renders each record's canonical log line (`request`) once the record is written,
-to its stderr, which is the daemon's: rendering costs the event loop nothing, and the line
-and the row come from the same record.
+It also renders each record's canonical log line (`request`) as it writes the batch, to
+its stderr, which is the daemon's: rendering costs the event loop nothing, and the line and
+the row come from the same record.
 
 Per record it assembles the forwarded reply (text, usage; a stream's events), threads a
 stateless upstream's turn in the log, redacts and truncates, and inserts the row; a batch
@@ -249,13 +249,15 @@ class Sink:
         if turns:
             steps.append((INSERT_TURN, turns))
             steps.append((ADVANCE_SESSION, [(reply_id, count, sid) for sid, (reply_id, count) in tips.items()]))
-        self._write_all(steps, rows)
-        self.records_done += sum(len(records) for _, records in batches)
-        if self.line is not None:  # after the rows: a line means its record is stored (or counted failed)
+        if self.line is not None:
+            # Before the write: a database another process holds locked (a VACUUM, say)
+            # delays the rows, and a crash mid-write loses them, but not these lines.
             for _, records in batches:
                 for r in records:
                     if r.log_line:
                         self.line("request", **request_line(r))
+        self._write_all(steps, rows)
+        self.records_done += sum(len(records) for _, records in batches)
 
     def _write_all(self, steps: list[Group], rows: list[tuple[Any, ...]]) -> None:
         try:
