@@ -52,7 +52,13 @@ class Daemon:
                 stdout=subprocess.DEVNULL, stderr=out, cwd=tmp_path, env=full_env,
             )
         d = cls(proc, port, db, log)
-        await d.wait_log("listening")
+        try:
+            await d.wait_log("listening")
+        except BaseException:  # never ready: not left running after the test
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            raise
         return d
 
     def lines(self) -> list[dict[str, Any]]:
