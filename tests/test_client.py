@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import os
+import resource
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -464,3 +466,137 @@ async def test_bytes_after_an_answer_retire_the_connection(raw_server, client) -
     assert await get_body(up, server.url) == (200, b'{"conn": 1}')
     assert await get_body(up, server.url) == (200, b'{"conn": 2}')
     assert server.connections == 2
+
+
+async def test_waiters_are_served_in_turn(raw_server) -> None:  # type: ignore[no-untyped-def]
+    """One connection per host; A makes calls back to back and W queues behind A's first.
+    A released connection goes to W, not to A's next call (which would starve W)."""
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def serve(s: RawServer, n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            s.requests.append(await read_request(reader))
+            if len(s.requests) == 1:
+                await release.wait()
+            writer.write(answer(b"{}"))
+            await writer.drain()
+
+    server = await raw_server(serve)
+    c = HttpClient(limit_per_host=1)
+    try:
+        up = upstream(c)
+
+        async def calls(name: str, k: int) -> None:
+            for _ in range(k):
+                await get_body(up, server.url)
+                order.append(name)
+
+        a = asyncio.create_task(calls("A", 3))
+        await until(lambda: len(server.requests) == 1)
+        w = asyncio.create_task(calls("W", 1))
+        await until(lambda: c.usage()["waiting"] == 1)
+        release.set()
+        await asyncio.gather(a, w)
+        assert order == ["A", "W", "A", "A"]
+    finally:
+        release.set()
+        await c.close()
+
+
+async def test_keep_alive_holds_with_high_descriptor_numbers(raw_server, client) -> None:  # type: ignore[no-untyped-def]
+    """A busy daemon has sockets numbered past 1023: idle connections are still reused."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1300:
+        pytest.skip(f"needs 1300 descriptors; the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1300), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+
+        async def serve(s: RawServer, n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                await read_request(reader)
+                writer.write(answer(b"{}"))
+                await writer.drain()
+
+        server = await raw_server(serve)
+        up = upstream(client)
+        for _ in range(5):
+            assert await get_body(up, server.url) == (200, b"{}")
+        assert server.connections == 1
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_odd_but_legal_answers(raw_server, client) -> None:  # type: ignore[no-untyped-def]
+    """Trailer fields stay with their own response; an empty body marked gzip is empty."""
+    replies = [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: Content-Encoding\r\n\r\n2\r\nhi\r\n0\r\nContent-Encoding: gzip\r\n\r\n",
+        answer(b'{"ok":true}'),
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 0\r\n\r\n",
+    ]
+
+    async def serve(s: RawServer, n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(replies[len(s.requests)])
+            s.requests.append(b"")
+            await writer.drain()
+
+    server = await raw_server(serve)
+    up = upstream(client)
+    assert [await get_body(up, server.url) for _ in replies] == [(200, b"hi"), (200, b'{"ok":true}'), (200, b"")]
+    assert server.connections == 1
+
+
+async def test_a_switch_of_protocols_is_a_502(raw_server, client) -> None:  # type: ignore[no-untyped-def]
+    """A 101 answer cannot be relayed: a clean 502, not an error escaping the event loop."""
+
+    async def serve(s: RawServer, n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    server = await raw_server(serve)
+    with pytest.raises(ApiError) as e:
+        await get_body(upstream(client), server.url)
+    assert e.value.status == 502 and "switched protocols" in e.value.message
+    assert client.usage() == {"in_use": 0, "idle": 0, "waiting": 0}
+
+
+async def test_closing_the_client_fails_waiters_and_resends_nothing(raw_server) -> None:  # type: ignore[no-untyped-def]
+    """At shutdown a call in flight and a call waiting for its connection both fail; the
+    one in flight (a DELETE, which may be resent) is not sent again on a new connection."""
+
+    async def serve(s: RawServer, n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        s.requests.append(await read_request(reader))
+        writer.write(answer(b"{}"))
+        await writer.drain()
+        while True:
+            s.requests.append(await read_request(reader))  # and never answer
+
+    server = await raw_server(serve)
+    c = HttpClient(limit_per_host=1)
+    up = upstream(c)
+    assert await get_body(up, server.url) == (200, b"{}")
+    deleting = asyncio.create_task(up.request("DELETE", server.url, HEADERS))
+    await until(lambda: len(server.requests) == 2)
+    waiting = asyncio.create_task(get_body(up, server.url))
+    await until(lambda: c.usage()["waiting"] == 1)
+    await c.close()
+    for task in (deleting, waiting):
+        with pytest.raises(ApiError) as e:
+            await task
+        assert e.value.code == "upstream_unreachable"
+    assert server.connections == 1 and len(server.requests) == 2
+    assert c.usage() == {"in_use": 0, "idle": 0, "waiting": 0}
+
+
+def test_header_names_merge_whatever_their_case() -> None:
+    """Configured headers and a provider's own are one set of names: the later spelling wins."""
+    block = header_block({"authorization": "Bearer from-config", "accept": "*/*", "Authorization": "Bearer key", "user-agent": "mine"})
+    lines = block.decode().split("\r\n")[:-1]
+    assert sorted(lines) == ["Accept-Encoding: identity", "Authorization: Bearer key", "accept: */*", "user-agent: mine"]

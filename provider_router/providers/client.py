@@ -3,7 +3,7 @@ parsed by httptools, bodies buffered with back-pressure. It does only what upstr
 calls need: one request per connection at a time, no redirects, no cookies, no proxies.
 
 Why not `aiohttp.ClientSession`: the proxy makes one upstream call per request, and that
-session costs 3-4 times the CPU per call of this client (`bench/upstream_client.py`).
+session costs 3-5 times the CPU per call of this client (`bench/upstream_client.py`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ HIGH_WATER = 256 * 1024  # buffered body bytes before the socket stops being rea
 MAX_DECODED = 64 * 1024 * 1024  # a compressed body may not inflate past this
 # Resent after a reused connection broke with nothing back: only requests that may be
 # repeated (RFC 9110 9.2.2). A POST starts a generation someone pays for; it gets a 502.
-IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+# (HEAD is not among them: its responses have no body, which this client does not expect.)
+IDEMPOTENT = frozenset({"GET", "PUT", "DELETE", "OPTIONS"})
 USER_AGENT = "provider-router"
 
 
@@ -67,12 +68,13 @@ def _sets_host(block: bytes) -> bool:
 
 def header_block(headers: Mapping[str, str]) -> bytes:
     """`headers` as request-head lines, encoded once per provider (config.py has refused
-    values with line breaks). Ours are added unless the config sets them."""
-    given = {k.lower() for k in headers}
-    ours = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
-    lines = [f"{k}: {v}\r\n" for k, v in headers.items()]
-    lines += [f"{k}: {v}\r\n" for k, v in ours.items() if k.lower() not in given]
-    return "".join(lines).encode()
+    values with line breaks). Names are case-insensitive: of two spellings of one name,
+    the later wins (a provider's own headers come after the configured ones). Ours are
+    added unless already there."""
+    merged: dict[str, tuple[str, str]] = {"user-agent": ("User-Agent", USER_AGENT), "accept-encoding": ("Accept-Encoding", "identity")}
+    for k, v in headers.items():
+        merged[k.lower()] = (k, v)
+    return "".join(f"{k}: {v}\r\n" for k, v in merged.values()).encode()
 
 
 class Response:
@@ -80,7 +82,7 @@ class Response:
 
     __slots__ = (
         "status", "headers", "content_length", "_conn", "_loop", "_chunks", "_size",
-        "_done", "_exc", "_waiter", "_decoder", "_decoded", "_paused",
+        "_done", "_exc", "_waiter", "_decoder", "_decoded", "_fed", "_paused",
     )
 
     def __init__(self, conn: _Conn) -> None:
@@ -96,6 +98,7 @@ class Response:
         self._waiter: asyncio.Future[None] | None = None
         self._decoder: zlib._Decompress | None = None
         self._decoded = 0
+        self._fed = False
         self._paused = False
 
     # -- the consumer's side -------------------------------------------------------------
@@ -159,8 +162,11 @@ class Response:
             except zlib.error as e:
                 raise ProtocolError(f"bad {self.headers.get('content-encoding')} body: {e}") from None
             self._decoded += len(data)
+            self._fed = True
             if self._decoded > MAX_DECODED or self._decoder.unconsumed_tail:
                 raise ProtocolError(f"{self.headers.get('content-encoding')} body inflates past {MAX_DECODED} bytes")
+            if self._decoder.unused_data:  # a second gzip member, or garbage: not whole either way
+                raise ProtocolError(f"bytes after the end of the {self.headers.get('content-encoding')} body")
             if not data:
                 return
         self._chunks.append(data)
@@ -172,7 +178,7 @@ class Response:
 
     def _finish(self) -> ProtocolError | None:
         """The body ended: mark it done, or say why it is not whole."""
-        if self._decoder is not None:
+        if self._decoder is not None and self._fed:  # (an empty body needs no decoding)
             if not self._decoder.eof:
                 return ProtocolError(f"{self.headers.get('content-encoding')} body cut short")
             tail = self._decoder.flush()
@@ -215,6 +221,7 @@ class _Conn(asyncio.Protocol):
         self.aborted = False  # closed by us: the connection's end says nothing about the body
         self._names: list[bytes] = []
         self._values: list[bytes] = []
+        self._in_head = False
 
     # -- the exchange ----------------------------------------------------------------------
     def send(self, data: bytes, body: bytes | None) -> asyncio.Future[Response]:
@@ -240,11 +247,12 @@ class _Conn(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is None:
             return True
+        poller = select.poll()  # not select(): no limit on descriptor numbers
         try:
-            readable, _, _ = select.select([sock], [], [], 0)
+            poller.register(sock.fileno(), select.POLLIN)
+            return not poller.poll(0)
         except (OSError, ValueError):
             return False
-        return not readable
 
     def abort(self) -> None:
         if not self.closed:
@@ -271,6 +279,8 @@ class _Conn(asyncio.Protocol):
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._broken(ProtocolError("upstream switched protocols (101), which is not supported"))
         except httptools.HttpParserError as e:
             self._broken(ProtocolError(f"invalid HTTP from upstream: {e}"))
 
@@ -289,17 +299,19 @@ class _Conn(asyncio.Protocol):
 
     # -- httptools callbacks -----------------------------------------------------------------
     def on_message_begin(self) -> None:
+        self._names, self._values, self._in_head = [], [], True
         if self.resp is None:  # bytes behind the answer asked for: not a connection to keep
             self.abort()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._names.append(name)
-        self._values.append(value)
+        if self._in_head:  # not the trailer fields of a chunked body
+            self._names.append(name)
+            self._values.append(value)
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         names, values = self._names, self._values
-        self._names, self._values = [], []
+        self._names, self._values, self._in_head = [], [], False
         if 100 <= status < 200:
             return  # informational (100, 103): the real head follows
         resp = self.resp
@@ -369,7 +381,10 @@ def _ends_at_close(resp: Response) -> bool:
 
 
 class _Pool:
-    """The connections to one origin: idle ones for reuse, at most `limit` in use at once."""
+    """The connections to one origin: idle ones for reuse, at most `limit` in use at once.
+
+    Callers wait in line: a released connection, or the slot of a closed one, goes to the
+    first waiter, never to whoever happens to run next."""
 
     def __init__(self, client: HttpClient, origin: tuple[str, str, int]) -> None:
         self.client = client
@@ -378,33 +393,51 @@ class _Pool:
         self.idle: list[_Conn] = []
         self.busy: set[_Conn] = set()
         self.connecting = 0
-        self.waiters: deque[asyncio.Future[None]] = deque()
+        # Each resolves to a connection handed over, or None: a slot is free, connect.
+        self.waiters: deque[asyncio.Future[_Conn | None]] = deque()
 
-    async def acquire(self, deadline: float, connect: float, *, fresh: bool = False) -> _Conn:
+    async def acquire(self, deadline: float, connect: float) -> _Conn:
         """An idle connection, or a new one once fewer than the limit are in use."""
-        now = time.monotonic()
-        keepalive = self.client.keepalive
-        while not fresh and self.idle:
-            conn = self.idle.pop()
-            if now - conn.idle_since < keepalive and conn.usable():
-                self.busy.add(conn)
-                return conn
-            conn.abort()
-        if len(self.busy) + self.connecting >= self.client.limit_per_host:
-            fut = self.loop.create_future()
-            self.waiters.append(fut)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await fut
-            except BaseException:
-                if fut.done() and not fut.cancelled():
-                    self._wake_one()  # woken, but leaving (timed out, cancelled): pass it on
-                raise
-            finally:
-                if fut in self.waiters:
-                    self.waiters.remove(fut)
-            return await self.acquire(deadline, connect, fresh=fresh)
-        self.connecting += 1
+        if self.client.closed:
+            raise ConnectionClosed("the HTTP client is closed")
+        if not self.waiters:
+            now = time.monotonic()
+            while self.idle:
+                conn = self.idle.pop()
+                if now - conn.idle_since < self.client.keepalive and conn.usable():
+                    self.busy.add(conn)
+                    return conn
+                conn.abort()
+        if self.waiters or len(self.busy) + self.connecting >= self.client.limit_per_host:
+            handed = await self._wait(deadline)
+            if handed is not None:
+                return handed
+            # Handed a free slot: `_hand_on` counted it as connecting on our behalf.
+        else:
+            self.connecting += 1
+        return await self._connect(deadline, connect)
+
+    async def _wait(self, deadline: float) -> _Conn | None:
+        fut: asyncio.Future[_Conn | None] = self.loop.create_future()
+        self.waiters.append(fut)
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                handed = fut.result()  # given a turn, but leaving: pass it on
+                if handed is not None:
+                    self.release(handed, True)
+                else:
+                    self.connecting -= 1
+                    self._hand_on(None)
+            raise
+        finally:
+            if fut in self.waiters:
+                self.waiters.remove(fut)
+
+    async def _connect(self, deadline: float, connect: float) -> _Conn:
+        """A new connection, in a slot already counted in `connecting`."""
         try:
             async with asyncio.timeout_at(min(deadline, self.loop.time() + connect)):
                 _, conn = await self.loop.create_connection(
@@ -415,12 +448,13 @@ class _Pool:
                     server_hostname=self.host if self.scheme == "https" else None,
                 )
         except BaseException:
-            self._wake_one()
-            raise
-        finally:
             self.connecting -= 1
-        if conn.closed:  # closed before we could use it (lost() found nothing to release)
-            self._wake_one()
+            self._hand_on(None)
+            raise
+        self.connecting -= 1
+        if conn.closed or self.client.closed:  # closed before we could use it
+            conn.abort()
+            self._hand_on(None)
             raise ConnectionClosed("upstream closed the connection at once")
         self.busy.add(conn)
         return conn
@@ -429,13 +463,27 @@ class _Pool:
         if conn not in self.busy:
             return
         self.busy.discard(conn)
-        if reusable and not conn.closed and not self.client.closed:
+        if not (reusable and not conn.closed and not self.client.closed):
+            conn.abort()
+            self._hand_on(None)
+        elif not self._hand_on(conn):
             conn.idle_since = time.monotonic()
             self.idle.append(conn)
             self.client.sweep_later()
-        else:
-            conn.abort()
-        self._wake_one()
+
+    def _hand_on(self, conn: _Conn | None) -> bool:
+        """Give the first waiter `conn`, or a free slot (counted as connecting for it);
+        False if nobody waits."""
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                if conn is not None:
+                    self.busy.add(conn)
+                else:
+                    self.connecting += 1
+                fut.set_result(conn)
+                return True
+        return False
 
     def lost(self, conn: _Conn) -> None:
         if conn in self.busy:
@@ -451,12 +499,14 @@ class _Pool:
             for c in stale:
                 c.abort()
 
-    def _wake_one(self) -> None:
-        while self.waiters:
-            fut = self.waiters.popleft()
+    def close(self) -> None:
+        for fut in self.waiters:
             if not fut.done():
-                fut.set_result(None)
-                return
+                fut.set_exception(ConnectionClosed("the HTTP client is closed"))
+        self.waiters.clear()
+        for conn in [*self.idle, *self.busy]:
+            conn.abort()
+        self.idle.clear()
 
 
 class HttpClient:
@@ -500,9 +550,9 @@ class HttpClient:
         try:
             return await self._exchange(conn, head, body, deadline)
         except (ConnectionClosed, ConnectionResetError, BrokenPipeError):
-            if not reused or conn.got_bytes or method not in IDEMPOTENT:
+            if not reused or conn.got_bytes or method not in IDEMPOTENT or self.closed:
                 raise
-        conn = await pool.acquire(deadline, connect, fresh=True)
+        conn = await pool.acquire(deadline, connect)
         return await self._exchange(conn, head, body, deadline)
 
     async def _exchange(self, conn: _Conn, head: bytes, body: bytes | None, deadline: float) -> Response:
@@ -549,7 +599,5 @@ class HttpClient:
         if self._sweeper is not None:
             self._sweeper.cancel()
         for pool in self._pools.values():
-            for conn in [*pool.idle, *pool.busy]:
-                conn.abort()
-            pool.idle.clear()
+            pool.close()  # waiters fail, connections close; nothing is resent or reopened
         await asyncio.sleep(0)  # let the transports run connection_lost
