@@ -73,6 +73,18 @@ async def raw_server() -> AsyncIterator[Callable[[Callable[[RawServer, int, asyn
         await s.wait_closed()
 
 
+def in_turn(replies: list[bytes]) -> Callable[[RawServer, int, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A server script: the k-th request (over all connections) gets `replies[k]`."""
+
+    async def serve(s: RawServer, n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            s.requests.append(await read_request(reader))
+            writer.write(replies[len(s.requests) - 1])
+            await writer.drain()
+
+    return serve
+
+
 def answer(body: bytes, extra: bytes = b"") -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
 
@@ -418,14 +430,7 @@ async def test_bad_or_oversized_compressed_bodies_are_502(raw_server, client) ->
         b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(bomb), bomb),
     ]
 
-    async def serve(s: RawServer, n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await read_request(reader)
-            writer.write(framed[len(s.requests)])
-            s.requests.append(b"")
-            await writer.drain()
-
-    server = await raw_server(serve)
+    server = await raw_server(in_turn(framed))
     up = upstream(client)
     for expected in ("upstream body broke: ProtocolError",) * 3:
         with pytest.raises(ApiError) as e:
@@ -538,14 +543,7 @@ async def test_odd_but_legal_answers(raw_server, client) -> None:  # type: ignor
         b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 0\r\n\r\n",
     ]
 
-    async def serve(s: RawServer, n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await read_request(reader)
-            writer.write(replies[len(s.requests)])
-            s.requests.append(b"")
-            await writer.drain()
-
-    server = await raw_server(serve)
+    server = await raw_server(in_turn(replies))
     up = upstream(client)
     assert [await get_body(up, server.url) for _ in replies] == [(200, b"hi"), (200, b'{"ok":true}'), (200, b"")]
     assert server.connections == 1

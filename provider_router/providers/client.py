@@ -21,7 +21,7 @@ from urllib.parse import quote, urlsplit
 import httptools
 
 HIGH_WATER = 256 * 1024  # buffered body bytes before the socket stops being read
-MAX_DECODED = 64 * 1024 * 1024  # a compressed body may not inflate past this
+MAX_BODY = 64 * 1024 * 1024  # an upstream body, decoded, may not be larger
 # Resent after a reused connection broke with nothing back: only requests that may be
 # repeated (RFC 9110 9.2.2). A POST starts a generation someone pays for; it gets a 502.
 # (HEAD is not among them: its responses have no body, which this client does not expect.)
@@ -116,10 +116,6 @@ class Response:
         return data
 
     @property
-    def buffered(self) -> int:
-        return self._size
-
-    @property
     def done(self) -> bool:
         """The whole body has arrived (it may still be buffered)."""
         return self._done
@@ -156,15 +152,15 @@ class Response:
     def _feed(self, data: bytes) -> None:
         """Take a piece of body; `ProtocolError` if it cannot be decoded (or inflates too far)."""
         if self._decoder is not None:
-            allowance = MAX_DECODED - self._decoded
+            allowance = MAX_BODY - self._decoded
             try:
                 data = self._decoder.decompress(data, allowance + 1)
             except zlib.error as e:
                 raise ProtocolError(f"bad {self.headers.get('content-encoding')} body: {e}") from None
             self._decoded += len(data)
             self._fed = True
-            if self._decoded > MAX_DECODED or self._decoder.unconsumed_tail:
-                raise ProtocolError(f"{self.headers.get('content-encoding')} body inflates past {MAX_DECODED} bytes")
+            if self._decoded > MAX_BODY or self._decoder.unconsumed_tail:
+                raise ProtocolError(f"{self.headers.get('content-encoding')} body inflates past {MAX_BODY} bytes")
             if self._decoder.unused_data:  # a second gzip member, or garbage: not whole either way
                 raise ProtocolError(f"bytes after the end of the {self.headers.get('content-encoding')} body")
             if not data:

@@ -10,9 +10,7 @@ from typing import AsyncIterator, Mapping
 
 from ..config import TimeoutsConfig
 from ..errors import ApiError, upstream_timeout, upstream_unreachable
-from .client import HttpClient, ProtocolError, Response, header_block
-
-MAX_BODY = 64 * 1024 * 1024
+from .client import MAX_BODY, HttpClient, ProtocolError, Response, header_block
 
 
 class Upstream:
