@@ -71,6 +71,21 @@ def setup_logging(
     _route_stdlib(level, stream, json=json, redact=redact)
 
 
+def line_renderer(level: str = "info") -> Callable[[str, dict[str, Any]], bytes]:
+    """The configured processors as one function: an event and its fields to the bytes the
+    logger would write, line end included. For writing many lines with one call (the log
+    writer process renders a batch's request lines at once); call after `setup_logging`."""
+    processors = structlog.get_config()["processors"]
+
+    def render(event: str, fields: dict[str, Any]) -> bytes:
+        out: Any = {**fields, "event": event}
+        for processor in processors:
+            out = processor(None, level, out)
+        return (out if isinstance(out, bytes) else out.encode()) + b"\n"
+
+    return render
+
+
 def _route_stdlib(level: str, stream: TextIO, *, json: bool, redact: Redactor | None) -> None:
     """aiohttp and asyncio log through stdlib logging (parse errors quote the request's
     headers): render those records like ours, as JSON lines or console, and redacted."""

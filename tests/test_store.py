@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
+import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
 from provider_router.store import LogWriter, Redactor, RequestRecord, connect
-from provider_router.store.records import iso
+from provider_router.logsetup import line_renderer, setup_logging
+from provider_router.store.records import iso, request_line
 from provider_router.store.migrations import MIGRATIONS, migrate
 
 
@@ -170,3 +175,25 @@ async def test_writer_process_ignores_terminal_signals_and_commits_on_end_of_inp
     await conn.close()
     assert proc.returncode == 0
     assert sqlite3.connect(tmp_path / "x.db").execute("SELECT count(*) FROM requests").fetchone()[0] == 5
+
+
+@pytest.mark.parametrize("json", [True, False])
+def test_a_batch_rendered_line_is_the_one_the_logger_writes(json: bool) -> None:
+    """The writer process renders a batch's request lines with `line_renderer` and writes
+    them at once: each line byte for byte what the configured logger writes, redacted."""
+    secret = "sk-line-secret-123"
+    rec = RequestRecord("POST", "/v1/chat/completions")
+    rec.model, rec.client, rec.session_id = f"model-{secret}", "team", "s1"
+    rec.finish(200, "ok")
+    written = io.TextIOWrapper(io.BytesIO(), write_through=True)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    setup_logging("info", json=json, stream=written, redact=Redactor([secret]))
+    try:
+        structlog.get_logger("provider_router.request").info("request", **request_line(rec))
+        rendered = line_renderer()("request", request_line(rec))
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:], root.level = handlers, level
+    assert rendered == written.buffer.getvalue()  # type: ignore[attr-defined]
+    assert secret.encode() not in rendered and rec.id.encode() in rendered

@@ -44,11 +44,21 @@ def assemble_completion(rec: RequestRecord) -> None:
 
 def stream_events(data: bytes) -> list[Any]:
     """The JSON payloads of a complete SSE body, parsed in one call where possible."""
-    # splitlines() and a prefix test run in C: ~3x cheaper than a multi-line regex.
+    # What OpenAI-compatible servers send: every event one `data: ` line, events separated
+    # by a blank line. JSON has no raw line breaks in strings, so each separator becomes
+    # a comma and the body parses as one array; any other shape fails to parse here.
+    body = data.strip()
+    if body.endswith(b"data: [DONE]"):
+        body = body[:-12].rstrip()
+    if body.startswith(b"data: "):
+        try:
+            return orjson.loads(b"[" + body[6:].replace(b"\n\ndata: ", b",") + b"]")  # type: ignore[no-any-return]
+        except orjson.JSONDecodeError:
+            pass
+    # Other line endings, comments, `event:` fields: payloads by line, still one parse.
     payloads = [line[5:] for line in data.splitlines() if line.startswith(b"data:")]
     payloads = [p for p in (p.strip() for p in payloads) if p and p != b"[DONE]"]
     try:
-        # One parse of all events as a JSON array: ~3x cheaper than one loads() per event.
         return orjson.loads(b"[" + b",".join(payloads) + b"]")  # type: ignore[no-any-return]
     except orjson.JSONDecodeError:
         pass
@@ -63,18 +73,27 @@ def stream_events(data: bytes) -> list[Any]:
     return events
 
 
-def assemble_stream(rec: RequestRecord) -> None:
-    """Fill text, finish reason, usage and chunk count from forwarded SSE bytes."""
+def _deltas(rec: RequestRecord, events: list[Any]) -> tuple[list[str], list[str]]:
+    """Text and reasoning pieces when every event has the usual shape, in whole-list passes
+    (~6x cheaper than the event loop below); raises on any other shape."""
+    choices = [c for e in events for c in e.get("choices") or ()]
+    deltas = [c["delta"] for c in choices]
+    # Non-string content (a list, a number) makes join() raise; absent or null is "".
+    text = "".join([d.get("content") or "" for d in deltas])
+    reasoning = "".join([d.get("reasoning_content") or d.get("reasoning") or "" for d in deltas])
+    finishes = [f for f in [c.get("finish_reason") for c in choices] if f]
+    if finishes:
+        rec.finish_reason = finishes[-1]
+    return [text], [reasoning]
+
+
+def _deltas_one_by_one(rec: RequestRecord, events: list[Any]) -> tuple[list[str], list[str]]:
+    """Text and reasoning pieces from events of any shape, skipping what is not a delta."""
     text: list[str] = []
     reasoning: list[str] = []
-    count = 0
-    for obj in stream_events(rec.stream_body or b""):
-        if not isinstance(obj, dict):
-            continue
-        count += 1
-        if obj.get("usage") or rec.reply_id is None:
-            _fill_from_message(rec, obj)
-        for choice in obj.get("choices") or ():
+    for obj in events:
+        choices = obj.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
             if not isinstance(choice, dict):
                 continue
             delta = choice.get("delta")
@@ -87,9 +106,24 @@ def assemble_stream(rec: RequestRecord) -> None:
                     reasoning.append(r)
             if choice.get("finish_reason"):
                 rec.finish_reason = choice["finish_reason"]
+    return text, reasoning
+
+
+def assemble_stream(rec: RequestRecord) -> None:
+    """Fill text, finish reason, usage and chunk count from forwarded SSE bytes."""
+    events = [e for e in stream_events(rec.stream_body or b"") if isinstance(e, dict)]
+    for obj in events:
+        if obj.get("usage") or rec.reply_id is None:
+            _fill_from_message(rec, obj)
+    finish = rec.finish_reason
+    try:
+        text, reasoning = _deltas(rec, events)
+    except (KeyError, TypeError, AttributeError):
+        rec.finish_reason = finish
+        text, reasoning = _deltas_one_by_one(rec, events)
     rec.response_text = "".join(text)
     rec.reasoning_text = "".join(reasoning) or None
-    rec.chunk_count = count
+    rec.chunk_count = len(events)
     rec.stream_body = None
 
 

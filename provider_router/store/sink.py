@@ -147,10 +147,10 @@ class TurnLog:
 # -- rows ------------------------------------------------------------------------------------
 class Sink:
     def __init__(
-        self, conn: sqlite3.Connection, *, max_body_bytes: int, redactor: Redactor, emit: Any, line: Any = None
+        self, conn: sqlite3.Connection, *, max_body_bytes: int, redactor: Redactor, emit: Any, lines: Any = None
     ) -> None:
         self.conn = conn
-        self.line = line  # renders a record's canonical log line (structlog's `info`), if set
+        self.lines = lines  # writes the canonical log lines of the records given, if set
         self.max_body = max_body_bytes
         self.redact = redactor
         self.emit = emit  # sends a frame to the daemon
@@ -249,13 +249,10 @@ class Sink:
         if turns:
             steps.append((INSERT_TURN, turns))
             steps.append((ADVANCE_SESSION, [(reply_id, count, sid) for sid, (reply_id, count) in tips.items()]))
-        if self.line is not None:
+        if self.lines is not None:
             # Before the write: a database another process holds locked (a VACUUM, say)
             # delays the rows, and a crash mid-write loses them, but not these lines.
-            for _, records in batches:
-                for r in records:
-                    if r.log_line:
-                        self.line("request", **request_line(r))
+            self.lines([r for _, records in batches for r in records if r.log_line])
         self._write_all(steps, rows)
         self.records_done += sum(len(records) for _, records in batches)
 
@@ -330,13 +327,19 @@ def serve(inp: int, out: BinaryIO) -> None:
             return
         pending += frames.feed(data)
     cfg = pending.pop(0)
-    from ..logsetup import setup_logging  # structlog: only this process's own start-up pays it
-    import structlog
+    from ..logsetup import line_renderer, setup_logging  # structlog: only this process's start-up pays it
 
     redactor = Redactor(cfg["secrets"])
     setup_logging("info", redact=redactor)  # JSON unless stderr (the daemon's) is a terminal
-    line = structlog.get_logger("provider_router.request").info
-    sink = Sink(open_db(cfg["db"]), max_body_bytes=cfg["max_body_bytes"], redactor=redactor, emit=emit, line=line)
+    render, err = line_renderer(), sys.stderr.buffer
+
+    def lines(records: list[RequestRecord]) -> None:
+        # One write per batch: a line written and flushed at a time was a system call each.
+        if records:
+            err.write(b"".join([render("request", request_line(r)) for r in records]))
+            err.flush()
+
+    sink = Sink(open_db(cfg["db"]), max_body_bytes=cfg["max_body_bytes"], redactor=redactor, emit=emit, lines=lines)
     while not eof or pending:
         # Take what was sent (the daemon writes while we commit), lingering a little for
         # more unless asked to sync, then write it.

@@ -1,0 +1,143 @@
+"""Assembling a forwarded stream for the log: the whole-list fast paths give what reading
+the stream event by event gives, whatever the events' shape and the stream's framing."""
+
+from __future__ import annotations
+
+from typing import Any
+from unittest.mock import patch
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from provider_router.api import assemble
+from provider_router.api.assemble import assemble_stream
+from provider_router.sse import SSEParser
+from provider_router.store.records import RequestRecord
+
+words = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
+ints = st.integers(-(2**63), 2**63 - 1)
+odd = st.one_of(st.none(), ints, st.lists(ints, max_size=2), st.dictionaries(words, ints, max_size=1))
+deltas = st.one_of(
+    st.fixed_dictionaries({"content": words}),
+    st.fixed_dictionaries({"role": st.just("assistant"), "content": st.one_of(st.just(""), st.none())}),
+    st.fixed_dictionaries({"reasoning_content": words}),
+    st.fixed_dictionaries({"reasoning": st.one_of(words, st.none()), "content": st.one_of(words, st.none())}),
+    st.fixed_dictionaries({}, optional={"content": odd, "reasoning": odd}),  # odd shapes
+    odd,  # not a dict at all
+)
+usual_deltas = st.fixed_dictionaries(
+    {}, optional={"role": st.just("assistant"), "content": st.one_of(words, st.none()), "reasoning_content": st.one_of(words, st.none()), "reasoning": words}
+)
+usual_events = st.fixed_dictionaries(
+    {"id": st.sampled_from(["c-1", "c-2"]), "choices": st.lists(
+        st.fixed_dictionaries({"index": st.just(0), "delta": usual_deltas}, optional={"finish_reason": st.one_of(st.none(), st.sampled_from(["stop", "length", "tool_calls", ""]))}),
+        max_size=2,
+    )},
+    optional={"usage": st.fixed_dictionaries({"prompt_tokens": st.integers(0, 9), "total_tokens": st.integers(0, 99)})},
+)
+choices = st.fixed_dictionaries(
+    {"index": st.just(0)},
+    optional={"delta": deltas, "finish_reason": st.one_of(st.none(), st.sampled_from(["stop", "length", ""]))},
+)
+events = st.one_of(
+    st.fixed_dictionaries(
+        {"object": st.just("chat.completion.chunk")},
+        optional={
+            "id": st.sampled_from(["c-1", "c-2", ""]),
+            "choices": st.one_of(st.lists(choices, max_size=2), odd),
+            "usage": st.one_of(st.none(), st.fixed_dictionaries({"prompt_tokens": st.integers(0, 9), "total_tokens": st.integers(0, 99)})),
+        },
+    ),
+    odd,  # an event that is not an object
+)
+
+
+def _by_event(data: bytes) -> dict[str, Any]:
+    """The reference: every event parsed on its own, every field checked before use."""
+    rec = RequestRecord("POST", "/v1/chat/completions")
+    text, reasoning, count = [], [], 0
+    for ev in SSEParser().feed(data + b"\n\n"):
+        if not ev.data or ev.data == "[DONE]":
+            continue
+        obj = orjson.loads(ev.data)
+        if not isinstance(obj, dict):
+            continue
+        count += 1
+        if obj.get("usage") or rec.reply_id is None:
+            rec.reply_id = obj.get("id") or rec.reply_id
+            usage = obj.get("usage")
+            if isinstance(usage, dict):
+                rec.prompt_tokens, rec.total_tokens = usage.get("prompt_tokens"), usage.get("total_tokens")
+        choices = obj.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                if isinstance(delta.get("content"), str):
+                    text.append(delta["content"])
+                r = delta.get("reasoning_content") or delta.get("reasoning")
+                if isinstance(r, str):
+                    reasoning.append(r)
+            if choice.get("finish_reason"):
+                rec.finish_reason = choice["finish_reason"]
+    return {
+        "text": "".join(text), "reasoning": "".join(reasoning) or None, "count": count,
+        "finish": rec.finish_reason, "id": rec.reply_id, "tokens": (rec.prompt_tokens, rec.total_tokens),
+    }
+
+
+def _assembled(data: bytes) -> dict[str, Any]:
+    rec = RequestRecord("POST", "/v1/chat/completions")
+    rec.stream_body = data
+    assemble_stream(rec)
+    return {
+        "text": rec.response_text, "reasoning": rec.reasoning_text, "count": rec.chunk_count,
+        "finish": rec.finish_reason, "id": rec.reply_id, "tokens": (rec.prompt_tokens, rec.total_tokens),
+    }
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(events, max_size=8),
+    st.sampled_from(["\n", "\r\n"]),
+    st.sampled_from(["data: ", "data:"]),
+    st.booleans(),
+    st.booleans(),
+)
+def test_stream_assembly_matches_reading_event_by_event(
+    evs: list[Any], eol: str, prefix: str, done: bool, comment: bool
+) -> None:
+    """Any mix of well-formed and odd events, any framing: the same text, reasoning,
+    finish reason, usage, reply id and chunk count as the event-by-event reading."""
+    parts = [f"{prefix}{orjson.dumps(e).decode()}{eol}{eol}" for e in evs]
+    if comment:
+        parts.insert(len(parts) // 2, f": keep-alive{eol}{eol}")
+    if done:
+        parts.append(f"{prefix}[DONE]{eol}{eol}")
+    data = "".join(parts).encode()
+    assert _assembled(data) == _by_event(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(usual_events, max_size=8), st.booleans())
+def test_usual_events_take_the_whole_list_path(evs: list[Any], done: bool) -> None:
+    """Events of the usual shape never need the event-by-event reading, and give its result."""
+    data = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in evs) + (b"data: [DONE]\n\n" if done else b"")
+    expected = _by_event(data)
+    with patch.object(assemble, "_deltas_one_by_one", None):  # calling it would raise
+        assert _assembled(data) == expected
+
+
+def test_the_usual_stream_takes_the_fast_path_and_assembles() -> None:
+    """A plain OpenAI stream: role chunk, content chunks, finish, usage, [DONE]."""
+    chunks = [{"id": "c", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}]
+    chunks += [{"id": "c", "choices": [{"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}]} for i in range(64)]
+    chunks += [{"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}]
+    chunks += [{"id": "c", "choices": [], "usage": {"prompt_tokens": 3, "total_tokens": 70}}]
+    data = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+    got = _assembled(data)
+    assert got["text"] == "".join(f"w{i} " for i in range(64))
+    assert (got["count"], got["finish"], got["id"], got["tokens"]) == (67, "stop", "c", (3, 70))
+    assert got == _by_event(data)
