@@ -13,6 +13,7 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
+from provider_router.store import sink
 from provider_router.store import LogWriter, Redactor, RequestRecord, connect
 from provider_router.logsetup import line_renderer, setup_logging
 from provider_router.store.records import iso, request_line
@@ -197,3 +198,28 @@ def test_a_batch_rendered_line_is_the_one_the_logger_writes(json: bool) -> None:
         root.handlers[:], root.level = handlers, level
     assert rendered == written.buffer.getvalue()  # type: ignore[attr-defined]
     assert secret.encode() not in rendered and rec.id.encode() in rendered
+
+
+async def test_the_writer_process_gives_way_while_it_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sink yields the CPU between records and from inside SQLite's statements, so a
+    proxy process woken meanwhile does not wait out its time slice; and still writes all."""
+    conn = await connect(tmp_path / "w.db")
+    await conn.close()
+    yields: list[int] = []
+    monkeypatch.setattr(sink.os, "sched_yield", lambda: yields.append(1))
+    db = sink.open_db(str(tmp_path / "w.db"))
+    out = sink.Sink(db, max_body_bytes=1000, redactor=Redactor([]), emit=lambda _: None)
+    out.give_way.every = 0.0  # give way at every chance
+    records = [RequestRecord("POST", "/v1/chat/completions") for _ in range(50)]
+    for r in records:
+        r.finish(200, "ok")
+    out.apply([([], records)])
+    assert out.written == 50 == db.execute("SELECT count(*) FROM requests").fetchone()[0]
+    in_sqlite = len(yields) - 50
+    assert in_sqlite > 0  # the progress handler ran inside the statements
+    out.give_way.every = 3600.0
+    out.give_way()  # due now: yields, next due in an hour
+    yields.clear()
+    out.give_way()
+    out.give_way()
+    assert yields == []  # not yet due: no system call

@@ -16,7 +16,9 @@ the row come from the same record.
 
 Per record it assembles the forwarded reply (text, usage; a stream's events), threads a
 stateless upstream's turn in the log, redacts and truncates, and inserts the row; a batch
-is one transaction, with the full-text index filled by one statement. SIGINT and SIGTERM
+is one transaction, with the full-text index filled by one statement. It yields the CPU
+every 200 us of work (`GiveWay`), so that the requests it logs, served on the same cores,
+do not queue behind it. SIGINT and SIGTERM
 are ignored: the process ends when the daemon closes its input (or dies), after
 committing everything it was sent.
 """
@@ -68,6 +70,9 @@ MAX_BATCH_RECORDS = 2_000
 # lookup, the index statement, the commit) paid per handful of records was most of this
 # process's time under load. A sync request (drained(), stop) commits at once.
 LINGER_S = 0.02
+# Give the CPU away after this much work, and let SQLite check every this many VM steps.
+GIVE_WAY_S = 200e-6
+GIVE_WAY_STEPS = 1_000
 
 Group = tuple[str, list[Sequence[Any]]]
 
@@ -97,6 +102,27 @@ class Frames:
             yield pickle.loads(memoryview(buf)[pos + 4 : pos + 4 + n])
             pos += 4 + n
         del buf[:pos]
+
+
+class GiveWay:
+    """Yields the CPU after every `every_s` of work. The requests this process logs are
+    served on the same few cores: a proxy or upstream process woken while we write would
+    otherwise wait for our time slice to end (2-5 ms at c=1 under `make bench`, once per
+    batch; see bench/README.md). When nothing else wants the core, a yield returns at once.
+    Unlike a lower priority (`nice` made no difference), the writer keeps its fair share
+    on a busy machine, so a saturated box slows logging but does not starve it."""
+
+    def __init__(self, every_s: float = GIVE_WAY_S) -> None:
+        self.every = every_s
+        self.due = 0.0
+        self._yield = getattr(os, "sched_yield", None)  # Linux and macOS
+
+    def __call__(self) -> int:  # also SQLite's progress handler: 0 means go on
+        now = time.perf_counter()
+        if now >= self.due and self._yield is not None:
+            self._yield()
+            self.due = time.perf_counter() + self.every
+        return 0
 
 
 # -- threading a stateless upstream's log ----------------------------------------------------
@@ -158,6 +184,8 @@ class Sink:
         self.records_done = 0
         self.written = 0
         self.failed = 0
+        self.give_way = GiveWay()
+        conn.set_progress_handler(self.give_way, GIVE_WAY_STEPS)
 
     def log(self, level: str, event: str, **fields: Any) -> None:
         self.emit(("log", level, event, fields))
@@ -241,6 +269,7 @@ class Sink:
                     self.turns.forget()  # a delete may take turns with it: reread them
                 steps.append((sql, many))
             for r in records:
+                self.give_way()
                 row, turn = self.prepare(r)
                 rows.append(row)
                 if turn is not None:
@@ -252,7 +281,7 @@ class Sink:
         if self.lines is not None:
             # Before the write: a database another process holds locked (a VACUUM, say)
             # delays the rows, and a crash mid-write loses them, but not these lines.
-            self.lines([r for _, records in batches for r in records if r.log_line])
+            self.lines([r for _, records in batches for r in records if r.log_line], self.give_way)
         self._write_all(steps, rows)
         self.records_done += sum(len(records) for _, records in batches)
 
@@ -333,10 +362,14 @@ def serve(inp: int, out: BinaryIO) -> None:
     setup_logging("info", redact=redactor)  # JSON unless stderr (the daemon's) is a terminal
     render, err = line_renderer(), sys.stderr.buffer
 
-    def lines(records: list[RequestRecord]) -> None:
+    def lines(records: list[RequestRecord], give_way: GiveWay) -> None:
         # One write per batch: a line written and flushed at a time was a system call each.
-        if records:
-            err.write(b"".join([render("request", request_line(r)) for r in records]))
+        out = []
+        for r in records:
+            give_way()
+            out.append(render("request", request_line(r)))
+        if out:
+            err.write(b"".join(out))
             err.flush()
 
     sink = Sink(open_db(cfg["db"]), max_body_bytes=cfg["max_body_bytes"], redactor=redactor, emit=emit, lines=lines)
