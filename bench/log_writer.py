@@ -4,6 +4,7 @@ whether any are lost; and, separately, what assembling one forwarded 64-chunk st
 Records are shaped as the daemon hands them over with sessions on: raw reply bytes (one
 in four a 64-chunk stream) for the writer process to assemble, a stateless turn for it to
 thread in the log, in 100 conversations, and the canonical log line for it to render.
+The same count of non-stream records alone is measured too, to show what the streams cost.
 
 Run: .venv/bin/python bench/log_writer.py [--records N]
 """
@@ -46,7 +47,7 @@ CHUNKS = [
 STREAM = b"".join(CHUNKS)
 
 
-def make_records(n: int) -> list[RequestRecord]:
+def make_records(n: int, stream_every: int = 4) -> list[RequestRecord]:
     out = []
     for i in range(n):
         r = RequestRecord("POST", "/v1/chat/completions")
@@ -54,7 +55,7 @@ def make_records(n: int) -> list[RequestRecord]:
         r.request_body = BODY
         r.session_id = r.chat_id = f"s{i % SESSIONS}"
         r.log_turn = r.log_line = True
-        if i % 4 == 3:  # one in four streamed, as in the memory test
+        if stream_every and i % stream_every == stream_every - 1:  # by default one in four, as in the memory test
             r.stream, r.stream_body, r.reply_format = True, STREAM, "stream"
         else:
             r.stream, r.response_body, r.reply_format = False, REPLY, "completion"
@@ -63,7 +64,7 @@ def make_records(n: int) -> list[RequestRecord]:
     return out
 
 
-async def measure(n: int) -> dict[str, float]:
+async def measure(n: int, stream_every: int = 4) -> dict[str, float]:
     """Submit `n` records as fast as possible; time until all are committed."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "w.db"
@@ -84,7 +85,7 @@ async def measure(n: int) -> dict[str, float]:
             repo.save(Session(f"s{k}", f"fp{k}", "bench", "fake", "gpt-4o-mini", now, now, now + 1800, chat_id=f"s{k}"))
         await writer.drained()
         pid = writer._proc.pid  # type: ignore[union-attr]
-        records = make_records(n)
+        records = make_records(n, stream_every)
         t0, c0, w0 = time.perf_counter(), time.process_time(), _cpu_s(pid)
         for r in records:
             writer.submit(r)
@@ -94,7 +95,6 @@ async def measure(n: int) -> dict[str, float]:
         await conn.close()
         stored = sqlite3.connect(path).execute("SELECT count(*) FROM requests").fetchone()[0]
     return {
-        "stream_assembly_us": _assembly_us(),
         "records_per_s": n / wall,
         "cpu_us_per_record": 1e6 * (cpu + wcpu) / n,
         "daemon_cpu_us_per_record": 1e6 * cpu / n,
@@ -127,7 +127,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=50_000)
     args = ap.parse_args()
-    print(orjson.dumps(asyncio.run(measure(args.records)), option=orjson.OPT_INDENT_2).decode())
+    out = asyncio.run(measure(args.records))
+    plain = asyncio.run(measure(args.records, stream_every=0))
+    out |= {"plain_records_per_s": plain["records_per_s"], "plain_cpu_us_per_record": plain["cpu_us_per_record"]}
+    out |= {"plain_lost": plain["lost"], "stream_assembly_us": _assembly_us()}
+    print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from .routing import Router
 if TYPE_CHECKING:
     from .metrics import Metrics
     from .store import LogWriter, Redactor
-    from .store.records import RequestRecord
     from .threads import Threads
 
 
