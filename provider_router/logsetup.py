@@ -71,17 +71,19 @@ def setup_logging(
     _route_stdlib(level, stream, json=json, redact=redact)
 
 
-def line_renderer(level: str = "info") -> Callable[[str, dict[str, Any]], bytes]:
+def line_renderer(level: str = "info", *, encoding: str | None = None) -> Callable[[str, dict[str, Any]], bytes]:
     """The configured processors as one function: an event and its fields to the bytes the
     logger would write, line end included. For writing many lines with one call (the log
-    writer process renders a batch's request lines at once); call after `setup_logging`."""
+    writer process renders a batch's request lines at once); call after `setup_logging`.
+    `encoding` is the stream's, for the console renderer's text (stderr's errors policy)."""
     processors = structlog.get_config()["processors"]
+    encoding = encoding or "utf-8"
 
     def render(event: str, fields: dict[str, Any]) -> bytes:
         out: Any = {**fields, "event": event}
         for processor in processors:
             out = processor(None, level, out)
-        return (out if isinstance(out, bytes) else out.encode()) + b"\n"
+        return (out if isinstance(out, bytes) else out.encode(encoding, "backslashreplace")) + b"\n"
 
     return render
 

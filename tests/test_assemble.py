@@ -7,6 +7,7 @@ from typing import Any
 from unittest.mock import patch
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -60,7 +61,10 @@ def _by_event(data: bytes) -> dict[str, Any]:
     for ev in SSEParser().feed(data + b"\n\n"):
         if not ev.data or ev.data == "[DONE]":
             continue
-        obj = orjson.loads(ev.data)
+        try:
+            obj = orjson.loads(ev.data)
+        except orjson.JSONDecodeError:
+            continue
         if not isinstance(obj, dict):
             continue
         count += 1
@@ -128,6 +132,45 @@ def test_usual_events_take_the_whole_list_path(evs: list[Any], done: bool) -> No
     expected = _by_event(data)
     with patch.object(assemble, "_deltas_one_by_one", None):  # calling it would raise
         assert _assembled(data) == expected
+
+
+fragments = st.sampled_from([
+    '{"id":"c","choices":[{"delta":{"content":"a"},"finish_reason":null}]}',
+    '{"choices":[{"delta":{"content":"b"},"finish_reason":"stop"}]}',
+    '{"id":', '{"id":"x"', '"x"}', '"choices":[{"delta":{"content":"hi"}}]}', "[DONE]", "1", "[1", "2]", " ", "",
+])
+line_kinds = st.sampled_from(["data: ", "data: ", "", "data:", " data: ", "event: x\n", ": keep-alive\n", "id: 3\n"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(line_kinds, fragments, st.sampled_from(["\n\n", "\n", "\r\n\r\n", "", "\n\n\n", "\x0b\n\n"])), max_size=8))
+def test_any_framing_reads_as_the_sse_parser_reads_it(lines: list[tuple[str, str, str]]) -> None:
+    """Odd framing (a value split over lines or events, multi-line data, glued `[DONE]`,
+    comments, CRLF, stray spaces) never takes the one-array path to a different answer."""
+    data = "".join(kind + fragment + end for kind, fragment, end in lines).encode()
+    assert _assembled(data) == _by_event(data)
+
+
+ODD_FRAMINGS = {
+    "a line break inside a value": b'data: {"id":\n"x"}\n\n',
+    "a carriage return inside a value": b'data: {"id":\r"x"}\n\n',
+    "a space before data:": b' data: {"id":"x"}\n\n',
+    "a vertical tab after the value": b'data: {"id":"x"}\x0b\n\n',
+    "[DONE] glued to the value": b'data: {"id":"x"}data: [DONE]\n\n',
+    "one value split over two events": b'data: {"id":"x"\n\ndata: "choices":[{"delta":{"content":"hi"}}]}\n\n',
+    "one value split over two events, other framing": b': c\n\ndata: {"id":"x"\n\ndata: "choices":[{"delta":{"content":"hi"}}]}\n\n',
+    "two data lines in one event": b'data: {"id":"x"}\ndata: {"id":"y"}\n\n',
+    "[DONE] as an event's second data line": b'data: {"id":"x"}\ndata: [DONE]\n\n',
+    "two values in one event": b'data: {"id":"x"} {"id":"y"}\n\n',
+    "CRLF": b'data: {"id":"x","choices":[{"delta":{"content":"a"},"finish_reason":"stop"}]}\r\n\r\ndata: [DONE]\r\n\r\n',
+    "[DONE] in the middle": b'data: {"id":"x"}\n\ndata: [DONE]\n\ndata: {"choices":[{"delta":{"content":"b"}}]}\n\n',
+    "a byte order mark": b'\xef\xbb\xbfdata: {"id":"x"}\n\n',
+}
+
+
+@pytest.mark.parametrize("data", list(ODD_FRAMINGS.values()), ids=list(ODD_FRAMINGS))
+def test_odd_framing_reads_as_the_sse_parser_reads_it(data: bytes) -> None:
+    assert _assembled(data) == _by_event(data)
 
 
 def test_the_usual_stream_takes_the_fast_path_and_assembles() -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import sqlite3
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -13,9 +15,8 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from provider_router.store import sink
-from provider_router.store import LogWriter, Redactor, RequestRecord, connect
 from provider_router.logsetup import line_renderer, setup_logging
+from provider_router.store import LogWriter, Redactor, RequestRecord, connect, sink
 from provider_router.store.records import iso, request_line
 from provider_router.store.migrations import MIGRATIONS, migrate
 
@@ -223,3 +224,26 @@ async def test_the_writer_process_gives_way_while_it_writes(tmp_path: Path, monk
     out.give_way()
     out.give_way()
     assert yields == []  # not yet due: no system call
+
+
+def test_log_lines_reach_a_non_blocking_stderr_whole() -> None:
+    """The writer process writes a batch's lines with one call; a non-blocking pipe (left so
+    by some parents) takes 64 KiB at a time, and every line still arrives whole."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    data = b"".join(b'{"event":"request","n":%d}\n' % i for i in range(40_000))  # ~1 MiB
+    got = bytearray()
+
+    def read() -> None:
+        while chunk := os.read(r, 1 << 16):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        sink.write_all(w, data)
+    finally:
+        os.close(w)
+        reader.join()
+        os.close(r)
+    assert bytes(got) == data

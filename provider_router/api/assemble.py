@@ -43,34 +43,40 @@ def assemble_completion(rec: RequestRecord) -> None:
 
 
 def stream_events(data: bytes) -> list[Any]:
-    """The JSON payloads of a complete SSE body, parsed in one call where possible."""
+    """The JSON payloads of a complete SSE body, as the SSE parser would find them, parsed
+    in one call where possible (one `loads` per event costs ~3x more)."""
     # What OpenAI-compatible servers send: every event one `data: ` line, events separated
-    # by a blank line. JSON has no raw line breaks in strings, so each separator becomes
-    # a comma and the body parses as one array; any other shape fails to parse here.
-    body = data.strip()
-    if body.endswith(b"data: [DONE]"):
-        body = body[:-12].rstrip()
-    if body.startswith(b"data: "):
+    # by one blank line, LF only. Then each separator can become a comma and the body parse
+    # as one array: taken only when every line break is a separator's and each event gave
+    # exactly one value, so any other framing reads as the parser reads it.
+    body = data.rstrip(b"\n")
+    if body.endswith(b"\n\ndata: [DONE]"):
+        body = body[:-14]
+    elif body == b"data: [DONE]":
+        return []
+    seps = body.count(b"\n\ndata: ")
+    if body.startswith(b"data: ") and body.count(b"\n") == 2 * seps and b"\r" not in body:
         try:
-            return orjson.loads(b"[" + body[6:].replace(b"\n\ndata: ", b",") + b"]")  # type: ignore[no-any-return]
+            events = orjson.loads(b"[" + body[6:].replace(b"\n\ndata: ", b",") + b"]")
+            if len(events) == seps + 1:
+                return events  # type: ignore[no-any-return]
         except orjson.JSONDecodeError:
             pass
-    # Other line endings, comments, `event:` fields: payloads by line, still one parse.
-    payloads = [line[5:] for line in data.splitlines() if line.startswith(b"data:")]
-    payloads = [p for p in (p.strip() for p in payloads) if p and p != b"[DONE]"]
+    # Any other framing (CRLF, comments, `event:` fields, multi-line data): the parser.
+    payloads = [ev.data for ev in SSEParser().feed(data + b"\n\n") if ev.data and ev.data != "[DONE]"]
     try:
-        return orjson.loads(b"[" + b",".join(payloads) + b"]")  # type: ignore[no-any-return]
+        events = orjson.loads("[" + ",".join(payloads) + "]")
+        if len(events) == len(payloads):
+            return events  # type: ignore[no-any-return]
     except orjson.JSONDecodeError:
         pass
-    # A malformed or multi-line event: the incremental parser, event by event.
-    events = []
-    for ev in SSEParser().feed(data + b"\n\n"):
-        if ev.data and ev.data != "[DONE]":
-            try:
-                events.append(orjson.loads(ev.data))
-            except orjson.JSONDecodeError:
-                continue
-    return events
+    out = []  # some event is not JSON (or not one value): each on its own, skipping those
+    for payload in payloads:
+        try:
+            out.append(orjson.loads(payload))
+        except orjson.JSONDecodeError:
+            continue
+    return out
 
 
 def _deltas(rec: RequestRecord, events: list[Any]) -> tuple[list[str], list[str]]:

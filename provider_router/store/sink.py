@@ -117,10 +117,13 @@ class GiveWay:
         self.due = 0.0
         self._yield = getattr(os, "sched_yield", None)  # Linux and macOS
 
-    def __call__(self) -> int:  # also SQLite's progress handler: 0 means go on
+    def __call__(self) -> int:  # also SQLite's progress handler: anything but 0 aborts
         now = time.perf_counter()
         if now >= self.due and self._yield is not None:
-            self._yield()
+            try:
+                self._yield()
+            except OSError:
+                pass
             self.due = time.perf_counter() + self.every
         return 0
 
@@ -329,6 +332,17 @@ class Sink:
             self.conn.execute("ROLLBACK")
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """All of `data`, even to a non-blocking descriptor (a pipe some parents hand over so):
+    a buffered write there can stop short without an error."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            select.select([], [fd], [])
+
+
 def open_db(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None)
     for pragma in PRAGMAS:
@@ -360,7 +374,7 @@ def serve(inp: int, out: BinaryIO) -> None:
 
     redactor = Redactor(cfg["secrets"])
     setup_logging("info", redact=redactor)  # JSON unless stderr (the daemon's) is a terminal
-    render, err = line_renderer(), sys.stderr.buffer
+    render = line_renderer(encoding=sys.stderr.encoding)
 
     def lines(records: list[RequestRecord], give_way: GiveWay) -> None:
         # One write per batch: a line written and flushed at a time was a system call each.
@@ -369,8 +383,8 @@ def serve(inp: int, out: BinaryIO) -> None:
             give_way()
             out.append(render("request", request_line(r)))
         if out:
-            err.write(b"".join(out))
-            err.flush()
+            sys.stderr.flush()  # what structlog's other lines left buffered goes first
+            write_all(sys.stderr.fileno(), b"".join(out))
 
     sink = Sink(open_db(cfg["db"]), max_body_bytes=cfg["max_body_bytes"], redactor=redactor, emit=emit, lines=lines)
     while not eof or pending:
