@@ -184,12 +184,20 @@ class Threads:
 
         On a stateless upstream this is all the request path does: the full history
         travels, and where it continues matters only to the log, so the log writer
-        process threads it once it has assembled the reply (`rec.log_turn`)."""
+        process threads it once it has assembled the reply (`rec.log_turn`).
+
+        Each attempt of a request joins (retries, fallbacks): a request counts once, in
+        the session that holds it last, as its log row does."""
         now = time.time()
         s = await self._session(request, rec.client or "anonymous", route, call.body["messages"], now)
         s.last_access = now
         s.expires = now + self.timeout
-        s.request_count += 1
+        if rec.session_id != s.id:
+            s.request_count += 1
+            before = self.sessions.get(rec.session_id) if rec.session_id else None
+            if before is not None:  # a fallback moved the request to another route's session
+                before.request_count -= 1
+                self.repo.save(before)
         self.sessions.move_to_end(s.id)
         rec.session_id = s.id
         if not self.providers[route.provider.name].threaded:

@@ -84,3 +84,30 @@ async def test_upstream_redirect_is_not_followed(proxy: Proxy, openai_fake: Open
     with pytest.raises(openai.APIStatusError) as e:
         await proxy.sdk().chat.completions.create(model="gpt-4o", messages=HELLO)
     assert e.value.status_code == 502 and "redirect" in e.value.message
+
+
+async def test_a_retried_request_counts_once_in_its_session(make_proxy: ProxyFactory, openai_fake: OpenAIFake) -> None:
+    """Each attempt joins the session; the session still counts one request per request."""
+    p = await make_proxy(with_retries(openai_fake, 2))
+    openai_fake.fail_next = (503, b'{"error": {"message": "try later"}}')
+    await p.sdk().chat.completions.create(model="gpt-4o", messages=HELLO)
+    await p.sdk().chat.completions.create(model="gpt-4o", messages=HELLO + [{"role": "assistant", "content": OpenAIFake.reply_for(HELLO)}, {"role": "user", "content": "again"}])
+    assert len(openai_fake.seen) == 3  # two attempts, then one
+    await p.drained()
+    [session] = await p.rows("SELECT * FROM sessions")
+    assert session["request_count"] == 2
+    assert [r["session_id"] for r in await p.rows()] == [session["id"]] * 2
+
+
+async def test_a_request_moved_by_a_fallback_counts_in_the_session_that_answered(make_proxy: ProxyFactory, unused_tcp_port: int) -> None:
+    """The failed route's session does not keep a request its log rows do not show."""
+    cfg = base_config(f"http://127.0.0.1:{unused_tcp_port}/v1")
+    cfg["models"] = [{"name": "echo", "provider": "echo"}, {"name": "gpt-4o", "provider": "up", "fallbacks": ["echo"]}]
+    p = await make_proxy(cfg)
+    await p.sdk().chat.completions.create(model="gpt-4o", messages=HELLO)
+    await p.drained()
+    counts = {r["provider"]: r["request_count"] for r in await p.rows("SELECT * FROM sessions")}
+    [row] = await p.rows()
+    answered = (await p.rows("SELECT provider FROM sessions WHERE id = ?", row["session_id"]))[0]["provider"]
+    assert answered == "echo" and counts["echo"] == 1
+    assert counts.get("up", 0) == 0
