@@ -1,4 +1,4 @@
-"""The upstream HTTP/1.1 client (providers/client.py) against real loopback servers:
+"""The upstream HTTP/1.1 client (providers/client.py, wire.py) against real loopback servers:
 keep-alive reuse, the stale-connection retry, body framings, encodings, limits, TLS."""
 
 from __future__ import annotations

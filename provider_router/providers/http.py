@@ -1,6 +1,6 @@
 """Upstream HTTP shared by the providers: requests with split timeouts (connect, first
 byte, idle between body pieces) and failures as `ApiError`s. There is no total cap, so a
-healthy long stream is never cut. The wire work is `client.py`'s.
+healthy long stream is never cut. The wire work is `client.py`'s and `wire.py`'s.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from typing import AsyncIterator, Mapping
 
 from ..config import TimeoutsConfig
 from ..errors import ApiError, upstream_timeout, upstream_unreachable
-from .client import MAX_BODY, HttpClient, ProtocolError, Response, header_block
+from .client import HttpClient, header_block
+from .wire import MAX_BODY, ProtocolError, Response
 
 
 class Upstream:

@@ -19,7 +19,8 @@ from ..errors import ApiError
 from ..messages import content_text
 from ..sse import SSEParser
 from .base import ChatCall, ChatGone, Delta, Event, Finish, Started, UpstreamReply, Usage
-from .client import HttpClient, Response
+from .client import HttpClient
+from .wire import Response
 from .http import Upstream
 
 
