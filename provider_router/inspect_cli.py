@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import sqlite3
 import sys
@@ -19,6 +20,7 @@ import orjson
 
 from .store import queries as q
 from .store.db import connect
+from .store.presence import serving
 
 AddCommon = Callable[[argparse.ArgumentParser], None]
 FOLLOW_INTERVAL = 0.5  # seconds between polls of `logs --follow`
@@ -64,11 +66,106 @@ def _run(args: argparse.Namespace, body: Callable[[aiosqlite.Connection], Awaita
     try:
         return asyncio.run(main())
     except (CliError, q.AmbiguousId) as e:
-        print(f"provider-router: {e}", file=sys.stderr)
-        return 1
+        return _fail(e)
     except sqlite3.Error as e:
-        print(f"provider-router: database error: {e}", file=sys.stderr)
-        return 1
+        return _fail(f"database error: {e}")
+
+
+def _fail(e: object) -> int:
+    print(f"provider-router: {e}", file=sys.stderr)
+    return 1
+
+
+# == session edits while a daemon serves the database ====================================
+class Admin:
+    """The daemon serving the database, asked through its admin API. It keeps the active
+    sessions in memory and writes each back on its next request, so a session deleted or
+    expired in the file behind it would come back: while it runs, it makes the change."""
+
+    def __init__(self, pid: int | None, url: str, key: str) -> None:
+        self.pid, self.url, self.key = pid, url, key
+
+    @classmethod
+    def find(cls, args: argparse.Namespace, db: Path) -> Admin | None:
+        """None when no daemon serves `db`. A daemon there but no key to ask it with is an
+        error: the file is left alone rather than edited behind it."""
+        who = serving(db)
+        if who is None:
+            return None
+        pid, url = who["pid"], who["url"]
+        daemon = f"a running daemon (pid {pid or '?'}, {url or 'address unknown'})"
+        key = _admin_key(args)
+        if not key:
+            raise CliError(
+                f"{daemon} serves {db} and keeps its sessions in memory, so it would write this change "
+                "back; stop it, or set auth.admin_key (in --config) so this command can ask it"
+            )
+        if not url:  # held, but the daemon is still writing its mark
+            raise CliError(f"{daemon} serves {db} but has not said where yet; try again")
+        if who["uid"] != os.getuid():  # the key goes only where our own daemon said it listens
+            raise CliError(f"{daemon} serves {db}, but its mark belongs to another user: not sending it the admin key")
+        return cls(pid, url, key)
+
+    async def call(self, method: str, path: str) -> tuple[int, dict[str, Any]]:
+        """(status, JSON body) of the admin API; 404 is the caller's, other failures raise."""
+        import aiohttp  # only here: the read-only commands start faster without it
+
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+                headers = {"Authorization": f"Bearer {self.key}"}
+                async with http.request(method, self.url + path, headers=headers) as r:
+                    status, raw = r.status, await r.read()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise CliError(
+                f"the daemon serving this database (pid {self.pid or '?'}) did not answer at {self.url}: "
+                f"{'no answer within 5 s' if isinstance(e, TimeoutError) else e}"
+            ) from None
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = {}
+        body = body if isinstance(body, dict) else {}
+        error = body.get("error") if isinstance(body.get("error"), dict) else {}
+        if status == 404 and error.get("code") == "unknown_url":
+            raise CliError(f"the daemon at {self.url} has no admin API: its config sets no auth.admin_key")
+        if status == 401:
+            raise CliError(f"the daemon at {self.url} refused the admin key of --config (401): is that its config?")
+        if status != 200 and status != 404:
+            raise CliError(f"the daemon at {self.url} refused: {status} {error.get('message', '')}".rstrip())
+        return status, body
+
+    @property
+    def via(self) -> str:
+        return f"through the running daemon (pid {self.pid or '?'})"
+
+
+def _admin_key(args: argparse.Namespace) -> str:
+    """auth.admin_key of --config (./config.yaml); none if that config does not load."""
+    from .cli import load
+    from .config import ConfigError
+
+    if not hasattr(args, "config"):
+        args.config = "config.yaml"
+    try:
+        return load(args).auth.admin_key
+    except ConfigError:
+        return ""
+
+
+def _edit_sessions(
+    args: argparse.Namespace,
+    offline: Callable[[aiosqlite.Connection], Awaitable[int]],
+    online: Callable[[aiosqlite.Connection, Admin], Awaitable[int]],
+) -> int:
+    """`offline` edits the file when no daemon serves it; else `online` asks the daemon,
+    reading the file only."""
+    try:
+        admin = Admin.find(args, resolve_db(args))
+    except CliError as e:
+        return _fail(e)
+    if admin is None:
+        return _run(args, offline, write=True)
+    return _run(args, lambda conn: online(conn, admin))
 
 
 # == rendering helpers ==================================================================
@@ -500,7 +597,7 @@ def cmd_sessions_show(args: argparse.Namespace) -> int:
 
 
 def cmd_sessions_delete(args: argparse.Namespace) -> int:
-    async def body(conn: aiosqlite.Connection) -> int:
+    async def offline(conn: aiosqlite.Connection) -> int:
         s = await _session(conn, args.id)
         gone = await q.delete_session(conn, s["id"])
         if gone is None:  # the daemon deleted it between the lookup and the delete
@@ -511,16 +608,33 @@ def cmd_sessions_delete(args: argparse.Namespace) -> int:
         )
         return 0
 
-    return _run(args, body, write=True)
+    async def online(conn: aiosqlite.Connection, admin: Admin) -> int:
+        s = await _session(conn, args.id)
+        kept = await q.count_session_requests(conn, s["id"])
+        status, _ = await admin.call("DELETE", f"/admin/sessions/{s['id']}")
+        if status == 404:  # gone between the lookup and the call
+            raise CliError(f"no session with id {args.id!r}")
+        print(
+            f"deleted session {s['id']} ({s['provider']}/{s['upstream_model']}, {s['state']}) "
+            f"and its thread turns {admin.via}; its {kept} request row(s) are kept"
+        )
+        return 0
+
+    return _edit_sessions(args, offline, online)
 
 
 def cmd_sessions_cleanup(args: argparse.Namespace) -> int:
-    async def body(conn: aiosqlite.Connection) -> int:
+    async def offline(conn: aiosqlite.Connection) -> int:
         n = await q.expire_sessions(conn)
         print(f"marked {n} session(s) expired")
         return 0
 
-    return _run(args, body, write=True)
+    async def online(_: aiosqlite.Connection, admin: Admin) -> int:
+        _, body = await admin.call("POST", "/admin/sessions/cleanup")
+        print(f"marked {body.get('expired', 0)} session(s) expired {admin.via}")
+        return 0
+
+    return _edit_sessions(args, offline, online)
 
 
 # == stats ==============================================================================
@@ -725,7 +839,9 @@ def _register_sessions(sub: Any, add_common: AddCommon) -> None:
         ssub, "delete", add_common, help="delete a session (its request rows stay)",
         description="Delete a session and its thread turns. Its request rows stay in the log. "
         "The next request of that conversation starts a new upstream chat. The upstream's "
-        "own copy of the chat is not deleted.",
+        "own copy of the chat is not deleted. While a daemon serves the database, the delete "
+        "goes through its admin API (auth.admin_key of --config), since the daemon would "
+        "otherwise write the session back; without that key the command refuses.",
         epilog="example:\n  provider-router sessions delete 3f9a",
     )
     delete.add_argument("id", metavar="ID", help="the session id, or a unique prefix of it")
@@ -734,8 +850,9 @@ def _register_sessions(sub: Any, add_common: AddCommon) -> None:
     cleanup = _leaf(
         ssub, "cleanup", add_common, help="mark sessions past their expiry as expired",
         description="Mark active sessions whose expiry time has passed as expired (the daemon does "
-        "this itself every sessions.cleanup_interval_minutes; this is the offline equivalent, and "
-        "it does not delete upstream chats).",
+        "this itself every sessions.cleanup_interval_minutes). With no daemon running it edits the "
+        "file and deletes no upstream chats; while a daemon serves the database it asks the daemon "
+        "through its admin API (auth.admin_key of --config), and refuses without that key.",
         epilog="example:\n  provider-router sessions cleanup",
     )
     cleanup.set_defaults(func=cmd_sessions_cleanup)

@@ -280,6 +280,13 @@ async def session_requests(conn: aiosqlite.Connection, session_id: str) -> list[
     return [_parse_json_columns(r) for r in rows]
 
 
+async def count_session_requests(conn: aiosqlite.Connection, session_id: str) -> int:
+    """How many request rows name the session (exact id)."""
+    async with conn.execute("SELECT count(*) FROM requests WHERE session_id = ?", (session_id,)) as cur:
+        (n,) = await cur.fetchone()  # type: ignore[misc]
+    return int(n)
+
+
 @dataclass(slots=True)
 class DeletedSession:
     id: str

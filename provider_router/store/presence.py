@@ -1,0 +1,87 @@
+"""The running daemon's mark next to its database: `<db>.daemon`, locked while it serves.
+
+A daemon keeps active sessions in memory and writes them back on their next request, so
+a command that edits sessions in the file must know whether a daemon serves it, and where
+to ask it instead. The lock says so, not the file: flock dies with its process, so the
+file a killed daemon leaves behind reads as free.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def mark_path(db_path: str | Path) -> str:
+    # Resolved on both sides: a relative --db or a symlink still names the same mark.
+    return os.path.realpath(db_path) + ".daemon"
+
+
+class Presence:
+    """A held mark: the lock lasts as long as the descriptor stays open."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path, self.fd = path, fd
+
+    def release(self) -> None:
+        # Unlink while still locked: once closed, a new daemon may lock this very file,
+        # and unlinking it then would hide that daemon.
+        try:
+            if os.path.samestat(os.stat(self.path), os.fstat(self.fd)):
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+
+
+def hold(db_path: str | Path, url: str) -> Presence | None:
+    """Mark `db_path` as served at `url` by this process; None if another daemon holds it."""
+    path = mark_path(db_path)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.path.samestat(os.stat(path), os.fstat(fd)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # we locked a mark its daemon unlinked as it stopped: take a fresh one
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "url": url}).encode(), 0)
+    return Presence(path, fd)
+
+
+def serving(db_path: str | Path) -> dict[str, Any] | None:
+    """`{"pid", "url", "uid"}` of the live daemon serving `db_path`, else None. A mark held
+    but not readable yet (the daemon is writing it) gives None values: a daemon is there all
+    the same. `uid` owns the mark: a caller sends that address secrets only if it is its own."""
+    try:
+        fd = os.open(mark_path(db_path), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None  # free: no mark, or a killed daemon's
+        except BlockingIOError:
+            pass
+        try:
+            data = json.loads(os.pread(fd, 4096, 0))
+        except ValueError:
+            data = None
+        data = data if isinstance(data, dict) else {}
+        pid, url = data.get("pid"), data.get("url")
+        return {
+            "pid": pid if isinstance(pid, int) else None,
+            "url": url if isinstance(url, str) else None,
+            "uid": os.fstat(fd).st_uid,
+        }
+    finally:
+        os.close(fd)

@@ -1,0 +1,243 @@
+"""The running daemon's mark next to its database (`store.presence`), and the session edits
+of the CLI that it steers: through a live daemon's admin API, never behind its back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import aiohttp
+import pytest
+import yaml
+
+from provider_router.serve import local_url
+from provider_router.store.presence import hold, mark_path, serving
+from provider_router.store.records import iso
+from tests.daemon import WAIT, Daemon, Spawn, ro_query
+
+ADMIN = "admin-key-for-the-cli-test"
+URL = "http://127.0.0.1:8080"
+
+
+# -- the mark ------------------------------------------------------------------------------
+def test_held_mark_names_the_daemon_until_released(tmp_path: Path) -> None:
+    """Held: `serving` (its own open file description, so flock conflicts even in this one
+    process) names the holder; the file is private. Released: gone, and nothing serves."""
+    db = tmp_path / "x.db"
+    mark = hold(db, URL)
+    assert mark is not None
+    assert serving(db) == {"pid": os.getpid(), "url": URL, "uid": os.getuid()}
+    assert os.stat(mark_path(db)).st_mode & 0o777 == 0o600
+    mark.release()
+    assert serving(db) is None
+    assert not os.path.exists(mark_path(db))
+
+
+def test_a_stale_mark_is_free_and_taken_over(tmp_path: Path) -> None:
+    """A killed daemon's file (JSON, nobody holding the lock) serves nothing; the next
+    daemon takes it over and rewrites it whole."""
+    db = tmp_path / "x.db"
+    Path(mark_path(db)).write_text('{"pid": 999999, "url": "http://127.0.0.1:1", "padding": "' + "x" * 200 + '"}')
+    assert serving(db) is None
+    mark = hold(db, URL)
+    assert mark is not None
+    assert serving(db) == {"pid": os.getpid(), "url": URL, "uid": os.getuid()}
+    mark.release()
+
+
+def test_a_second_holder_is_refused(tmp_path: Path) -> None:
+    """While one daemon holds the mark another gets None, and the first is still named;
+    once released, the mark can be held again."""
+    db = tmp_path / "x.db"
+    first = hold(db, URL)
+    assert first is not None
+    assert hold(db, "http://127.0.0.1:9") is None
+    assert serving(db) == {"pid": os.getpid(), "url": URL, "uid": os.getuid()}
+    first.release()
+    again = hold(db, "http://127.0.0.1:9")
+    assert again is not None and serving(db) == {"pid": os.getpid(), "url": "http://127.0.0.1:9", "uid": os.getuid()}
+    again.release()
+
+
+def test_missing_or_garbled_marks_never_raise(tmp_path: Path) -> None:
+    """No file: nothing serves. A held mark whose text does not parse still says a daemon is
+    there (the CLI must not edit behind it), just not where."""
+    db = tmp_path / "x.db"
+    assert serving(db) is None
+    assert serving(tmp_path / "no-such-dir" / "x.db") is None
+    Path(mark_path(db)).write_bytes(b"\xff not json")
+    assert serving(db) is None  # garbled and free
+    mark = hold(db, URL)
+    assert mark is not None
+    os.pwrite(mark.fd, b"\xff{garbled", 0)
+    assert serving(db) == {"pid": None, "url": None, "uid": os.getuid()}
+    mark.release()
+
+
+def test_the_admin_key_goes_only_to_a_mark_of_our_own(tmp_path: Path, monkeypatch: Any) -> None:
+    """A mark another user could have planted (its owner is not us) gets no admin key."""
+    import argparse
+
+    from provider_router import inspect_cli
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"auth": {"admin_key": ADMIN}}))
+    args = argparse.Namespace(config=str(cfg), db=str(tmp_path / "x.db"))
+    mine = {"pid": 1, "url": URL, "uid": os.getuid()}
+    monkeypatch.setattr(inspect_cli, "serving", lambda _: mine)
+    assert inspect_cli.Admin.find(args, tmp_path / "x.db").key == ADMIN  # type: ignore[union-attr]
+    monkeypatch.setattr(inspect_cli, "serving", lambda _: mine | {"uid": os.getuid() + 1})
+    with pytest.raises(inspect_cli.CliError, match="another user"):
+        inspect_cli.Admin.find(args, tmp_path / "x.db")
+
+
+def test_local_url() -> None:
+    """The URL a CLI on this machine reaches the daemon at, from the host it listens on."""
+    assert local_url("0.0.0.0", 8) == "http://127.0.0.1:8"
+    assert local_url("localhost", 8) == "http://127.0.0.1:8"
+    assert local_url("127.0.0.1", 8) == "http://127.0.0.1:8"
+    assert local_url("::", 8) == "http://[::1]:8"
+    assert local_url("::1", 8) == "http://[::1]:8"
+    assert local_url("192.0.2.7", 8) == "http://192.0.2.7:8"
+
+
+# -- the CLI against a real daemon -----------------------------------------------------------
+def config(**extra: Any) -> str:
+    return yaml.safe_dump(
+        {"providers": [{"name": "echo", "type": "echo"}], "models": [{"name": "echo", "provider": "echo"}], **extra}
+    )
+
+
+async def cli(tmp_path: Path, cfg: str, db: Path, *args: str) -> tuple[int, str, str]:
+    """`provider-router ARGS --config CFG --db DB` in a subprocess: (status, stdout, stderr)."""
+    path = tmp_path / "cli.yaml"
+    path.write_text(cfg)
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "provider_router", *args, "--config", str(path), "--db", str(db),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env,
+    )
+    async with asyncio.timeout(WAIT):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def chat(d: Daemon, text: str) -> tuple[str, str]:
+    """One request opening with `text`: (its request id, its session id)."""
+    async with aiohttp.ClientSession() as s:
+        body = {"model": "echo", "messages": [{"role": "user", "content": text}]}
+        async with s.post(f"{d.url}/v1/chat/completions", json=body) as r:
+            assert r.status == 200, await r.text()
+            await r.read()
+            return r.headers["X-Request-Id"], r.headers["X-Session-Id"]
+
+
+async def until(check: Callable[[], Any]) -> Any:
+    """Poll the database (read-only) until `check` is truthy (bounded)."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            try:
+                value = check()
+            except sqlite3.OperationalError:  # busy, or not created yet
+                value = None
+            if value:
+                return value
+            await asyncio.sleep(0.02)
+
+
+def session_ids(db: Path) -> set[str]:
+    return {r[0] for r in ro_query(db, "SELECT id FROM sessions")}
+
+
+def row_session(db: Path, request_id: str) -> str | None:
+    rows = ro_query(db, "SELECT session_id FROM requests WHERE id = ?", request_id)
+    return rows[0][0] if rows else None
+
+
+async def test_sessions_delete_goes_through_the_daemon(spawn: Spawn, tmp_path: Path) -> None:
+    """With an admin key, `sessions delete` asks the running daemon: the conversation's next
+    request starts a new session, and the deleted one is never written back. The mark goes
+    when the daemon stops."""
+    cfg = config(auth={"admin_key": ADMIN})
+    d = await spawn(cfg)
+    rid1, sid1 = await chat(d, "remember the alamo")
+    await until(lambda: row_session(d.db, rid1) == sid1 and sid1 in session_ids(d.db))
+
+    code, out, err = await cli(tmp_path, cfg, d.db, "sessions", "delete", sid1[:12])
+    assert code == 0, err
+    assert f"deleted session {sid1} " in out and f"through the running daemon (pid {d.proc.pid})" in out
+    assert "its 1 request row(s) are kept" in out
+
+    rid2, sid2 = await chat(d, "remember the alamo")
+    assert sid2 != sid1
+    # The second request's row and its session are committed: every save of that request is.
+    await until(lambda: row_session(d.db, rid2) == sid2 and sid2 in session_ids(d.db))
+    assert sid1 not in session_ids(d.db)
+    assert row_session(d.db, rid1) == sid1  # the deleted session's request row stays
+
+    assert await d.stop() == 0
+    assert not os.path.exists(mark_path(d.db))
+
+
+async def test_sessions_cleanup_goes_through_the_daemon(spawn: Spawn, tmp_path: Path) -> None:
+    """With an admin key, `sessions cleanup` has the daemon expire its sessions past their
+    sliding timeout, and prints the daemon's count."""
+    cfg = config(auth={"admin_key": ADMIN}, sessions={"timeout_minutes": 0.01})
+    d = await spawn(cfg)
+    rid, sid = await chat(d, "short lived")
+    await until(lambda: row_session(d.db, rid) == sid and sid in session_ids(d.db))
+    (expires,) = ro_query(d.db, "SELECT expires_at FROM sessions WHERE id = ?", sid)[0]
+    # Wait (bounded, on the condition) until its expiry, as the stored timestamps tell it.
+    await until(lambda: iso(time.time()) > expires)
+
+    code, out, err = await cli(tmp_path, cfg, d.db, "sessions", "cleanup")
+    assert (code, out) == (0, f"marked 1 session(s) expired through the running daemon (pid {d.proc.pid})\n"), err
+    await until(lambda: ro_query(d.db, "SELECT state FROM sessions WHERE id = ?", sid) == [("expired",)])
+
+
+async def test_without_an_admin_key_the_cli_refuses_to_edit_behind_the_daemon(spawn: Spawn, tmp_path: Path) -> None:
+    """No admin key to ask the daemon with: exit 1 naming the daemon, and the file untouched."""
+    cfg = config()
+    d = await spawn(cfg)
+    rid, sid = await chat(d, "keep me")
+    await until(lambda: row_session(d.db, rid) == sid and sid in session_ids(d.db))
+    for command in (["sessions", "delete", sid], ["sessions", "cleanup"]):
+        code, out, err = await cli(tmp_path, cfg, d.db, *command)
+        assert (code, out) == (1, ""), command
+        assert len(err.splitlines()) == 1
+        assert f"pid {d.proc.pid}, {d.url})" in err and "auth.admin_key" in err
+    assert ro_query(d.db, "SELECT state FROM sessions WHERE id = ?", sid) == [("active",)]
+
+
+async def test_a_killed_daemons_mark_is_ignored(spawn: Spawn, tmp_path: Path) -> None:
+    """SIGKILL leaves the mark file behind, but not its lock: the CLI edits the file itself."""
+    cfg = config(auth={"admin_key": ADMIN})
+    d = await spawn(cfg)
+    rid, sid = await chat(d, "then the daemon died")
+    await until(lambda: row_session(d.db, rid) == sid and sid in session_ids(d.db))
+    d.proc.send_signal(signal.SIGKILL)
+    await d.proc.wait()
+    assert os.path.exists(mark_path(d.db))
+
+    code, out, err = await cli(tmp_path, cfg, d.db, "sessions", "delete", sid)
+    assert code == 0, err
+    assert f"deleted session {sid} " in out and "daemon" not in out
+    assert sid not in session_ids(d.db)
+
+
+async def test_a_second_daemon_on_the_database_warns(spawn: Spawn, tmp_path: Path) -> None:
+    """A second daemon on the same database cannot take the mark: it says whose it is."""
+    first = await spawn(config())
+    second = await spawn(config(), db=first.db)
+    line = await second.wait_log("database_shared")
+    assert (line["other_pid"], line["other_url"]) == (first.proc.pid, first.url)
+    assert serving(first.db) == {"pid": first.proc.pid, "url": first.url, "uid": os.getuid()}
