@@ -256,6 +256,8 @@ class Threads:
         self, s: Session, rec: RequestRecord, messages: list[dict[str, Any]], hashes: list[bytes], node: Turn | None, now: float
     ) -> None:
         """The reply completed: record it as a turn the next request can continue from."""
+        if s.state == "deleted":
+            return
         h = reply_hash(hashes[-1], rec.response_text or "").hex()
         t = Turn(
             prefix_hash=h,
@@ -283,10 +285,13 @@ class Threads:
         return s
 
     def delete(self, session_id: str) -> None:
-        """Forget a session everywhere (its turns go with it; its request rows stay)."""
+        """Forget a session everywhere (its turns go with it; its request rows stay). A
+        request of it still in flight finishes for its client but records nothing more."""
         s = self.sessions.pop(session_id, None)
-        if s is not None and self.by_fingerprint.get(s.fingerprint) == session_id:
-            del self.by_fingerprint[s.fingerprint]
+        if s is not None:
+            s.state = "deleted"  # never stored: saves and turns of it are skipped from now on
+            if self.by_fingerprint.get(s.fingerprint) == session_id:
+                del self.by_fingerprint[s.fingerprint]
         self.turns.pop(session_id, None)
         self.repo.delete(session_id)
 

@@ -373,3 +373,29 @@ async def test_expiry_can_delete_the_upstream_chats(make_proxy: ProxyFactory, qw
     assert threads.expire(now=10**12) == 1
     await threads.delete_doomed_chats()
     assert chat not in qwen_fake.chats
+
+
+async def test_a_session_deleted_while_its_request_is_in_flight_stays_deleted(qproxy: Proxy, qwen_fake: QwenFake) -> None:
+    """The request that was at the upstream when its session was deleted finishes for its
+    client, but neither writes the session back nor records a turn for it; the next turn
+    starts a new session and a new upstream chat."""
+    conv = Conversation(qproxy.sdk())
+    await conv.say("one")
+    threads = qproxy.state.threads
+    assert threads is not None
+    sid = conv.session_id
+    release = qwen_fake.stall_next()
+    second = asyncio.create_task(conv.say("two"))
+    async with asyncio.timeout(10):  # until the second turn is at the upstream
+        while len(qwen_fake.turns) < 2:
+            await asyncio.sleep(0.01)
+    threads.delete(sid)  # type: ignore[arg-type]
+    release.set()
+    assert await second
+    await qproxy.drained()
+    assert await qproxy.rows("SELECT id FROM sessions WHERE id = ?", sid) == []
+    assert await qproxy.rows("SELECT * FROM turns WHERE session_id = ?", sid) == []
+    assert qproxy.state.writer is not None and qproxy.state.writer.failed == 0
+    await conv.say("three")
+    assert conv.session_id != sid
+    assert qwen_fake.turns[-1].chat_id != qwen_fake.turns[0].chat_id

@@ -30,7 +30,7 @@ class Session:
     expires: float
     chat_id: str | None = None
     parent_id: str | None = None
-    state: str = "active"
+    state: str = "active"  # active | expired; "deleted" only in memory, never stored
     message_count: int = 0
     request_count: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -118,6 +118,8 @@ class SessionRepo:
 
     def save(self, s: Session) -> None:
         """Persist the session's state as of the next flush (many saves between flushes: one write)."""
+        if s.state == "deleted":  # a request in flight when it was deleted must not write it back
+            return
         self._writer.latest(f"session:{s.id}", UPSERT, lambda: _params(s))
 
     def add_turn(self, session_id: str, t: Turn, request_id: str, now: float) -> None:
