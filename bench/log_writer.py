@@ -82,7 +82,7 @@ async def measure(n: int, stream_every: int = 4) -> dict[str, float]:
                 os.close(saved)
         repo, now = SessionRepo(conn, writer), time.time()
         for k in range(SESSIONS):
-            repo.save(Session(f"s{k}", f"fp{k}", "bench", "fake", "gpt-4o-mini", now, now, now + 1800, chat_id=f"s{k}"))
+            repo.create(Session(f"s{k}", f"fp{k}", "bench", "fake", "gpt-4o-mini", now, now, now + 1800, chat_id=f"s{k}"))
         await writer.drained()
         pid = writer._proc.pid  # type: ignore[union-attr]
         records = make_records(n, stream_every)

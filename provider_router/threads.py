@@ -27,6 +27,7 @@ from .routing import Route
 from .store.records import RequestRecord, new_id
 from .store.sessions import Session, SessionRepo, Turn
 
+JOINED = web.RequestKey("joined_session", Session)  # a request's session, across its attempts
 log = structlog.get_logger("provider_router.threads")
 
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -133,7 +134,7 @@ class Threads:
             s.chat_id = sid  # stateless upstreams: the conversation's id is our own
         self.turns[sid] = {}
         self._remember(s)
-        self.repo.save(s)  # before any of its turns: they reference it
+        self.repo.create(s)
         self.created_total += 1
         return s
 
@@ -192,12 +193,13 @@ class Threads:
         s = await self._session(request, rec.client or "anonymous", route, call.body["messages"], now)
         s.last_access = now
         s.expires = now + self.timeout
-        if rec.session_id != s.id:
+        before = request.get(JOINED)  # the session an earlier attempt joined, if any
+        if before is not s:
             s.request_count += 1
-            before = self.sessions.get(rec.session_id) if rec.session_id else None
-            if before is not None:  # a fallback moved the request to another route's session
+            if before is not None:  # a fallback moved it (or the first was evicted meanwhile)
                 before.request_count -= 1
                 self.repo.save(before)
+            request[JOINED] = s
         self.sessions.move_to_end(s.id)
         rec.session_id = s.id
         if not self.providers[route.provider.name].threaded:

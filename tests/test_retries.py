@@ -4,6 +4,7 @@ timeouts before the first byte, 429 and 5xx; every attempt is in the log record.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aiohttp
@@ -111,3 +112,23 @@ async def test_a_request_moved_by_a_fallback_counts_in_the_session_that_answered
     answered = (await p.rows("SELECT provider FROM sessions WHERE id = ?", row["session_id"]))[0]["provider"]
     assert answered == "echo" and counts["echo"] == 1
     assert counts.get("up", 0) == 0
+
+
+async def test_a_request_whose_session_was_evicted_between_attempts_counts_once(make_proxy: ProxyFactory, openai_fake: OpenAIFake) -> None:
+    """The first attempt's session is evicted before the retry joins a new one: the
+    request still counts once over all sessions."""
+    cfg = with_retries(openai_fake, 1)
+    cfg["sessions"] = {"max_sessions": 1}
+    p = await make_proxy(cfg)
+    openai_fake.stall_head = asyncio.Event()
+    openai_fake.fail_next = (503, b'{"error": {"message": "try later"}}')
+    task = asyncio.create_task(p.sdk().chat.completions.create(model="gpt-4o", messages=HELLO))
+    async with asyncio.timeout(10):
+        while not openai_fake.seen:
+            await asyncio.sleep(0.01)
+    await p.sdk().chat.completions.create(model="echo", messages=[{"role": "user", "content": "other"}])  # evicts it
+    openai_fake.stall_head.set()  # attempt 1 gets the 503, attempt 2 the answer
+    await task
+    await p.drained()
+    sessions = await p.rows("SELECT request_count FROM sessions")
+    assert sum(s["request_count"] for s in sessions) == len(await p.rows()) == 2

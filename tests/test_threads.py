@@ -399,3 +399,49 @@ async def test_a_session_deleted_while_its_request_is_in_flight_stays_deleted(qp
     await conv.say("three")
     assert conv.session_id != sid
     assert qwen_fake.turns[-1].chat_id != qwen_fake.turns[0].chat_id
+
+
+async def _until(cond: Any, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.01)
+
+
+async def test_a_stateless_session_deleted_in_flight_keeps_no_turn(make_proxy: ProxyFactory, openai_fake: OpenAIFake) -> None:
+    """On a stateless upstream the log writer threads the turn after the reply: a session
+    deleted meanwhile gets no turn row, and no write fails."""
+    p = await make_proxy(base_config(openai_fake.base_url))  # type: ignore[attr-defined]
+    openai_fake.stall_head = asyncio.Event()
+    task = asyncio.create_task(p.sdk().chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hello"}]))
+    await _until(lambda: len(openai_fake.seen) == 1)
+    await p.drained()  # the session row is in the file
+    threads = p.state.threads
+    assert threads is not None
+    [sid] = list(threads.sessions)
+    threads.delete(sid)
+    openai_fake.stall_head.set()
+    await task
+    await p.drained()
+    assert await p.rows("SELECT id FROM sessions") == [] and await p.rows("SELECT * FROM turns") == []
+    assert p.state.writer is not None and p.state.writer.failed == 0
+
+
+async def test_a_session_evicted_then_deleted_in_flight_stays_deleted(make_proxy: ProxyFactory, qwen_fake: QwenFake) -> None:
+    """Evicted while its request is at the upstream, then deleted: the request's last save
+    only updates, so the deleted row is not written back."""
+    p = await make_proxy(qwen_config(qwen_fake.base_url, max_sessions=1))  # type: ignore[attr-defined]
+    conv = Conversation(p.sdk())
+    await conv.say("one")
+    sid = conv.session_id
+    release = qwen_fake.stall_next()
+    second = asyncio.create_task(conv.say("two"))
+    await _until(lambda: len(qwen_fake.turns) == 2)
+    await p.sdk().chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi"}])  # evicts it
+    threads = p.state.threads
+    assert threads is not None and sid not in threads.sessions
+    threads.delete(sid)  # type: ignore[arg-type]
+    release.set()
+    await second
+    await p.drained()
+    assert await p.rows("SELECT id FROM sessions WHERE id = ?", sid) == []
+    assert await p.rows("SELECT * FROM turns WHERE session_id = ?", sid) == []

@@ -68,6 +68,18 @@ ON CONFLICT(id) DO UPDATE SET
     metadata=excluded.metadata
 """
 
+# Every later save only updates: a row deleted meanwhile (by an operator, while one of its
+# requests was still in flight) is never written back. Same parameters as UPSERT (by
+# number), so a save coalesced into a pending create still fits it.
+UPDATE = """
+UPDATE sessions SET
+    chat_id=?6, state=?8, parent_id=coalesce(?7, parent_id),
+    message_count=CASE WHEN ?12 > 0 THEN ?12 ELSE message_count END,
+    last_accessed_at=?10, expires_at=?11, request_count=?13, metadata=?14
+WHERE id=?1
+"""
+
+
 def _params(s: Session) -> tuple[Any, ...]:
     return (
         s.id, s.fingerprint, s.client, s.provider, s.upstream_model, s.chat_id, s.parent_id, s.state,
@@ -116,11 +128,16 @@ class SessionRepo:
         async with self._conn.execute(sql, (session_id,)) as cur:
             return [Turn(*r) for r in await cur.fetchall()]
 
-    def save(self, s: Session) -> None:
-        """Persist the session's state as of the next flush (many saves between flushes: one write)."""
-        if s.state == "deleted":  # a request in flight when it was deleted must not write it back
-            return
+    def create(self, s: Session) -> None:
+        """Store a new session (before any of its turns: they reference it)."""
         self._writer.latest(f"session:{s.id}", UPSERT, lambda: _params(s))
+
+    def save(self, s: Session) -> None:
+        """Persist the session's state as of the next flush (many saves between flushes: one
+        write; after a `create` in the same flush, still the insert). Never re-creates it."""
+        if s.state == "deleted":
+            return
+        self._writer.latest(f"session:{s.id}", UPDATE, lambda: _params(s))
 
     def add_turn(self, session_id: str, t: Turn, request_id: str, now: float) -> None:
         self._writer.execute(

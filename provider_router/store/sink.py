@@ -59,9 +59,11 @@ INDEX_SINCE = (
     "SELECT rowid, prompt_text, response_text FROM requests WHERE rowid > ?"
 )
 LAST_ROWID = "SELECT coalesce(max(rowid), 0) FROM requests"
+# Only for a session that still exists: one deleted while its request was in flight keeps
+# no turn (a foreign-key failure would fail the whole batch into one-by-one writes).
 INSERT_TURN = """
 INSERT OR IGNORE INTO turns (session_id, prefix_hash, parent_hash, turn, chat_id, reply_id, request_id, created_at)
-VALUES (?,?,?,?,?,?,?,?)
+SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 WHERE EXISTS (SELECT 1 FROM sessions WHERE id = ?1)
 """
 ADVANCE_SESSION = "UPDATE sessions SET parent_id = ?, message_count = ? WHERE id = ?"
 TURN_CACHE_SESSIONS = 2_000
