@@ -47,8 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or cfg.logs.level, redact=Redactor(cfg.secrets()))
     from .serve import run
 
-    run(cfg, db_path=args.db)
-    return 0
+    return run(cfg, db_path=args.db)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

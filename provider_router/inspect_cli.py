@@ -20,7 +20,7 @@ import orjson
 
 from .store import queries as q
 from .store.db import connect
-from .store.presence import serving
+from .store.presence import mark_path, serving
 
 AddCommon = Callable[[argparse.ArgumentParser], None]
 FOLLOW_INTERVAL = 0.5  # seconds between polls of `logs --follow`
@@ -100,10 +100,13 @@ class Admin:
                 f"{daemon} serves {db} and keeps its sessions in memory, so it would write this change "
                 "back; stop it, or set auth.admin_key (in --config) so this command can ask it"
             )
-        if not url:  # held, but the daemon is still writing its mark
-            raise CliError(f"{daemon} serves {db} but has not said where yet; try again")
         if who["uid"] != os.getuid():  # the key goes only where our own daemon said it listens
-            raise CliError(f"{daemon} serves {db}, but its mark belongs to another user: not sending it the admin key")
+            raise CliError(
+                f"{daemon} may serve {db}: its mark {mark_path(db)} belongs to another user, "
+                "so this command neither edits the file nor sends that address the admin key"
+            )
+        if not url:  # held, but the daemon is starting and does not listen yet
+            raise CliError(f"{daemon} serves {db} but does not listen yet; try again")
         return cls(pid, url, key)
 
     async def call(self, method: str, path: str) -> tuple[int, dict[str, Any]]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import re
+from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -15,7 +17,7 @@ from aiohttp import web
 from .app import create_app
 from .config import Config
 from .state import STATE
-from .store.presence import Presence, hold, serving
+from .store.presence import hold, serving
 
 log = structlog.get_logger("provider_router")
 
@@ -46,30 +48,44 @@ def local_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def run(cfg: Config, *, db_path: str | None = None) -> None:
-    """Serve until SIGINT/SIGTERM."""
-    app = create_app(cfg, db_path=db_path)
+def _bound_port(message: str, default: int) -> int:
+    # run_app's message names its sites with the bound port: `--port 0` shows the one picked.
+    m = re.search(r"://\S*:(\d+)", message)
+    return int(m.group(1)) if m else default
+
+
+def run(cfg: Config, *, db_path: str | None = None) -> int:
+    """Serve until SIGINT/SIGTERM; the exit status."""
+    db = db_path or cfg.database.path
+    # Before the app loads sessions: another daemon on this database would write its own
+    # copies of them over ours, and a CLI edit must know whom to ask from the start.
+    Path(db).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mark = hold(db)
+    except OSError as e:
+        mark = None
+        log.warning("daemon_mark_failed", db=db, error=str(e))
+    else:
+        if mark is None:
+            other = serving(db) or {}
+            log.error(
+                "database_in_use", db=db, other_pid=other.get("pid"), other_url=other.get("url"),
+                hint="another daemon serves this database: stop it, or pass --db for another one",
+            )
+            return 1
+    app = create_app(cfg, db_path=db)
     app.on_startup.append(_settle_heap)  # after the app's own start-up (cleanup_ctx runs first)
     host, port = cfg.server.host, cfg.server.port
-    mark: Presence | None = None
 
-    def announce(_: str) -> None:
-        # Called by run_app once the socket listens, so "listening" means ready. From then
-        # on the mark next to the database sends session edits of the CLI here (the lock
-        # dies with the process: a crash leaves only a stale file, read as free).
-        nonlocal mark
-        db = app[STATE].db_path
-        try:
-            mark = hold(db, local_url(host, port))
-        except OSError as e:
-            log.warning("daemon_mark_failed", db=db, error=str(e))
-        else:
-            if mark is None:
-                other = serving(db) or {}
-                log.warning("database_shared", db=db, other_pid=other.get("pid"), other_url=other.get("url"))
+    def announce(message: str) -> None:
+        # Called by run_app once the socket listens, so "listening" means ready; from then
+        # on the mark tells the CLI where to send session edits.
+        bound = _bound_port(message, port)
+        if mark is not None:
+            mark.serve_at(local_url(host, bound))
         log.info(
             "listening",
-            url=f"http://{host}:{port}/v1",
+            url=f"http://{host}:{bound}/v1",
             db=db,
             models=[m.name for m in app[STATE].router.available],
         )
@@ -91,3 +107,4 @@ def run(cfg: Config, *, db_path: str | None = None) -> None:
         if mark is not None:  # released once the log is flushed: till then sessions may be written
             mark.release()
     log.info("stopped")
+    return 0

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from provider_router.serve import local_url
-from provider_router.store.presence import hold, mark_path, serving
+from provider_router.store.presence import Presence, hold, mark_path, serving
 from provider_router.store.records import iso
 from tests.daemon import WAIT, Daemon, Spawn, ro_query
 
@@ -28,11 +28,18 @@ URL = "http://127.0.0.1:8080"
 
 
 # -- the mark ------------------------------------------------------------------------------
+def held(db: Path, url: str) -> Presence | None:
+    mark = hold(db)
+    if mark is not None:
+        mark.serve_at(url)
+    return mark
+
+
 def test_held_mark_names_the_daemon_until_released(tmp_path: Path) -> None:
     """Held: `serving` (its own open file description, so flock conflicts even in this one
     process) names the holder; the file is private. Released: gone, and nothing serves."""
     db = tmp_path / "x.db"
-    mark = hold(db, URL)
+    mark = held(db, URL)
     assert mark is not None
     assert serving(db) == {"pid": os.getpid(), "url": URL, "uid": os.getuid()}
     assert os.stat(mark_path(db)).st_mode & 0o777 == 0o600
@@ -47,7 +54,7 @@ def test_a_stale_mark_is_free_and_taken_over(tmp_path: Path) -> None:
     db = tmp_path / "x.db"
     Path(mark_path(db)).write_text('{"pid": 999999, "url": "http://127.0.0.1:1", "padding": "' + "x" * 200 + '"}')
     assert serving(db) is None
-    mark = hold(db, URL)
+    mark = held(db, URL)
     assert mark is not None
     assert serving(db) == {"pid": os.getpid(), "url": URL, "uid": os.getuid()}
     mark.release()
@@ -57,12 +64,12 @@ def test_a_second_holder_is_refused(tmp_path: Path) -> None:
     """While one daemon holds the mark another gets None, and the first is still named;
     once released, the mark can be held again."""
     db = tmp_path / "x.db"
-    first = hold(db, URL)
+    first = held(db, URL)
     assert first is not None
-    assert hold(db, "http://127.0.0.1:9") is None
+    assert hold(db) is None
     assert serving(db) == {"pid": os.getpid(), "url": URL, "uid": os.getuid()}
     first.release()
-    again = hold(db, "http://127.0.0.1:9")
+    again = held(db, "http://127.0.0.1:9")
     assert again is not None and serving(db) == {"pid": os.getpid(), "url": "http://127.0.0.1:9", "uid": os.getuid()}
     again.release()
 
@@ -75,7 +82,7 @@ def test_missing_or_garbled_marks_never_raise(tmp_path: Path) -> None:
     assert serving(tmp_path / "no-such-dir" / "x.db") is None
     Path(mark_path(db)).write_bytes(b"\xff not json")
     assert serving(db) is None  # garbled and free
-    mark = hold(db, URL)
+    mark = held(db, URL)
     assert mark is not None
     os.pwrite(mark.fd, b"\xff{garbled", 0)
     assert serving(db) == {"pid": None, "url": None, "uid": os.getuid()}
@@ -234,10 +241,44 @@ async def test_a_killed_daemons_mark_is_ignored(spawn: Spawn, tmp_path: Path) ->
     assert sid not in session_ids(d.db)
 
 
-async def test_a_second_daemon_on_the_database_warns(spawn: Spawn, tmp_path: Path) -> None:
-    """A second daemon on the same database cannot take the mark: it says whose it is."""
+async def test_a_second_daemon_on_the_database_refuses_to_start(spawn: Spawn, tmp_path: Path) -> None:
+    """Two daemons on one database would write their own copies of the sessions over each
+    other's: the second exits at once, naming the first, and the first's mark stays."""
     first = await spawn(config())
-    second = await spawn(config(), db=first.db)
-    line = await second.wait_log("database_shared")
-    assert (line["other_pid"], line["other_url"]) == (first.proc.pid, first.url)
+    cfg = tmp_path / "second.yaml"
+    cfg.write_text(config())
+    second = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "provider_router", "serve", "--config", str(cfg), "--db", str(first.db), "--port", "0",
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path,
+    )
+    async with asyncio.timeout(WAIT):
+        _, err = await second.communicate()
+    assert second.returncode == 1
+    assert b"database_in_use" in err and str(first.proc.pid).encode() in err and first.url.encode() in err
     assert serving(first.db) == {"pid": first.proc.pid, "url": first.url, "uid": os.getuid()}
+
+
+async def test_the_mark_names_the_port_the_daemon_picked(tmp_path: Path) -> None:
+    """`--port 0` picks a free port: the mark (and the `listening` line) give that one, so
+    the CLI reaches the daemon."""
+    d = await Daemon.start(tmp_path, config(), "--port", "0")
+    try:
+        line = await d.wait_log("listening")
+        who = serving(d.db)
+        assert who is not None and who["url"] is not None and not who["url"].endswith(":0")
+        assert line["url"] == who["url"] + "/v1"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(who["url"] + "/v1/models") as r:
+                assert r.status == 200
+    finally:
+        d.proc.send_signal(signal.SIGTERM)
+        await d.proc.wait()
+
+
+def test_a_mark_held_before_the_daemon_listens_has_no_address(tmp_path: Path) -> None:
+    """Held from before the sessions load: the CLI then knows a daemon is there, not where."""
+    db = tmp_path / "x.db"
+    mark = hold(db)
+    assert mark is not None
+    assert serving(db) == {"pid": os.getpid(), "url": None, "uid": os.getuid()}
+    mark.release()

@@ -8,7 +8,6 @@ file a killed daemon leaves behind reads as free.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from pathlib import Path
@@ -26,6 +25,11 @@ class Presence:
     def __init__(self, path: str, fd: int) -> None:
         self.path, self.fd = path, fd
 
+    def serve_at(self, url: str | None) -> None:
+        """Say where the daemon listens (None until it does: the CLI then says to retry)."""
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps({"pid": os.getpid(), "url": url}).encode(), 0)
+
     def release(self) -> None:
         # Unlink while still locked: once closed, a new daemon may lock this very file,
         # and unlinking it then would hide that daemon.
@@ -37,11 +41,15 @@ class Presence:
         os.close(self.fd)
 
 
-def hold(db_path: str | Path, url: str) -> Presence | None:
-    """Mark `db_path` as served at `url` by this process; None if another daemon holds it."""
+def hold(db_path: str | Path) -> Presence | None:
+    """Mark `db_path` as served by this process (its address follows with `Presence.serve_at`);
+    None if another daemon holds it."""
+    import fcntl  # POSIX only: imported here so that the CLI still loads elsewhere
+
     path = mark_path(db_path)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # O_NOFOLLOW: a symlink planted in a shared directory must not be written through.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -53,17 +61,26 @@ def hold(db_path: str | Path, url: str) -> Presence | None:
         except FileNotFoundError:
             pass
         os.close(fd)  # we locked a mark its daemon unlinked as it stopped: take a fresh one
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"pid": os.getpid(), "url": url}).encode(), 0)
-    return Presence(path, fd)
+    mark = Presence(path, fd)
+    mark.serve_at(None)
+    return mark
 
 
 def serving(db_path: str | Path) -> dict[str, Any] | None:
     """`{"pid", "url", "uid"}` of the live daemon serving `db_path`, else None. A mark held
     but not readable yet (the daemon is writing it) gives None values: a daemon is there all
     the same. `uid` owns the mark: a caller sends that address secrets only if it is its own."""
+    import fcntl
+
+    path = mark_path(db_path)
     try:
-        fd = os.open(mark_path(db_path), os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except PermissionError:  # another user's mark: whether a daemon holds it is unknown
+        try:
+            owner: int | None = os.stat(path).st_uid
+        except OSError:
+            owner = None
+        return {"pid": None, "url": None, "uid": owner}
     except OSError:
         return None
     try:
