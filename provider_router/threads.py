@@ -83,9 +83,13 @@ class Threads:
         self._doomed_chats: list[tuple[str, str]] = []  # (provider, chat_id) to delete upstream
 
     async def start(self) -> None:
-        """Load the active sessions a previous run left, so their upstream chats continue."""
-        for s in await self.repo.load_active(time.time()):
+        """Load the active sessions a previous run left, so their upstream chats continue,
+        and mark expired the ones whose time ran out while no daemon ran: from now on the
+        active rows are the sessions in memory, which `expire` ends in time."""
+        now = time.time()
+        for s in await self.repo.load_active(now):
             self._remember(s)
+        self.repo.expire_stored(now)
 
     # -- sessions ------------------------------------------------------------------------
     def _remember(self, s: Session) -> None:

@@ -5,12 +5,16 @@ turn, the context the upstream saw must be exactly the history the client sent.
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
+import time
 from typing import Any
 
 import openai
 import pytest
 
 from provider_router.providers.qwen import fold_messages
+from provider_router.store.records import iso
 from tests.conftest import Proxy, ProxyFactory, base_config, qwen_config
 from tests.fakes.openai import OpenAIFake
 from tests.fakes.qwen import QwenFake
@@ -445,3 +449,26 @@ async def test_a_session_evicted_then_deleted_in_flight_stays_deleted(make_proxy
     await p.drained()
     assert await p.rows("SELECT id FROM sessions WHERE id = ?", sid) == []
     assert await p.rows("SELECT * FROM turns WHERE session_id = ?", sid) == []
+
+
+async def test_sessions_that_ran_out_while_no_daemon_ran_are_expired_at_start(make_proxy: ProxyFactory, tmp_path: Any) -> None:
+    """A session whose time ran out while the proxy was down is marked expired when the next
+    one starts: the running daemon's cleanup only sees the sessions it holds."""
+    db = tmp_path / "stale.db"
+    cfg = base_config() | {"sessions": {"timeout_minutes": 0.002}}  # 120 ms
+    p1 = await make_proxy(cfg, db=db)
+    await p1.sdk().chat.completions.create(model="echo", messages=[{"role": "user", "content": "hello"}])
+    await p1.server.close()
+    conn = sqlite3.connect(db)
+    try:
+        [(state, expires_at)] = conn.execute("SELECT state, expires_at FROM sessions").fetchall()
+    finally:
+        conn.close()
+    assert state == "active"
+    async with asyncio.timeout(10):  # until its expiry has passed (bounded, on the condition)
+        while iso(time.time()) <= expires_at:
+            await asyncio.sleep(0.02)
+    p2 = await make_proxy(base_config(), db=db)  # the default 30-minute timeout
+    await p2.drained()
+    [after] = await p2.rows("SELECT state, metadata FROM sessions")
+    assert after["state"] == "expired" and json.loads(after["metadata"])["ended"] == "expired"

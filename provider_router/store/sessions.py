@@ -118,6 +118,14 @@ class SessionRepo:
         async with self._conn.execute(sql, (iso(now),)) as cur:
             return [_session(r) for r in await cur.fetchall()]
 
+    def expire_stored(self, now: float) -> None:
+        """Mark expired the active rows past their expiry (as `queries.expire_sessions` does)."""
+        self._writer.execute(
+            "UPDATE sessions SET state = 'expired', metadata = json_set(coalesce(metadata, '{}'), '$.ended', 'expired') "
+            "WHERE state = 'active' AND expires_at <= ?",
+            (iso(now),),
+        )
+
     async def load(self, session_id: str) -> Session | None:
         async with self._conn.execute(f"SELECT {_COLUMNS} FROM sessions WHERE id = ?", (session_id,)) as cur:
             row = await cur.fetchone()
