@@ -154,19 +154,23 @@ class Threads:
             if s is not None and s.client != client:
                 # Never reveal, or join, another client's session.
                 raise ApiError(404, f"No session {explicit}.", code="session_not_found", param="X-Session-Id")
-            if s is not None and (s.provider, s.upstream_model) != (route.provider.name, route.upstream_model):
+            if s is None or (s.provider, s.upstream_model) == (route.provider.name, route.upstream_model):
+                if s is None:
+                    return self._new(explicit, fp, client, route, request, now, explicit=True)
+                if s.id not in self.sessions:  # an expired session named again comes back
+                    s.state = "active"
+                    self._remember(s)
+                return s
+            joined = request.get(JOINED)
+            if joined is None or joined.id != s.id:
                 raise ApiError(
                     409,
                     f"Session {explicit} belongs to {s.provider}/{s.upstream_model}, not {route.provider.name}/{route.upstream_model}.",
                     code="session_route_mismatch",
                     param="X-Session-Id",
                 )
-            if s is None:
-                return self._new(explicit, fp, client, route, request, now, explicit=True)
-            if s.id not in self.sessions:  # an expired session named again comes back
-                s.state = "active"
-                self._remember(s)
-            return s
+            # This request's own fallback left the named session's route: the fallback route
+            # holds it in a session of its own, as it would without the header.
         sid = self.by_fingerprint.get(fp)
         s = self.sessions.get(sid) if sid else None
         if s is not None and s.expires <= now:

@@ -132,3 +132,22 @@ async def test_a_request_whose_session_was_evicted_between_attempts_counts_once(
     await p.drained()
     sessions = await p.rows("SELECT request_count FROM sessions")
     assert sum(s["request_count"] for s in sessions) == len(await p.rows()) == 2
+
+
+async def test_a_named_session_does_not_stop_the_fallback(make_proxy: ProxyFactory, unused_tcp_port: int) -> None:
+    """`X-Session-Id` names a session of the model's first route; when that route is down,
+    the fallback still answers, in a session of its own route, and the named one keeps no
+    count of it. Naming it for another model is still a 409."""
+    cfg = base_config(f"http://127.0.0.1:{unused_tcp_port}/v1")
+    cfg["models"] = [{"name": "echo", "provider": "echo"}, {"name": "gpt-4o", "provider": "up", "fallbacks": ["echo"]}]
+    p = await make_proxy(cfg)
+    sdk = p.sdk(default_headers={"X-Session-Id": "mine"})
+    raw = await sdk.chat.completions.with_raw_response.create(model="gpt-4o", messages=HELLO)
+    assert raw.parse().choices[0].message.content.endswith(": hello")
+    [row] = await p.rows()
+    assert row["provider"] == "echo" and row["session_id"] not in (None, "mine")
+    assert raw.headers.get("x-session-id") == row["session_id"]
+    counts = {r["id"]: r["request_count"] for r in await p.rows("SELECT id, request_count FROM sessions")}
+    assert counts == {"mine": 0, row["session_id"]: 1}
+    with pytest.raises(openai.ConflictError):
+        await sdk.chat.completions.create(model="echo", messages=HELLO)
