@@ -18,9 +18,8 @@ Per record it assembles the forwarded reply (text, usage; a stream's events), th
 stateless upstream's turn in the log, redacts and truncates, and inserts the row; a batch
 is one transaction, with the full-text index filled by one statement. It yields the CPU
 every 200 us of work (`GiveWay`), so that the requests it logs, served on the same cores,
-do not queue behind it. SIGINT and SIGTERM
-are ignored: the process ends when the daemon closes its input (or dies), after
-committing everything it was sent.
+do not queue behind it. SIGINT and SIGTERM are ignored: the process ends when the daemon
+closes its input (or dies), after committing everything it was sent.
 """
 
 from __future__ import annotations
