@@ -35,11 +35,16 @@ def resolve_db(args: argparse.Namespace) -> Path:
     """--db, else database.path of the --config file (./config.yaml), else the default."""
     if getattr(args, "db", None):
         return Path(args.db)
+    return Path(_load_config(args).database.path)
+
+
+def _load_config(args: argparse.Namespace) -> Any:
+    """The --config file's config (./config.yaml by default)."""
     from .cli import load  # cli imports this module: import late
 
     if not hasattr(args, "config"):
         args.config = "config.yaml"
-    return Path(load(args).database.path)
+    return load(args)
 
 
 async def open_db(path: Path, *, write: bool = False) -> aiosqlite.Connection:
@@ -144,13 +149,10 @@ class Admin:
 
 def _admin_key(args: argparse.Namespace) -> str:
     """auth.admin_key of --config (./config.yaml); none if that config does not load."""
-    from .cli import load
     from .config import ConfigError
 
-    if not hasattr(args, "config"):
-        args.config = "config.yaml"
     try:
-        return load(args).auth.admin_key
+        return str(_load_config(args).auth.admin_key)
     except ConfigError:
         return ""
 

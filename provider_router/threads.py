@@ -154,9 +154,9 @@ class Threads:
             if s is not None and s.client != client:
                 # Never reveal, or join, another client's session.
                 raise ApiError(404, f"No session {explicit}.", code="session_not_found", param="X-Session-Id")
-            if s is None or (s.provider, s.upstream_model) == (route.provider.name, route.upstream_model):
-                if s is None:
-                    return self._new(explicit, fp, client, route, request, now, explicit=True)
+            if s is None:
+                return self._new(explicit, fp, client, route, request, now, explicit=True)
+            if (s.provider, s.upstream_model) == (route.provider.name, route.upstream_model):
                 if s.id not in self.sessions:  # an expired session named again comes back
                     s.state = "active"
                     self._remember(s)

@@ -20,8 +20,8 @@ from ..messages import content_text
 from ..sse import SSEParser
 from .base import ChatCall, ChatGone, Delta, Event, Finish, Started, UpstreamReply, Usage
 from .client import HttpClient
-from .wire import Response
 from .http import Upstream
+from .wire import Response
 
 
 def fold_messages(messages: list[dict[str, Any]]) -> str:

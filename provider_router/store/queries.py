@@ -303,8 +303,7 @@ async def delete_session(conn: aiosqlite.Connection, session_id: str) -> Deleted
     try:
         async with conn.execute("SELECT count(*) FROM turns WHERE session_id = ?", (session_id,)) as cur:
             (turns,) = await cur.fetchone()  # type: ignore[misc]
-        async with conn.execute("SELECT count(*) FROM requests WHERE session_id = ?", (session_id,)) as cur:
-            (kept,) = await cur.fetchone()  # type: ignore[misc]
+        kept = await count_session_requests(conn, session_id)
         cur = await conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
         deleted = cur.rowcount
         await conn.commit()
@@ -314,16 +313,19 @@ async def delete_session(conn: aiosqlite.Connection, session_id: str) -> Deleted
     return DeletedSession(session_id, turns, kept) if deleted else None
 
 
+# Active sessions whose time has run out (at `expires_at` itself too, as the daemon counts
+# it) become expired; `metadata.ended` says why, as when the daemon ends one itself.
+EXPIRE_SESSIONS = (
+    "UPDATE sessions SET state = 'expired', metadata = json_set(coalesce(metadata, '{}'), '$.ended', 'expired') "
+    "WHERE state = 'active' AND expires_at <= ?"
+)
+
+
 async def expire_sessions(conn: aiosqlite.Connection, now: str | None = None) -> int:
     """Mark active sessions whose `expires_at` is past as expired; return how many."""
     if not await has_table(conn, "sessions"):
         return 0
-    # `metadata.ended` says why, as the daemon records it when it ends a session itself.
-    cur = await conn.execute(
-        "UPDATE sessions SET state = 'expired', metadata = json_set(coalesce(metadata, '{}'), '$.ended', 'expired') "
-        "WHERE state = 'active' AND expires_at < ?",
-        (now or iso(time.time()),),
-    )
+    cur = await conn.execute(EXPIRE_SESSIONS, (now or iso(time.time()),))
     await conn.commit()
     return cur.rowcount
 

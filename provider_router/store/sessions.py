@@ -13,6 +13,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
+from .queries import EXPIRE_SESSIONS
 from .records import iso
 from .sink import INSERT_TURN
 from .writer import LogWriter
@@ -119,12 +120,8 @@ class SessionRepo:
             return [_session(r) for r in await cur.fetchall()]
 
     def expire_stored(self, now: float) -> None:
-        """Mark expired the active rows past their expiry (as `queries.expire_sessions` does)."""
-        self._writer.execute(
-            "UPDATE sessions SET state = 'expired', metadata = json_set(coalesce(metadata, '{}'), '$.ended', 'expired') "
-            "WHERE state = 'active' AND expires_at <= ?",
-            (iso(now),),
-        )
+        """Mark expired the active rows past their expiry, as `queries.expire_sessions` does."""
+        self._writer.execute(EXPIRE_SESSIONS, (iso(now),))
 
     async def load(self, session_id: str) -> Session | None:
         async with self._conn.execute(f"SELECT {_COLUMNS} FROM sessions WHERE id = ?", (session_id,)) as cur:
