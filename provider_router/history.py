@@ -20,14 +20,18 @@ ASSISTANT = b"assistant\x1f"
 def canon(m: dict[str, Any]) -> bytes:
     """A message as the thread sees it: role and content. Other fields (name, refusal,
     reasoning) vary between clients that resend the same message, so they are left out."""
-    content = m.get("content")
+    return canon_of(m.get("role"), m.get("content"))
+
+
+def canon_of(role: Any, content: Any) -> bytes:
+    """`canon` of a message with this role and content."""
     if isinstance(content, str):
         body = content.strip().encode()
     elif content is None:
         body = b""
     else:
         body = orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
-    return str(m.get("role")).encode() + b"\x1f" + body
+    return str(role).encode() + b"\x1f" + body
 
 
 def _h(data: bytes) -> bytes:

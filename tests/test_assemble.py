@@ -1,5 +1,5 @@
-"""Assembling a forwarded stream for the log: the whole-list fast paths give what reading
-the stream event by event gives, whatever the events' shape and the stream's framing."""
+"""Assembling a forwarded reply for the log: the typed reading gives what reading the
+reply field by field gives, whatever the reply's shape and the stream's framing."""
 
 from __future__ import annotations
 
@@ -126,12 +126,12 @@ def test_stream_assembly_matches_reading_event_by_event(
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(usual_events, max_size=8), st.booleans())
-def test_usual_events_take_the_whole_list_path(evs: list[Any], done: bool) -> None:
-    """Events of the usual shape never need the event-by-event reading, and give its result."""
+def test_usual_events_take_the_typed_path(evs: list[Any], done: bool) -> None:
+    """Events of the usual shape never need the generic reading, and give its result."""
     data = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in evs) + (b"data: [DONE]\n\n" if done else b"")
     expected = _by_event(data)
-    with patch.object(assemble, "_deltas_one_by_one", None):  # calling it would raise
-        assert _assembled(data) == expected
+    with patch.object(assemble, "_stream_generic", None), patch.object(assemble, "stream_events", None):
+        assert _assembled(data) == expected  # calling either would raise
 
 
 fragments = st.sampled_from([
@@ -184,3 +184,68 @@ def test_the_usual_stream_takes_the_fast_path_and_assembles() -> None:
     assert got["text"] == "".join(f"w{i} " for i in range(64))
     assert (got["count"], got["finish"], got["id"], got["tokens"]) == (67, "stop", "c", (3, 70))
     assert got == _by_event(data)
+
+
+# -- non-stream replies ----------------------------------------------------------------------
+messages = st.one_of(
+    st.fixed_dictionaries(
+        {"role": st.just("assistant")},
+        optional={"content": st.one_of(words, st.none(), st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": words}), max_size=2), odd),
+                  "reasoning_content": st.one_of(words, st.none(), odd), "reasoning": st.one_of(words, odd)},
+    ),
+    st.just({}),
+    odd,
+)
+completions = st.one_of(
+    st.fixed_dictionaries(
+        {"object": st.just("chat.completion")},
+        optional={
+            "id": st.one_of(st.sampled_from(["c-1", ""]), odd),
+            "choices": st.one_of(st.lists(st.fixed_dictionaries({"index": st.just(0)}, optional={"message": messages, "finish_reason": st.one_of(st.none(), st.sampled_from(["stop", "length"]), odd)}), max_size=2), odd),
+            "usage": st.one_of(st.fixed_dictionaries({"prompt_tokens": st.integers(0, 9), "completion_tokens": ints, "total_tokens": st.integers(0, 99)}), odd),
+            "system_fingerprint": st.just("fp"),
+        },
+    ),
+    odd,
+)
+
+
+def _completion(body: bytes, read: Any) -> dict[str, Any] | str:
+    rec = RequestRecord("POST", "/v1/chat/completions")
+    rec.response_body = body
+    try:
+        read(rec)
+    except Exception as e:  # the writer records the error with the row
+        return type(e).__name__
+    return {
+        "text": rec.response_text, "reasoning": rec.reasoning_text, "finish": rec.finish_reason, "id": rec.reply_id,
+        "tokens": (rec.prompt_tokens, rec.completion_tokens, rec.total_tokens),
+    }
+
+
+def _completion_generic(rec: RequestRecord) -> None:
+    assemble._completion_generic(rec, orjson.loads(rec.response_body or b""))
+
+
+@settings(max_examples=400, deadline=None)
+@given(completions)
+def test_completion_assembly_matches_the_generic_reading(obj: Any) -> None:
+    """Any shape of chat.completion body: the same text, reasoning, finish reason, usage and
+    reply id (or the same failure) as the generic reading."""
+    body = orjson.dumps(obj)
+    assert _completion(body, assemble.assemble_completion) == _completion(body, _completion_generic)
+
+
+def test_a_usual_completion_takes_the_typed_path() -> None:
+    obj = {
+        "id": "chatcmpl-1", "object": "chat.completion", "model": "m", "system_fingerprint": "fp",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi.", "reasoning_content": "think", "tool_calls": [{"id": "t"}]}, "logprobs": None, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "prompt_tokens_details": {"cached_tokens": 0}},
+    }
+    with patch.object(assemble, "_completion_generic", None):  # calling it would raise
+        got = _completion(orjson.dumps(obj), assemble.assemble_completion)
+    assert got == {"text": "Hi.", "reasoning": "think", "finish": "stop", "id": "chatcmpl-1", "tokens": (3, 2, 5)}
+
+
+def test_a_malformed_completion_body_fails_as_the_generic_reading_does() -> None:
+    assert _completion(b'{"id": "c", "choices": [', assemble.assemble_completion) == "JSONDecodeError"

@@ -10,11 +10,13 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
+import orjson
 import pytest
 import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
+from provider_router import history
 from provider_router.logsetup import line_renderer, setup_logging
 from provider_router.store import LogWriter, Redactor, RequestRecord, connect, sink
 from provider_router.store.records import iso, request_line
@@ -247,3 +249,36 @@ def test_log_lines_reach_a_non_blocking_stderr_whole() -> None:
         reader.join()
         os.close(r)
     assert bytes(got) == data
+
+
+_values = st.one_of(st.none(), st.text(max_size=6), st.integers(-(2**63), 2**63 - 1), st.lists(st.dictionaries(st.sampled_from(["type", "text"]), st.text(max_size=4), max_size=2), max_size=2))
+_said = st.one_of(
+    st.fixed_dictionaries({}, optional={"role": st.one_of(st.sampled_from(["system", "user", "assistant", "tool"]), _values), "content": _values, "tool_calls": st.just([{"id": "t"}]), "name": st.just("n")}),
+    _values,
+)
+_asked = st.one_of(st.fixed_dictionaries({"model": st.just("m")}, optional={"messages": st.one_of(st.lists(_said, max_size=4), _values), "tools": st.just([{"type": "function"}])}), _values)
+
+
+@given(_asked)
+def test_the_writer_reads_a_requests_messages_as_the_generic_reading_does(body: object) -> None:
+    """The typed decoding of a request's messages (role and content only) gives the
+    canonical messages a field-by-field reading of the parsed body gives, or the same failure."""
+    data = orjson.dumps(body)
+
+    def generic() -> object:
+        messages = orjson.loads(data).get("messages") or []
+        return [history.canon(m) for m in messages if isinstance(m, dict)]
+
+    def outcome(read: object) -> object:
+        try:
+            return read()  # type: ignore[operator]
+        except Exception as e:
+            return type(e).__name__
+
+    assert outcome(lambda: sink._canons(data)) == outcome(generic)
+
+
+def test_a_plain_requests_messages_skip_the_generic_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    body = {"model": "m", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "}, {"role": "assistant", "content": None, "tool_calls": [{"id": "t"}]}], "tools": [{"type": "function"}]}
+    monkeypatch.setattr(sink.orjson, "loads", None)  # the generic reading would call it
+    assert sink._canons(orjson.dumps(body)) == [b"system\x1fBe brief.", b"user\x1fHi", b"assistant\x1f"]

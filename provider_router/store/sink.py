@@ -35,6 +35,7 @@ import time
 from collections import OrderedDict
 from typing import Any, BinaryIO, Iterator, Sequence
 
+import msgspec
 import orjson
 
 from .. import history
@@ -130,6 +131,30 @@ class GiveWay:
 
 
 # -- threading a stateless upstream's log ----------------------------------------------------
+class _Said(msgspec.Struct, gc=False):
+    role: str | None = None
+    content: str | None = None
+
+
+class _Asked(msgspec.Struct, gc=False):
+    messages: list[_Said] | None = None
+
+
+_ASKED = msgspec.json.Decoder(_Asked)
+
+
+def _canons(body: bytes) -> list[bytes]:
+    """The canonical messages of a chat request's body. Decoded into structs holding role
+    and content only (tools, parameters and other fields are skipped, not built), unless
+    some message is not that plain shape (content parts, say): then read generically."""
+    try:
+        asked = _ASKED.decode(body)
+    except msgspec.DecodeError:  # includes ValidationError
+        messages = orjson.loads(body).get("messages") or []
+        return [history.canon(m) for m in messages if isinstance(m, dict)]
+    return [history.canon_of(m.role, m.content) for m in asked.messages or ()]
+
+
 class TurnLog:
     """The turns of stateless sessions, as `threads` records them for threaded ones: each
     completed reply keyed by the chained hash of the history it completes. Records arrive
@@ -159,8 +184,7 @@ class TurnLog:
         sid = rec.session_id
         if sid is None or rec.request_body is None:
             return None
-        messages = orjson.loads(rec.request_body).get("messages") or []
-        canons = [history.canon(m) for m in messages if isinstance(m, dict)]
+        canons = _canons(rec.request_body)
         hashes = history.prefix_hashes(canons)
         turns = self._turns(sid)
         _, parent_hash = history.place(canons, hashes, lambda h: h if h in turns else None)
