@@ -206,7 +206,13 @@ class Threads:
             s.request_count += 1
             if before is not None:  # a fallback moved it (or the first was evicted meanwhile)
                 before.request_count -= 1
-                self.repo.save(before)
+                if before.request_count <= 0 and not before.metadata.get("explicit"):
+                    # It holds no request, past or in flight: this one started it, then left
+                    # for another route. Kept, it would list as an empty session and take a
+                    # `max_sessions` slot; the next request of the conversation starts anew.
+                    self.delete(before.id)
+                else:
+                    self.repo.save(before)
             request[JOINED] = s
         self.sessions.move_to_end(s.id)
         rec.session_id = s.id

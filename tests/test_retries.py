@@ -101,7 +101,8 @@ async def test_a_retried_request_counts_once_in_its_session(make_proxy: ProxyFac
 
 
 async def test_a_request_moved_by_a_fallback_counts_in_the_session_that_answered(make_proxy: ProxyFactory, unused_tcp_port: int) -> None:
-    """The failed route's session does not keep a request its log rows do not show."""
+    """The failed route's session does not keep a request its log rows do not show: it
+    held nothing else, so it is gone, from the database and from the daemon's sessions."""
     cfg = base_config(f"http://127.0.0.1:{unused_tcp_port}/v1")
     cfg["models"] = [{"name": "echo", "provider": "echo"}, {"name": "gpt-4o", "provider": "up", "fallbacks": ["echo"]}]
     p = await make_proxy(cfg)
@@ -110,8 +111,11 @@ async def test_a_request_moved_by_a_fallback_counts_in_the_session_that_answered
     counts = {r["provider"]: r["request_count"] for r in await p.rows("SELECT * FROM sessions")}
     [row] = await p.rows()
     answered = (await p.rows("SELECT provider FROM sessions WHERE id = ?", row["session_id"]))[0]["provider"]
-    assert answered == "echo" and counts["echo"] == 1
-    assert counts.get("up", 0) == 0
+    assert answered == "echo" and counts == {"echo": 1}
+    assert p.state.threads.stats()["active"] == 1
+    await p.sdk().chat.completions.create(model="gpt-4o", messages=HELLO)  # the same conversation again
+    await p.drained()
+    assert {r["provider"]: r["request_count"] for r in await p.rows("SELECT * FROM sessions")} == {"echo": 2}
 
 
 async def test_a_request_whose_session_was_evicted_between_attempts_counts_once(make_proxy: ProxyFactory, openai_fake: OpenAIFake) -> None:
