@@ -28,6 +28,8 @@ import openai
 import pytest
 import structlog
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from provider_router.api.validate import STEERING
 from provider_router.logsetup import setup_logging
@@ -191,6 +193,23 @@ async def test_canary_secrets_never_leak_on_any_path(aiohttp_server: Any, spawn:
     assert stored >= 6
     outcomes = {r[0] for r in db.execute("SELECT outcome FROM requests")}
     assert {"ok", "rejected", "upstream_error", "timeout", "client_disconnected"} <= outcomes
+
+
+_alphabet = st.sampled_from("abk-é\n")
+
+
+@given(st.lists(st.text(_alphabet, min_size=1, max_size=4), max_size=3), st.lists(st.text(_alphabet, max_size=6), max_size=5))
+def test_redaction_replaces_every_secret_as_one_regex_pass_would(keys: list[str], pieces: list[str]) -> None:
+    """Secrets overlapping, nested in each other, or absent: the text comes out as one
+    longest-first regex pass over it would leave it, as str and as UTF-8 bytes."""
+    import re
+
+    text = "".join(p + (keys[i % len(keys)] if keys and i % 2 else "") for i, p in enumerate(pieces))
+    ordered = sorted(set(keys), key=len, reverse=True)
+    expected = re.sub("|".join(map(re.escape, ordered)), "[REDACTED]", text) if ordered else text
+    r = Redactor(keys)
+    assert r(text) == expected
+    assert r.bytes(text.encode()) == expected.encode()
 
 
 def test_exception_tracebacks_in_the_log_are_redacted() -> None:
