@@ -206,7 +206,11 @@ class Threads:
             s.request_count += 1
             if before is not None:  # a fallback moved it (or the first was evicted meanwhile)
                 before.request_count -= 1
-                if before.request_count <= 0 and not before.metadata.get("explicit"):
+                if (
+                    before.request_count <= 0
+                    and not before.metadata.get("explicit")
+                    and self.sessions.get(before.id) in (None, before)  # not a copy loaded since
+                ):
                     # It holds no request, past or in flight: this one started it, then left
                     # for another route. Kept, it would list as an empty session and take a
                     # `max_sessions` slot; the next request of the conversation starts anew.

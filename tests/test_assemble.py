@@ -249,3 +249,24 @@ def test_a_usual_completion_takes_the_typed_path() -> None:
 
 def test_a_malformed_completion_body_fails_as_the_generic_reading_does() -> None:
     assert _completion(b'{"id": "c", "choices": [', assemble.assemble_completion) == "JSONDecodeError"
+
+
+DEEP = b"[" * 1010 + b"]" * 1010
+TYPED_FAILS = {
+    "invalid UTF-8 in a stream's text": b'data: {"id":"c","choices":[{"delta":{"content":"caf\xe9 "}}]}\n\ndata: {"choices":[{"delta":{"content":"ok"},"finish_reason":"stop"}]}\n\n',
+    "nesting deeper than msgspec recurses, in a stream": b'data: {"id":"c","x":' + DEEP + b',"choices":[{"delta":{"content":"a"}}]}\n\n',
+}
+
+
+@pytest.mark.parametrize("data", list(TYPED_FAILS.values()), ids=list(TYPED_FAILS))
+def test_a_stream_the_typed_reading_fails_on_gets_the_generic_one(data: bytes) -> None:
+    assert _assembled(data) == _by_event(data)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"id":"c","choices":[{"message":{"content":"caf\xe9"},"finish_reason":"stop"}]}', b'{"id":"c","x":' + DEEP + b',"choices":[{"message":{"content":"a"}}]}'],
+    ids=["invalid UTF-8 in the text", "deep nesting"],
+)
+def test_a_completion_the_typed_reading_fails_on_gets_the_generic_one(body: bytes) -> None:
+    assert _completion(body, assemble.assemble_completion) == _completion(body, _completion_generic)

@@ -203,6 +203,52 @@ def test_a_batch_rendered_line_is_the_one_the_logger_writes(json: bool) -> None:
     assert secret.encode() not in rendered and rec.id.encode() in rendered
 
 
+def test_a_row_sqlite_cannot_take_costs_only_itself(tmp_path: Path) -> None:
+    """A value no SQLite column holds (an integer past 64 bits from some upstream's usage)
+    fails its own row, counted and logged; the batch's other rows are written and the
+    writer goes on."""
+    asyncio_run_migrations(tmp_path / "w.db")
+    db = sink.open_db(str(tmp_path / "w.db"))
+    logged: list[object] = []
+    out = sink.Sink(db, max_body_bytes=1000, redactor=Redactor([]), emit=logged.append)
+    records = [RequestRecord("POST", "/v1/chat/completions") for _ in range(3)]
+    for r in records:
+        r.finish(200, "ok")
+    records[1].prompt_tokens = 2**64
+    out.apply([([], records)])
+    assert (out.written, out.failed) == (2, 1)
+    stored = {r[0] for r in db.execute("SELECT id FROM requests")}
+    assert stored == {records[0].id, records[2].id}
+    assert [m[2] for m in logged] == ["log_batch_failed", "log_write_failed"]  # type: ignore[index]
+    later = RequestRecord("POST", "/v1/chat/completions")
+    later.finish(200, "ok")
+    out.apply([([], [later])])
+    assert out.written == 3
+
+
+def asyncio_run_migrations(path: Path) -> None:
+    import asyncio
+
+    async def migrate_only() -> None:
+        await (await connect(path)).close()
+
+    asyncio.run(migrate_only())
+
+
+def test_usage_the_log_cannot_store_is_left_out() -> None:
+    """Token counts are kept only as numbers in SQLite's 64-bit range, and a reply id only
+    as a string: anything else would fail the whole row's insert."""
+    from provider_router.api.assemble import assemble_completion
+
+    rec = RequestRecord("POST", "/v1/chat/completions")
+    rec.response_body = orjson.dumps({"id": 7, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": [1], "total_tokens": 9_223_372_036_854_775_808}})
+    assemble_completion(rec)
+    assert (rec.prompt_tokens, rec.completion_tokens, rec.total_tokens, rec.reply_id) == (3, None, None, None)
+    rec.response_body = b'{"id": "c", "choices": [], "usage": {"prompt_tokens": 18446744073709551616, "total_tokens": 2.5}}'
+    assemble_completion(rec)  # the typed reading's exact big integer, too
+    assert (rec.prompt_tokens, rec.total_tokens, rec.reply_id) == (None, 2.5, "c")
+
+
 async def test_the_writer_process_gives_way_while_it_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The sink yields the CPU between records and from inside SQLite's statements, so a
     proxy process woken meanwhile does not wait out its time slice; and still writes all."""
@@ -282,3 +328,11 @@ def test_a_plain_requests_messages_skip_the_generic_reading(monkeypatch: pytest.
     body = {"model": "m", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "}, {"role": "assistant", "content": None, "tool_calls": [{"id": "t"}]}], "tools": [{"type": "function"}]}
     monkeypatch.setattr(sink.orjson, "loads", None)  # the generic reading would call it
     assert sink._canons(orjson.dumps(body)) == [b"system\x1fBe brief.", b"user\x1fHi", b"assistant\x1f"]
+
+
+def test_a_request_nested_deeper_than_the_typed_reading_recurses_still_threads() -> None:
+    """orjson (the request path) accepts nesting msgspec's typed reading refuses: the
+    writer then reads the messages generically instead of failing the record's turn."""
+    body = b'{"metadata":{"x":' + b"[" * 1010 + b"]" * 1010 + b'},"messages":[{"role":"user","content":"hi"}]}'
+    orjson.loads(body)  # what the request path accepted
+    assert sink._canons(body) == [b"user\x1fhi"]

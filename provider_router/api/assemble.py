@@ -4,10 +4,14 @@ reply id and chunk count, from a `chat.completion` body or a complete SSE body.
 Runs in the log writer process, never on the request path. One mechanism, two readings:
 the body is first decoded into typed structs holding only the fields read here (msgspec
 skips the rest without building it: ~2x cheaper than orjson's dicts for a 64-chunk
-stream); a body whose shape does not fit those types (a list as content, a number as
-id, an event that is not an object, odd SSE framing) gets the generic reading, which
-checks every field before use. The two agree wherever the typed one applies (tested).
-Imports only msgspec, orjson and the SSE parser, so that process starts quickly.
+stream); a body the typed reading fails on (a shape that does not fit its types: a list
+as content, a number as id, an event that is not an object; odd SSE framing; invalid
+UTF-8 in a field it keeps; nesting deeper than it recurses) gets the generic reading,
+which checks every field before use. Wherever the typed reading applies the two agree
+(tested), with one difference: fields it skips are not checked, so a reply with, say,
+`1e999` or invalid UTF-8 in an unread field is logged where the generic reading would
+refuse the body or drop the event. Imports only msgspec, orjson and the SSE parser, so
+that process starts quickly.
 """
 
 from __future__ import annotations
@@ -62,11 +66,18 @@ _COMPLETION = msgspec.json.Decoder(_Completion)
 
 
 def _fill_usage(rec: RequestRecord, reply_id: Any, usage: Any) -> None:
-    rec.reply_id = reply_id or rec.reply_id
+    if reply_id and isinstance(reply_id, str):
+        rec.reply_id = reply_id
     if isinstance(usage, dict):
-        rec.prompt_tokens = usage.get("prompt_tokens")
-        rec.completion_tokens = usage.get("completion_tokens")
-        rec.total_tokens = usage.get("total_tokens")
+        rec.prompt_tokens = _count(usage.get("prompt_tokens"))
+        rec.completion_tokens = _count(usage.get("completion_tokens"))
+        rec.total_tokens = _count(usage.get("total_tokens"))
+
+
+def _count(value: Any) -> Any:
+    """A token count SQLite can store: a number in its 64-bit range, else None (a bigger
+    integer, or a list, would fail the row's insert)."""
+    return value if isinstance(value, (int, float)) and -(2**63) <= value < 2**63 else None
 
 
 def assemble_completion(rec: RequestRecord) -> None:
@@ -75,7 +86,7 @@ def assemble_completion(rec: RequestRecord) -> None:
         return
     try:
         obj = _COMPLETION.decode(rec.response_body)
-    except msgspec.DecodeError:  # includes ValidationError: not the usual shape
+    except Exception:  # see the module's docstring
         _completion_generic(rec, orjson.loads(rec.response_body))
         return
     _fill_usage(rec, obj.id, obj.usage)
@@ -126,7 +137,7 @@ def assemble_stream(rec: RequestRecord) -> None:
     if usual is not None:
         try:
             chunks = _CHUNKS.decode(usual[0])
-        except msgspec.DecodeError:  # includes ValidationError: not the usual shape
+        except Exception:  # see the module's docstring
             pass
     if chunks is not None and len(chunks) == usual[1]:  # type: ignore[index]
         for c in chunks:

@@ -149,7 +149,7 @@ def _canons(body: bytes) -> list[bytes]:
     some message is not that plain shape (content parts, say): then read generically."""
     try:
         asked = _ASKED.decode(body)
-    except msgspec.DecodeError:  # includes ValidationError
+    except Exception:  # another shape, invalid UTF-8 in a kept field, deep nesting
         messages = orjson.loads(body).get("messages") or []
         return [history.canon(m) for m in messages if isinstance(m, dict)]
     return [history.canon_of(m.role, m.content) for m in asked.messages or ()]
@@ -317,7 +317,7 @@ class Sink:
         try:
             self._write(steps, rows)
             self.written += len(rows)
-        except sqlite3.Error as e:
+        except Exception as e:  # SQLite's, or a value it cannot bind (an int past 64 bits)
             self.log("warning", "log_batch_failed", error=repr(e), records=len(rows), statements=len(steps))
             self._rollback()
             for sql, many in steps:
@@ -346,7 +346,7 @@ class Sink:
                 self.conn.execute(INDEX_SINCE, (last,))
             self.conn.execute("COMMIT")
             return True
-        except sqlite3.Error as e:
+        except Exception as e:  # this item only: the writer goes on with the next
             self.failed += 1
             self.log("error", "log_write_failed", error=repr(e), sql=sql.split("(")[0].strip()[:60])
             self._rollback()
