@@ -6,7 +6,11 @@ in four a 64-chunk stream) for the writer process to assemble, a stateless turn 
 thread in the log, in 100 conversations, and the canonical log line for it to render.
 The same count of non-stream records alone is measured too, to show what the streams cost.
 
-Run: .venv/bin/python bench/log_writer.py [--records N]
+Run: .venv/bin/python bench/log_writer.py [--records N] [--history-kb K]
+
+`--history-kb` gives every request an agent-sized history of about K KB (system prompt,
+alternating user and assistant messages, tool definitions) instead of two short
+messages: what the writer costs when clients resend long conversations.
 """
 
 from __future__ import annotations
@@ -47,12 +51,25 @@ CHUNKS = [
 STREAM = b"".join(CHUNKS)
 
 
-def make_records(n: int, stream_every: int = 4) -> list[RequestRecord]:
+def agent_body(kb: int) -> bytes:
+    """A chat request body of about `kb` KB, shaped like a coding agent's."""
+    messages = [{"role": "system", "content": "You are a coding agent. " * 40}]
+    turn = 0
+    while len(orjson.dumps(messages)) < kb * 1024:
+        messages.append({"role": "user", "content": f"step {turn}: " + "please look at this file content " * 60})
+        messages.append({"role": "assistant", "content": f"done {turn} " + "here is the patch line " * 60})
+        turn += 1
+    messages.append({"role": "user", "content": "go on"})
+    tools = [{"type": "function", "function": {"name": f"tool{k}", "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}} for k in range(20)]
+    return orjson.dumps({"model": "gpt-4o-mini", "messages": messages, "tools": tools})
+
+
+def make_records(n: int, stream_every: int = 4, body: bytes = BODY) -> list[RequestRecord]:
     out = []
     for i in range(n):
         r = RequestRecord("POST", "/v1/chat/completions")
         r.model, r.provider, r.upstream_model, r.prompt_text = "gpt-4o-mini", "fake", "gpt-4o-mini", "Say hello in five words."
-        r.request_body = BODY
+        r.request_body = body
         r.session_id = r.chat_id = f"s{i % SESSIONS}"
         r.log_turn = r.log_line = True
         if stream_every and i % stream_every == stream_every - 1:  # by default one in four, as in the memory test
@@ -64,7 +81,7 @@ def make_records(n: int, stream_every: int = 4) -> list[RequestRecord]:
     return out
 
 
-async def measure(n: int, stream_every: int = 4) -> dict[str, float]:
+async def measure(n: int, stream_every: int = 4, body: bytes = BODY) -> dict[str, float]:
     """Submit `n` records as fast as possible; time until all are committed."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "w.db"
@@ -85,7 +102,7 @@ async def measure(n: int, stream_every: int = 4) -> dict[str, float]:
             repo.create(Session(f"s{k}", f"fp{k}", "bench", "fake", "gpt-4o-mini", now, now, now + 1800, chat_id=f"s{k}"))
         await writer.drained()
         pid = writer._proc.pid  # type: ignore[union-attr]
-        records = make_records(n, stream_every)
+        records = make_records(n, stream_every, body)
         t0, c0, w0 = time.perf_counter(), time.process_time(), _cpu_s(pid)
         for r in records:
             writer.submit(r)
@@ -124,9 +141,15 @@ def _assembly_us(n: int = 2000) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--records", type=int, default=50_000)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    ap.add_argument("--records", type=int, default=50_000, help="records per run (default: %(default)s)")
+    ap.add_argument("--history-kb", type=int, default=0, help="an agent-sized request history of about this many KB")
     args = ap.parse_args()
+    if args.history_kb:
+        body = agent_body(args.history_kb)
+        out = asyncio.run(measure(args.records, body=body)) | {"request_body_bytes": len(body)}
+        print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+        return
     out = asyncio.run(measure(args.records))
     plain = asyncio.run(measure(args.records, stream_every=0))
     out |= {"plain_records_per_s": plain["records_per_s"], "plain_cpu_us_per_record": plain["cpu_us_per_record"]}
