@@ -209,7 +209,7 @@ class Threads:
                 if (
                     before.request_count <= 0
                     and not before.metadata.get("explicit")
-                    and self.sessions.get(before.id) in (None, before)  # not a copy loaded since
+                    and self.sessions.get(before.id, before) is before  # not a copy loaded since
                 ):
                     # It holds no request, past or in flight: this one started it, then left
                     # for another route. Kept, it would list as an empty session and take a

@@ -39,7 +39,7 @@ usual_events = st.fixed_dictionaries(
 )
 choices = st.fixed_dictionaries(
     {"index": st.just(0)},
-    optional={"delta": deltas, "finish_reason": st.one_of(st.none(), st.sampled_from(["stop", "length", ""]))},
+    optional={"delta": deltas, "finish_reason": st.one_of(st.none(), st.sampled_from(["stop", "length", ""]), odd)},
 )
 events = st.one_of(
     st.fixed_dictionaries(
@@ -84,7 +84,7 @@ def _by_event(data: bytes) -> dict[str, Any]:
                 r = delta.get("reasoning_content") or delta.get("reasoning")
                 if isinstance(r, str):
                     reasoning.append(r)
-            if choice.get("finish_reason"):
+            if choice.get("finish_reason") and isinstance(choice["finish_reason"], str):
                 rec.finish_reason = choice["finish_reason"]
     return {
         "text": "".join(text), "reasoning": "".join(reasoning) or None, "count": count,

@@ -235,18 +235,37 @@ def asyncio_run_migrations(path: Path) -> None:
     asyncio.run(migrate_only())
 
 
-def test_usage_the_log_cannot_store_is_left_out() -> None:
-    """Token counts are kept only as numbers in SQLite's 64-bit range, and a reply id only
-    as a string: anything else would fail the whole row's insert."""
+def test_reply_fields_the_log_cannot_store_are_left_out() -> None:
+    """Token counts are kept as numbers (or digits) in SQLite's 64-bit range, a reply id as
+    a string (an integer becomes its digits), reasoning and finish reason as strings:
+    anything else would fail the record's row."""
     from provider_router.api.assemble import assemble_completion
 
     rec = RequestRecord("POST", "/v1/chat/completions")
-    rec.response_body = orjson.dumps({"id": 7, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": [1], "total_tokens": 9_223_372_036_854_775_808}})
+    rec.response_body = orjson.dumps({
+        "id": 7, "choices": [{"message": {"content": "hi", "reasoning": True}, "finish_reason": {"x": 1}}],
+        "usage": {"prompt_tokens": "12", "completion_tokens": [1], "total_tokens": 9_223_372_036_854_775_808},
+    })  # fmt: skip
     assemble_completion(rec)
-    assert (rec.prompt_tokens, rec.completion_tokens, rec.total_tokens, rec.reply_id) == (3, None, None, None)
-    rec.response_body = b'{"id": "c", "choices": [], "usage": {"prompt_tokens": 18446744073709551616, "total_tokens": 2.5}}'
+    assert (rec.prompt_tokens, rec.completion_tokens, rec.total_tokens, rec.reply_id) == (12, None, None, "7")
+    assert (rec.response_text, rec.reasoning_text, rec.finish_reason) == ("hi", None, None)
+    rec.response_body = b'{"id": "c", "choices": [], "usage": {"prompt_tokens": 18446744073709551616, "total_tokens": 2.5, "completion_tokens": true}}'
     assemble_completion(rec)  # the typed reading's exact big integer, too
-    assert (rec.prompt_tokens, rec.total_tokens, rec.reply_id) == (None, 2.5, "c")
+    assert (rec.prompt_tokens, rec.total_tokens, rec.completion_tokens, rec.reply_id) == (None, 2.5, None, "c")
+
+
+def test_a_record_whose_row_cannot_be_built_costs_only_itself(tmp_path: Path) -> None:
+    asyncio_run_migrations(tmp_path / "w.db")
+    db = sink.open_db(str(tmp_path / "w.db"))
+    logged: list[object] = []
+    out = sink.Sink(db, max_body_bytes=1000, redactor=Redactor(["sk-secret"]), emit=logged.append)
+    records = [RequestRecord("POST", "/v1/chat/completions") for _ in range(3)]
+    for r in records:
+        r.finish(200, "ok")
+    records[1].user_agent = 5  # type: ignore[assignment]  # not text: redacting it raises
+    out.apply([([], records)])
+    assert (out.written, out.failed, out.records_done) == (2, 1, 3)
+    assert [m[2] for m in logged] == ["log_record_failed"]  # type: ignore[index]
 
 
 async def test_the_writer_process_gives_way_while_it_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -65,7 +65,11 @@ _CHUNKS = msgspec.json.Decoder(list[_Chunk])
 _COMPLETION = msgspec.json.Decoder(_Completion)
 
 
+# What an upstream sends lands in typed columns: a value no column can take (a list, an
+# integer past 64 bits) would fail the record's row, so only these shapes are kept.
 def _fill_usage(rec: RequestRecord, reply_id: Any, usage: Any) -> None:
+    if isinstance(reply_id, int) and not isinstance(reply_id, bool):
+        reply_id = str(reply_id)
     if reply_id and isinstance(reply_id, str):
         rec.reply_id = reply_id
     if isinstance(usage, dict):
@@ -75,9 +79,20 @@ def _fill_usage(rec: RequestRecord, reply_id: Any, usage: Any) -> None:
 
 
 def _count(value: Any) -> Any:
-    """A token count SQLite can store: a number in its 64-bit range, else None (a bigger
-    integer, or a list, would fail the row's insert)."""
-    return value if isinstance(value, (int, float)) and -(2**63) <= value < 2**63 else None
+    """A token count: a number (or digits) in SQLite's 64-bit range, else None."""
+    if isinstance(value, str) and value.isdecimal() and len(value) <= 19:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if -(2**63) <= value < 2**63 else None
+
+
+def _text(*values: Any) -> str | None:
+    """The first of `values` that is a non-empty string."""
+    for v in values:
+        if v and isinstance(v, str):
+            return v
+    return None
 
 
 def assemble_completion(rec: RequestRecord) -> None:
@@ -93,8 +108,8 @@ def assemble_completion(rec: RequestRecord) -> None:
     if obj.choices:
         choice, msg = obj.choices[0], obj.choices[0].message
         rec.response_text = content_text(msg.content if msg else None)
-        rec.reasoning_text = (msg.reasoning_content or msg.reasoning or None) if msg else None
-        rec.finish_reason = choice.finish_reason
+        rec.reasoning_text = _text(msg.reasoning_content, msg.reasoning) if msg else None
+        rec.finish_reason = _text(choice.finish_reason)
 
 
 def _completion_generic(rec: RequestRecord, obj: Any) -> None:
@@ -105,8 +120,8 @@ def _completion_generic(rec: RequestRecord, obj: Any) -> None:
     if choices and isinstance(choices[0], dict):
         msg = choices[0].get("message") or {}
         rec.response_text = content_text(msg.get("content"))
-        rec.reasoning_text = msg.get("reasoning_content") or msg.get("reasoning") or None
-        rec.finish_reason = choices[0].get("finish_reason")
+        rec.reasoning_text = _text(msg.get("reasoning_content"), msg.get("reasoning"))
+        rec.finish_reason = _text(choices[0].get("finish_reason"))
 
 
 def usual_array(data: bytes) -> tuple[bytes, int] | None:
@@ -204,8 +219,9 @@ def _stream_generic(rec: RequestRecord, events: list[dict[str, Any]]) -> None:
                 r = delta.get("reasoning_content") or delta.get("reasoning")
                 if isinstance(r, str):
                     reasoning.append(r)
-            if choice.get("finish_reason"):
-                rec.finish_reason = choice["finish_reason"]
+            finish = choice.get("finish_reason")
+            if finish and isinstance(finish, str):
+                rec.finish_reason = finish
     rec.response_text = "".join(text)
     rec.reasoning_text = "".join(reasoning) or None
     rec.chunk_count = len(events)

@@ -298,7 +298,12 @@ class Sink:
                 steps.append((sql, many))
             for r in records:
                 self.give_way()
-                row, turn = self.prepare(r)
+                try:
+                    row, turn = self.prepare(r)
+                except Exception as e:  # a value no column takes: this record only
+                    self.failed += 1
+                    self.log("error", "log_record_failed", request_id=r.id, error=repr(e))
+                    continue
                 rows.append(row)
                 if turn is not None:
                     turns.append(turn[0])
