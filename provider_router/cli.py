@@ -11,9 +11,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from .config import Config, ConfigError, is_loopback, load_config
+from .config import Config, ConfigError, ModelConfig, ProviderConfig, is_loopback, load_config
 
 DEFAULT_CONFIG = "config.yaml"
+# With no ./config.yaml: the local `echo` model, which needs no key, and default paths.
+BUILT_IN = Config(providers=(ProviderConfig(name="echo", type="echo"),), models=(ModelConfig(name="echo", provider="echo"),))
 
 
 def load(args: argparse.Namespace) -> Config:
@@ -22,7 +24,7 @@ def load(args: argparse.Namespace) -> Config:
     if not path.exists():
         if args.config != DEFAULT_CONFIG:
             raise ConfigError(f"config file not found: {path}")
-        return Config()
+        return BUILT_IN
     return load_config(path)
 
 
@@ -31,6 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .store import Redactor
 
     cfg = load(args)
+    built_in = cfg is BUILT_IN
     server = replace(
         cfg.server,
         host=args.host or cfg.server.host,
@@ -45,6 +48,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "could spend your provider keys. Configure client keys, or pass --insecure-no-auth."
         )
     setup_logging(args.log_level or cfg.logs.level, redact=Redactor(cfg.secrets()))
+    if built_in:
+        import structlog
+
+        structlog.get_logger("provider_router").warning(
+            "no_config_file", path=str(Path(args.config).resolve()), serving="the built-in echo model only; pass --config PATH"
+        )
     from .serve import run
 
     return run(cfg, db_path=args.db)

@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 
 from .errors import ApiError
-from .state import RECORD, REQUEST_ID, STATE
+from .state import RECORD, REQUEST_ID, STARTED, STATE
 from .store.records import RequestRecord, new_id, request_line
 
 log = structlog.get_logger("provider_router.request")
@@ -52,6 +52,13 @@ def _check_headers(request: web.Request) -> None:
     for name, value in request.headers.items():
         if not _is_utf8(value):
             raise ApiError(400, f"The value of the {name} header is not valid UTF-8.", param=name, code="invalid_header")
+
+
+def _unless_started(request: web.Request, error: web.Response) -> web.StreamResponse:
+    """The error response, unless a stream's head already went out: then that stream, to be
+    ended as it is (an HTTP response has one head; a second would corrupt the stream)."""
+    started = request.get(STARTED)
+    return error if started is None else started
 
 
 def _error_response(e: ApiError) -> web.Response:
@@ -96,7 +103,7 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
     except ApiError as e:
         e.message = state.redactor(e.message) or ""  # upstream text may echo a key back
         status, outcome, error = e.status, e.outcome, e.message
-        return _error_response(e)
+        return _unless_started(request, _error_response(e))
     except web.HTTPException as e:
         err = _from_http_exception(e)
         status, outcome, error = err.status, "rejected", err.message
@@ -114,11 +121,11 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
     except Exception as e:
         log.exception("internal_error")
         status, outcome, error = 500, "error", f"internal error: {type(e).__name__}"
-        return _error_response(ApiError(500, "Internal proxy error.", code="internal_error", type="server_error"))
+        return _unless_started(request, _error_response(ApiError(500, "Internal proxy error.", code="internal_error", type="server_error")))
     finally:
         state.inflight.discard(task)  # type: ignore[arg-type]
         if rec is not None:
-            if status == 499 and rec.status is not None:
+            if rec.status is not None and (status == 499 or request.get(STARTED) is not None):
                 status = rec.status  # a stream that had started keeps its status
             rec.finish(status, outcome, error)
             if state.metrics is not None:

@@ -46,3 +46,5 @@ STATE = web.AppKey("state", State)
 # Per-request storage: the request id, and the log record the handlers fill.
 REQUEST_ID = web.RequestKey("request_id", str)
 RECORD = web.RequestKey("record", "RequestRecord")
+# A streamed response whose head went out: nothing else may be sent for its request.
+STARTED = web.RequestKey("started", web.StreamResponse)

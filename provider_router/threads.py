@@ -150,7 +150,10 @@ class Threads:
         if explicit is not None:
             if not _SESSION_ID.match(explicit):
                 raise ApiError(400, "X-Session-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -", param="X-Session-Id")
-            s = self.sessions.get(explicit) or await self.repo.load(explicit)
+            s = self.sessions.get(explicit)
+            if s is None:
+                s = await self.repo.load(explicit)
+                s = self.sessions.get(explicit) or s  # a concurrent request may have started it
             if s is not None and s.client != client:
                 # Never reveal, or join, another client's session.
                 raise ApiError(404, f"No session {explicit}.", code="session_not_found", param="X-Session-Id")

@@ -58,3 +58,34 @@ def test_refuses_public_address_without_client_keys(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )
     assert out.returncode == 2 and "--insecure-no-auth" in out.stderr
+
+
+async def test_serve_without_a_config_file_runs_the_built_in_echo_model(tmp_path: Path) -> None:
+    """`provider-router serve` where there is no config.yaml serves the local echo model
+    (no key needed) and says so, instead of refusing for want of providers."""
+    import asyncio
+    import json
+    import signal
+
+    from tests.daemon import free_port
+
+    port, log = free_port(), tmp_path / "daemon.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "provider_router", "serve", "--port", str(port), "--db", str(tmp_path / "x.db")],
+            stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path,
+        )  # fmt: skip
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with asyncio.timeout(30):
+                while "listening" not in log.read_text():
+                    assert proc.poll() is None, log.read_text()
+                    await asyncio.sleep(0.05)
+            async with s.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"model": "echo", "messages": [{"role": "user", "content": "hi"}]}) as r:
+                assert r.status == 200 and (await r.json())["choices"][0]["message"]["content"].endswith(": hi")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    events = {json.loads(line)["event"]: json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")}
+    assert events["no_config_file"]["path"] == str((tmp_path / "config.yaml").resolve())
+    assert events["listening"]["models"] == ["echo"]

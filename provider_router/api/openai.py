@@ -19,7 +19,7 @@ from ..messages import last_user_text
 from ..providers import ChatCall, Delta, Finish, Provider, Started, UpstreamReply, Usage
 from ..routing import NoRoute, Route
 from ..sse import DONE, encode_event
-from ..state import RECORD, STATE, State
+from ..state import RECORD, STARTED, STATE, State
 from ..store.records import RequestRecord
 from .validate import JSON_TYPES, bad, parse_body, strip_steering, validate_chat
 
@@ -45,7 +45,10 @@ async def read_body(request: web.Request, rec: RequestRecord) -> tuple[bytes, di
     rec.request_body = raw
     if ctype == "application/x-www-form-urlencoded" and not raw.lstrip().startswith(b"{"):
         # curl -d sends this type; we accept it only when the body is really JSON.
-        raise ApiError(415, "Content-Type must be application/json.", code="unsupported_media_type")
+        raise ApiError(
+            415, "The request body must be a JSON object, sent as application/json (this one is a form, "
+            "application/x-www-form-urlencoded, and not JSON).", code="unsupported_media_type",
+        )  # fmt: skip
     body = parse_body(raw)
     if b"\\u0000" in raw:
         raise bad("The request contains a NUL character (\\u0000), which is not accepted.", code="invalid_text")
@@ -183,6 +186,7 @@ async def _passthrough_stream(request: web.Request, rec: RequestRecord, reply: U
     chunks: list[bytes] = []
     rec.reply_format = "stream"  # the log writer reads text and usage from the events
     await resp.prepare(request)
+    request[STARTED] = resp
     rec.status = reply.status
     write = resp.write
     try:
@@ -198,10 +202,23 @@ async def _passthrough_stream(request: web.Request, rec: RequestRecord, reply: U
         if not await _shutdown_error(request, resp, rec):
             raise
         return resp
+    except ConnectionResetError:  # the client left: the middleware records it
+        raise
+    except Exception as e:
+        await _stream_error(request, resp, rec, _unreadable(e))
+        return resp
     finally:
         rec.stream_body = b"".join(chunks)
     await resp.write_eof()
     return resp
+
+
+def _unreadable(e: Exception) -> ApiError:
+    """What a stream that had started tells its client when something other than an API
+    error ended it (an upstream event we could not read, a bug): an error event, never a
+    second response."""
+    log.exception("stream_failed")
+    return ApiError(502, f"The upstream reply could not be relayed ({type(e).__name__}).", code="upstream_error", outcome="upstream_error")
 
 
 async def _stream_error(request: web.Request, resp: web.StreamResponse, rec: RequestRecord, e: ApiError) -> None:
@@ -276,6 +293,7 @@ class _Reply:
 async def _open_stream(request: web.Request, rec: RequestRecord) -> web.StreamResponse:
     resp = web.StreamResponse(headers=SSE_HEADERS)
     await resp.prepare(request)
+    request[STARTED] = resp
     rec.status = 200
     rec.first_byte()
     return resp
@@ -354,6 +372,12 @@ async def _render(request: web.Request, rec: RequestRecord, reply: UpstreamReply
     except asyncio.CancelledError:
         if resp is None or not await _shutdown_error(request, resp, rec):
             raise
+    except ConnectionResetError:  # the client left: the middleware records it
+        raise
+    except Exception as e:  # ChatGone included: once the stream started, nothing is resent
+        if resp is None:
+            raise
+        await _stream_error(request, resp, rec, _unreadable(e))
     finally:
         acc.fill(rec)
         rec.chunk_count = acc.chunks

@@ -162,7 +162,7 @@ class QwenProvider:
                     raise _error(obj, 200)
                 u = obj.get("usage")
                 if isinstance(u, dict):
-                    usage = Usage(int(u.get("input_tokens") or 0), int(u.get("output_tokens") or 0))
+                    usage = Usage(_tokens(u.get("input_tokens")), _tokens(u.get("output_tokens")))
                 for choice in obj.get("choices") or ():
                     delta = choice.get("delta") or {} if isinstance(choice, dict) else {}
                     content = delta.get("content") or ""
@@ -181,3 +181,12 @@ class QwenProvider:
 
     async def close(self) -> None:
         return None
+
+
+def _tokens(value: object) -> int:
+    """A usage count as the upstream wrote it (3, 3.0, "3"), or 0 when it is not a count."""
+    try:
+        n = int(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return 0
+    return n if 0 <= n < 2**63 else 0
