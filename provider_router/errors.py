@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import orjson
 
 _TYPES = {
@@ -64,3 +66,13 @@ def upstream_timeout(what: str) -> ApiError:
 
 def upstream_unreachable(detail: str) -> ApiError:
     return ApiError(502, f"upstream unreachable: {detail}", code="upstream_unreachable", retryable=True)
+
+
+MAX_SHOWN = 2000
+
+
+def shown(redact: Callable[[str | None], str | None], message: str) -> str:
+    """An error message as a client or the log may see it: secrets redacted first (upstream
+    text may echo a key back), then cut, so a cut never leaves part of a secret behind."""
+    text = redact(message) or ""
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "…"

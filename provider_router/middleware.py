@@ -11,7 +11,7 @@ import logging
 import structlog
 from aiohttp import web
 
-from .errors import ApiError
+from .errors import ApiError, shown
 from .state import RECORD, REQUEST_ID, STARTED, STATE
 from .store.records import RequestRecord, new_id, request_line
 
@@ -101,7 +101,7 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
         outcome = "ok" if status < 400 else "rejected"
         return resp
     except ApiError as e:
-        e.message = state.redactor(e.message) or ""  # upstream text may echo a key back
+        e.message = shown(state.redactor, e.message)
         status, outcome, error = e.status, e.outcome, e.message
         return _unless_started(request, _error_response(e))
     except web.HTTPException as e:

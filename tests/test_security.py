@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 import structlog
 import yaml
@@ -254,8 +255,9 @@ def steer(depth: int) -> dict[str, Any]:
 @pytest.mark.parametrize("stream", [False, True])
 async def test_steering_fields_never_reach_the_upstream(proxy: Proxy, openai_fake: OpenAIFake, stream: bool) -> None:
     """`api_base`, `base_url`, `api_key`, `extra_headers`, `headers` at the top level, inside
-    messages, content parts, tools and deep nesting are dropped before the upstream call;
-    everything else arrives unchanged."""
+    messages, content parts and deep nesting are dropped before the upstream call;
+    everything else arrives unchanged, tool schemas included (a tool may well have a
+    parameter called `headers`; no upstream reads steering from a schema)."""
     messages = [
         {"role": "system", "content": "s", **steer(0)},
         {"role": "user", "content": [{"type": "text", "text": "api_key", **steer(1)}], "api_base": "http://evil"},
@@ -273,11 +275,11 @@ async def test_steering_fields_never_reach_the_upstream(proxy: Proxy, openai_fak
             assert r.status == 200
             await r.read()
     sent = openai_fake.seen[-1]
-    assert not keys_anywhere(sent.body) & STEERING
-    assert b"evil" not in sent.raw
+    assert sent.body["tools"] == body["tools"]
+    assert not keys_anywhere({**sent.body, "tools": None}) & STEERING
+    assert b"evil" not in sent.raw.replace(orjson.dumps(body["tools"]), b"")
     assert sent.headers["Authorization"] == "Bearer sk-upstream-test"
     assert sent.body["messages"][1]["content"][0]["text"] == "api_key"  # values are not keys
-    assert sent.body["tools"][0]["function"]["parameters"]["level"] == 2
 
 
 async def test_steering_fields_never_reach_the_threaded_upstream(qproxy: Proxy, qwen_fake: QwenFake) -> None:

@@ -14,14 +14,14 @@ import orjson
 import structlog
 from aiohttp import web
 
-from ..errors import ApiError
+from ..errors import ApiError, shown
 from ..messages import last_user_text
 from ..providers import ChatCall, Delta, Finish, Provider, Started, UpstreamReply, Usage
 from ..routing import NoRoute, Route
 from ..sse import DONE, encode_event
 from ..state import RECORD, STARTED, STATE, State
 from ..store.records import RequestRecord
-from .validate import JSON_TYPES, bad, parse_body, strip_steering, validate_chat
+from .validate import JSON_TYPES, bad, has_nul, parse_body, strip_steering, validate_chat
 
 log = structlog.get_logger("provider_router.api")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -50,7 +50,7 @@ async def read_body(request: web.Request, rec: RequestRecord) -> tuple[bytes, di
             "application/x-www-form-urlencoded, and not JSON).", code="unsupported_media_type",
         )  # fmt: skip
     body = parse_body(raw)
-    if b"\\u0000" in raw:
+    if b"\\u0000" in raw and has_nul(raw):
         raise bad("The request contains a NUL character (\\u0000), which is not accepted.", code="invalid_text")
     return raw, body
 
@@ -124,7 +124,7 @@ async def _attempt(
         body = {**body, "model": route.upstream_model}
     call = ChatCall(
         body=body,
-        raw=orjson.dumps(body) if (stripped or renamed) else raw,
+        raw=_encode(body) if (stripped or renamed) else raw,
         stream=stream,
         upstream_model=route.upstream_model,
     )
@@ -167,7 +167,7 @@ async def _passthrough(
     assert reply.read is not None
     data = await reply.read()
     if (status == 429 or status >= 500) and not last:
-        text = data[:500].decode("utf-8", "replace")
+        text = request.app[STATE].redactor.bytes(data)[:500].decode("utf-8", "replace")  # redacted, then cut
         raise ApiError(status if status == 429 else 502, f"upstream returned HTTP {status}: {text}", retryable=True)
     if status >= 400:
         data = request.app[STATE].redactor.bytes(data)
@@ -213,6 +213,14 @@ async def _passthrough_stream(request: web.Request, rec: RequestRecord, reply: U
     return resp
 
 
+def _encode(body: dict[str, Any]) -> bytes:
+    """A body we changed, encoded again for the upstream."""
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError as e:  # orjson writes ~250 levels; it reads 1024
+        raise bad(f"The request body cannot be forwarded as changed: {e}.", code="invalid_json") from None
+
+
 def _unreadable(e: Exception) -> ApiError:
     """What a stream that had started tells its client when something other than an API
     error ended it (an upstream event we could not read, a bug): an error event, never a
@@ -223,7 +231,7 @@ def _unreadable(e: Exception) -> ApiError:
 
 async def _stream_error(request: web.Request, resp: web.StreamResponse, rec: RequestRecord, e: ApiError) -> None:
     """Mid-stream failure: an SSE error event and no `[DONE]`, so clients see it failed."""
-    e.message = request.app[STATE].redactor(e.message) or ""  # upstream text may echo a key back
+    e.message = shown(request.app[STATE].redactor, e.message)
     rec.outcome = e.outcome
     rec.error = e.message
     rec.status = resp.status

@@ -36,25 +36,48 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _strip_steering(node: Any) -> bool:
+# JSON Schemas name the client's own fields (a tool parameter called `headers`): not steering.
+SCHEMAS = frozenset({"tools", "functions", "response_format"})
+
+
+def _strip_steering(body: dict[str, Any]) -> bool:
     changed = False
-    if isinstance(node, dict):
-        for key in STEERING.intersection(node):
-            del node[key]
-            changed = True
-        for v in node.values():
-            changed |= _strip_steering(v)
-    elif isinstance(node, list):
-        for v in node:
-            changed |= _strip_steering(v)
+    stack: list[Any] = [v for k, v in body.items() if k not in SCHEMAS]
+    for key in STEERING.intersection(body):
+        del body[key]
+        changed = True
+    while stack:  # iterative: a body nested 1000 deep is valid JSON, not a reason to fail
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key in STEERING.intersection(node):
+                del node[key]
+                changed = True
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
     return changed
 
 
 def strip_steering(raw: bytes, body: dict[str, Any]) -> bool:
-    """Drop upstream-steering fields; True if any were present. Walks only when needed."""
-    if not any(k in raw for k in _STEERING_BYTES):
+    """Drop upstream-steering fields; True if any were present. Walks only when the raw
+    body names one, or has a `\\u` escape (`"api\\u005fkey"` is `api_key` to any parser)."""
+    if b"\\u" not in raw and not any(k in raw for k in _STEERING_BYTES):
         return False
     return _strip_steering(body)
+
+
+def has_nul(raw: bytes) -> bool:
+    """Whether the JSON text escapes a NUL character (`\\u0000`, its backslash not itself
+    escaped: `"\\\\u0000"` is text about the escape, not a NUL)."""
+    i = raw.find(b"\\u0000")
+    while i != -1:
+        j = i
+        while j > 0 and raw[j - 1] == 0x5C:
+            j -= 1
+        if (i - j) % 2 == 0:
+            return True
+        i = raw.find(b"\\u0000", i + 1)
+    return False
 
 
 def _int_field(body: dict[str, Any], name: str, lo: int, hi: int) -> None:

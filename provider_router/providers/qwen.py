@@ -39,7 +39,9 @@ def _error(data: dict[str, Any], status: int) -> Exception:
     """Map an upstream error body to what the client should see."""
     inner = data.get("data") if isinstance(data.get("data"), dict) else {}
     code = str(inner.get("code") or data.get("code") or "error")
-    details = str(inner.get("details") or data.get("message") or data.get("detail") or code)[:500]
+    # Not cut here: the message is redacted before it is cut (errors.shown), so that no
+    # part of an echoed key survives.
+    details = str(inner.get("details") or data.get("message") or data.get("detail") or code)
     if code == "NotFound" or ("parent_id" in details and "not exist" in details):
         return ChatGone(details)  # the thread we hold is no longer upstream: rebuild it
     if code == "RateLimited":
@@ -139,7 +141,7 @@ class QwenProvider:
             try:
                 obj = orjson.loads(raw)
             except orjson.JSONDecodeError:
-                obj = {"message": raw[:300].decode("utf-8", "replace")}
+                obj = {"message": raw.decode("utf-8", "replace")}
             raise _error(obj if isinstance(obj, dict) else {}, resp.status)
         return UpstreamReply(events=self._events(resp, chat_id), close=resp.close)
 
