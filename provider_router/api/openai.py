@@ -50,7 +50,7 @@ async def read_body(request: web.Request, rec: RequestRecord) -> tuple[bytes, di
             "application/x-www-form-urlencoded, and not JSON).", code="unsupported_media_type",
         )  # fmt: skip
     body = parse_body(raw)
-    if b"\\u0000" in raw and has_nul(raw):
+    if has_nul(raw):
         raise bad("The request contains a NUL character (\\u0000), which is not accepted.", code="invalid_text")
     return raw, body
 
@@ -195,9 +195,6 @@ async def _passthrough_stream(request: web.Request, rec: RequestRecord, reply: U
                 rec.first_byte()
             chunks.append(chunk)
             await write(chunk)
-    except ApiError as e:
-        await _stream_error(request, resp, rec, e)
-        return resp
     except asyncio.CancelledError:
         if not await _shutdown_error(request, resp, rec):
             raise
@@ -205,7 +202,7 @@ async def _passthrough_stream(request: web.Request, rec: RequestRecord, reply: U
     except ConnectionResetError:  # the client left: the middleware records it
         raise
     except Exception as e:
-        await _stream_error(request, resp, rec, _unreadable(e))
+        await _stream_error(request, resp, rec, e)
         return resp
     finally:
         rec.stream_body = b"".join(chunks)
@@ -221,16 +218,15 @@ def _encode(body: dict[str, Any]) -> bytes:
         raise bad(f"The request body cannot be forwarded as changed: {e}.", code="invalid_json") from None
 
 
-def _unreadable(e: Exception) -> ApiError:
-    """What a stream that had started tells its client when something other than an API
-    error ended it (an upstream event we could not read, a bug): an error event, never a
-    second response."""
-    log.exception("stream_failed")
-    return ApiError(502, f"The upstream reply could not be relayed ({type(e).__name__}).", code="upstream_error", outcome="upstream_error")
-
-
-async def _stream_error(request: web.Request, resp: web.StreamResponse, rec: RequestRecord, e: ApiError) -> None:
-    """Mid-stream failure: an SSE error event and no `[DONE]`, so clients see it failed."""
+async def _stream_error(request: web.Request, resp: web.StreamResponse, rec: RequestRecord, exc: Exception) -> None:
+    """Mid-stream failure: an SSE error event and no `[DONE]`, so clients see it failed;
+    never a second response. Anything but an `ApiError` (an upstream event we could not
+    read, a bug) is logged and told as a 502."""
+    if isinstance(exc, ApiError):
+        e = exc
+    else:
+        log.exception("stream_failed")
+        e = ApiError(502, f"The upstream reply could not be relayed ({type(exc).__name__}).", code="upstream_error", outcome="upstream_error")
     e.message = shown(request.app[STATE].redactor, e.message)
     rec.outcome = e.outcome
     rec.error = e.message
@@ -373,10 +369,6 @@ async def _render(request: web.Request, rec: RequestRecord, reply: UpstreamReply
             await resp.write(encode_event(orjson.dumps({**head, "choices": [], "usage": _usage_json(acc.usage)})))
         await resp.write(DONE)
         await resp.write_eof()
-    except ApiError as e:
-        if resp is None:
-            raise
-        await _stream_error(request, resp, rec, e)
     except asyncio.CancelledError:
         if resp is None or not await _shutdown_error(request, resp, rec):
             raise
@@ -385,7 +377,7 @@ async def _render(request: web.Request, rec: RequestRecord, reply: UpstreamReply
     except Exception as e:  # ChatGone included: once the stream started, nothing is resent
         if resp is None:
             raise
-        await _stream_error(request, resp, rec, _unreadable(e))
+        await _stream_error(request, resp, rec, e)
     finally:
         acc.fill(rec)
         rec.chunk_count = acc.chunks
