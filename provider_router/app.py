@@ -80,8 +80,9 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
     conn = await connect(state.db_path)  # applies migrations before the writer process opens the file
     logs = state.config.logs
     writer = LogWriter(
-        state.db_path, max_queue=logs.queue_size, max_body_bytes=logs.max_body_bytes, secrets=state.redactor.secrets
-    )
+        state.db_path, max_queue=logs.queue_size, max_queue_bytes=logs.queue_bytes, when_full=logs.when_full,
+        max_body_bytes=logs.max_body_bytes, max_message_bytes=logs.max_message_bytes, secrets=state.redactor.secrets,
+    )  # fmt: skip
     await writer.start()
     reader = await connect(state.db_path, readonly=True)
     state.db, state.writer, state.reader = conn, writer, reader

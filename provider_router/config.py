@@ -40,8 +40,11 @@ class DatabaseConfig:
 @dataclass(frozen=True, slots=True)
 class LogsConfig:
     retention_days: int = 0  # 0 keeps records forever
-    max_body_bytes: int = 1024 * 1024
-    queue_size: int = 10_000
+    max_body_bytes: int = 8 * 1024 * 1024  # a body that is not a chat request, or an error body
+    max_message_bytes: int = 8 * 1024 * 1024  # one message of a conversation
+    queue_size: int = 10_000  # records not yet committed...
+    queue_bytes: int = 256 * 1024 * 1024  # ...and their bytes
+    when_full: str = "wait"  # wait: new requests wait for room; drop: records are dropped and counted
     level: str = "info"
 
 
@@ -307,5 +310,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("server.max_body_bytes: must be > 0")
     if cfg.logs.queue_size <= 0:
         raise ConfigError("logs.queue_size: must be > 0")
+    if cfg.logs.when_full not in ("wait", "drop"):
+        raise ConfigError("logs.when_full: must be wait or drop")
+    for key in ("max_body_bytes", "max_message_bytes", "queue_bytes"):
+        if getattr(cfg.logs, key) < 1024:
+            raise ConfigError(f"logs.{key}: must be at least 1024")
     if cfg.sessions.max_sessions <= 0:
         raise ConfigError("sessions.max_sessions: must be > 0")

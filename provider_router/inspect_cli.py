@@ -1,6 +1,6 @@
 """The inspection commands of the CLI: `logs`, `sessions`, `stats` and `db`, registered on the
 main parser by `register()`. It owns argument parsing and rendering (tables, transcripts,
-JSON lines); the SQL lives in `store.queries`.
+conversation trees, JSON lines); the SQL lives in `store.queries` and `store.tree_view`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import aiosqlite
 import orjson
 
 from .store import queries as q
+from .store import tree_view as tv
 from .store.db import connect
 from .store.presence import mark_path, serving
 
@@ -294,26 +295,38 @@ def transcript_lines(role: str, text: str, width: int = 11) -> list[str]:
     return [head + lines[0]] + [" " * width + line for line in lines[1:]]
 
 
+def tool_call_line(call: Any) -> str:
+    """`-> name(arguments) [call id]`: what an agent asked a tool to do."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    fn = fn if isinstance(fn, dict) else {}
+    line = f"-> {fn.get('name', '?')}({fn.get('arguments', '')})"
+    return line + (f" [{call['id']}]" if isinstance(call, dict) and call.get("id") else "")
+
+
+def message_lines(msg: Any) -> list[str]:
+    """One message as transcript lines: its text, then its tool calls; a tool result's role
+    names the call it answers, so calls and results can be matched by eye."""
+    if not isinstance(msg, dict):
+        return transcript_lines("?", str(msg))
+    role = str(msg.get("role", "?"))
+    if msg.get("name"):
+        role += f" ({msg['name']})"
+    if msg.get("tool_call_id"):
+        role += f" [{msg['tool_call_id']}]"
+    text = content_text(msg.get("content"))
+    for call in msg.get("tool_calls") or []:
+        text += ("\n" if text else "") + tool_call_line(call)
+    fc = msg.get("function_call")  # the deprecated single-call form
+    if isinstance(fc, dict):
+        text += ("\n" if text else "") + tool_call_line({"function": fc})
+    return transcript_lines(role, text)
+
+
 def message_transcript(messages: Any) -> list[str]:
     """The request's messages, one speaker per block, tool calls spelled out."""
     if not isinstance(messages, list):
         return ["  (no messages)"]
-    out: list[str] = []
-    for msg in messages:
-        if not isinstance(msg, dict):
-            out += transcript_lines("?", str(msg))
-            continue
-        role = str(msg.get("role", "?"))
-        if msg.get("name"):
-            role += f" ({msg['name']})"
-        if msg.get("tool_call_id"):
-            role += f" [{msg['tool_call_id']}]"
-        text = content_text(msg.get("content"))
-        for call in msg.get("tool_calls") or []:
-            fn = call.get("function", {}) if isinstance(call, dict) else {}
-            text += ("\n" if text else "") + f"-> {fn.get('name', '?')}({fn.get('arguments', '')})"
-        out += transcript_lines(role, text)
-    return out
+    return [line for msg in messages for line in message_lines(msg)]
 
 
 def _section(title: str) -> str:
@@ -409,9 +422,21 @@ class LogTable:
 
 def _filter(args: argparse.Namespace) -> q.RequestFilter:
     return q.RequestFilter(
-        session=args.session, model=args.model, provider=args.provider, status=args.status,
-        outcome=args.outcome, query=args.query, since=args.since,
+        session=args.session, model=args.model, provider=args.provider, client=args.client,
+        status=args.status, outcome=args.outcome, query=args.query, since=args.since,
     )
+
+
+# Columns of a request row that hold the tree's internals (node ids, parameters and
+# response without the reply messages): `logs show ID` rebuilds the bodies from them.
+INTERNAL_COLUMNS = ("params", "params_blobs", "overrides", "body_blob", "response", "replies")
+
+
+def public_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A listed request row as `--json` prints it: every column but the internal ones."""
+    for col in INTERNAL_COLUMNS:
+        row.pop(col, None)
+    return row
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -423,7 +448,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         if tbl is not None and (page.rows or args.follow):
             print(tbl.header(), file=out)
         for row in page.rows:
-            print(_json_line(row) if tbl is None else tbl.line(row), file=out)
+            print(_json_line(public_row(row)) if tbl is None else tbl.line(row), file=out)
         if not args.follow:
             if not page.rows and tbl is not None:
                 print("no matching requests", file=sys.stderr)
@@ -435,7 +460,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
             page = await q.new_requests(conn, flt, last)
             last = page.last_rowid
             for row in page.rows:
-                print(_json_line(row) if tbl is None else tbl.line(row), file=out, flush=True)
+                print(_json_line(public_row(row)) if tbl is None else tbl.line(row), file=out, flush=True)
 
     try:
         return _run(args, body)
@@ -445,18 +470,44 @@ def cmd_logs(args: argparse.Namespace) -> int:
         raise
 
 
+def _usage(r: dict[str, Any]) -> str | None:
+    keys = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens")
+    if all(r.get(k) is None for k in keys):
+        return None
+    out = (
+        f"prompt {_or_dash(r.get('prompt_tokens'))}, completion {_or_dash(r.get('completion_tokens'))}, "
+        f"total {_or_dash(r.get('total_tokens'))}"
+    )
+    if r.get("cached_tokens") is not None:
+        out += f", cached {r['cached_tokens']}"
+    return out
+
+
+def _or_dash(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def reply_transcript(choice: dict[str, Any]) -> list[str]:
+    """One choice of the response: reasoning, text, refusal, tool calls, finish reason."""
+    msg = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    out: list[str] = []
+    reasoning = msg.get("reasoning_content") or msg.get("reasoning")
+    if reasoning:
+        out += transcript_lines("reasoning", str(reasoning))
+    out += message_lines({**msg, "role": msg.get("role") or "assistant"})
+    if msg.get("refusal"):
+        out += transcript_lines("refusal", str(msg["refusal"]))
+    out += transcript_lines("finish", str(choice.get("finish_reason") or "-"))
+    return out
+
+
 def render_request(r: dict[str, Any]) -> list[str]:
-    """One request in full: fields, the request as a transcript, reply, reasoning, error."""
-    body = r.get("request_body")
+    """One request in full: fields, the request as a transcript (tool calls and results
+    included), each choice's reply, usage, what was cut, upstream attempts."""
+    request, response = r.get("request"), r.get("response")
     stream = {None: None, 0: "no", 1: "yes"}.get(r.get("stream"), r.get("stream"))
     if stream == "yes" and r.get("chunk_count") is not None:
         stream += f" ({r['chunk_count']} chunks)"
-    usage = None
-    if any(r.get(k) is not None for k in ("prompt_tokens", "completion_tokens", "total_tokens")):
-        usage = (
-            f"prompt {r.get('prompt_tokens', '-')}, completion {r.get('completion_tokens', '-')}, "
-            f"total {r.get('total_tokens', '-')}"
-        )
     lineage = None
     if r.get("parent_id") or r.get("reply_id"):
         lineage = f"{r.get('parent_id') or '(new chat)'} -> {r.get('reply_id') or '-'}"
@@ -475,28 +526,30 @@ def render_request(r: dict[str, Any]) -> list[str]:
         ("finish reason", r.get("finish_reason")),
         ("ttfb", None if r.get("ttfb_ms") is None else f"{r['ttfb_ms']:.1f} ms"),
         ("duration", None if r.get("duration_ms") is None else f"{r['duration_ms']:.1f} ms"),
-        ("usage", usage),
+        ("usage", _usage(r)),
         ("session", r.get("session_id")),
         ("turn", r.get("turn")),
         ("chat_id", r.get("chat_id")),
         ("parent -> reply", lineage),
+        # Only when something was: what, and the text itself marks where it was cut.
+        *([("stored cut", r["cut"])] if r.get("cut") else []),
     ])
     if r.get("error"):
         out += [_section("error"), str(r["error"])]
-    if isinstance(body, dict):
-        params = {k: v for k, v in body.items() if k != "messages"}
-        out += [_section("request"), *message_transcript(body.get("messages"))]
+    if isinstance(request, dict):
+        params = {k: v for k, v in request.items() if k != "messages"}
+        out += [_section("request"), *message_transcript(request.get("messages"))]
         if params:
             out.append("params: " + _json_line(params))
-    elif body:
-        out += [_section("request body (not JSON)"), str(body)]
-    if r.get("reasoning_text"):
-        out += [_section("reasoning"), r["reasoning_text"]]
-    if r.get("response_text") is not None:
-        out += [_section("reply"), r["response_text"]]
-    elif r.get("response_body") is not None:
-        resp = r["response_body"]
-        out += [_section("response body"), resp if isinstance(resp, str) else _json_doc(resp)]
+    elif request is not None:
+        out += [_section("request body (not a chat request)"), request if isinstance(request, str) else _json_doc(request)]
+    choices = response.get("choices") if isinstance(response, dict) else None
+    if isinstance(choices, list) and choices:
+        for i, choice in enumerate(choices):
+            title = "reply" if len(choices) == 1 else f"reply {i + 1} of {len(choices)}"
+            out += [_section(title), *reply_transcript(choice if isinstance(choice, dict) else {})]
+    elif response is not None:
+        out += [_section("response body"), response if isinstance(response, str) else _json_doc(response)]
     if r.get("attempts"):
         out += [_section("upstream attempts")]
         out += [_json_line(a) for a in r["attempts"]] if isinstance(r["attempts"], list) else [str(r["attempts"])]
@@ -588,10 +641,112 @@ async def _session(conn: aiosqlite.Connection, prefix: str) -> dict[str, Any]:
     return s
 
 
+def _short(value: str | None, n: int = 8) -> str:
+    return "-" if not value else (value if len(value) <= n else value[:n] + "…")
+
+
+def node_text(message: Any) -> str:
+    """What a tree line shows of a message: its text, else its tool calls, else its refusal."""
+    if not isinstance(message, dict):
+        return str(message)
+    text = first_line(content_text(message.get("content")))
+    if not text:
+        calls = message.get("tool_calls") or []
+        text = " ".join(tool_call_line(c) for c in calls) if isinstance(calls, list) else ""
+    if not text and isinstance(message.get("function_call"), dict):
+        text = tool_call_line({"function": message["function_call"]})
+    if not text and message.get("refusal"):
+        text = f"(refused) {message['refusal']}"
+    return first_line(text)
+
+
+def node_label(node: tv.Node) -> str:
+    """`role: text`; a tool result names the call it answers."""
+    m = node.message if isinstance(node.message, dict) else {}
+    role = node.role
+    if m.get("tool_call_id"):
+        role += f" [{m['tool_call_id']}]"
+    return f"{role}: {node_text(node.message)}"
+
+
+def node_note(node: tv.Node, tip_reply: str | None) -> str:
+    """The right-hand note of a tree line: which requests produced this reply (turn, short
+    id), requests that ended here without one (an error), and where the upstream thread
+    continues from it."""
+    notes: list[str] = []
+    for i, r in enumerate(node.produced_by):
+        if i == 2:  # a reply produced again and again (a deterministic regenerate): count
+            notes.append(f"[+{len(node.produced_by) - 2} more]")
+            break
+        notes.append(f"[turn {_or_dash(r.turn)} {r.id[:LogTable.ID_WIDTH]}]")
+    for r in node.tip_of:
+        if not r.replies:
+            status = _status({"status": r.status, "outcome": r.outcome})
+            notes.append(f"[turn {_or_dash(r.turn)} {r.id[:LogTable.ID_WIDTH]} {status}]")
+    for t in node.threads:
+        tip = ", session tip" if tip_reply and t.reply_id == tip_reply else ""
+        notes.append(f"[⇢ chat {_short(t.chat_id)} reply {_short(t.reply_id)}{tip}]")
+    return "  ".join(notes)
+
+
+def render_tree(tree: tv.SessionTree, width: int, tip_reply: str | None = None) -> list[str]:
+    """The tree, one node a line. A node with one child continues on the next line at the
+    same depth, so a long linear conversation stays at the margin; where a node has more
+    children (a regenerate, an edit, a go-back) each starts a sibling branch under `├─` /
+    `└─`, and the guide `│` runs down beside the earlier ones until the last starts. The
+    branch that goes on longest is drawn last, so the short side branches close early and
+    the `│` guides stay short however long the conversation goes on after them."""
+    out: list[str] = []
+    # A child's id is above its parent's (it is stored after it): one pass from the highest
+    # id gives every node its height without recursion.
+    height: dict[int, int] = {}
+    for nid in sorted(tree.nodes, reverse=True):
+        height[nid] = 1 + max((height.get(c, 0) for c in tree.nodes[nid].children), default=0)
+    # (node id, the guide prefix of its line, its connector): an explicit stack, since a
+    # conversation of hundreds of turns is deeper than Python's recursion limit.
+    stack: list[tuple[int, str, str]] = []
+    roots = tree.roots
+    for i, root in reversed(list(enumerate(roots))):
+        if len(roots) == 1:
+            stack.append((root, "", ""))
+        else:
+            last = i == len(roots) - 1
+            stack.append((root, "   " if last else "│  ", "└─ " if last else "├─ "))
+    while stack:
+        nid, guide, connector = stack.pop()
+        node = tree.nodes[nid]
+        head = (guide[:-3] + connector) if connector else guide
+        label, note = node_label(node), node_note(node, tip_reply)
+        room = width - len(head) - (len(note) + 2 if note else 0)
+        text = fit(label, max(room, 16))
+        out.append(fit(f"{head}{text}  {note}" if note else f"{head}{text}", width))
+        kids = sorted(node.children, key=lambda c: (height[c], c))
+        if len(kids) == 1:
+            stack.append((kids[0], guide, ""))
+            continue
+        for j in reversed(range(len(kids))):
+            last = j == len(kids) - 1
+            stack.append((kids[j], guide + ("   " if last else "│  "), "└─ " if last else "├─ "))
+    return out
+
+
 def cmd_sessions_show(args: argparse.Namespace) -> int:
     async def body(conn: aiosqlite.Connection) -> int:
         s = await _session(conn, args.id)
-        requests = await q.session_requests(conn, s["id"])
+        if getattr(args, "tree", False):
+            tree = await tv.session_tree(conn, s["id"])
+            width = shutil.get_terminal_size((LogTable.PIPE_WIDTH, 24)).columns
+            branches = tree.branch_points()
+            print(
+                f"session {s['id']}  {s.get('provider')}/{s.get('upstream_model')}  {s.get('state')}  "
+                f"{len(tree.requests)} request(s), {len(tree.nodes)} message(s), "
+                f"{branches} branch point(s)"
+            )
+            if not tree.nodes:
+                print("(no messages: the session's requests may have been pruned)")
+            print("\n".join(render_tree(tree, width, s.get("parent_id"))))
+            return 0
+        requests = [public_row(r) for r in await q.session_requests(conn, s["id"])]
         if args.json:
             print(_json_doc({"session": s, "requests": requests}))
         else:
@@ -649,22 +804,24 @@ def cmd_stats(args: argparse.Namespace) -> int:
         if args.json:
             print(_json_doc(st.as_dict()))
             return 0
-        headers = ("MODEL", "PROVIDER", "REQS", "ERRORS", "TOK IN", "TOK OUT",
+        headers = ("MODEL", "PROVIDER", "REQS", "ERRORS", "TOK IN", "TOK OUT", "CACHED",
                    "TTFB p50", "TTFB p95", "DUR p50", "DUR p95")
 
         def cells(g: q.GroupStats, model: str, provider: str) -> list[str]:
             return [
                 model, provider, str(g.requests), str(g.errors), str(g.prompt_tokens), str(g.completion_tokens),
-                _ms(g.ttfb_p50_ms), _ms(g.ttfb_p95_ms), _ms(g.duration_p50_ms), _ms(g.duration_p95_ms),
+                str(g.cached_tokens), _ms(g.ttfb_p50_ms), _ms(g.ttfb_p95_ms), _ms(g.duration_p50_ms), _ms(g.duration_p95_ms),
             ]
 
         rows = [cells(g, g.model or "-", g.provider or "-") for g in st.groups]
         rows.append(cells(st.total, "TOTAL", ""))
         if args.since:
             print(f"since {full_time(args.since)}")
-        print("\n".join(table(headers, rows, right=range(2, 10))))
+        print("\n".join(table(headers, rows, right=range(2, 11))))
         s = st.sessions
-        print(f"\nsessions: {s['active']} active, {s['expired']} expired, {s['total']} total (latencies in ms)")
+        print(f"\nsessions: {s['active']} active, {s['expired']} expired, {s['total']} total")
+        # The roll-ups keep latencies as histogram buckets, so percentiles are estimates.
+        print("latencies in ms; percentiles estimated from histogram buckets (--json has means too)")
         return 0
 
     return _run(args, body)
@@ -691,6 +848,8 @@ def cmd_db_prune(args: argparse.Namespace) -> int:
             f"deleted {res.requests} request(s) received before {res.cutoff} and "
             f"{res.sessions} expired session(s) last used before it"
         )
+        # Messages and blobs are shared by requests: only those no kept row uses went.
+        print(f"and {res.messages} message(s) and {res.blobs} stored request field(s) nothing else used")
         if res.requests or res.sessions:
             print("(the file keeps its size until `provider-router db vacuum`)", file=sys.stderr)
         return 0
@@ -774,6 +933,7 @@ def _register_logs(sub: Any, add_common: AddCommon) -> None:
         "  provider-router logs -n 50 --model 'gpt-*'\n"
         "  provider-router logs -q 'database migration' --since 2d\n"
         "  provider-router logs --outcome upstream_error --json | jq .error\n"
+        "  provider-router logs --client alice --since 1d\n"
         "  provider-router logs --follow\n"
         "  provider-router logs show 0193f2a1b2c3     (one request in full)",
     )
@@ -781,6 +941,10 @@ def _register_logs(sub: Any, add_common: AddCommon) -> None:
     logs.add_argument("--session", metavar="ID", help="only requests of this session (id or prefix)")
     logs.add_argument("-m", "--model", metavar="M", help="only this requested model; globs work: 'gpt-*'")
     logs.add_argument("--provider", metavar="P", help="only requests routed to this provider")
+    logs.add_argument(
+        "--client", metavar="NAME",
+        help="only requests of this client key (its name in auth.client_keys; the key itself is never logged)",
+    )
     logs.add_argument("--status", type=int, metavar="CODE", help="only this HTTP status, e.g. 404")
     logs.add_argument(
         "--outcome", metavar="O",
@@ -791,7 +955,11 @@ def _register_logs(sub: Any, add_common: AddCommon) -> None:
         help="full-text search in prompts and replies; every word must occur (word* for a prefix)",
     )
     logs.add_argument("--since", type=_when, metavar="WHEN", help=SINCE_HELP)
-    logs.add_argument("--json", action="store_true", help="one JSON object per line, every column, bodies parsed")
+    logs.add_argument(
+        "--json", action="store_true",
+        help="one JSON object per line: every column, with the text of the prompt, reply and "
+        "reasoning (the full bodies: `logs show ID --json`)",
+    )
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new requests as they are logged, until Ctrl-C")
     logs.set_defaults(func=cmd_logs)
 
@@ -799,12 +967,18 @@ def _register_logs(sub: Any, add_common: AddCommon) -> None:
     show = _leaf(
         logs_sub, "show", add_common,
         help="one request in full",
-        description="Show one request in full: every field, the request messages as a transcript, "
-        "the assembled reply (streamed or not), reasoning, usage, session lineage and error.",
+        description="Show one request in full: every field, the request's messages as a transcript "
+        "(tool calls as `-> name(arguments) [call id]`, tool results under `tool [call id]`), then "
+        "each choice's reply, streamed or not (reasoning, text, tool calls, finish reason), usage "
+        "with cached tokens, session lineage, what was stored cut, upstream attempts and error.",
         epilog="examples:\n  provider-router logs show 0193f2a1b2c3\n  provider-router logs show 0193f2a1b2c3 --json",
     )
     show.add_argument("id", metavar="ID", help="the request id, or a unique prefix of it")
-    show.add_argument("--json", action="store_true", help="the row as one JSON document, bodies parsed")
+    show.add_argument(
+        "--json", action="store_true",
+        help="one JSON document: the row's columns, `request` (the body as received; key order may "
+        "differ) and `response` (as sent, or for a stream the assembled chat.completion with usage)",
+    )
     _keep_parent_values(show)
     show.set_defaults(func=cmd_logs_show)
 
@@ -812,7 +986,9 @@ def _register_logs(sub: Any, add_common: AddCommon) -> None:
 def _register_sessions(sub: Any, add_common: AddCommon) -> None:
     sessions = sub.add_parser(
         "sessions", help="list, show, delete or expire conversation sessions",
-        description="Conversation sessions: the threads the daemon keeps on stateful upstreams.",
+        description="Conversation sessions: a conversation's requests grouped, and on threaded "
+        "upstreams the upstream chat it continues. A one-shot request to a stateless upstream "
+        "has no session; a conversation gets one with its second request.",
         epilog="examples:\n  provider-router sessions list --active\n  provider-router sessions show 3f9a",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -833,11 +1009,20 @@ def _register_sessions(sub: Any, add_common: AddCommon) -> None:
     show = _leaf(
         ssub, "show", add_common, help="one session and its conversation",
         description="Show a session's fields and its conversation, request by request: turn, the "
-        "user's last message, the reply, and the upstream lineage (chat_id, parent_id -> reply_id).",
-        epilog="example:\n  provider-router sessions show 3f9a",
+        "user's last message, the reply, and the upstream lineage (chat_id, parent_id -> reply_id). "
+        "With --tree, draw the conversation as a tree instead: where the client regenerated a "
+        "reply, edited a message or went back, the branches appear side by side.",
+        epilog="examples:\n  provider-router sessions show 3f9a\n  provider-router sessions show 3f9a --tree",
     )
     show.add_argument("id", metavar="ID", help="the session id, or a unique prefix of it")
-    show.add_argument("--json", action="store_true", help='one JSON document: {"session": ..., "requests": [...]}')
+    view = show.add_mutually_exclusive_group()
+    view.add_argument("--json", action="store_true", help='one JSON document: {"session": ..., "requests": [...]}')
+    view.add_argument(
+        "--tree", action="store_true",
+        help="draw the conversation tree instead: every message once, branches (regenerate, edit, "
+        "go back) side by side, each reply with its turn and request id, and ⇢ where a threaded "
+        "upstream continues (its chat and reply ids)",
+    )
     show.set_defaults(func=cmd_sessions_show)
 
     delete = _leaf(
@@ -866,8 +1051,11 @@ def _register_sessions(sub: Any, add_common: AddCommon) -> None:
 def _register_stats(sub: Any, add_common: AddCommon) -> None:
     stats = _leaf(
         sub, "stats", add_common, help="request counts, errors, tokens and latency per model",
-        description="Per (model, provider): requests, errors (outcome other than ok), tokens in and "
-        "out, p50/p95 time to first byte and total duration; then session counts by state.",
+        description="Per (model, provider): requests, errors (outcome other than ok), tokens in, "
+        "out and cached, p50/p95 time to first byte and total duration; then session counts by "
+        "state. Read from per-minute roll-ups written with the log, so it answers fast for any "
+        "range (--since has minute resolution) and the percentiles are estimates from latency "
+        "histogram buckets; --json adds the exact means.",
         epilog="examples:\n  provider-router stats\n  provider-router stats --since 1d --json",
     )
     stats.add_argument("--since", type=_when, metavar="WHEN", help=SINCE_HELP + " (sessions: used since then)")
@@ -895,8 +1083,10 @@ def _register_db(sub: Any, add_common: AddCommon) -> None:
     prune = _leaf(
         dsub, "prune", add_common, help="delete old requests and expired sessions",
         description="Delete requests received before the cutoff, and expired sessions last used "
-        "before it, in small batches of one transaction each so a running daemon keeps "
-        "logging. The full-text index follows. Progress goes to stderr.",
+        "before it (with their thread turns), in small batches of one transaction each so a "
+        "running daemon keeps logging. Messages and stored request fields (tools, schemas) "
+        "that no remaining request, session turn or later message uses go too, and the "
+        "full-text index follows. Progress goes to stderr.",
         epilog="examples:\n  provider-router db prune --older-than 30d\n"
         "  provider-router db prune --older-than 2026-01-01 --batch 1000",
     )

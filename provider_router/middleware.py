@@ -96,6 +96,8 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
         if rec is not None:
             if state.client_keys:
                 rec.client = _client_name(request, state.client_keys)
+            if state.writer is not None:
+                await state.writer.room()  # the log is behind: wait rather than lose records
         resp = await handler(request)
         status = resp.status
         outcome = "ok" if status < 400 else "rejected"

@@ -3,8 +3,9 @@ client's history continues, what a threaded upstream must be sent, and when the 
 advances. Knows no wire format: providers translate, this module decides.
 
 A session is found by a fingerprint of the request's opening (client, route, system
-messages, first user message), or named by `X-Session-Id`. Its thread is a tree of
-turns keyed by a chained hash of the client's message prefix up to each completed reply.
+messages, first user message), or named by `X-Session-Id`. Its thread is the conversation
+tree of the log (`history.node_key`): a threaded upstream's turns are facts about reply
+nodes of that tree (the upstream's chat and reply ids).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from aiohttp import web
 
 from .config import SessionsConfig
 from .errors import ApiError
-from .history import canon, fingerprint, place, prefix_hashes, reply_hash, turn_number
+from .history import fingerprint, node_key, node_keys
 from .providers import ChatCall, ChatGone, Provider
 from .routing import Route
 from .store.records import RequestRecord, new_id
@@ -66,6 +67,16 @@ class ChatLocks:
         return len(self._locks)
 
 
+def _place(messages: list[dict[str, Any]], keys: list[bytes], turns: dict[bytes, Turn]) -> tuple[int, Turn | None]:
+    """The longest prefix of the history that ends at a recorded reply: (its length, the turn)."""
+    for k in range(len(messages) - 1, 0, -1):
+        if messages[k - 1].get("role") == "assistant":
+            t = turns.get(keys[k - 1])
+            if t is not None:
+                return k, t
+    return 0, None
+
+
 # -- the thread logic ------------------------------------------------------------------------
 class Threads:
     def __init__(self, cfg: SessionsConfig, repo: SessionRepo, providers: dict[str, Provider]) -> None:
@@ -75,7 +86,7 @@ class Threads:
         self.timeout = cfg.timeout_minutes * 60.0
         self.sessions: OrderedDict[str, Session] = OrderedDict()  # active, least recently used first
         self.by_fingerprint: dict[str, str] = {}
-        self.turns: dict[str, dict[str, Turn]] = {}  # loaded lazily per session
+        self.turns: dict[str, dict[bytes, Turn]] = {}  # loaded lazily per session
         self.locks = ChatLocks()
         self.created_total = 0
         self.expired_total = 0
@@ -131,14 +142,18 @@ class Threads:
             last_access=now,
             expires=now + self.timeout,
             metadata={"user_agent": request.headers.get("User-Agent"), "client": client},
+            stored=False,
         )
         if explicit:
             s.metadata["explicit"] = True
-        if not self.providers[route.provider.name].threaded:
+        threaded = self.providers[route.provider.name].threaded
+        if not threaded:
             s.chat_id = sid  # stateless upstreams: the conversation's id is our own
         self.turns[sid] = {}
         self._remember(s)
-        self.repo.create(s)
+        if explicit or threaded:
+            self.repo.create(s)
+        # else: a one-shot request pays for no session row; a second request stores it.
         self.created_total += 1
         return s
 
@@ -183,10 +198,10 @@ class Threads:
             s = self._new(new_id(), fp, client, route, request, now)
         return s
 
-    async def _turns(self, s: Session) -> dict[str, Turn]:
+    async def _turns(self, s: Session) -> dict[bytes, Turn]:
         turns = self.turns.get(s.id)
         if turns is None:
-            turns = {t.prefix_hash: t for t in await self.repo.load_turns(s.id)}
+            turns = {t.message_hash: t for t in await self.repo.load_turns(s.id)}
             self.turns[s.id] = turns
         return turns
 
@@ -207,6 +222,11 @@ class Threads:
         before = request.get(JOINED)  # the session an earlier attempt joined, if any
         if before is not s:
             s.request_count += 1
+            if not s.stored:
+                if s.first is None:
+                    s.first = rec
+                elif s.first is not rec:
+                    self._store(s, rec)
             if before is not None:  # a fallback moved it (or the first was evicted meanwhile)
                 before.request_count -= 1
                 if (
@@ -223,26 +243,40 @@ class Threads:
             request[JOINED] = s
         self.sessions.move_to_end(s.id)
         rec.session_id = s.id
+        rec.log_session = s.stored or s.first is not rec
         if not self.providers[route.provider.name].threaded:
             rec.chat_id = s.id
-            rec.log_turn = True
+            s.message_count = len(call.body["messages"])
         self.repo.save(s)
         return s
 
+    def _store(self, s: Session, rec: RequestRecord) -> None:
+        """A second request continues a conversation: from now on it is a stored session,
+        and the request that started it joins it in the log."""
+        self.repo.create(s)
+        first, s.first = s.first, None
+        if first is not None:
+            if first.handed:
+                rec.attach = first.id  # its row is written: the writer links it
+            else:
+                first.log_session = True
+
     async def handle(self, request: web.Request, rec: RequestRecord, route: Route, call: ChatCall, relay: Relay) -> web.StreamResponse:
         """A turn on a threaded upstream: place the history in the thread, send only what
-        the upstream has not seen, and advance the thread when the reply completes."""
+        the upstream has not seen, and record the reply as a turn once it completes."""
         s = await self.join(request, rec, route, call)
         messages: list[dict[str, Any]] = call.body["messages"]
         try:
-            canons = [canon(m) for m in messages]  # each message canonicalised once per request
-            rec.turn = turn_number(canons)
+            keys = node_keys(messages)  # each message keyed once per request
+            rec.turn = sum(m.get("role") == "assistant" for m in messages) + 1
             turns = await self._turns(s)
-            hashes = prefix_hashes(canons)
-            k, node = place(canons, hashes, turns.get)
+            k, node = _place(messages, keys, turns)
+
+            async def completed() -> None:
+                await self._advance(s, rec, messages, keys, s.last_access)
+
+            call.on_complete = completed
             resp, node = await self._threaded(s, rec, call, relay, messages, k, node)
-            if resp.status == 200 and rec.outcome is None and rec.finish_reason is not None:
-                self._advance(s, rec, messages, hashes, node, s.last_access)
             return resp
         finally:
             self.repo.save(s)
@@ -275,25 +309,20 @@ class Threads:
             del turns[h]
         self.repo.forget_chat(s.id, chat_id)
 
-    def _advance(
-        self, s: Session, rec: RequestRecord, messages: list[dict[str, Any]], hashes: list[bytes], node: Turn | None, now: float
-    ) -> None:
-        """The reply completed: record it as a turn the next request can continue from."""
-        if s.state == "deleted":
+    async def _advance(self, s: Session, rec: RequestRecord, messages: list[dict[str, Any]], keys: list[bytes], now: float) -> None:
+        """The reply completed: record it as a turn the next request can continue from,
+        committed before the client gets the end of the reply."""
+        if s.state == "deleted" or not keys:
             return
-        h = reply_hash(hashes[-1], rec.response_text or "").hex()
-        t = Turn(
-            prefix_hash=h,
-            parent_hash=node.prefix_hash if node else None,
-            turn=rec.turn or 1,
-            chat_id=rec.chat_id,
-            reply_id=rec.reply_id,
-        )
+        h = node_key(keys[-1], {"role": "assistant", "content": rec.response_text or ""})
+        t = Turn(message_hash=h, turn=rec.turn or 1, chat_id=rec.chat_id, reply_id=rec.reply_id)
         if s.id in self.sessions:  # an evicted session keeps no turns in memory
             self.turns.setdefault(s.id, {})[h] = t
-        self.repo.add_turn(s.id, t, rec.id, now)
         s.chat_id, s.parent_id = rec.chat_id, rec.reply_id
         s.message_count = len(messages) + 1
+        self.repo.save(s)
+        self.repo.add_turn(s.id, t, rec.id, now)
+        await self.repo.durable()
 
     # -- lifecycle ------------------------------------------------------------------------
     def refresh(self, session_id: str, now: float | None = None) -> Session | None:

@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+import aiosqlite
 import openai
 import pytest
 import yaml
@@ -16,6 +17,7 @@ from aiohttp.test_utils import TestServer
 
 from provider_router import create_app, parse_config
 from provider_router.state import STATE, State
+from provider_router.store import queries
 from tests.daemon import spawn  # noqa: F401 - the `spawn` fixture: real daemon processes
 from tests.fakes.openai import OpenAIFake
 from tests.fakes.qwen import QwenFake
@@ -44,7 +46,19 @@ class Proxy:
         assert self.state.writer is not None
         await self.state.writer.drained()
 
-    async def rows(self, sql: str = "SELECT * FROM requests ORDER BY id", *params: Any) -> list[dict[str, Any]]:
+    async def record(self, request_id: str) -> dict[str, Any]:
+        """One request as the log keeps it: its row with `request` and `response` rebuilt
+        from the conversation tree (what `logs show ID --json` prints)."""
+        await self.drained()
+        conn = await aiosqlite.connect(self.db_path)
+        try:
+            found = await queries.get_request(conn, request_id)
+        finally:
+            await conn.close()
+        assert found is not None, request_id
+        return found
+
+    async def rows(self, sql: str = "SELECT * FROM request_log ORDER BY id", *params: Any) -> list[dict[str, Any]]:
         """Rows from the log database (after the writer has committed everything queued)."""
         await self.drained()
         conn = sqlite3.connect(self.db_path)

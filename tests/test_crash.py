@@ -5,8 +5,10 @@ WAL mode with one writer committing whole batches must leave a database that pas
 `PRAGMA integrity_check`, whose every row parses, and on which a restarted daemon continues
 a conversation started before the kill in the same session and upstream chat.
 
-Behind: when the writer cannot commit, requests are still answered at once; records beyond
-`logs.queue_size` are dropped, counted and warned about instead of blocking anything.
+Behind: when the writer cannot commit (another process holds the database locked), no
+record is lost: new requests wait for room in the log's queue, and everything lands once
+the lock is gone. With `logs.when_full: drop`, requests are answered at once instead and
+records beyond `logs.queue_size` are dropped, counted and warned about.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def check_rows(db: Path) -> int:
     conn.row_factory = sqlite3.Row
     try:
         assert conn.execute("PRAGMA integrity_check").fetchall()[0][0] == "ok"
-        conn.execute("INSERT INTO requests_fts(requests_fts) VALUES ('integrity-check')")  # raises if the index is off
+        conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")  # raises if the index is off
         conn.rollback()
         rows = conn.execute("SELECT * FROM requests").fetchall()
         for r in rows:
@@ -65,11 +67,15 @@ def check_rows(db: Path) -> int:
             datetime.fromisoformat(r["received_at"].replace("Z", "+00:00"))
             datetime.fromisoformat(r["finished_at"].replace("Z", "+00:00"))
             assert r["outcome"] in OUTCOMES and isinstance(r["status"], int)
-            assert isinstance(json.loads(r["request_body"]), dict)
-            if r["response_body"] is not None:
-                assert isinstance(json.loads(r["response_body"]), dict)
+            assert isinstance(json.loads(r["params"]), dict)
+            assert conn.execute("SELECT 1 FROM messages WHERE id = ?", (r["tip_message"],)).fetchone()
+            if r["response"] is not None:
+                assert isinstance(json.loads(r["response"]), dict)
             if r["attempts"] is not None:
                 assert isinstance(json.loads(r["attempts"]), list)
+        for m in conn.execute("SELECT * FROM messages"):
+            assert isinstance(json.loads(m["body"]), dict)
+            assert m["parent_id"] is None or conn.execute("SELECT 1 FROM messages WHERE id = ?", (m["parent_id"],)).fetchone()
         for s in conn.execute("SELECT * FROM sessions"):
             assert s["state"] in ("active", "expired")
             json.loads(s["metadata"] or "{}")
@@ -130,12 +136,47 @@ async def test_kill_9_mid_burst_keeps_the_database_sound_and_threads_continue(ai
     assert check_rows(d.db) == logged + 1
 
 
-async def test_writer_behind_drops_and_counts_instead_of_blocking(make_proxy: ProxyFactory) -> None:
-    """With the database locked by another connection's transaction the writer cannot commit;
-    requests are still answered, records past `logs.queue_size` are dropped with a counter
-    (in /metrics too) and a `log_queue_full` warning, their log lines still written, and the
-    queued ones land afterwards."""
-    cfg = {**base_config(), "logs": {"queue_size": 3}, "auth": {"metrics_public": True}}
+async def test_a_lock_held_past_busy_timeout_delays_rows_and_loses_none(make_proxy: ProxyFactory) -> None:
+    """Another connection holds the write lock longer than the writer's busy_timeout (5 s):
+    the writer retries rather than dropping, new requests wait for room in the full queue
+    (back-pressure) rather than losing their records, and once the lock is gone every
+    request has its row and its session; nothing is counted as dropped or failed."""
+    cfg = {**base_config(), "logs": {"queue_size": 3}}
+    p = await make_proxy(cfg)
+    await p.drained()
+    writer = p.state.writer
+    assert writer is not None
+    n = 12
+    sdk = p.sdk()
+    lock = sqlite3.connect(p.db_path, timeout=5, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        history = [{"role": "user", "content": "first"}]
+        first = await sdk.chat.completions.create(model="echo", messages=history)
+        history += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "and"}]
+        calls = [
+            asyncio.create_task(sdk.chat.completions.create(model="echo", messages=[*history[:-1], {"role": "user", "content": f"m{i}"}]))
+            for i in range(n - 1)
+        ]
+        done, _ = await asyncio.wait(calls, timeout=6.0)  # the lock is held past busy_timeout meanwhile
+        assert len(done) < len(calls)  # some wait for room: the queue is full, nothing is dropped
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    answers = await asyncio.gather(*calls)
+    assert len(answers) == n - 1
+    rows = await p.rows()
+    assert len(rows) == n and writer.dropped == 0 and writer.failed == 0
+    [session] = await p.rows("SELECT * FROM sessions")
+    assert {r["session_id"] for r in rows} == {session["id"]} and session["request_count"] == n
+
+
+async def test_writer_behind_drops_and_counts_when_so_configured(make_proxy: ProxyFactory) -> None:
+    """With `logs.when_full: drop` and the database locked by another connection's
+    transaction, requests are still answered at once, records past `logs.queue_size` are
+    dropped with a counter (in /metrics too) and a `log_queue_full` warning, their log lines
+    still written, and the queued ones land afterwards."""
+    cfg = {**base_config(), "logs": {"queue_size": 3, "when_full": "drop"}, "auth": {"metrics_public": True}}
     p = await make_proxy(cfg)
     await p.drained()
     writer = p.state.writer

@@ -18,15 +18,20 @@ from typing import Any
 
 import openai
 import pytest
+from aiohttp import web
 
 from provider_router.cli import main
 from provider_router.store.records import iso
-from tests.conftest import Proxy, ProxyFactory, base_config
+from provider_router.store.rows import BUCKETS_MS, bucket
+from tests.conftest import UPSTREAM_KEY, Proxy, ProxyFactory, base_config, qwen_config
+from tests.fakes.qwen import QwenFake
 
 SYSTEM = {"role": "system", "content": "be brief"}
 A1 = [SYSTEM, {"role": "user", "content": "alpha zanzibar question"}]
 B1 = [{"role": "user", "content": "beta streaming words\nsecond line"}]
-JSON_COLUMNS = ("request_body", "response_body", "attempts")
+# The tree's internals in a request row: `logs --json` leaves them out (`logs show --json`
+# rebuilds the bodies from them).
+INTERNAL_COLUMNS = ("params", "params_blobs", "overrides", "body_blob", "response", "replies")
 
 
 @dataclass
@@ -93,11 +98,10 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Any:
 
 
 def parsed(row: dict[str, Any]) -> dict[str, Any]:
-    """A DB row as `--json` renders it: JSON text columns parsed back."""
-    out = dict(row)
-    for col in JSON_COLUMNS:
-        if isinstance(out[col], str):
-            out[col] = json.loads(out[col])
+    """A `request_log` row as `--json` renders it: internal columns left out, attempts parsed."""
+    out = {k: v for k, v in row.items() if k not in INTERNAL_COLUMNS}
+    if isinstance(out.get("attempts"), str):
+        out["attempts"] = json.loads(out["attempts"])
     return out
 
 
@@ -112,12 +116,14 @@ async def ids_for(cli: Any, db: str, *args: str) -> list[str]:
 
 
 # -- logs ------------------------------------------------------------------------------
-async def test_logs_json_is_every_row_with_bodies_parsed(filled: Filled, cli: Any) -> None:
-    """`logs -n 0 --json` prints every row, oldest first, every column, JSON bodies parsed."""
+async def test_logs_json_is_every_row_with_its_texts(filled: Filled, cli: Any) -> None:
+    """`logs -n 0 --json` prints every row oldest first: every column and its texts, no tree internals."""
     code, out, err = await cli("logs", "--db", filled.db, "-n", "0", "--json")
     assert code == 0 and err == ""
-    assert json_lines(out) == [parsed(r) for r in filled.rows]
-    assert json_lines(out)[0]["request_body"]["messages"] == A1
+    lines = json_lines(out)
+    assert lines == [parsed(r) for r in filled.rows]
+    assert lines[0]["prompt_text"] == "alpha zanzibar question" and lines[0]["response_text"].startswith("echo #1")
+    assert not set(INTERNAL_COLUMNS) & set(lines[0])
 
 
 async def test_logs_table_is_newest_n_oldest_first_and_fits(filled: Filled, cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -198,9 +204,20 @@ async def test_logs_show_stream_in_full(filled: Filled, cli: Any) -> None:
     assert "-- reply" in out and b2["response_text"] in out
     assert f"total {b2['total_tokens']}" in out
     assert b2["reply_id"] in out
-    # --json, with the options before or after the subcommand.
+    # --json, with the options before or after the subcommand: the body as sent, the
+    # stream assembled into a chat.completion.
     code, out, _ = await cli("logs", "--db", filled.db, "show", b2["id"], "--json")
-    assert code == 0 and json.loads(out) == parsed(b2)
+    assert code == 0
+    shown = json.loads(out)
+    assert shown == json.loads(json.dumps(await filled.proxy.record(b2["id"])))
+    assert shown["request"] == {
+        "model": "echo", "stream": True, "stream_options": {"include_usage": True},
+        "messages": B1 + [{"role": "assistant", "content": filled.row("b1")["response_text"]},
+                          {"role": "user", "content": "beta again"}],
+    }
+    [choice] = shown["response"]["choices"]
+    assert choice["message"]["content"] == b2["response_text"] and choice["finish_reason"] == "stop"
+    assert shown["response"]["usage"]["total_tokens"] == b2["total_tokens"]
 
 
 async def test_logs_show_rejected_and_bad_ids(filled: Filled, cli: Any) -> None:
@@ -253,25 +270,32 @@ async def test_follow_prints_new_requests_until_interrupted(filled: Filled, tmp_
 
 
 # -- stats -----------------------------------------------------------------------------
+COUNTED = ("requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens")
+
+
 async def test_stats_json_matches_the_rows(filled: Filled, cli: Any) -> None:
-    """`stats --json` counts requests, errors and tokens per (model, provider) as the rows say."""
+    """`stats --json` counts as the rows say per (model, provider); percentiles lie in the rows' buckets."""
     code, out, _ = await cli("stats", "--db", filled.db, "--json")
     assert code == 0
     st = json.loads(out)
     want: dict[tuple[Any, Any], dict[str, int]] = {}
     for r in filled.rows:
-        g = want.setdefault((r["model"], r["provider"]), {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0})
+        g = want.setdefault((r["model"], r["provider"]), dict.fromkeys(COUNTED, 0))
         g["requests"] += 1
         g["errors"] += r["outcome"] != "ok"
-        g["prompt_tokens"] += r["prompt_tokens"] or 0
-        g["completion_tokens"] += r["completion_tokens"] or 0
-    got = {(g["model"], g["provider"]): {k: g[k] for k in ("requests", "errors", "prompt_tokens", "completion_tokens")}
-           for g in st["groups"]}
+        for k in ("prompt_tokens", "completion_tokens", "cached_tokens"):
+            g[k] += r[k] or 0
+    got = {(g["model"], g["provider"]): {k: g[k] for k in COUNTED} for g in st["groups"]}
     assert got == want
     assert want[("echo", "echo")]["requests"] == 4 and want[("no-such-model", None)]["errors"] == 1
     echo = next(g for g in st["groups"] if g["model"] == "echo")
     durations = sorted(r["duration_ms"] for r in filled.rows if r["model"] == "echo")
-    assert durations[0] <= echo["duration_p50_ms"] <= echo["duration_p95_ms"] <= durations[-1]
+    # Roll-ups keep latency histograms, not the values: percentiles are bucket estimates.
+    lowest, highest = bucket(durations[0]), bucket(durations[-1])
+    floor = 0 if lowest == 0 else BUCKETS_MS[lowest - 1]
+    ceiling = BUCKETS_MS[highest] if highest < len(BUCKETS_MS) else float("inf")
+    assert floor <= echo["duration_p50_ms"] <= echo["duration_p95_ms"] <= ceiling
+    assert echo["duration_mean_ms"] == pytest.approx(sum(durations) / len(durations), abs=0.01)
     assert st["total"]["requests"] == 5 and st["total"]["errors"] == 1
     [sessions] = await filled.proxy.rows("SELECT count(*) AS total, count(*) FILTER (WHERE state='active') AS active FROM sessions")
     assert (st["sessions"]["total"], st["sessions"]["active"]) == (sessions["total"], sessions["active"])
@@ -293,21 +317,23 @@ async def test_db_path_comes_from_the_config(tmp_path: Path, cli: Any) -> None:
     assert out == f"{tmp_path / 'y.db'}\n"
 
 
-async def test_prune_deletes_old_rows_and_their_index(filled: Filled, cli: Any) -> None:
-    """`db prune` deletes rows older than the cutoff in batches (progress on stderr), the FTS
-    index with them; the running proxy keeps logging and searching afterwards."""
+async def test_prune_deletes_old_rows_their_messages_and_index(filled: Filled, cli: Any) -> None:
+    """`db prune` deletes old rows in batches, then unused messages and their index terms; logging goes on."""
+    [messages] = await filled.proxy.rows("SELECT count(*) AS n FROM messages")
     code, out, err = await cli("db", "prune", "--db", filled.db, "--older-than", "1d")
-    assert code == 0 and out.startswith("deleted 0 request(s)")
+    assert code == 0 and out.startswith("deleted 0 request(s)") and "and 0 message(s)" in out
     code, out, err = await cli("db", "prune", "--db", filled.db, "--older-than", "0d", "--batch", "2")
     assert code == 0 and out.startswith("deleted 5 request(s)")
+    assert f"and {messages['n']} message(s)" in out
     assert "deleted 2 requests so far" in err and "deleted 4 requests so far" in err
     db = sqlite3.connect(filled.db)
     try:
         assert db.execute("SELECT count(*) FROM requests").fetchone()[0] == 0
-        # External-content FTS: count its index terms, not its (content-table) rows.
-        db.execute("CREATE VIRTUAL TABLE temp.vocab USING fts5vocab(main, requests_fts, 'row')")
+        assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+        # Contentless FTS: count its index terms, as it has no rows of its own to count.
+        db.execute("CREATE VIRTUAL TABLE temp.vocab USING fts5vocab(main, messages_fts, 'row')")
         assert db.execute("SELECT count(*) FROM temp.vocab").fetchone()[0] == 0
-        assert db.execute("SELECT count(*) FROM requests_fts WHERE requests_fts MATCH 'echo'").fetchone()[0] == 0
+        assert db.execute("SELECT count(*) FROM messages_fts WHERE messages_fts MATCH 'echo'").fetchone()[0] == 0
     finally:
         db.close()
     await filled.proxy.sdk().chat.completions.create(model="echo", messages=[{"role": "user", "content": "after prune"}])
@@ -358,6 +384,18 @@ def test_every_command_has_useful_help(capsys: pytest.CaptureFixture[str]) -> No
 
 
 # -- sessions --------------------------------------------------------------------------
+async def converse(
+    proxy: Proxy, model: str, *turns: str, history: list[dict[str, Any]] | None = None, key: str = "no-key"
+) -> list[dict[str, Any]]:
+    """Send each user turn after the history so far (and the replies got); the history."""
+    history, sdk = list(history or []), proxy.sdk(key)
+    for text in turns:
+        history.append({"role": "user", "content": text})
+        reply = await sdk.chat.completions.create(model=model, messages=history)
+        history.append({"role": "assistant", "content": reply.choices[0].message.content})
+    return history
+
+
 async def _sessions_or_skip(proxy: Proxy) -> list[dict[str, Any]]:
     sessions = await proxy.rows("SELECT * FROM sessions ORDER BY created_at")
     if not sessions:
@@ -381,7 +419,7 @@ async def test_sessions_list_and_show_real_conversations(filled: Filled, cli: An
     assert sorted(s["id"] for s in json_lines(out)) == active
     conversations = 0
     for s in sessions:
-        requests = await filled.proxy.rows("SELECT * FROM requests WHERE session_id = ? ORDER BY id", s["id"])
+        requests = await filled.proxy.rows("SELECT * FROM request_log WHERE session_id = ? ORDER BY id", s["id"])
         conversations += len(requests) > 1
         code, out, _ = await cli("sessions", "show", s["id"][:20], "--db", db, "--json")
         assert code == 0
@@ -403,14 +441,14 @@ async def test_sessions_list_and_show_real_conversations(filled: Filled, cli: An
     assert await cli("sessions", "cleanup", "--db", db) == (0, "marked 0 session(s) expired\n", "")
 
 
-async def test_sessions_delete_cleanup_and_prune(make_proxy: ProxyFactory, cli: Any) -> None:
-    """`sessions delete` removes a session and its turns, keeping its request rows;
-    `sessions cleanup` expires the sessions past their expiry; `db prune` then deletes them."""
-    proxy = await make_proxy(base_config() | {"sessions": {"timeout_minutes": 0.01}})
+async def test_sessions_delete_cleanup_and_prune(make_proxy: ProxyFactory, qwen_fake: QwenFake, cli: Any) -> None:
+    """`sessions delete` drops a session and its turns, not its rows; `cleanup` expires; `prune` deletes."""
+    proxy = await make_proxy(qwen_config(qwen_fake.base_url, timeout_minutes=0.01))  # type: ignore[attr-defined]
     await fill(proxy)
+    await converse(proxy, "qwen-max", "first turn", "second turn")  # a threaded upstream keeps turns
     sessions = await _sessions_or_skip(proxy)
     db = str(proxy.db_path)
-    victim = sessions[0]["id"]
+    [victim] = [s["id"] for s in sessions if s["provider"] == "qwen"]
     turns = len(await proxy.rows("SELECT * FROM turns WHERE session_id = ?", victim))
     kept = len(await proxy.rows("SELECT id FROM requests WHERE session_id = ?", victim))
     assert turns and kept
@@ -441,3 +479,241 @@ async def test_sessions_delete_cleanup_and_prune(make_proxy: ProxyFactory, cli: 
     assert f"and {len(left)} expired session(s)" in out
     assert await proxy.rows("SELECT * FROM sessions") == []
     assert await proxy.rows("SELECT * FROM turns") == []
+
+
+# -- an agent's conversation: tool calls, branches, clients --------------------------------
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city, as the national weather service reports it.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "the city's name, e.g. Paris"},
+                           "unit": {"type": "string", "enum": ["C", "F"]}},
+            "required": ["city"],
+        },
+    },
+}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+class AgentUpstream:
+    """A strict OpenAI-compatible upstream on loopback for agent traffic: a user turn, when
+    tools are offered, is answered by a `get_weather` call (its arguments streamed in pieces);
+    a tool result by a reply with reasoning and cached prompt tokens; anything else by a
+    numbered answer (`n` of them when asked, not streamed), so a regenerate gets a reply of
+    its own. Like the real API it checks the key and refuses a tool result that answers no
+    earlier call."""
+
+    def __init__(self) -> None:
+        self.app = web.Application()
+        self.app.router.add_post("/v1/chat/completions", self.chat)
+        self.answered = 0
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") != f"Bearer {UPSTREAM_KEY}":
+            return web.json_response({"error": {"message": "Incorrect API key provided."}}, status=401)
+        body = await request.json()
+        messages = body["messages"]
+        called = {tc["id"] for m in messages for tc in m.get("tool_calls") or ()}
+        if any(m["role"] == "tool" and m.get("tool_call_id") not in called for m in messages):
+            return web.json_response({"error": {"message": "tool message answers no tool call"}}, status=400)
+        self.answered += 1
+        last = messages[-1]
+        usage = {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25}
+        if last["role"] == "tool":
+            message = {"role": "assistant", "content": f"It is {last['content']}.", "reasoning_content": "The tool said so."}
+            usage["prompt_tokens_details"] = {"cached_tokens": 16}
+            finish = "stop"
+        elif body.get("tools"):
+            call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+            message, finish = {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
+        else:
+            message, finish = {"role": "assistant", "content": f"answer {self.answered} to: {last['content']}"}, "stop"
+        head = {"id": f"chatcmpl-{self.answered}", "created": 1700000000, "model": body["model"]}
+        if not body.get("stream"):
+            choices = [{"index": 0, "message": message, "finish_reason": finish}]
+            for i in range(1, body.get("n") or 1):
+                other = {**message, "content": f"{message['content']} (choice {i + 1})"}
+                choices.append({"index": i, "message": other, "finish_reason": finish})
+            return web.json_response({**head, "object": "chat.completion", "choices": choices, "usage": usage})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        deltas: list[dict[str, Any]] = [{"role": "assistant", "content": message["content"]}]
+        for tc in message.get("tool_calls") or ():
+            args = tc["function"]["arguments"]
+            deltas.append({"tool_calls": [{"index": 0, "id": tc["id"], "type": "function",
+                                           "function": {"name": tc["function"]["name"], "arguments": args[:5]}}]})
+            deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": args[5:]}}]})
+        events = [{"index": 0, "delta": d, "finish_reason": None} for d in deltas]
+        events.append({"index": 0, "delta": {}, "finish_reason": finish})
+        chunk = {**head, "object": "chat.completion.chunk"}
+        for choice in events:
+            await resp.write(b"data: " + json.dumps({**chunk, "choices": [choice]}).encode() + b"\n\n")
+        await resp.write(b"data: " + json.dumps({**chunk, "choices": [], "usage": usage}).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+
+@pytest.fixture
+async def agent(make_proxy: ProxyFactory, aiohttp_server: Any) -> Proxy:
+    """A proxy routing `gpt-*` to an `AgentUpstream`, with two client keys: alice and bob."""
+    server = await aiohttp_server(AgentUpstream().app)
+    cfg = base_config(str(server.make_url("/v1")))
+    cfg["auth"] = {"client_keys": [{"name": "alice", "key": "sk-alice"}, {"name": "bob", "key": "sk-bob"}]}
+    return await make_proxy(cfg)
+
+
+async def test_logs_show_transcript_has_tool_calls_and_results(agent: Proxy, cli: Any) -> None:
+    """`logs show` prints tool calls, tool results by call id, and the reply's reasoning, finish and cache."""
+    sdk = agent.sdk("sk-alice")
+    stream = await sdk.chat.completions.create(
+        model="gpt-agent", messages=ASK_WEATHER, tools=[WEATHER_TOOL], stream=True, stream_options={"include_usage": True}
+    )
+    [_ async for _ in stream]
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    history = ASK_WEATHER + [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18C and sunny"},
+    ]
+    await sdk.chat.completions.create(model="gpt-agent", messages=history, tools=[WEATHER_TOOL])
+    first, second = await agent.rows()
+    db = str(agent.db_path)
+
+    code, out, _ = await cli("logs", "show", first["id"], "--db", db)
+    assert code == 0
+    reply = out.split("-- reply")[1]
+    assert 'assistant: -> get_weather({"city": "Paris"}) [call_1]' in reply  # assembled from pieces
+    assert "finish: tool_calls" in reply
+
+    code, out, _ = await cli("logs", "show", second["id"], "--db", db)
+    request, reply = out.split("-- request")[1].split("-- reply")
+    assert "user: What is the weather in Paris?" in request
+    assert 'assistant: -> get_weather({"city": "Paris"}) [call_1]' in request
+    assert "tool [call_1]: 18C and sunny" in request
+    assert "get_weather" in request.split("params: ")[1]  # the tools list, stored once, rebuilt
+    assert "reasoning: The tool said so." in reply and "assistant: It is 18C and sunny." in reply
+    assert "finish: stop" in reply
+    assert "cached 16" in out
+
+
+async def test_logs_show_json_is_the_body_and_the_assembled_tool_call(agent: Proxy, cli: Any) -> None:
+    """`logs show --json` has the request as sent (tools too) and the streamed tool call assembled whole."""
+    stream = await agent.sdk("sk-bob").chat.completions.create(
+        model="gpt-agent", messages=ASK_WEATHER, tools=[WEATHER_TOOL], stream=True
+    )
+    [_ async for _ in stream]
+    [row] = await agent.rows()
+    code, out, _ = await cli("logs", "show", row["id"], "--db", str(agent.db_path), "--json")
+    shown = json.loads(out)
+    assert shown["request"] == {"model": "gpt-agent", "messages": ASK_WEATHER, "tools": [WEATHER_TOOL], "stream": True}
+    [choice] = shown["response"]["choices"]
+    assert choice["finish_reason"] == "tool_calls"
+    [call] = choice["message"]["tool_calls"]
+    assert call["id"] == "call_1" and call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+
+
+async def test_logs_client_filter(agent: Proxy, cli: Any) -> None:
+    """`logs --client NAME` shows only the requests made with that client key."""
+    for key, text in (("sk-alice", "from alice"), ("sk-bob", "from bob"), ("sk-alice", "alice again")):
+        await agent.sdk(key).chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": text}])
+    rows = await agent.rows()
+    db = str(agent.db_path)
+    assert await ids_for(cli, db, "--client", "alice") == [r["id"] for r in rows if r["client"] == "alice"]
+    assert await ids_for(cli, db, "--client", "bob") == [rows[1]["id"]]
+    assert await ids_for(cli, db, "--client", "carol") == []
+    code, out, _ = await cli("logs", "--db", db, "--client", "bob")
+    assert code == 0 and "from bob" in out and "alice" not in out
+
+
+def tree_lines(out: str) -> list[str]:
+    """The tree of `sessions show --tree`, without its one-line heading."""
+    head, *lines = out.splitlines()
+    assert head.startswith("session ")
+    return lines
+
+
+async def test_sessions_tree_shows_each_branch_once_side_by_side(agent: Proxy, cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--tree` draws a regenerate and an edit each once, as siblings, each reply with turn and request id."""
+    monkeypatch.setenv("COLUMNS", "100")
+    history = await converse(agent, "gpt-x", "u1", "u2", key="sk-alice")
+    await agent.sdk("sk-alice").chat.completions.create(model="gpt-x", messages=history[:3])  # regenerate
+    await converse(agent, "gpt-x", "u3", history=history, key="sk-alice")  # continue the first reply
+    await converse(agent, "gpt-x", "u2 edited", history=history[:2], key="sk-alice")  # go back, edit
+    r1, r2, r3, r4, r5 = rows = await agent.rows()
+    [session] = {r["session_id"] for r in rows}
+    code, out, _ = await cli("sessions", "show", session[:12], "--tree", "--db", str(agent.db_path))
+    assert code == 0 and "2 branch point(s)" in out.splitlines()[0]
+    want = [
+        ("user", "u1", None), ("assistant", r1["response_text"], r1),
+        ("├─ user", "u2 edited", None), ("│  assistant", r5["response_text"], r5),
+        ("└─ user", "u2", None),
+        ("   ├─ assistant", r3["response_text"], r3),
+        ("   └─ assistant", r2["response_text"], r2), ("      user", "u3", None), ("      assistant", r4["response_text"], r4),
+    ]
+    lines = tree_lines(out)
+    assert len(lines) == len(want) and all(len(line) <= 100 for line in lines)
+    for line, (guide, text, row) in zip(lines, want):
+        assert line.startswith(f"{guide}: {text}"), line
+        assert (f"[turn {row['turn']} {row['id'][:16]}]" in line) if row else "[turn" not in line, line
+    assert r2["response_text"] != r3["response_text"]  # the regenerate got a reply of its own
+
+
+async def test_sessions_tree_marks_where_the_threaded_upstream_continues(qproxy: Proxy, cli: Any) -> None:
+    """On a threaded upstream each reply in `--tree` names its upstream chat and reply id; the tip is marked."""
+    await converse(qproxy, "qwen-max", "q one", "q two")
+    [session] = await qproxy.rows("SELECT * FROM sessions")
+    turns = await qproxy.rows("SELECT * FROM turns ORDER BY turn")
+    code, out, _ = await cli("sessions", "show", session["id"], "--tree", "--db", str(qproxy.db_path))
+    assert code == 0
+    user1, reply1, user2, reply2 = tree_lines(out)
+    assert "⇢" not in user1 + user2
+    for line, turn in zip((reply1, reply2), turns):
+        assert f"⇢ chat {turn['chat_id'][:8]}… reply {turn['reply_id'][:8]}…" in line
+    assert "session tip" in reply2 and "session tip" not in reply1
+
+
+async def test_sessions_tree_of_a_long_conversation(make_proxy: ProxyFactory, cli: Any) -> None:
+    """A long conversation draws as one column at the margin, every turn once, in order."""
+    proxy = await make_proxy(base_config())
+    # 40 turns: the SDK's own time per request grows with the history (the proxy's barely).
+    await converse(proxy, "echo", *(f"question {i}" for i in range(1, 41)))
+    [session] = await proxy.rows("SELECT * FROM sessions")
+    code, out, _ = await cli("sessions", "show", session["id"], "--tree", "--db", str(proxy.db_path))
+    assert code == 0 and "40 request(s), 80 message(s), 0 branch point(s)" in out
+    lines = tree_lines(out)
+    assert [line.split(":")[0] for line in lines] == ["user", "assistant"] * 40
+    assert [line.split("[turn ")[1].split()[0] for line in lines[1::2]] == [str(i) for i in range(1, 41)]
+
+
+async def test_two_choices_show_apart_in_the_transcript_and_the_tree(agent: Proxy, cli: Any) -> None:
+    """An n=2 request shows two replies in `logs show`, and two sibling replies of it in `--tree`."""
+    history = await converse(agent, "gpt-x", "pick one", key="sk-bob")
+    history.append({"role": "user", "content": "two options please"})
+    got = await agent.sdk("sk-bob").chat.completions.create(model="gpt-x", messages=history, n=2)
+    first, second = (c.message.content for c in got.choices)
+    _, row = await agent.rows()
+    db = str(agent.db_path)
+    code, out, _ = await cli("logs", "show", row["id"], "--db", db)
+    assert code == 0
+    assert "-- reply 1 of 2" in out and "-- reply 2 of 2" in out
+    assert out.index(f"assistant: {first}") < out.index("-- reply 2 of 2") < out.index(f"assistant: {second}")
+    code, out, _ = await cli("sessions", "show", row["session_id"], "--tree", "--db", db)
+    *_, user, choice1, choice2 = tree_lines(out)
+    assert user.startswith("user: two options please")
+    assert choice1.startswith(f"├─ assistant: {first}") and choice2.startswith(f"└─ assistant: {second}")
+    assert all(f"[turn 2 {row['id'][:16]}]" in line for line in (choice1, choice2))
+
+
+async def test_sessions_tree_marks_a_turn_that_got_no_reply(agent: Proxy, cli: Any) -> None:
+    """A failed request marks, in `--tree`, the message it ended on with its turn, id and status."""
+    history = await converse(agent, "gpt-x", "u1", "u2", key="sk-alice")
+    with pytest.raises(openai.BadRequestError):  # a tool result that answers no call: the upstream refuses
+        await agent.sdk("sk-alice").chat.completions.create(
+            model="gpt-x", messages=history + [{"role": "tool", "tool_call_id": "nope", "content": "stray"}]
+        )
+    *_, failed = await agent.rows()
+    code, out, _ = await cli("sessions", "show", failed["session_id"], "--tree", "--db", str(agent.db_path))
+    assert code == 0
+    assert tree_lines(out)[-1] == f"tool [nope]: stray  [turn 3 {failed['id'][:16]} 400 upstream_error]"

@@ -139,13 +139,16 @@ async def cli(tmp_path: Path, cfg: str, db: Path, *args: str) -> tuple[int, str,
 
 
 async def chat(d: Daemon, text: str) -> tuple[str, str]:
-    """One request opening with `text`: (its request id, its session id)."""
+    """A conversation of two requests opening with `text` (one request alone is stored as no
+    session): (the second request's id, the session id)."""
+    messages = [{"role": "user", "content": text}]
     async with aiohttp.ClientSession() as s:
-        body = {"model": "echo", "messages": [{"role": "user", "content": text}]}
-        async with s.post(f"{d.url}/v1/chat/completions", json=body) as r:
-            assert r.status == 200, await r.text()
-            await r.read()
-            return r.headers["X-Request-Id"], r.headers["X-Session-Id"]
+        for _ in range(2):
+            async with s.post(f"{d.url}/v1/chat/completions", json={"model": "echo", "messages": messages}) as r:
+                assert r.status == 200, await r.text()
+                reply = (await r.json())["choices"][0]["message"]
+                messages = [*messages, reply, {"role": "user", "content": "go on"}]
+        return r.headers["X-Request-Id"], r.headers["X-Session-Id"]
 
 
 async def until(check: Callable[[], Any]) -> Any:
@@ -182,7 +185,7 @@ async def test_sessions_delete_goes_through_the_daemon(spawn: Spawn, tmp_path: P
     code, out, err = await cli(tmp_path, cfg, d.db, "sessions", "delete", sid1[:12])
     assert code == 0, err
     assert f"deleted session {sid1} " in out and f"through the running daemon (pid {d.proc.pid})" in out
-    assert "its 1 request row(s) are kept" in out
+    assert "its 2 request row(s) are kept" in out
 
     rid2, sid2 = await chat(d, "remember the alamo")
     assert sid2 != sid1

@@ -102,20 +102,21 @@ async def test_a_retried_request_counts_once_in_its_session(make_proxy: ProxyFac
 
 async def test_a_request_moved_by_a_fallback_counts_in_the_session_that_answered(make_proxy: ProxyFactory, unused_tcp_port: int) -> None:
     """The failed route's session does not keep a request its log rows do not show: it
-    held nothing else, so it is gone, from the database and from the daemon's sessions."""
+    held nothing else, so it is gone from the daemon's sessions (and, like any one-shot,
+    never stored); the session that answered is stored once the conversation goes on,
+    with both requests."""
     cfg = base_config(f"http://127.0.0.1:{unused_tcp_port}/v1")
     cfg["models"] = [{"name": "echo", "provider": "echo"}, {"name": "gpt-4o", "provider": "up", "fallbacks": ["echo"]}]
     p = await make_proxy(cfg)
     await p.sdk().chat.completions.create(model="gpt-4o", messages=HELLO)
     await p.drained()
-    counts = {r["provider"]: r["request_count"] for r in await p.rows("SELECT * FROM sessions")}
-    [row] = await p.rows()
-    answered = (await p.rows("SELECT provider FROM sessions WHERE id = ?", row["session_id"]))[0]["provider"]
-    assert answered == "echo" and counts == {"echo": 1}
+    assert await p.rows("SELECT * FROM sessions") == []
     assert p.state.threads.stats()["active"] == 1
     await p.sdk().chat.completions.create(model="gpt-4o", messages=HELLO)  # the same conversation again
     await p.drained()
-    assert {r["provider"]: r["request_count"] for r in await p.rows("SELECT * FROM sessions")} == {"echo": 2}
+    [session] = await p.rows("SELECT * FROM sessions")
+    assert (session["provider"], session["request_count"]) == ("echo", 2)
+    assert [r["session_id"] for r in await p.rows()] == [session["id"]] * 2
 
 
 async def test_a_request_whose_session_was_evicted_between_attempts_counts_once(make_proxy: ProxyFactory, openai_fake: OpenAIFake) -> None:
@@ -135,7 +136,9 @@ async def test_a_request_whose_session_was_evicted_between_attempts_counts_once(
     await task
     await p.drained()
     sessions = await p.rows("SELECT request_count FROM sessions")
-    assert sum(s["request_count"] for s in sessions) == len(await p.rows()) == 2
+    rows = await p.rows()
+    # One-shot requests store no session: what is stored counts exactly the rows it holds.
+    assert len(rows) == 2 and sum(s["request_count"] for s in sessions) == sum(r["session_id"] is not None for r in rows)
 
 
 async def test_a_named_session_does_not_stop_the_fallback(make_proxy: ProxyFactory, unused_tcp_port: int) -> None:
@@ -149,9 +152,9 @@ async def test_a_named_session_does_not_stop_the_fallback(make_proxy: ProxyFacto
     raw = await sdk.chat.completions.with_raw_response.create(model="gpt-4o", messages=HELLO)
     assert raw.parse().choices[0].message.content.endswith(": hello")
     [row] = await p.rows()
-    assert row["provider"] == "echo" and row["session_id"] not in (None, "mine")
-    assert raw.headers.get("x-session-id") == row["session_id"]
+    assert row["provider"] == "echo" and row["session_id"] is None  # a one-shot: no session row yet
+    assert raw.headers.get("x-session-id") not in (None, "mine")
     counts = {r["id"]: r["request_count"] for r in await p.rows("SELECT id, request_count FROM sessions")}
-    assert counts == {"mine": 0, row["session_id"]: 1}
+    assert counts == {"mine": 0}
     with pytest.raises(openai.ConflictError):
         await sdk.chat.completions.create(model="echo", messages=HELLO)

@@ -377,15 +377,15 @@ async def test_hostile_text_is_stored_exactly_and_tables_survive(proxy: Proxy, o
         assert (ok["model"], ok["prompt_text"], ok["status"]) == (f"gpt-{text}", text, 200)
         assert ok["user_agent"] == text.replace("\r", " ").replace("\n", " ").strip()  # HTTP trims values
         assert ok["session_id"] == f"s{i}_--x:y.z"
-        assert json.loads(ok["request_body"])["messages"][0]["content"] == text
+        assert (await proxy.record(ok["id"]))["request"]["messages"][0]["content"] == text
         assert ok["response_text"] == OpenAIFake.reply_for([{"role": "system", "content": text}, {"role": "user", "content": text}])
         assert (missing["model"], missing["status"], missing["outcome"]) == (f"nope-{text}", 404, "rejected")
     assert (rows[-2]["status"], rows[-1]["status"]) == (400, 400)
     sessions = await proxy.rows("SELECT id FROM sessions ORDER BY created_at")
     assert [r["id"] for r in sessions] == [f"s{i}_--x:y.z" for i in range(len(HOSTILE))]
     tables = {r["name"] for r in await proxy.rows("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"requests", "sessions", "turns", "_migrations", "requests_fts"} <= tables
-    hits = await proxy.rows("SELECT count(*) AS n FROM requests_fts WHERE requests_fts MATCH ?", '"DROP TABLE"')
+    assert {"requests", "messages", "sessions", "turns", "_migrations", "messages_fts"} <= tables
+    hits = await proxy.rows("SELECT count(*) AS n FROM messages_fts WHERE messages_fts MATCH ?", '"DROP TABLE"')
     assert hits[0]["n"] >= 2
 
 

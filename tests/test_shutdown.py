@@ -51,7 +51,7 @@ async def test_sigterm_lets_an_inflight_stream_finish(spawn: Spawn, aiohttp_serv
     assert (first + rest).endswith(b"data: [DONE]\n\n")
     async with asyncio.timeout(30):
         assert await daemon.proc.wait() == 0
-    rows = sqlite3.connect(daemon.db).execute("SELECT outcome, response_text FROM requests").fetchall()
+    rows = sqlite3.connect(daemon.db).execute("SELECT outcome, response_text FROM request_log").fetchall()
     assert rows == [("ok", OpenAIFake.reply_for(BODY["messages"]))]
 
 

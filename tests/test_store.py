@@ -36,38 +36,49 @@ async def test_blank_database_migrates(tmp_path: Path) -> None:
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type IN ('table')")}
-    assert {"requests", "requests_fts"} <= tables
+    assert {"requests", "messages", "messages_fts", "blobs", "rollups", "sessions", "turns"} <= tables
 
 
-async def test_writer_batches_truncates_redacts_and_indexes(tmp_path: Path) -> None:
-    """Records are written with long bodies truncated (marked), secrets redacted, FTS searchable."""
+async def test_writer_cuts_redacts_and_indexes(tmp_path: Path) -> None:
+    """Records are written with a message over the per-message cap cut (and the cut said),
+    a body that is not a chat request over the body cap cut, secrets redacted wherever they
+    are, and every message's text searchable once."""
     conn = await connect(tmp_path / "x.db")
-    writer = LogWriter(str(tmp_path / "x.db"), max_body_bytes=100, secrets=["sk-canary-secret"])
+    writer = LogWriter(str(tmp_path / "x.db"), max_body_bytes=2000, max_message_bytes=1500, secrets=["sk-canary-secret"])
     await writer.start()
     for i in range(250):
         rec = RequestRecord("POST", "/v1/chat/completions")
-        rec.request_body = b"A" * 500 if i == 0 else b'{"x": 1}'
-        rec.prompt_text = f"zebra number {i}"
+        text = "A" * 5000 if i == 0 else f"zebra number {i} sk-canary-secret"
+        rec.request_body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": text}]})
         rec.error = "bad key sk-canary-secret" if i == 1 else None
         rec.finish(200, "ok")
         writer.submit(rec)
+    other = RequestRecord("POST", "/v1/embeddings")
+    other.request_body = b"B" * 3000
+    other.finish(200, "ok")
+    writer.submit(other)
     await writer.stop()
     await conn.close()
     db = sqlite3.connect(tmp_path / "x.db")
-    assert db.execute("SELECT count(*) FROM requests").fetchone()[0] == 250
-    bodies = [r[0] for r in db.execute("SELECT request_body FROM requests ORDER BY id")]
-    assert bodies[0].startswith("A" * 100) and bodies[0].endswith("[truncated 400 bytes]")
+    assert db.execute("SELECT count(*) FROM requests").fetchone()[0] == 251
+    [(body, cut)] = db.execute("SELECT m.body, r.cut FROM requests r JOIN messages m ON m.id = r.tip_message WHERE r.cut IS NOT NULL AND r.path LIKE '%chat%'")
+    assert len(body) < 1500 and "[cut " in orjson.loads(body)["content"] and cut == "messages[0]"
+    [(blob, cut)] = db.execute("SELECT b.data, r.cut FROM requests r JOIN blobs b ON b.id = r.body_blob")
+    assert blob == "B" * 2000 and cut == "request body"
     errors = [r[0] for r in db.execute("SELECT error FROM requests WHERE error IS NOT NULL")]
     assert errors == ["bad key [REDACTED]"]
-    hits = db.execute("SELECT count(*) FROM requests_fts WHERE requests_fts MATCH 'zebra AND 17'").fetchone()[0]
+    assert db.execute("SELECT count(*) FROM messages WHERE body LIKE '%sk-canary%'").fetchone()[0] == 0
+    hits = db.execute("SELECT count(*) FROM messages_fts WHERE messages_fts MATCH 'zebra AND 17'").fetchone()[0]
     assert hits == 1
-    assert writer.written == 250 and writer.dropped == 0
+    assert db.execute("SELECT count(*) FROM messages_fts WHERE messages_fts MATCH 'canary'").fetchone()[0] == 0
+    assert writer.written == 251 and writer.dropped == 0
 
 
-async def test_full_queue_drops_and_counts(tmp_path: Path) -> None:
-    """When the queue is full, records are dropped and counted; submit never blocks."""
+async def test_full_queue_drops_and_counts_when_so_configured(tmp_path: Path) -> None:
+    """With `when_full="drop"`, records past a full queue are dropped and counted; submit
+    never blocks."""
     conn = await connect(tmp_path / "x.db")
-    writer = LogWriter(str(tmp_path / "x.db"), max_queue=10)  # not started: nothing drains
+    writer = LogWriter(str(tmp_path / "x.db"), max_queue=10, when_full="drop")  # not started: nothing drains
     for _ in range(15):
         rec = RequestRecord("GET", "/v1/models")
         rec.finish(200, "ok")
@@ -235,23 +246,24 @@ def asyncio_run_migrations(path: Path) -> None:
     asyncio.run(migrate_only())
 
 
-def test_reply_fields_the_log_cannot_store_are_left_out() -> None:
+def test_reply_fields_the_log_cannot_store_are_left_out(tmp_path: Path) -> None:
     """Token counts are kept as numbers (or digits) in SQLite's 64-bit range, a reply id as
-    a string (an integer becomes its digits), reasoning and finish reason as strings:
-    anything else would fail the record's row."""
-    from provider_router.api.assemble import assemble_completion
-
+    a string (an integer becomes its digits), a finish reason as a string: anything else
+    would fail the record's row."""
+    asyncio_run_migrations(tmp_path / "w.db")
+    db = sink.open_db(str(tmp_path / "w.db"))
+    out = sink.Sink(db, max_body_bytes=1000, redactor=Redactor([]), emit=lambda _: None)
     rec = RequestRecord("POST", "/v1/chat/completions")
+    rec.request_body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
     rec.response_body = orjson.dumps({
         "id": 7, "choices": [{"message": {"content": "hi", "reasoning": True}, "finish_reason": {"x": 1}}],
         "usage": {"prompt_tokens": "12", "completion_tokens": [1], "total_tokens": 9_223_372_036_854_775_808},
     })  # fmt: skip
-    assemble_completion(rec)
-    assert (rec.prompt_tokens, rec.completion_tokens, rec.total_tokens, rec.reply_id) == (12, None, None, "7")
-    assert (rec.response_text, rec.reasoning_text, rec.finish_reason) == ("hi", None, None)
-    rec.response_body = b'{"id": "c", "choices": [], "usage": {"prompt_tokens": 18446744073709551616, "total_tokens": 2.5, "completion_tokens": true}}'
-    assemble_completion(rec)  # the typed reading's exact big integer, too
-    assert (rec.prompt_tokens, rec.total_tokens, rec.completion_tokens, rec.reply_id) == (None, 2.5, None, "c")
+    rec.reply_format = "completion"
+    rec.finish(200, "ok")
+    out.apply([([], [rec])])
+    row = db.execute("SELECT prompt_tokens, completion_tokens, total_tokens, reply_id, finish_reason FROM requests").fetchone()
+    assert row == (12, None, None, "7", None) and out.failed == 0
 
 
 def test_a_record_whose_row_cannot_be_built_costs_only_itself(tmp_path: Path) -> None:
@@ -265,7 +277,8 @@ def test_a_record_whose_row_cannot_be_built_costs_only_itself(tmp_path: Path) ->
     records[1].user_agent = 5  # type: ignore[assignment]  # not text: redacting it raises
     out.apply([([], records)])
     assert (out.written, out.failed, out.records_done) == (2, 1, 3)
-    assert [m[2] for m in logged] == ["log_record_failed"]  # type: ignore[index]
+    assert [m[2] for m in logged] == ["log_write_failed"]  # type: ignore[index]
+    assert logged[0][3]["counts"] == {"log_record_failed": 1}  # type: ignore[index]
 
 
 async def test_the_writer_process_gives_way_while_it_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -317,41 +330,3 @@ def test_log_lines_reach_a_non_blocking_stderr_whole() -> None:
 
 
 _values = st.one_of(st.none(), st.text(max_size=6), st.integers(-(2**63), 2**63 - 1), st.lists(st.dictionaries(st.sampled_from(["type", "text"]), st.text(max_size=4), max_size=2), max_size=2))
-_said = st.one_of(
-    st.fixed_dictionaries({}, optional={"role": st.one_of(st.sampled_from(["system", "user", "assistant", "tool"]), _values), "content": _values, "tool_calls": st.just([{"id": "t"}]), "name": st.just("n")}),
-    _values,
-)
-_asked = st.one_of(st.fixed_dictionaries({"model": st.just("m")}, optional={"messages": st.one_of(st.lists(_said, max_size=4), _values), "tools": st.just([{"type": "function"}])}), _values)
-
-
-@given(_asked)
-def test_the_writer_reads_a_requests_messages_as_the_generic_reading_does(body: object) -> None:
-    """The typed decoding of a request's messages (role and content only) gives the
-    canonical messages a field-by-field reading of the parsed body gives, or the same failure."""
-    data = orjson.dumps(body)
-
-    def generic() -> object:
-        messages = orjson.loads(data).get("messages") or []
-        return [history.canon(m) for m in messages if isinstance(m, dict)]
-
-    def outcome(read: object) -> object:
-        try:
-            return read()  # type: ignore[operator]
-        except Exception as e:
-            return type(e).__name__
-
-    assert outcome(lambda: sink._canons(data)) == outcome(generic)
-
-
-def test_a_plain_requests_messages_skip_the_generic_reading(monkeypatch: pytest.MonkeyPatch) -> None:
-    body = {"model": "m", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "}, {"role": "assistant", "content": None, "tool_calls": [{"id": "t"}]}], "tools": [{"type": "function"}]}
-    monkeypatch.setattr(sink.orjson, "loads", None)  # the generic reading would call it
-    assert sink._canons(orjson.dumps(body)) == [b"system\x1fBe brief.", b"user\x1fHi", b"assistant\x1f"]
-
-
-def test_a_request_nested_deeper_than_the_typed_reading_recurses_still_threads() -> None:
-    """orjson (the request path) accepts nesting msgspec's typed reading refuses: the
-    writer then reads the messages generically instead of failing the record's turn."""
-    body = b'{"metadata":{"x":' + b"[" * 1010 + b"]" * 1010 + b'},"messages":[{"role":"user","content":"hi"}]}'
-    orjson.loads(body)  # what the request path accepted
-    assert sink._canons(body) == [b"user\x1fhi"]

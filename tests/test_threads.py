@@ -323,7 +323,8 @@ async def test_upstream_http_error_is_502(qproxy: Proxy, qwen_fake: QwenFake) ->
 
 
 async def test_stateless_upstream_groups_turns_in_the_log(make_proxy: ProxyFactory, openai_fake: OpenAIFake) -> None:
-    """On a stateless upstream the full history travels, and the log still threads the turns."""
+    """On a stateless upstream the full history travels, and the log still threads the turns:
+    each request's history continues the previous reply's node in the conversation tree."""
     p = await make_proxy(base_config(openai_fake.base_url))  # type: ignore[attr-defined]
     conv = Conversation(p.sdk(), model="gpt-4o")
     for q in ("one", "two", "three"):
@@ -333,9 +334,11 @@ async def test_stateless_upstream_groups_turns_in_the_log(make_proxy: ProxyFacto
     assert len({r["session_id"] for r in rows}) == 1
     assert [r["turn"] for r in rows] == [1, 2, 3]
     assert all(r["chat_id"] == rows[0]["session_id"] for r in rows)
-    assert [r["parent_id"] for r in rows] == [None, rows[0]["reply_id"], rows[1]["reply_id"]]
+    for before, after in zip(rows, rows[1:]):
+        [parent] = await p.rows("SELECT parent_id FROM messages WHERE id = ?", after["tip_message"])
+        assert parent["parent_id"] == before["reply_message"]
     [session] = await p.rows("SELECT * FROM sessions")
-    assert (session["request_count"], session["message_count"], session["parent_id"]) == (3, 6, rows[2]["reply_id"])
+    assert (session["request_count"], session["message_count"]) == (3, 5)
 
 
 async def test_explicit_session_header_wins(qproxy: Proxy, qwen_fake: QwenFake) -> None:
@@ -457,7 +460,9 @@ async def test_sessions_that_ran_out_while_no_daemon_ran_are_expired_at_start(ma
     db = tmp_path / "stale.db"
     cfg = base_config() | {"sessions": {"timeout_minutes": 0.002}}  # 120 ms
     p1 = await make_proxy(cfg, db=db)
-    await p1.sdk().chat.completions.create(model="echo", messages=[{"role": "user", "content": "hello"}])
+    conv = Conversation(p1.sdk(), model="echo")
+    await conv.say("hello")
+    await conv.say("again")  # a conversation that continues is stored as a session
     await p1.server.close()
     conn = sqlite3.connect(db)
     try:

@@ -7,6 +7,8 @@ byte for byte as their chunks arrive; translating providers' events are rendered
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import time
 from typing import Any, Awaitable
 
@@ -15,7 +17,6 @@ import structlog
 from aiohttp import web
 
 from ..errors import ApiError, shown
-from ..messages import last_user_text
 from ..providers import ChatCall, Delta, Finish, Provider, Started, UpstreamReply, Usage
 from ..routing import NoRoute, Route
 from ..sse import DONE, encode_event
@@ -65,7 +66,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     validate_chat(body, max_messages=MAX_MESSAGES)
     stream = bool(body.get("stream", False))
     rec.stream = stream
-    rec.prompt_text = last_user_text(body["messages"])
     try:
         routes = state.router.chain(model)
     except NoRoute as e:
@@ -180,21 +180,43 @@ async def _passthrough(
     return web.Response(status=status, body=data, headers=reply.headers)
 
 
+_FINISH = re.compile(rb'"finish_reason"\s*:\s*"')
+_DONE_LINE = b"\ndata: [DONE]"
+
+
 async def _passthrough_stream(request: web.Request, rec: RequestRecord, reply: UpstreamReply) -> web.StreamResponse:
+    """Forward an upstream's event stream as it arrives. What is kept for the log is bounded
+    (`logs.max_message_bytes` x 4; the rest is counted as cut). Once `data: [DONE]` has gone
+    out the reply is complete: the proxy ends the response there, whatever the upstream
+    does next (some linger before closing, and the SDK closes its side at once). A stream
+    the upstream ends with neither `[DONE]` nor a finish reason was cut short: the client
+    gets an error event and the row says `upstream_error`."""
     assert reply.raw is not None
     resp = web.StreamResponse(status=reply.status, headers={**SSE_HEADERS, **reply.headers})
     chunks: list[bytes] = []
-    rec.reply_format = "stream"  # the log writer reads text and usage from the events
+    keep = request.app[STATE].config.logs.max_message_bytes * 4
+    kept = 0
+    rec.reply_format = "stream"  # the log writer reads the reply from the events
     await resp.prepare(request)
     request[STARTED] = resp
     rec.status = reply.status
     write = resp.write
+    tail = b"\n"
+    done = False
     try:
         async for chunk in reply.raw:
-            if not chunks:
+            if kept == 0 and rec.ttfb_ms is None:
                 rec.first_byte()
-            chunks.append(chunk)
+            if kept + len(chunk) <= keep:
+                chunks.append(chunk)
+                kept += len(chunk)
+            else:
+                rec.stream_cut += len(chunk)
             await write(chunk)
+            if _DONE_LINE in tail + chunk:
+                done = True
+                break
+            tail = chunk[-len(_DONE_LINE):]
     except asyncio.CancelledError:
         if not await _shutdown_error(request, resp, rec):
             raise
@@ -206,7 +228,14 @@ async def _passthrough_stream(request: web.Request, rec: RequestRecord, reply: U
         return resp
     finally:
         rec.stream_body = b"".join(chunks)
-    await resp.write_eof()
+    if not done and not _FINISH.search(rec.stream_body[-65536:]):
+        await _stream_error(request, resp, rec, ApiError(
+            502, "The upstream stream ended before the reply finished (no finish reason, no [DONE]).",
+            code="upstream_truncated", outcome="upstream_error",
+        ))  # fmt: skip
+        return resp
+    with contextlib.suppress(ConnectionResetError):  # complete: a client that left already is fine
+        await resp.write_eof()
     return resp
 
 
@@ -307,6 +336,32 @@ def _usage_json(u: Usage) -> dict[str, int]:
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}
 
 
+def _completion(acc: _Reply, cid: str, created: int, model: Any, cut: bool = False) -> dict[str, Any]:
+    """The reply as a `chat.completion` (what a non-stream client gets, and what the log
+    keeps of a stream); `cut`: it never finished, so no finish reason is made up."""
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(acc.text)}
+    if acc.reasoning:
+        message["reasoning_content"] = "".join(acc.reasoning)
+    out: dict[str, Any] = {
+        "id": cid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": acc.finish or (None if cut else "stop")}],
+    }
+    if acc.usage is not None:
+        out["usage"] = _usage_json(acc.usage)
+    return out
+
+
+async def _completed(rec: RequestRecord, acc: _Reply, call: ChatCall) -> None:
+    """The upstream's reply is complete: the thread records it (durably) before the client
+    gets its end, so the client's next turn finds it."""
+    acc.fill(rec)
+    if call.on_complete is not None and acc.finish is not None:
+        await call.on_complete()
+
+
 async def _render(request: web.Request, rec: RequestRecord, reply: UpstreamReply, call: ChatCall) -> web.StreamResponse:
     assert reply.events is not None
     acc = _Reply()
@@ -314,26 +369,16 @@ async def _render(request: web.Request, rec: RequestRecord, reply: UpstreamReply
     cid = f"chatcmpl-{rec.id}"
     created = int(time.time())
     model = call.body.get("model", call.upstream_model)
+    rec.reply_format = "completion"  # the log reads the reply from `response_body`
     if not call.stream:
         try:
             async for ev in events:
                 acc.take(ev)
         finally:
             acc.fill(rec)
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(acc.text)}
-        if acc.reasoning:
-            message["reasoning_content"] = "".join(acc.reasoning)
-        out: dict[str, Any] = {
-            "id": cid,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": acc.finish or "stop"}],
-        }
-        if acc.usage is not None:
-            out["usage"] = _usage_json(acc.usage)
-        data = orjson.dumps(out)
+        data = orjson.dumps(_completion(acc, cid, created, model))
         rec.response_body = data
+        await _completed(rec, acc, call)
         rec.first_byte()
         return web.Response(body=data, content_type="application/json")
 
@@ -367,6 +412,8 @@ async def _render(request: web.Request, rec: RequestRecord, reply: UpstreamReply
             resp = await _open_stream(request, rec)
         if include_usage and acc.usage is not None:
             await resp.write(encode_event(orjson.dumps({**head, "choices": [], "usage": _usage_json(acc.usage)})))
+        rec.response_body = orjson.dumps(_completion(acc, cid, created, model))
+        await _completed(rec, acc, call)
         await resp.write(DONE)
         await resp.write_eof()
     except asyncio.CancelledError:
@@ -381,6 +428,8 @@ async def _render(request: web.Request, rec: RequestRecord, reply: UpstreamReply
     finally:
         acc.fill(rec)
         rec.chunk_count = acc.chunks
+        if rec.response_body is None:  # cut short: the log keeps what came
+            rec.response_body = orjson.dumps(_completion(acc, cid, created, model, cut=True))
     return resp
 
 

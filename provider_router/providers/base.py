@@ -22,6 +22,9 @@ class ChatCall:
     chat_id: str | None = None
     parent_id: str | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)  # the messages not yet upstream
+    # Set by the threads: awaited once the upstream's reply is complete, before the client
+    # gets its end (the thread records the reply durably there).
+    on_complete: Callable[[], Awaitable[None]] | None = None
 
 
 class ChatGone(Exception):

@@ -5,9 +5,15 @@ Never edit a released migration: add a new one at the end of `MIGRATIONS`.
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import time
+from typing import Callable
 
 import aiosqlite
+
+# Called with (what, done, total) during long steps.
+Progress = Callable[[str, int, int], None]
 
 M001_REQUESTS = """
 CREATE TABLE requests (
@@ -92,11 +98,209 @@ CREATE TABLE turns (
 ) WITHOUT ROWID;
 """
 
-# (name, SQL). Append only.
-MIGRATIONS: list[tuple[str, str]] = [
+M003_TREE = """
+-- Every message once per position in a conversation tree: `hash` is the chained key of
+-- history.node_key (its parent's key and its canonical form); `body` its JSON as first seen.
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY,
+    hash BLOB NOT NULL UNIQUE,
+    parent_id INTEGER,                -- NULL: the first message of a conversation
+    role TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX messages_parent ON messages(parent_id);
+-- Full-text index over each message's text (and its tool calls), once per message.
+CREATE VIRTUAL TABLE messages_fts USING fts5(text, content='');
+
+-- Large request fields (tools, response_format, schemas) stored once by content hash;
+-- `refs` counts the requests that use them, so retention can remove the unused.
+CREATE TABLE blobs (
+    id INTEGER PRIMARY KEY,
+    hash BLOB NOT NULL UNIQUE,
+    data TEXT NOT NULL,
+    refs INTEGER NOT NULL DEFAULT 0
+);
+
+CREATE TABLE requests_v3 (
+    id TEXT PRIMARY KEY,              -- sortable: time-ordered, see records.new_id()
+    received_at TEXT NOT NULL,        -- ISO 8601 UTC
+    finished_at TEXT,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    client TEXT,                      -- the client key's name, never the key
+    user_agent TEXT,
+    model TEXT,                       -- what the client asked for
+    provider TEXT,
+    upstream_model TEXT,
+    stream INTEGER,
+    status INTEGER,
+    outcome TEXT,                     -- ok | rejected | upstream_error | timeout | client_disconnected | shutdown
+    error TEXT,
+    finish_reason TEXT,               -- of the first choice
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    total_tokens INTEGER,
+    cached_tokens INTEGER,
+    chunk_count INTEGER,
+    ttfb_ms REAL,
+    duration_ms REAL,
+    session_id TEXT,
+    turn INTEGER,                     -- 1 + the assistant messages in the history it sent
+    chat_id TEXT,                     -- threaded upstreams: the upstream chat
+    parent_id TEXT,                   -- ... the upstream parent this request continued from
+    reply_id TEXT,                    -- the upstream id of the reply it got
+    tip_message INTEGER,              -- messages.id: the last message of the history it sent
+    prompt_message INTEGER,           -- messages.id: its last user message
+    reply_message INTEGER,            -- messages.id: the reply of the first choice
+    replies TEXT,                     -- JSON list of every choice's reply message, when n > 1
+    params TEXT,                      -- the request body's other fields, as JSON
+    params_blobs TEXT,                -- JSON: field -> blobs.id, for the large ones
+    overrides TEXT,                   -- JSON: message index -> the message as sent, where it
+                                      -- differs from its node's stored body
+    body_blob INTEGER,                -- blobs.id: a body that is not a chat request, kept whole
+    response TEXT,                    -- the response (for streams: assembled) without the
+                                      -- choices' messages, which are the reply nodes
+    cut TEXT,                         -- what was stored cut, if anything
+    attempts TEXT                     -- JSON list of upstream attempts (retries, fallbacks)
+);
+
+-- Per-minute roll-ups of the requests, written with them: stats over any range read these.
+CREATE TABLE rollups (
+    minute TEXT NOT NULL,             -- YYYY-MM-DDTHH:MM (UTC)
+    model TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    client TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL,
+    ttfb_count INTEGER NOT NULL,
+    ttfb_sum REAL NOT NULL,
+    duration_sum REAL NOT NULL,
+    t0 INTEGER NOT NULL, t1 INTEGER NOT NULL, t2 INTEGER NOT NULL, t3 INTEGER NOT NULL,
+    t4 INTEGER NOT NULL, t5 INTEGER NOT NULL, t6 INTEGER NOT NULL, t7 INTEGER NOT NULL,
+    t8 INTEGER NOT NULL, t9 INTEGER NOT NULL, t10 INTEGER NOT NULL, t11 INTEGER NOT NULL,
+    t12 INTEGER NOT NULL, t13 INTEGER NOT NULL,
+    d0 INTEGER NOT NULL, d1 INTEGER NOT NULL, d2 INTEGER NOT NULL, d3 INTEGER NOT NULL,
+    d4 INTEGER NOT NULL, d5 INTEGER NOT NULL, d6 INTEGER NOT NULL, d7 INTEGER NOT NULL,
+    d8 INTEGER NOT NULL, d9 INTEGER NOT NULL, d10 INTEGER NOT NULL, d11 INTEGER NOT NULL,
+    d12 INTEGER NOT NULL, d13 INTEGER NOT NULL,
+    PRIMARY KEY (minute, model, provider, outcome, client)
+) WITHOUT ROWID;
+
+-- Threaded upstreams' turns: facts about reply nodes of the tree (the upstream's chat and
+-- its id for the reply), per session.
+CREATE TABLE turns_v3 (
+    session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    message_hash BLOB NOT NULL,       -- messages.hash of the reply
+    turn INTEGER NOT NULL,
+    chat_id TEXT,
+    reply_id TEXT,                    -- the upstream id of the reply: the next turn's parent_id
+    request_id TEXT,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (session_id, message_hash)
+) WITHOUT ROWID;
+"""
+
+M003_SWAP = """
+DROP TRIGGER IF EXISTS requests_ad;
+DROP TABLE requests_fts;
+DROP TABLE requests;
+ALTER TABLE requests_v3 RENAME TO requests;
+DROP TABLE turns;
+ALTER TABLE turns_v3 RENAME TO turns;
+CREATE INDEX requests_model ON requests(model);
+CREATE INDEX requests_provider ON requests(provider);
+CREATE INDEX requests_status ON requests(status);
+CREATE INDEX requests_outcome ON requests(outcome);
+CREATE INDEX requests_client ON requests(client);
+CREATE INDEX requests_session ON requests(session_id) WHERE session_id IS NOT NULL;
+CREATE INDEX requests_tip ON requests(tip_message);
+CREATE INDEX requests_prompt ON requests(prompt_message);
+CREATE INDEX requests_reply ON requests(reply_message);
+CREATE INDEX sessions_recent ON sessions(last_accessed_at);
+CREATE INDEX turns_message ON turns(message_hash);
+-- The request log with its text, for sqlite3 and datasette.
+CREATE VIEW request_log AS
+SELECT r.*,
+    json_extract(p.body, '$.content') AS prompt_text,
+    json_extract(a.body, '$.content') AS response_text,
+    coalesce(json_extract(a.body, '$.reasoning_content'), json_extract(a.body, '$.reasoning')) AS reasoning_text
+FROM requests r
+LEFT JOIN messages p ON p.id = r.prompt_message
+LEFT JOIN messages a ON a.id = r.reply_message;
+"""
+
+
+def m003_conversation_tree(conn: sqlite3.Connection, progress: Progress | None) -> None:
+    """Rebuild the log as the conversation tree: each old request row's bodies become tree
+    nodes, blobs and a compact row; threaded turns point at their reply nodes."""
+    from .legacy import convert_requests  # the old rows' reading lives with the old shape
+
+    run_script(conn, M003_TREE)
+    convert_requests(conn, progress)
+    run_script(conn, M003_SWAP)
+
+
+# (name, SQL or a function of a connection inside the migration's transaction). Append only.
+MIGRATIONS: list[tuple[str, str | Callable[[sqlite3.Connection, Progress | None], None]]] = [
     ("001_requests", M001_REQUESTS),
     ("002_sessions", M002_SESSIONS),
+    ("003_conversation_tree", m003_conversation_tree),
 ]
+
+
+def run_script(conn: sqlite3.Connection, sql: str) -> None:
+    """Run each statement of `sql` in the current transaction (executescript would commit)."""
+    stmt = ""
+    for line in sql.splitlines(keepends=True):
+        stmt += line
+        if sqlite3.complete_statement(stmt):
+            if stmt.strip():
+                conn.execute(stmt)
+            stmt = ""
+    if stmt.strip():
+        conn.execute(stmt)
+
+
+def applied_sync(conn: sqlite3.Connection) -> list[str]:
+    conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+    return [row[0] for row in conn.execute("SELECT name FROM _migrations ORDER BY name")]
+
+
+def migrate_file(path: str, progress: Progress | None = None) -> list[str]:
+    """Apply pending migrations to the database at `path`, each in its own transaction
+    (a failure leaves nothing of it); return the names applied. Instances starting
+    together migrate once: each step re-checks under the write lock."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA foreign_keys=OFF")  # tables are rebuilt inside a step
+        ran: list[str] = []
+        for name, step in MIGRATIONS:
+            if name in applied_sync(conn):
+                continue
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if name in applied_sync(conn):  # another process migrated first
+                    conn.execute("ROLLBACK")
+                    continue
+                if isinstance(step, str):
+                    run_script(conn, step)
+                else:
+                    step(conn, progress)
+                conn.execute("INSERT INTO _migrations(name, applied_at) VALUES (?, ?)", (name, time.time()))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            ran.append(name)
+        return ran
+    finally:
+        conn.close()
 
 
 async def applied(conn: aiosqlite.Connection) -> list[str]:
@@ -107,25 +311,12 @@ async def applied(conn: aiosqlite.Connection) -> list[str]:
         return [row[0] for row in await cur.fetchall()]
 
 
-async def migrate(conn: aiosqlite.Connection) -> list[str]:
-    """Apply pending migrations, each in its own transaction; return the names applied."""
-    done = set(await applied(conn))
+async def migrate(conn: aiosqlite.Connection, progress: Progress | None = None) -> list[str]:
+    """Apply pending migrations to the file `conn` has open (in a thread, on a connection
+    of its own); return the names applied."""
+    async with conn.execute("SELECT file FROM pragma_database_list WHERE name = 'main'") as cur:
+        (path,) = await cur.fetchone()  # type: ignore[misc]
+    if not path:
+        raise ValueError("migrations need a database file")
     await conn.commit()
-    ran: list[str] = []
-    for name, sql in MIGRATIONS:
-        if name in done:
-            continue
-        # executescript commits first; wrap the body so a failure leaves nothing half-applied.
-        try:
-            await conn.executescript(
-                f"BEGIN IMMEDIATE;\n{sql}\n"
-                f"INSERT INTO _migrations(name, applied_at) VALUES ('{name}', {time.time()});\nCOMMIT;"
-            )
-        except Exception:
-            if conn.in_transaction:
-                await conn.rollback()
-            if name in set(await applied(conn)):  # another process migrated first
-                continue
-            raise
-        ran.append(name)
-    return ran
+    return await asyncio.to_thread(migrate_file, path, progress)

@@ -6,20 +6,20 @@ the CLI and the admin HTTP API share them.
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import aiosqlite
 import orjson
 
+from ..history import message_text
+from ..messages import content_text
 from .records import iso
+from .rows import BUCKETS_MS, NB, ROLLUP_SUMS
 
-# Columns holding JSON text, parsed back for `--json` / the admin API.
-JSON_COLUMNS = ("request_body", "response_body", "attempts")
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -80,26 +80,6 @@ def _has_glob(text: str) -> bool:
     return any(c in text for c in "*?[")
 
 
-def _parse_json_columns(row: dict[str, Any]) -> dict[str, Any]:
-    for col in JSON_COLUMNS:
-        value = row.get(col)
-        if isinstance(value, str):
-            try:
-                row[col] = orjson.loads(value)
-            except orjson.JSONDecodeError:  # truncated bodies stay text, with their marker
-                pass
-    return row
-
-
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default); None when empty."""
-    if not sorted_values:
-        return None
-    pos = (len(sorted_values) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
 async def has_table(conn: aiosqlite.Connection, name: str) -> bool:
     """Whether `name` exists: a database from before a migration lacks its tables."""
     async with conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)) as cur:
@@ -137,42 +117,93 @@ class RequestFilter:
     session: str | None = None
     model: str | None = None
     provider: str | None = None
+    client: str | None = None
     status: int | None = None
     outcome: str | None = None
     query: str | None = None
     since: str | None = None
-    before: str | None = None  # only ids below this one: the cursor of the next page
+    before: str | None = None  # only rows written before this request's: the next page's cursor
 
     def where(self) -> tuple[str, list[Any]]:
-        """The WHERE clause (always parameterised) and its parameters."""
+        """The WHERE clause over `requests r` (always parameterised) and its parameters.
+        Each filter has an index of its own, in write order, so a page of the newest rows
+        that match any one of them is read from its index, not found by a scan."""
         clauses: list[str] = []
         params: list[Any] = []
         if self.session:
-            clauses.append("substr(session_id, 1, ?) = ?")
-            params += [len(self.session), self.session]
+            clauses.append("r.session_id GLOB ?")
+            params.append(_glob_literal(self.session) + "*")
         if self.model:
-            clauses.append("model GLOB ?" if _has_glob(self.model) else "model = ?")
+            clauses.append("r.model GLOB ?" if _has_glob(self.model) else "r.model = ?")
             params.append(self.model)
-        if self.provider:
-            clauses.append("provider = ?")
-            params.append(self.provider)
-        if self.status is not None:
-            clauses.append("status = ?")
-            params.append(self.status)
-        if self.outcome:
-            clauses.append("outcome = ?")
-            params.append(self.outcome)
+        for col in ("provider", "client", "status", "outcome"):
+            value = getattr(self, col)
+            if value is not None and value != "":
+                clauses.append(f"r.{col} = ?")
+                params.append(value)
         match = fts_query(self.query) if self.query else None
         if match:
-            clauses.append("rowid IN (SELECT rowid FROM requests_fts WHERE requests_fts MATCH ?)")
-            params.append(match)
+            hits = "(SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?)"
+            clauses.append(f"(r.prompt_message IN {hits} OR r.reply_message IN {hits})")
+            params += [match, match]
         if self.since:
-            clauses.append("received_at >= ?")
+            clauses.append("r.received_at >= ?")
             params.append(self.since)
         if self.before:
-            clauses.append("id < ?")
+            clauses.append("r.rowid < coalesce((SELECT rowid FROM requests WHERE id = ?), 0)")
             params.append(self.before)
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+# A request row with the text of its prompt and first reply (for listings).
+_LISTED = (
+    "SELECT r.rowid AS _rowid, r.*, p.body AS _prompt, a.body AS _reply FROM requests r "
+    "LEFT JOIN messages p ON p.id = r.prompt_message LEFT JOIN messages a ON a.id = r.reply_message"
+)
+
+
+def _text_of(body: str | None) -> str | None:
+    if body is None:
+        return None
+    m = orjson.loads(body)
+    text = content_text(m.get("content")) if isinstance(m, dict) else ""
+    if not text and isinstance(m, dict) and m.get("tool_calls"):
+        calls = [tc.get("function", {}) for tc in m["tool_calls"] if isinstance(tc, dict)]
+        text = " ".join(f"{fn.get('name')}({fn.get('arguments')})" for fn in calls if isinstance(fn, dict))
+    return text
+
+
+def _listed(row: dict[str, Any]) -> dict[str, Any]:
+    row.pop("_rowid", None)
+    row["prompt_text"] = _text_of(row.pop("_prompt"))
+    reply = row.pop("_reply")
+    row["response_text"] = _text_of(reply)
+    m = orjson.loads(reply) if reply else {}
+    row["reasoning_text"] = (m.get("reasoning_content") or m.get("reasoning")) if isinstance(m, dict) else None
+    for col in ("attempts",):
+        if isinstance(row.get(col), str):
+            row[col] = orjson.loads(row[col])
+    return row
+
+
+async def _since_rowid(conn: aiosqlite.Connection, since: str) -> int:
+    """A rowid below which no row was received at or after `since`: rows are written in
+    the order requests finish, so `received_at` rises with the rowid but for requests that
+    overlapped; a binary search, less a margin for those."""
+    async with conn.execute("SELECT coalesce(min(rowid), 0), coalesce(max(rowid), 0) FROM requests") as cur:
+        lo, hi = await cur.fetchone()  # type: ignore[misc]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        async with conn.execute("SELECT received_at FROM requests WHERE rowid >= ? ORDER BY rowid LIMIT 1", (mid,)) as cur:
+            row = await cur.fetchone()
+        if row is None or row[0] >= since:
+            hi = mid
+        else:
+            lo = mid + 1
+    return max(0, lo - SINCE_MARGIN_ROWS)
+
+
+SINCE_MARGIN_ROWS = 10_000
 
 
 @dataclass(slots=True)
@@ -184,43 +215,121 @@ class RequestPage:
 
 
 async def recent_requests(conn: aiosqlite.Connection, flt: RequestFilter, limit: int = 20) -> RequestPage:
-    """The newest `limit` matching rows (0: all), oldest first, with every column."""
+    """The newest `limit` matching rows (0: all) in the order they were written, oldest first."""
     # Snapshot the high-water mark first so a row written meanwhile is seen by the next
     # poll, not by both or neither.
     async with conn.execute("SELECT coalesce(max(rowid), 0) FROM requests") as cur:
         (last,) = await cur.fetchone()  # type: ignore[misc]
     where, params = flt.where()
-    where += (" AND " if where else " WHERE ") + "rowid <= ?"
+    where += (" AND " if where else " WHERE ") + "r.rowid <= ?"
     params.append(last)
-    sql = f"SELECT * FROM requests{where} ORDER BY id DESC"
+    if flt.since:
+        where += " AND r.rowid >= ?"
+        params.append(await _since_rowid(conn, flt.since))
+    sql = f"{_LISTED}{where} ORDER BY r.rowid DESC"
     if limit > 0:
         sql += " LIMIT ?"
         params.append(limit)
     rows = await _fetch(conn, sql, params)
     rows.reverse()
-    return RequestPage([_parse_json_columns(r) for r in rows], last)
+    return RequestPage([_listed(r) for r in rows], last)
 
 
 async def new_requests(conn: aiosqlite.Connection, flt: RequestFilter, after_rowid: int) -> RequestPage:
-    """Matching rows written after `after_rowid`, in the order they were written.
-
-    By rowid, not id: ids are taken when a request starts, rows are written when it ends,
-    so a long stream lands after shorter requests that started later.
-    """
+    """Matching rows written after `after_rowid`, in the order they were written."""
     where, params = flt.where()
-    where += (" AND " if where else " WHERE ") + "rowid > ?"
+    where += (" AND " if where else " WHERE ") + "r.rowid > ?"
     params.append(after_rowid)
-    rows = await _fetch(conn, f"SELECT rowid AS _rowid, * FROM requests{where} ORDER BY rowid", params)
+    rows = await _fetch(conn, f"{_LISTED}{where} ORDER BY r.rowid", params)
     last = rows[-1]["_rowid"] if rows else after_rowid
-    for r in rows:
-        del r["_rowid"]
-    return RequestPage([_parse_json_columns(r) for r in rows], last)
+    return RequestPage([_listed(r) for r in rows], last)
+
+
+_PATH = """
+WITH RECURSIVE path(id, parent_id, body, depth) AS (
+    SELECT id, parent_id, body, 0 FROM messages WHERE id = ?
+    UNION ALL
+    SELECT m.id, m.parent_id, m.body, p.depth + 1 FROM messages m JOIN path p ON m.id = p.parent_id
+)
+SELECT id, body FROM path ORDER BY depth DESC
+"""
+
+
+async def message_path(conn: aiosqlite.Connection, tip: int) -> list[tuple[int, Any]]:
+    """The messages from the root of the tree down to `tip`: (id, message)."""
+    async with conn.execute(_PATH, (tip,)) as cur:
+        return [(i, orjson.loads(body)) for i, body in await cur.fetchall()]
+
+
+async def _blob(conn: aiosqlite.Connection, blob_id: int) -> str | None:
+    async with conn.execute("SELECT data FROM blobs WHERE id = ?", (blob_id,)) as cur:
+        row = await cur.fetchone()
+    return None if row is None else row[0]
+
+
+def _json_or_text(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:  # a body that was not JSON, or one stored cut
+        return text
+
+
+async def reconstruct(conn: aiosqlite.Connection, row: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
+    """A request row's (request body, response, reply messages) from the tree."""
+    request: Any = None
+    if row.get("body_blob") is not None:
+        request = _json_or_text(await _blob(conn, row["body_blob"]))
+    elif row.get("params") is not None:
+        request = orjson.loads(row["params"])
+        for field, blob_id in (orjson.loads(row["params_blobs"]) if row.get("params_blobs") else {}).items():
+            request[field] = _json_or_text(await _blob(conn, blob_id))
+        messages = [m for _, m in await message_path(conn, row["tip_message"])] if row.get("tip_message") else []
+        for i, m in (orjson.loads(row["overrides"]) if row.get("overrides") else {}).items():
+            if int(i) < len(messages):
+                messages[int(i)] = m
+        request["messages"] = messages
+    response = _json_or_text(row.get("response"))
+    reply_ids = orjson.loads(row["replies"]) if row.get("replies") else ([row["reply_message"]] if row.get("reply_message") else [])
+    replies = []
+    for rid in reply_ids:
+        found = None
+        if rid is not None:
+            async with conn.execute("SELECT body FROM messages WHERE id = ?", (rid,)) as cur:
+                found = await cur.fetchone()
+        replies.append(orjson.loads(found[0]) if found else None)
+    if isinstance(response, dict) and isinstance(response.get("choices"), list):
+        # Each choice with a message has a reply node, in order; a choice keeps its own
+        # message where it differs from the node's body.
+        for choice, m in zip([c for c in response["choices"] if isinstance(c, dict)], replies):
+            if "message" not in choice and m is not None:
+                choice["message"] = m
+    return request, response, replies
 
 
 async def get_request(conn: aiosqlite.Connection, id_prefix: str) -> dict[str, Any] | None:
-    """One request by id or unique id prefix (AmbiguousId otherwise), every column parsed."""
+    """One request by id or unique id prefix (AmbiguousId otherwise): its row, and its
+    `request` and `response` as the client sent and got them, rebuilt from the tree."""
     row = await _by_prefix(conn, "requests", id_prefix.strip().lower())
-    return None if row is None else _parse_json_columns(row)
+    if row is None:
+        return None
+    request, response, replies = await reconstruct(conn, row)
+    for col in ("params", "params_blobs", "overrides", "body_blob", "response", "replies"):
+        row.pop(col, None)
+    if isinstance(row.get("attempts"), str):
+        row["attempts"] = orjson.loads(row["attempts"])
+    messages = request.get("messages") if isinstance(request, dict) else None
+    users = [m for m in messages or () if isinstance(m, dict) and m.get("role") == "user"]
+    row["prompt_text"] = content_text(users[-1].get("content")) if users else None
+    choices = response.get("choices") if isinstance(response, dict) else None
+    first = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
+    first = first if isinstance(first, dict) else None
+    row["response_text"] = _text_of(orjson.dumps(first).decode()) if first else None
+    row["reasoning_text"] = (first.get("reasoning_content") or first.get("reasoning")) if first else None
+    row["request"] = request
+    row["response"] = response
+    return row
 
 
 # -- sessions --------------------------------------------------------------------------
@@ -276,8 +385,8 @@ async def get_session(conn: aiosqlite.Connection, id_prefix: str) -> dict[str, A
 
 async def session_requests(conn: aiosqlite.Connection, session_id: str) -> list[dict[str, Any]]:
     """The session's request rows in order: its conversation, turn by turn."""
-    rows = await _fetch(conn, "SELECT * FROM requests WHERE session_id = ? ORDER BY id", (session_id,))
-    return [_parse_json_columns(r) for r in rows]
+    rows = await _fetch(conn, f"{_LISTED} WHERE r.session_id = ? ORDER BY r.id", (session_id,))
+    return [_listed(r) for r in rows]
 
 
 async def count_session_requests(conn: aiosqlite.Connection, session_id: str) -> int:
@@ -348,9 +457,27 @@ async def session_counts(conn: aiosqlite.Connection, since: str | None = None) -
 
 
 # -- stats -----------------------------------------------------------------------------
+def bucket_percentile(counts: list[int], q: float) -> float | None:
+    """The `q` quantile of a latency histogram of the roll-ups' buckets (`rows.BUCKETS_MS`),
+    interpolated linearly within its bucket; None when empty."""
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i, n in enumerate(counts):
+        if n and seen + n >= rank:
+            lo = BUCKETS_MS[i - 1] if i > 0 else 0.0
+            hi = BUCKETS_MS[i] if i < len(BUCKETS_MS) else BUCKETS_MS[-1] * 2
+            return round(lo + (hi - lo) * max(0.0, rank - seen) / n, 3)
+        seen += n
+    return float(BUCKETS_MS[-1] * 2)
+
+
 @dataclass(slots=True)
 class GroupStats:
-    """Request statistics of one (model, provider); latencies in milliseconds."""
+    """Request statistics of one (model, provider); latencies in milliseconds, percentiles
+    estimated from the roll-ups' histogram buckets."""
 
     model: str | None
     provider: str | None
@@ -358,29 +485,28 @@ class GroupStats:
     errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     ttfb_p50_ms: float | None = None
     ttfb_p95_ms: float | None = None
     duration_p50_ms: float | None = None
     duration_p95_ms: float | None = None
-    _ttfb: list[float] = field(default_factory=list, repr=False)
-    _duration: list[float] = field(default_factory=list, repr=False)
+    ttfb_mean_ms: float | None = None
+    duration_mean_ms: float | None = None
+    _sums: list[float] = field(default_factory=lambda: [0.0] * len(ROLLUP_SUMS), repr=False)
 
-    def add(self, row: Any) -> None:
-        self.requests += 1
-        self.errors += row["outcome"] != "ok"
-        self.prompt_tokens += row["prompt_tokens"] or 0
-        self.completion_tokens += row["completion_tokens"] or 0
-        if row["ttfb_ms"] is not None:
-            self._ttfb.append(row["ttfb_ms"])
-        if row["duration_ms"] is not None:
-            self._duration.append(row["duration_ms"])
+    def add(self, sums: Sequence[float]) -> None:
+        self._sums = [a + (b or 0) for a, b in zip(self._sums, sums)]
 
     def finish(self) -> None:
-        self._ttfb.sort()
-        self._duration.sort()
-        self.ttfb_p50_ms, self.ttfb_p95_ms = percentile(self._ttfb, 0.5), percentile(self._ttfb, 0.95)
-        self.duration_p50_ms = percentile(self._duration, 0.5)
-        self.duration_p95_ms = percentile(self._duration, 0.95)
+        v = self._sums
+        self.requests, self.errors = int(v[0]), int(v[1])
+        self.prompt_tokens, self.completion_tokens, self.cached_tokens = int(v[2]), int(v[3]), int(v[4])
+        ttfb = [int(x) for x in v[8 : 8 + NB]]
+        dur = [int(x) for x in v[8 + NB : 8 + 2 * NB]]
+        self.ttfb_p50_ms, self.ttfb_p95_ms = bucket_percentile(ttfb, 0.5), bucket_percentile(ttfb, 0.95)
+        self.duration_p50_ms, self.duration_p95_ms = bucket_percentile(dur, 0.5), bucket_percentile(dur, 0.95)
+        self.ttfb_mean_ms = round(v[6] / v[5], 3) if v[5] else None
+        self.duration_mean_ms = round(v[7] / sum(dur), 3) if sum(dur) else None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__ if not k.startswith("_")}
@@ -402,29 +528,34 @@ class Stats:
         }
 
 
-async def stats(conn: aiosqlite.Connection, since: str | None = None) -> Stats:
-    """Per (model, provider) counts, token sums and p50/p95 latencies, plus session counts.
-
-    An error is any request whose outcome is not `ok`.
-    """
-    sql = "SELECT model, provider, outcome, prompt_tokens, completion_tokens, ttfb_ms, duration_ms FROM requests"
-    params: list[Any] = []
+async def stats(conn: aiosqlite.Connection, since: str | None = None, until: str | None = None) -> Stats:
+    """Per (model, provider) counts, token sums and latency percentiles over `[since, until)`
+    (minute resolution), from the roll-ups: no request row is read. An error is any
+    request whose outcome is not `ok`."""
+    sums = ", ".join(f"sum({c})" for c in ROLLUP_SUMS)
+    sql = f"SELECT model, provider, {sums} FROM rollups"
+    clauses, params = [], []
     if since:
-        sql += " WHERE received_at >= ?"
-        params.append(since)
-    groups: dict[tuple[str | None, str | None], GroupStats] = {}
+        clauses.append("minute >= ?")
+        params.append(since[:16])
+    if until:
+        clauses.append("minute < ?")
+        params.append(until[:16])
+    if clauses:
+        sql += " WHERE " + " AND ".join(clauses)
+    sql += " GROUP BY model, provider"
+    groups: list[GroupStats] = []
     total = GroupStats(None, None)
     async with conn.execute(sql, params) as cur:
-        async for row in cur:
-            key = (row["model"], row["provider"])
-            if key not in groups:
-                groups[key] = GroupStats(*key)
-            groups[key].add(row)
-            total.add(row)
-    for g in (*groups.values(), total):
-        g.finish()
-    ordered = sorted(groups.values(), key=lambda g: (-g.requests, g.model or "", g.provider or ""))
-    return Stats(ordered, total, await session_counts(conn, since), since)
+        for row in await cur.fetchall():
+            g = GroupStats(row[0] or None, row[1] or None)
+            g.add(row[2:])
+            total.add(row[2:])
+            g.finish()
+            groups.append(g)
+    total.finish()
+    groups.sort(key=lambda g: (-g.requests, g.model or "", g.provider or ""))
+    return Stats(groups, total, await session_counts(conn, since), since)
 
 
 # -- maintenance -----------------------------------------------------------------------
@@ -433,61 +564,123 @@ class PruneResult:
     cutoff: str
     requests: int = 0
     sessions: int = 0
+    messages: int = 0
+    blobs: int = 0
 
 
-async def _delete_in_batches(
-    conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...], batch: int, pause: float,
-    progress: Callable[[int], None] | None,
-) -> int:
-    total = 0
-    while True:
-        # One short transaction per batch: a running daemon's writer waits at most one
-        # batch (its busy_timeout covers it), never the whole prune.
-        await conn.execute("BEGIN IMMEDIATE")
-        try:
-            cur = await conn.execute(sql, (*params, batch))
-            n = cur.rowcount
+async def _one_batch(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...]) -> int:
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        cur = await conn.execute(sql, params)
+        n = cur.rowcount
+        await conn.commit()
+    except BaseException:
+        await conn.rollback()
+        raise
+    return n
+
+
+async def _referenced(conn: aiosqlite.Connection, mid: int) -> bool:
+    for sql in (
+        "SELECT 1 FROM messages WHERE parent_id = ? LIMIT 1",
+        "SELECT 1 FROM requests WHERE tip_message = ? LIMIT 1",
+        "SELECT 1 FROM requests WHERE reply_message = ? LIMIT 1",
+        "SELECT 1 FROM requests WHERE prompt_message = ? LIMIT 1",
+        "SELECT 1 FROM turns WHERE message_hash = (SELECT hash FROM messages WHERE id = ?) LIMIT 1",
+    ):
+        async with conn.execute(sql, (mid,)) as cur:
+            if await cur.fetchone() is not None:
+                return True
+    return False
+
+
+async def _prune_batch(conn: aiosqlite.Connection, older_than: str, batch: int, result: PruneResult) -> int:
+    """Delete up to `batch` requests received before `older_than`, then the messages and
+    blobs only they used, in one transaction; returns how many requests."""
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        rows = await _fetch(
+            conn,
+            "SELECT rowid, tip_message, prompt_message, reply_message, replies, params_blobs, body_blob "
+            "FROM requests WHERE received_at < ? ORDER BY rowid LIMIT ?",
+            (older_than, batch),
+        )
+        if not rows:
             await conn.commit()
-        except BaseException:
-            await conn.rollback()
-            raise
-        total += n
-        if progress is not None and n:
-            progress(total)
-        if n < batch:
-            return total
-        # Leave a gap so a writer sleeping in its busy handler gets the lock.
-        await asyncio.sleep(pause)
+            return 0
+        await conn.executemany("DELETE FROM requests WHERE rowid = ?", [(r["rowid"],) for r in rows])
+        blobs: dict[int, int] = {}
+        nodes: set[int] = set()
+        for r in rows:
+            nodes.update(x for x in (r["tip_message"], r["prompt_message"], r["reply_message"]) if x)
+            nodes.update(x for x in (orjson.loads(r["replies"]) if r["replies"] else ()) if x)
+            ids = list(orjson.loads(r["params_blobs"]).values()) if r["params_blobs"] else []
+            for b in ids + ([r["body_blob"]] if r["body_blob"] else []):
+                blobs[b] = blobs.get(b, 0) + 1
+        await conn.executemany("UPDATE blobs SET refs = refs - ? WHERE id = ?", [(n, b) for b, n in blobs.items()])
+        cur = await conn.executemany("DELETE FROM blobs WHERE id = ? AND refs <= 0", [(b,) for b in blobs])
+        result.blobs += max(cur.rowcount, 0)
+        # Walk up from each node the deleted rows used: a node nothing refers to any more
+        # (no request, no child, no turn) goes, and then its parent is looked at.
+        todo = sorted(nodes, reverse=True)
+        while todo:
+            mid = todo.pop()
+            if await _referenced(conn, mid):
+                continue
+            async with conn.execute("SELECT parent_id, body FROM messages WHERE id = ?", (mid,)) as c:
+                found = await c.fetchone()
+            if found is None:
+                continue
+            await conn.execute("DELETE FROM messages WHERE id = ?", (mid,))
+            await conn.execute(
+                "INSERT INTO messages_fts (messages_fts, rowid, text) VALUES ('delete', ?, ?)",
+                (mid, message_text(orjson.loads(found[1]))),
+            )
+            result.messages += 1
+            if found[0] is not None:
+                todo.append(found[0])
+        await conn.commit()
+    except BaseException:
+        await conn.rollback()
+        raise
+    return len(rows)
 
 
 async def prune(
     conn: aiosqlite.Connection,
     older_than: str,
     *,
-    batch: int = 5000,
+    batch: int = 2000,
     pause: float = 0.05,
     progress: Callable[[str, int], None] | None = None,
 ) -> PruneResult:
-    """Delete requests received before `older_than`, and expired sessions last used before it.
-
-    FTS rows follow through the delete trigger; turns follow their session by cascade
-    (the connection needs `PRAGMA foreign_keys=ON`).
-    """
+    """Delete requests received before `older_than` (and the messages and blobs nothing
+    else uses), and expired sessions last used before it (their turns by cascade; the
+    connection needs `PRAGMA foreign_keys=ON`). Bounded batches, one short transaction
+    each: a running daemon's writer waits at most one batch, never the whole prune."""
     result = PruneResult(older_than)
-    result.requests = await _delete_in_batches(
-        conn,
-        "DELETE FROM requests WHERE rowid IN (SELECT rowid FROM requests WHERE received_at < ? LIMIT ?)",
-        (older_than,), batch, pause,
-        (lambda n: progress("requests", n)) if progress else None,
-    )
+    while True:
+        n = await _prune_batch(conn, older_than, batch, result)
+        result.requests += n
+        if progress is not None and n:
+            progress("requests", result.requests)
+        if n < batch:
+            break
+        await asyncio.sleep(pause)  # a gap, so a writer sleeping in its busy handler gets the lock
     if await has_table(conn, "sessions"):
-        result.sessions = await _delete_in_batches(
-            conn,
-            "DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions "
-            "WHERE state = 'expired' AND last_accessed_at < ? LIMIT ?)",
-            (older_than,), batch, pause,
-            (lambda n: progress("sessions", n)) if progress else None,
-        )
+        while True:
+            n = await _one_batch(
+                conn,
+                "DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions "
+                "WHERE state = 'expired' AND last_accessed_at < ? LIMIT ?)",
+                (older_than, batch),
+            )
+            result.sessions += n
+            if progress is not None and n:
+                progress("sessions", result.sessions)
+            if n < batch:
+                break
+            await asyncio.sleep(pause)
     return result
 
 

@@ -71,13 +71,14 @@ class RequestRecord:
     stream: bool | None = None
     request_body: bytes | None = None
     response_body: bytes | None = None
-    prompt_text: str | None = None
+    # A translated reply's text, for the threads (the log reads `response_body`).
     response_text: str | None = None
     reasoning_text: str | None = None
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    cached_tokens: int | None = None
     chunk_count: int | None = None
     status: int | None = None
     outcome: str | None = None
@@ -90,13 +91,22 @@ class RequestRecord:
     parent_id: str | None = None
     reply_id: str | None = None
     attempts: list[dict[str, Any]] | None = None
-    # The forwarded SSE body, assembled into text/usage by the log writer process.
+    # The forwarded SSE body, assembled into the reply by the log writer process, and how
+    # many bytes of it were not kept (past the log's bound for one stream).
     stream_body: bytes | None = None
-    # How the writer fills text/usage from the forwarded reply: "completion", "stream" or None.
+    stream_cut: int = 0
+    # How the writer reads the reply: "completion" (`response_body`), "stream"
+    # (`stream_body`), or None (the response body is kept as it is).
     reply_format: str | None = None
-    # A turn of a stateless upstream: the writer threads it in the log (parent, turn, reply)
-    # once it has assembled the reply; nothing on the request path needs that.
-    log_turn: bool = False
+    # Whether the request's session has (or will have) a row: a one-shot request on a
+    # stateless upstream pays for no session bookkeeping; its session is stored, and this
+    # request joined to it, only when a second request continues it.
+    log_session: bool = True
+    # The request that started this one's session, when its row was written before the
+    # session was stored: the writer joins it to the session.
+    attach: str | None = None
+    # Handed to the log writer process (what changes on this object now stays here).
+    handed: bool = False
     # The writer process renders the request's canonical log line when this is set: the
     # line is a view of the record, and rendering it costs the event loop nothing.
     log_line: bool = False

@@ -14,9 +14,15 @@ import aiosqlite
 import orjson
 
 from .queries import EXPIRE_SESSIONS
-from .records import iso
-from .sink import INSERT_TURN
+from .records import RequestRecord, iso
 from .writer import LogWriter
+
+# Only for a session that still exists: one deleted while its request was in flight keeps
+# no turn (a foreign-key failure would fail the whole batch into one-by-one writes).
+INSERT_TURN = """
+INSERT OR IGNORE INTO turns (session_id, message_hash, turn, chat_id, reply_id, request_id, created_at)
+SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7 WHERE EXISTS (SELECT 1 FROM sessions WHERE id = ?1)
+"""
 
 
 @dataclass(slots=True)
@@ -35,14 +41,16 @@ class Session:
     message_count: int = 0
     request_count: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+    stored: bool = True  # has a row (or one is queued); False: one request so far, stateless
+    first: RequestRecord | None = None  # while not stored: the request that started it
 
 
 @dataclass(frozen=True, slots=True)
 class Turn:
-    """A completed reply the upstream knows: continuing from it means `parent_id = reply_id`."""
+    """A completed reply the upstream knows: continuing from it means `parent_id = reply_id`.
+    `message_hash` is the reply's node in the conversation tree."""
 
-    prefix_hash: str
-    parent_hash: str | None
+    message_hash: bytes
     turn: int
     chat_id: str | None
     reply_id: str | None
@@ -129,25 +137,28 @@ class SessionRepo:
         return _session(row) if row else None
 
     async def load_turns(self, session_id: str) -> list[Turn]:
-        sql = "SELECT prefix_hash, parent_hash, turn, chat_id, reply_id FROM turns WHERE session_id = ?"
+        sql = "SELECT message_hash, turn, chat_id, reply_id FROM turns WHERE session_id = ?"
         async with self._conn.execute(sql, (session_id,)) as cur:
             return [Turn(*r) for r in await cur.fetchall()]
 
     def create(self, s: Session) -> None:
         """Store a new session (before any of its turns: they reference it)."""
+        s.stored = True
         self._writer.latest(f"session:{s.id}", UPSERT, lambda: _params(s))
 
     def save(self, s: Session) -> None:
         """Persist the session's state as of the next flush (many saves between flushes: one
         write; after a `create` in the same flush, still the insert). Never re-creates it."""
-        if s.state == "deleted":
+        if s.state == "deleted" or not s.stored:
             return
         self._writer.latest(f"session:{s.id}", UPDATE, lambda: _params(s))
 
     def add_turn(self, session_id: str, t: Turn, request_id: str, now: float) -> None:
-        self._writer.execute(
-            INSERT_TURN, (session_id, t.prefix_hash, t.parent_hash, t.turn, t.chat_id, t.reply_id, request_id, iso(now))
-        )
+        self._writer.execute(INSERT_TURN, (session_id, t.message_hash, t.turn, t.chat_id, t.reply_id, request_id, iso(now)))
+
+    async def durable(self) -> None:
+        """Wait until every change queued so far is committed."""
+        await self._writer.drained()
 
     def forget_chat(self, session_id: str, chat_id: str) -> None:
         self._writer.execute("DELETE FROM turns WHERE session_id = ? AND chat_id = ?", (session_id, chat_id), barrier=True)

@@ -32,49 +32,26 @@ import sqlite3
 import struct
 import sys
 import time
-from collections import OrderedDict
 from typing import Any, BinaryIO, Iterator, Sequence
 
-import msgspec
-import orjson
-
-from .. import history
-from ..api.assemble import ASSEMBLERS
 from .db import PRAGMAS
-from .records import RequestRecord, iso, request_line
+from .records import RequestRecord, request_line
 from .redact import Redactor
+from .rows import ATTACH, INSERT_REQUEST, UPSERT_ROLLUP, Rows
+from .tree import Tree
 
-TRUNCATED_MARK = "…[truncated {n} bytes]"
-INSERT_REQUEST = """
-INSERT INTO requests (
-    id, received_at, finished_at, method, path, client, user_agent, model, provider,
-    upstream_model, stream, request_body, response_body, prompt_text, response_text,
-    reasoning_text, finish_reason, prompt_tokens, completion_tokens, total_tokens,
-    chunk_count, status, outcome, error, ttfb_ms, duration_ms, session_id, turn, chat_id,
-    parent_id, reply_id, attempts
-) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
-"""
-INDEX_SINCE = (
-    "INSERT INTO requests_fts(rowid, prompt_text, response_text) "
-    "SELECT rowid, prompt_text, response_text FROM requests WHERE rowid > ?"
-)
-LAST_ROWID = "SELECT coalesce(max(rowid), 0) FROM requests"
-# Only for a session that still exists: one deleted while its request was in flight keeps
-# no turn (a foreign-key failure would fail the whole batch into one-by-one writes).
-INSERT_TURN = """
-INSERT OR IGNORE INTO turns (session_id, prefix_hash, parent_hash, turn, chat_id, reply_id, request_id, created_at)
-SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 WHERE EXISTS (SELECT 1 FROM sessions WHERE id = ?1)
-"""
-ADVANCE_SESSION = "UPDATE sessions SET parent_id = ?, message_count = ? WHERE id = ?"
-TURN_CACHE_SESSIONS = 2_000
 MAX_BATCH_RECORDS = 2_000
-# Gather this long before committing a small batch: a transaction's fixed cost (the rowid
-# lookup, the index statement, the commit) paid per handful of records was most of this
-# process's time under load. A sync request (drained(), stop) commits at once.
+# Gather this long before committing a small batch: a transaction's fixed cost (the commit)
+# paid per handful of records was most of this process's time under load. A sync request
+# (drained(), stop) commits at once.
 LINGER_S = 0.02
 # Give the CPU away after this much work, and let SQLite check every this many VM steps.
 GIVE_WAY_S = 200e-6
 GIVE_WAY_STEPS = 1_000
+# While another process holds the database locked, a batch is retried, never dropped:
+# waits grow to this, and one warning per interval says how long it has been.
+BUSY_RETRY_MAX_S = 1.0
+WARN_INTERVAL_S = 10.0
 
 Group = tuple[str, list[Sequence[Any]]]
 
@@ -130,232 +107,154 @@ class GiveWay:
         return 0
 
 
-# -- threading a stateless upstream's log ----------------------------------------------------
-class _Said(msgspec.Struct, gc=False):
-    role: str | None = None
-    content: str | None = None
-
-
-class _Asked(msgspec.Struct, gc=False):
-    messages: list[_Said] | None = None
-
-
-_ASKED = msgspec.json.Decoder(_Asked)
-
-
-def _canons(body: bytes) -> list[bytes]:
-    """The canonical messages of a chat request's body. Decoded into structs holding role
-    and content only (tools, parameters and other fields are skipped, not built), unless
-    some message is not that plain shape (content parts, say): then read generically."""
-    try:
-        asked = _ASKED.decode(body)
-    except Exception:  # another shape, invalid UTF-8 in a kept field, deep nesting
-        messages = orjson.loads(body).get("messages") or []
-        return [history.canon(m) for m in messages if isinstance(m, dict)]
-    return [history.canon_of(m.role, m.content) for m in asked.messages or ()]
-
-
-class TurnLog:
-    """The turns of stateless sessions, as `threads` records them for threaded ones: each
-    completed reply keyed by the chained hash of the history it completes. Records arrive
-    in the order their requests finished, so a conversation's turn N is always in place
-    before its turn N + 1 is placed."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-        self._cache: OrderedDict[str, dict[str, str | None]] = OrderedDict()  # session -> prefix hash -> reply id
-
-    def forget(self) -> None:
-        self._cache.clear()
-
-    def _turns(self, session_id: str) -> dict[str, str | None]:
-        turns = self._cache.get(session_id)
-        if turns is None:
-            rows = self._conn.execute("SELECT prefix_hash, reply_id FROM turns WHERE session_id = ?", (session_id,))
-            turns = self._cache[session_id] = dict(rows.fetchall())
-            if len(self._cache) > TURN_CACHE_SESSIONS:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(session_id)
-        return turns
-
-    def thread(self, rec: RequestRecord) -> tuple[tuple[Any, ...], int] | None:
-        """Fill the record's turn and parent; if its reply completed, the `turns` row that
-        records it and the session's message count with it (see `Sink.apply`)."""
-        sid = rec.session_id
-        if sid is None or rec.request_body is None:
-            return None
-        canons = _canons(rec.request_body)
-        hashes = history.prefix_hashes(canons)
-        turns = self._turns(sid)
-        _, parent_hash = history.place(canons, hashes, lambda h: h if h in turns else None)
-        rec.turn = history.turn_number(canons)
-        rec.parent_id = turns[parent_hash] if parent_hash else None
-        if not (rec.status == 200 and rec.outcome == "ok" and rec.finish_reason and hashes):
-            return None
-        h = history.reply_hash(hashes[-1], rec.response_text or "").hex()
-        turns[h] = rec.reply_id
-        row = (sid, h, parent_hash, rec.turn, rec.chat_id, rec.reply_id, rec.id, iso(rec.finished or rec.started))
-        return row, len(canons) + 1
-
-
 # -- rows ------------------------------------------------------------------------------------
+def _busy(e: BaseException) -> bool:
+    return isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
+
+
 class Sink:
+    """Writes batches of records and the daemon's state changes, in order, one transaction
+    a batch. A database another process holds locked delays the batch (retried until it
+    goes through); a record or statement that truly cannot be written fails alone, is
+    counted, and is reported once per interval with a count."""
+
     def __init__(
-        self, conn: sqlite3.Connection, *, max_body_bytes: int, redactor: Redactor, emit: Any, lines: Any = None
-    ) -> None:
+        self, conn: sqlite3.Connection, *, max_body_bytes: int, redactor: Redactor, emit: Any, lines: Any = None,
+        max_message_bytes: int = 8 << 20,
+    ) -> None:  # fmt: skip
         self.conn = conn
         self.lines = lines  # writes the canonical log lines of the records given, if set
-        self.max_body = max_body_bytes
         self.redact = redactor
         self.emit = emit  # sends a frame to the daemon
-        self.turns = TurnLog(conn)
+        self.tree = Tree(conn, max_message_bytes=max_message_bytes, redact=redactor)
+        self.rows = Rows(self.tree, redactor, max_body_bytes)
         self.records_done = 0
         self.written = 0
         self.failed = 0
+        self._failures: dict[str, int] = {}  # event -> count since the last report
+        self._reported = 0.0
         self.give_way = GiveWay()
         conn.set_progress_handler(self.give_way, GIVE_WAY_STEPS)
 
     def log(self, level: str, event: str, **fields: Any) -> None:
         self.emit(("log", level, event, fields))
 
-    def _text(self, value: str | None) -> str | None:
-        return None if value is None else self.redact(value)
+    def _fail(self, event: str, error: BaseException, n: int = 1) -> None:
+        self.failed += n
+        self._failures[event] = self._failures.get(event, 0) + n
+        now = time.monotonic()
+        if now - self._reported >= WARN_INTERVAL_S:
+            self._reported = now
+            failures, self._failures = self._failures, {}
+            self.log("error", "log_write_failed", counts=failures, last_error=repr(error), failed_total=self.failed)
 
-    def _body(self, data: bytes | None) -> str | None:
-        if data is None:
-            return None
-        extra = len(data) - self.max_body
-        if extra > 0:
-            data = data[: self.max_body]
-        text = data.decode("utf-8", "replace")
-        if extra > 0:
-            text += TRUNCATED_MARK.format(n=extra)
-        return self.redact(text)
-
-    def _attempts(self, attempts: list[dict[str, Any]] | None) -> str | None:
-        if not attempts:
-            return None
-        # A failed attempt's error quotes the upstream's answer, which may echo our key.
-        return orjson.dumps([{**a, "error": self._text(a.get("error"))} for a in attempts]).decode()
-
-    def prepare(self, r: RequestRecord) -> tuple[tuple[Any, ...], tuple[tuple[Any, ...], int] | None]:
-        """The record's row, and the `turns` row of its completed reply (stateless upstreams)."""
-        turn = None
-        try:
-            if r.reply_format is not None:
-                ASSEMBLERS[r.reply_format](r)
-            if r.log_turn:
-                turn = self.turns.thread(r)
-        except Exception as e:  # a malformed upstream reply still gets its record
-            r.error = r.error or f"could not assemble the reply: {e!r}"
-        row = (
-            r.id,
-            iso(r.started),
-            iso(r.finished) if r.finished else None,
-            r.method,
-            r.path,
-            r.client,
-            self._text(r.user_agent),
-            self._text(r.model),
-            r.provider,
-            r.upstream_model,
-            None if r.stream is None else int(r.stream),
-            self._body(r.request_body),
-            self._body(r.response_body),
-            self._text(r.prompt_text),
-            self._text(r.response_text),
-            self._text(r.reasoning_text),
-            r.finish_reason,
-            r.prompt_tokens,
-            r.completion_tokens,
-            r.total_tokens,
-            r.chunk_count,
-            r.status,
-            r.outcome,
-            self._text(r.error),
-            None if r.ttfb_ms is None else round(r.ttfb_ms, 3),
-            None if r.duration_ms is None else round(r.duration_ms, 3),
-            r.session_id,
-            r.turn,
-            r.chat_id,
-            r.parent_id,
-            r.reply_id,
-            self._attempts(r.attempts),
-        )
-        return row, turn
-
-    def apply(self, batches: list[tuple[list[Group], list[RequestRecord]]]) -> None:
-        """Write the batches in order, in one transaction; on failure, one item at a time
-        so that one bad row costs only itself."""
-        steps: list[Group] = []  # state changes, in order, before the rows
-        rows: list[tuple[Any, ...]] = []
-        turns: list[tuple[Any, ...]] = []
-        tips: dict[str, tuple[Any, ...]] = {}  # session -> its newest (parent_id, message_count)
-        for groups, records in batches:
-            for sql, many in groups:
-                if sql.lstrip().upper().startswith("DELETE"):
-                    self.turns.forget()  # a delete may take turns with it: reread them
-                steps.append((sql, many))
+    def prepare(self, records: list[RequestRecord]) -> tuple[list[Group], int, list[RequestRecord]]:
+        """The statements of `records` (tree rows, request rows, roll-ups), how many request
+        rows, and the records they cover: a record whose rows cannot be built is failed
+        alone and left out (the batch is gathered again without it)."""
+        while True:
+            rows = []
             for r in records:
                 self.give_way()
                 try:
-                    row, turn = self.prepare(r)
-                except Exception as e:  # a value no column takes: this record only
-                    self.failed += 1
-                    self.log("error", "log_record_failed", request_id=r.id, error=repr(e))
-                    continue
-                rows.append(row)
-                if turn is not None:
-                    turns.append(turn[0])
-                    tips[r.session_id] = (r.reply_id, turn[1])  # type: ignore[index]
-        if turns:
-            steps.append((INSERT_TURN, turns))
-            steps.append((ADVANCE_SESSION, [(reply_id, count, sid) for sid, (reply_id, count) in tips.items()]))
+                    rows.append(self.rows.build(r))
+                except Exception as e:  # a value no column takes, a reply we cannot read
+                    self._discard()
+                    self._fail("log_record_failed", e)
+                    records = [x for x in records if x is not r]
+                    break
+            else:
+                break
+        groups = self.tree.take()
+        if rows:
+            groups.append((INSERT_REQUEST, rows))
+        rollups = self.rows.take_rollups()
+        if rollups:
+            groups.append((UPSERT_ROLLUP, rollups))
+        attach = self.rows.take_attach()
+        if attach:
+            groups.append((ATTACH, attach))
+        return groups, len(rows), records
+
+    def apply(self, batches: list[tuple[list[Group], list[RequestRecord]]]) -> None:
+        """Write the batches in order, in one transaction; on failure, one record (or
+        state change) at a time so that one bad row costs only itself."""
+        steps: list[Group] = [g for groups, _ in batches for g in groups]
+        records = [r for _, records in batches for r in records]
+        n = len(records)
         if self.lines is not None:
-            # Before the write: a database another process holds locked (a VACUUM, say)
-            # delays the rows, and a crash mid-write loses them, but not these lines.
-            self.lines([r for _, records in batches for r in records if r.log_line], self.give_way)
-        self._write_all(steps, rows)
-        self.records_done += sum(len(records) for _, records in batches)
+            # Before the write: a database another process holds locked delays the rows,
+            # and a crash mid-write loses them, but not these lines.
+            self.lines([r for r in records if r.log_line], self.give_way)
+        groups, rows, records = self.prepare(records)
+        while True:
+            try:
+                self._write(steps + groups)
+                self.written += rows
+                break
+            except Exception as e:
+                self._rollback()
+                self._discard()
+                if _busy(e):
+                    self._wait_busy(e)
+                    groups, rows, records = self.prepare(records)
+                    continue
+                self.log("warning", "log_batch_failed", error=repr(e), records=len(records), statements=len(steps))
+                self._one_by_one(steps, records)
+                break
+        self.records_done += n
 
-    def _write_all(self, steps: list[Group], rows: list[tuple[Any, ...]]) -> None:
-        try:
-            self._write(steps, rows)
-            self.written += len(rows)
-        except Exception as e:  # SQLite's, or a value it cannot bind (an int past 64 bits)
-            self.log("warning", "log_batch_failed", error=repr(e), records=len(rows), statements=len(steps))
-            self._rollback()
-            for sql, many in steps:
-                for params in many:
-                    self._one(sql, params)
-            for row in rows:
-                self.written += self._one(INSERT_REQUEST, row, index=True)
+    def _wait_busy(self, e: BaseException) -> None:
+        waited = getattr(self, "_busy_since", None)
+        now = time.monotonic()
+        if waited is None:
+            self._busy_since = waited = now
+            self._busy_pause = 0.05
+            self._busy_warned = now
+        elif now - self._busy_warned >= WARN_INTERVAL_S:
+            self._busy_warned = now
+            self.log("warning", "log_database_busy", waited_s=round(now - waited, 1), error=str(e))
+        time.sleep(self._busy_pause)
+        self._busy_pause = min(self._busy_pause * 2, BUSY_RETRY_MAX_S)
 
-    def _write(self, steps: list[Group], rows: list[tuple[Any, ...]]) -> None:
+    def _one_by_one(self, steps: list[Group], records: list[RequestRecord]) -> None:
+        for sql, many in steps:
+            for params in many:
+                self._retrying(lambda: self._write([(sql, [params])]), "log_statement_failed")
+        for r in records:
+            def one(r: RequestRecord = r) -> None:
+                groups, rows, _ = self.prepare([r])
+                self._write(groups)
+                self.written += rows
+            self._retrying(one, "log_record_failed")
+
+    def _retrying(self, write: Any, event: str) -> None:
+        while True:
+            try:
+                write()
+                return
+            except Exception as e:
+                self._rollback()
+                self._discard()
+                if _busy(e):
+                    self._wait_busy(e)
+                    continue
+                self._fail(event, e)
+                return
+
+    def _write(self, steps: list[Group]) -> None:
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         for sql, many in steps:
             conn.executemany(sql, many)
-        if rows:
-            (last,) = conn.execute(LAST_ROWID).fetchone()
-            conn.executemany(INSERT_REQUEST, rows)
-            conn.execute(INDEX_SINCE, (last,))
         conn.execute("COMMIT")
+        self._busy_since = None
 
-    def _one(self, sql: str, params: Sequence[Any], *, index: bool = False) -> bool:
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-            last = self.conn.execute(LAST_ROWID).fetchone()[0] if index else None
-            self.conn.execute(sql, params)
-            if index:
-                self.conn.execute(INDEX_SINCE, (last,))
-            self.conn.execute("COMMIT")
-            return True
-        except Exception as e:  # this item only: the writer goes on with the next
-            self.failed += 1
-            self.log("error", "log_write_failed", error=repr(e), sql=sql.split("(")[0].strip()[:60])
-            self._rollback()
-            return False
+    def _discard(self) -> None:
+        """Forget what was gathered for a batch that will not be written as it was."""
+        self.tree.reset()
+        self.rows.take_rollups()
+        self.rows.take_attach()
 
     def _rollback(self) -> None:
         if self.conn.in_transaction:
@@ -416,7 +315,10 @@ def serve(inp: int, out: BinaryIO) -> None:
             sys.stderr.flush()  # what structlog's other lines left buffered goes first
             write_all(sys.stderr.fileno(), b"".join(out))
 
-    sink = Sink(open_db(cfg["db"]), max_body_bytes=cfg["max_body_bytes"], redactor=redactor, emit=emit, lines=lines)
+    sink = Sink(
+        open_db(cfg["db"]), max_body_bytes=cfg["max_body_bytes"], redactor=redactor, emit=emit, lines=lines,
+        max_message_bytes=cfg.get("max_message_bytes", 8 << 20),
+    )  # fmt: skip
     while not eof or pending:
         # Take what was sent (the daemon writes while we commit), lingering a little for
         # more unless asked to sync, then write it.

@@ -4,8 +4,9 @@ writer process (`sink.py`) in batches.
 Handlers never wait on the database, and the event loop never builds rows or runs SQLite:
 a finished record is queued as it is, and every few milliseconds the queue is pickled
 into one frame for the writer process, which assembles replies, redacts, and commits on
-the other core. Records not yet committed are bounded (`max_queue`; past it a record is
-dropped and counted, never blocking a request); state changes are never dropped.
+the other core. Records not yet committed are bounded in number and in bytes: past either
+bound new requests wait for room (`room()`, the default) or, if so configured, records
+are dropped and counted. State changes are never dropped.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ log = structlog.get_logger("provider_router.writer")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # where `provider_router` imports from
 
 Params = Callable[[], Sequence[Any]]
+
+
+def _size(r: RequestRecord) -> int:
+    return len(r.request_body or b"") + len(r.response_body or b"") + len(r.stream_body or b"")
 
 
 class _Pending:
@@ -51,12 +56,24 @@ class LogWriter:
         db_path: str,
         *,
         max_queue: int = 10_000,
-        max_body_bytes: int = 1024 * 1024,
+        max_queue_bytes: int = 256 << 20,
+        when_full: str = "wait",
+        max_body_bytes: int = 8 << 20,
+        max_message_bytes: int = 8 << 20,
         secrets: Sequence[str] = (),
         batch_size: int = 1000,
         linger: float = 0.01,
     ) -> None:
-        self._config = {"db": db_path, "max_body_bytes": max_body_bytes, "secrets": list(secrets)}
+        self._config = {
+            "db": db_path, "max_body_bytes": max_body_bytes, "max_message_bytes": max_message_bytes,
+            "secrets": list(secrets),
+        }  # fmt: skip
+        self._max_bytes = max_queue_bytes
+        self._drop = when_full == "drop"
+        self._bytes = 0  # bytes of records queued or in the writer process, not yet committed
+        self._batches: deque[tuple[int, int]] = deque()  # (records sent up to its end, its bytes)
+        self._room = asyncio.Event()
+        self._room.set()
         self._records: deque[RequestRecord] = deque()
         self._statements: deque[_Pending] = deque()
         self._latest: dict[str, _Pending] = {}
@@ -81,18 +98,48 @@ class LogWriter:
 
     # -- producers -------------------------------------------------------------------
     def submit(self, record: RequestRecord) -> bool:
-        """Queue a finished record; never blocks. Drops (and counts) when too many records
-        are not yet committed: False then."""
-        if len(self._records) + self._sent - self._done >= self._max_queue:
-            self.dropped += 1
-            now = time.monotonic()
-            if now - self._last_drop_warning > 5.0:
-                self._last_drop_warning = now
-                log.warning("log_queue_full", dropped_total=self.dropped, queue=self._max_queue)
-            return False
+        """Queue a finished record; never blocks. With `when_full="drop"`, drops (and
+        counts) it when the queue is full: False then. Otherwise it is always queued; new
+        requests wait in `room()` until the queue is below its bounds again."""
+        if self.full:
+            if self._drop:
+                self.dropped += 1
+                now = time.monotonic()
+                if now - self._last_drop_warning > 5.0:
+                    self._last_drop_warning = now
+                    log.warning("log_queue_full", dropped_total=self.dropped, queue=self._max_queue)
+                return False
+            if self._room.is_set():
+                self._room.clear()
+                log.warning("log_queue_full_waiting", queue=self.depth, queue_bytes=self._bytes)
         self._records.append(record)
+        self._bytes += _size(record)
         self._schedule()
         return True
+
+    @property
+    def full(self) -> bool:
+        return len(self._records) + self._sent - self._done >= self._max_queue or self._bytes >= self._max_bytes
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes
+
+    async def room(self) -> None:
+        """Wait until the queue is below its bounds (at once when it is, or when records
+        are dropped rather than waited for): the back-pressure on new requests."""
+        if not self._drop and self.full:
+            self._room.clear()
+            while self.full and not self._stopped:
+                await self._room.wait()
+                if self.full:
+                    self._room.clear()
+
+    def _freed(self) -> None:
+        while self._batches and self._batches[0][0] <= self._done:
+            self._bytes -= self._batches.popleft()[1]
+        if not self.full:
+            self._room.set()
 
     def execute(self, sql: str, params: Sequence[Any] = (), *, barrier: bool = False) -> None:
         """Queue a state change; never dropped. A `barrier` (e.g. a delete) is applied after
@@ -155,6 +202,7 @@ class LogWriter:
             await self._reader
         await proc.wait()
         self._end_syncs(True)
+        self._room.set()  # nothing waits for a writer that is gone
 
     def _end_syncs(self, synced: bool) -> None:
         for fut in self._syncs.values():
@@ -218,7 +266,11 @@ class LogWriter:
         while True:
             n = min(len(self._records), self._batch)
             records = [self._records.popleft() for _ in range(n)]
+            for r in records:
+                r.handed = True
             self._sent += n
+            if records:
+                self._batches.append((self._sent, sum(map(_size, records))))
             proc.stdin.write(frame(("batch", groups, records)))
             groups = []
             if not self._records:
@@ -233,6 +285,7 @@ class LogWriter:
                     _, done, written, failed, synced = msg
                     base = self._base
                     self._done, self.written, self.failed = base[0] + done, base[1] + written, base[2] + failed
+                    self._freed()
                     if synced is not None:
                         for n in [n for n in self._syncs if n <= synced]:
                             fut = self._syncs.pop(n)
@@ -248,6 +301,7 @@ class LogWriter:
         log.error("log_writer_exited", returncode=await proc.wait(), lost=lost)
         self.failed += lost
         self._done = self._sent
+        self._freed()
         self._proc = None
         self._running.clear()
         self._end_syncs(False)

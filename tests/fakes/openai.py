@@ -40,6 +40,10 @@ class OpenAIFake:
     stall_head: asyncio.Event | None = None
     # Close the connection after this many chunks, without [DONE].
     cut_after: int | None = None
+    # End the stream cleanly after the content: no finish reason, no [DONE] (truncated).
+    end_without_finish: bool = False
+    # After [DONE], wait for this event before ending the body (an upstream that lingers).
+    linger_after_done: asyncio.Event | None = None
     # Answer the next request with this (status, body) instead.
     fail_next: tuple[int, bytes] | None = None
     # Answer the next request with this status and an error body that echoes every request
@@ -76,6 +80,9 @@ class OpenAIFake:
         model, messages = body.get("model"), body.get("messages")
         if not isinstance(model, str) or not isinstance(messages, list) or not messages:
             return _err(400, "model and messages are required")
+        problem = _tool_problem(messages)
+        if problem:
+            return _err(400, problem)
         self.seen.append(Seen(dict(request.headers), body, raw))
         self.received.set()
         try:
@@ -100,15 +107,24 @@ class OpenAIFake:
         words = text.split(" ")
         usage = {"prompt_tokens": 3 * len(messages), "completion_tokens": len(words), "total_tokens": 3 * len(messages) + len(words)}
         cid = f"chatcmpl-fake{len(self.seen)}"
+        n = body.get("n") or 1
+        call = _tool_call(body, messages, cid)
         if not body.get("stream"):
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if call is not None:
+                message = {"role": "assistant", "content": None, "tool_calls": [call]}
             out = {
                 "id": cid,
                 "object": "chat.completion",
                 "created": 1700000000,
                 "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "choices": [
+                    {"index": i, "message": message if i == 0 else {"role": "assistant", "content": f"{text} (choice {i})"},
+                     "finish_reason": "tool_calls" if call is not None and i == 0 else "stop"}
+                    for i in range(n)
+                ],
                 "usage": usage,
-            }
+            }  # fmt: skip
             data = orjson.dumps(out)
             if self.stall_body is None:
                 return web.Response(body=data, content_type="application/json")
@@ -123,19 +139,59 @@ class OpenAIFake:
         await resp.prepare(request)
         head = {"id": cid, "object": "chat.completion.chunk", "created": 1700000000, "model": model}
         pieces = [{"role": "assistant", "content": ""}] + [{"content": w if i == 0 else " " + w} for i, w in enumerate(words)]
+        if call is not None:  # a tool call in pieces, as the API streams them
+            args = call["function"]["arguments"]
+            pieces = [
+                {"role": "assistant", "content": None, "tool_calls": [{"index": 0, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}]},
+                {"tool_calls": [{"index": 0, "function": {"arguments": args[: len(args) // 2]}}]},
+                {"tool_calls": [{"index": 0, "function": {"arguments": args[len(args) // 2 :]}}]},
+            ]  # fmt: skip
         for i, delta in enumerate(pieces):
             if self.cut_after is not None and i >= self.cut_after:
                 request.transport.close()  # type: ignore[union-attr]
                 return resp
-            chunk = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
-            await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            for c in range(n):
+                d = delta if c == 0 else {"content": f"{delta.get('content') or ''}" + (f" (choice {c})" if i == len(pieces) - 1 else "")}
+                chunk = {**head, "choices": [{"index": c, "delta": d, "finish_reason": None}]}
+                await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
             self.chunks_sent += 1
             if i == self.hold_after - 1 and self.hold_after_first is not None:
                 await self.hold_after_first.wait()
-        final = {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-        await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")
+        if self.end_without_finish:
+            await resp.write_eof()
+            return resp
+        for c in range(n):
+            reason = "tool_calls" if call is not None and c == 0 else "stop"
+            final = {**head, "choices": [{"index": c, "delta": {}, "finish_reason": reason}]}
+            await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")
         if (body.get("stream_options") or {}).get("include_usage"):
             await resp.write(b"data: " + orjson.dumps({**head, "choices": [], "usage": usage}) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
+        if self.linger_after_done is not None:
+            await self.linger_after_done.wait()
         await resp.write_eof()
         return resp
+
+
+def _tool_call(body: dict[str, Any], messages: list[dict[str, Any]], cid: str) -> dict[str, Any] | None:
+    """With tools offered and a last user message starting `call `, the fake calls the first
+    tool with that message as its argument; after a tool result it answers in text."""
+    tools = body.get("tools")
+    last = messages[-1]
+    if not tools or last.get("role") != "user" or not str(last.get("content") or "").startswith("call "):
+        return None
+    name = tools[0]["function"]["name"]
+    return {"id": f"call_{cid[-6:]}", "type": "function", "function": {"name": name, "arguments": orjson.dumps({"q": last["content"]}).decode()}}
+
+
+def _tool_problem(messages: list[dict[str, Any]]) -> str | None:
+    """As the API: an assistant message with tool calls must be answered by a tool message
+    for each call id, right after it."""
+    for i, m in enumerate(messages):
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if m.get("role") == "assistant" and calls:
+            ids = {c.get("id") for c in calls}
+            answered = {t.get("tool_call_id") for t in messages[i + 1 : i + 1 + len(ids)] if t.get("role") == "tool"}
+            if answered != ids:
+                return "An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'."
+    return None

@@ -1,0 +1,230 @@
+"""A finished request as rows: its history and replies in the conversation tree, its
+request row, and its share of the per-minute roll-ups.
+
+Used by the log writer process for every record and by the schema migration for the rows
+of an older release, so both store exactly the same shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import orjson
+
+from ..api.assemble import assemble_stream, completion
+from .records import RequestRecord, iso
+from .tree import CUT_MARK, Tree, split_body
+
+COLUMNS = (
+    "id", "received_at", "finished_at", "method", "path", "client", "user_agent", "model", "provider",
+    "upstream_model", "stream", "status", "outcome", "error", "finish_reason", "prompt_tokens",
+    "completion_tokens", "total_tokens", "cached_tokens", "chunk_count", "ttfb_ms", "duration_ms",
+    "session_id", "turn", "chat_id", "parent_id", "reply_id", "tip_message", "prompt_message",
+    "reply_message", "replies", "params", "params_blobs", "overrides", "body_blob", "response", "cut",
+    "attempts",
+)  # fmt: skip
+ATTACH = "UPDATE requests SET session_id = ?1, chat_id = ?1 WHERE id = ?2 AND session_id IS NULL"
+INSERT_REQUEST = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+
+# Latency histogram bounds (ms) of the roll-ups; the last bucket is everything above.
+BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+NB = len(BUCKETS_MS) + 1
+ROLLUP_KEY = ("minute", "model", "provider", "outcome", "client")
+ROLLUP_SUMS = (
+    ("requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "ttfb_count", "ttfb_sum", "duration_sum")
+    + tuple(f"t{i}" for i in range(NB))
+    + tuple(f"d{i}" for i in range(NB))
+)
+UPSERT_ROLLUP = (
+    f"INSERT INTO rollups ({', '.join(ROLLUP_KEY + ROLLUP_SUMS)}) VALUES ({', '.join('?' * (len(ROLLUP_KEY) + len(ROLLUP_SUMS)))}) "
+    f"ON CONFLICT ({', '.join(ROLLUP_KEY)}) DO UPDATE SET "
+    + ", ".join(f"{c} = {c} + excluded.{c}" for c in ROLLUP_SUMS)
+)
+
+
+def bucket(ms: float) -> int:
+    for i, bound in enumerate(BUCKETS_MS):
+        if ms <= bound:
+            return i
+    return NB - 1
+
+
+def _count(value: Any) -> int | None:
+    """A token count: a number (or digits) in SQLite's 64-bit range, else None."""
+    if isinstance(value, str) and value.isdecimal() and len(value) <= 19:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return int(value) if -(2**63) <= value < 2**63 else None
+
+
+def _str(value: Any) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value if value and isinstance(value, str) else None
+
+
+class Rows:
+    """Builds the rows of one record at a time into `tree`'s batch and `rollups`."""
+
+    def __init__(self, tree: Tree, redact: Callable[[str], str], max_body_bytes: int) -> None:
+        self.tree = tree
+        self.redact = redact
+        self.max_body = max_body_bytes
+        self.rollups: dict[tuple[Any, ...], list[float]] = {}
+        self.attach: list[tuple[str, str]] = []  # (session id, request id): after the inserts
+
+    def _text(self, value: str | None) -> str | None:
+        return None if value is None else self.redact(value)
+
+    def _json(self, value: Any) -> str | None:
+        return None if value is None else self.redact(orjson.dumps(value).decode())
+
+    def _capped(self, data: bytes, cut: list[str], where: str) -> str:
+        extra = len(data) - self.max_body
+        text = data[: self.max_body].decode("utf-8", "replace") if extra > 0 else data.decode("utf-8", "replace")
+        if extra > 0:
+            cut.append(where)
+            text += CUT_MARK.format(n=extra)
+        return self.redact(text)
+
+    def take_rollups(self) -> list[tuple[Any, ...]]:
+        out = [key + tuple(v) for key, v in self.rollups.items()]
+        self.rollups = {}
+        return out
+
+    def take_attach(self) -> list[tuple[str, str]]:
+        out, self.attach = self.attach, []
+        return out
+
+    def build(self, r: RequestRecord) -> tuple[Any, ...]:
+        """The request row of `r` (its tree statements gather in `self.tree`)."""
+        tree = self.tree
+        cut: list[str] = []
+        reply: dict[str, Any] | None = None
+        if r.reply_format == "stream" and r.stream_body is not None:
+            reply = assemble_stream(r.stream_body)
+            r.chunk_count = reply.pop("_events")
+        elif r.reply_format == "completion" and r.response_body:
+            reply = completion(r.response_body)
+        if r.stream_cut:
+            cut.append(f"response stream ({r.stream_cut} bytes not kept)")
+        usage = reply.get("usage") if reply else None
+        if isinstance(usage, dict):
+            r.prompt_tokens = _count(usage.get("prompt_tokens"))
+            r.completion_tokens = _count(usage.get("completion_tokens"))
+            r.total_tokens = _count(usage.get("total_tokens"))
+            details = usage.get("prompt_tokens_details")
+            r.cached_tokens = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
+        choices = [c for c in (reply or {}).get("choices") or () if isinstance(c, dict)]
+        if choices and r.finish_reason is None:
+            r.finish_reason = _str(choices[0].get("finish_reason"))
+        if reply and r.reply_id is None:
+            r.reply_id = _str(reply.get("id"))
+
+        params = blobs = overrides = None
+        body_blob = tip = prompt = reply_message = replies = None
+        placed = None
+        split = split_body(r.request_body) if r.request_body else None
+        if split is not None:
+            try:
+                placed = tree.place(split[1], r.session_id)
+            except ValueError:
+                placed = None
+        if placed is not None and split is not None:
+            params, blobs = tree.params(split[0])
+            tip, prompt = placed.tip, placed.prompt
+            if r.turn is None:
+                r.turn = placed.turn
+            if placed.overrides:
+                overrides = self._json({str(i): m for i, m in placed.overrides.items()})
+        elif r.request_body is not None:
+            body_blob = tree.blob(r.request_body[: self.max_body])
+            if len(r.request_body) > self.max_body:
+                cut.append("request body")
+
+        response: str | None = None
+        if reply is not None and placed is not None and placed.tip is not None:
+            ids = []
+            meta_choices = []
+            for c in choices:
+                msg = c.get("message")
+                nid, same = None, False
+                if isinstance(msg, dict):
+                    nid, same = tree.reply(placed, msg, f"choices[{c.get('index', 0)}]")
+                ids.append(nid)  # one per choice, in order (None: a choice with no message)
+                # The message is its node's body: kept here only where it differs.
+                meta_choices.append({k: v for k, v in c.items() if k != "message" or not same})
+            if ids:
+                reply_message = ids[0]
+                replies = orjson.dumps(ids).decode() if len(ids) > 1 or ids[0] is None else None
+            response = self._json({**reply, "choices": meta_choices})
+        elif reply is not None:
+            response = self._json(reply)
+        elif r.response_body is not None:
+            response = self._capped(r.response_body, cut, "response body")
+        if placed is not None and placed.cut:
+            cut += placed.cut
+
+        row = (
+            r.id,
+            iso(r.started),
+            iso(r.finished) if r.finished else None,
+            r.method,
+            r.path,
+            r.client,
+            self._text(r.user_agent),
+            self._text(r.model),
+            r.provider,
+            r.upstream_model,
+            None if r.stream is None else int(r.stream),
+            r.status,
+            r.outcome,
+            self._text(r.error),
+            r.finish_reason,
+            r.prompt_tokens,
+            r.completion_tokens,
+            r.total_tokens,
+            r.cached_tokens,
+            r.chunk_count,
+            None if r.ttfb_ms is None else round(r.ttfb_ms, 3),
+            None if r.duration_ms is None else round(r.duration_ms, 3),
+            r.session_id if r.log_session else None,
+            r.turn,
+            r.chat_id if r.log_session else None,
+            r.parent_id,
+            r.reply_id,
+            tip,
+            prompt,
+            reply_message,
+            replies,
+            params,
+            blobs,
+            overrides,
+            body_blob,
+            response,
+            ", ".join(cut) if cut else None,
+            self._json([{**a, "error": self._text(a.get("error"))} for a in r.attempts]) if r.attempts else None,
+        )
+        self._roll(r)
+        if r.attach and r.session_id:
+            self.attach.append((r.session_id, r.attach))
+        return row
+
+    def _roll(self, r: RequestRecord) -> None:
+        key = (iso(r.started)[:16], self._text(r.model) or "", r.provider or "", r.outcome or "", r.client or "")
+        v = self.rollups.get(key)
+        if v is None:
+            v = self.rollups[key] = [0] * len(ROLLUP_SUMS)
+        v[0] += 1
+        v[1] += r.outcome != "ok"
+        v[2] += r.prompt_tokens or 0
+        v[3] += r.completion_tokens or 0
+        v[4] += r.cached_tokens or 0
+        if r.ttfb_ms is not None:
+            v[5] += 1
+            v[6] += r.ttfb_ms
+            v[8 + bucket(r.ttfb_ms)] += 1
+        if r.duration_ms is not None:
+            v[7] += r.duration_ms
+            v[8 + NB + bucket(r.duration_ms)] += 1

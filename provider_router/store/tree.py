@@ -1,0 +1,272 @@
+"""The conversation tree on a SQLite connection: messages stored once per position, keyed
+by the chained hash of `history.node_key`; large request fields stored once by content
+hash; one request row pointing at the tip of what it sent and at the reply of each choice.
+
+Synchronous (the log writer process and the schema migration run it): `Tree.add` turns one
+finished request into statements, `Tree.flush` writes them. Only what is new is parsed and
+hashed: a conversation's previous request is remembered, and the messages a client resends
+unchanged (byte for byte) are matched without being read again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import msgspec
+import orjson
+
+from .. import history
+
+# A request field at least this long (tools, response_format, a JSON schema) is a blob.
+BLOB_MIN_BYTES = 128
+CUT_MARK = "…[cut {n} bytes]"
+_RAW_OBJECT = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_RAW_LIST = msgspec.json.Decoder(list[msgspec.Raw])
+NODE_CACHE = 200_000  # tree keys -> (id, hash of the stored body): about 150 bytes each
+CONVERSATION_CACHE_BYTES = 64 << 20  # the previous request of recent conversations
+
+
+def blob_hash(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+@dataclass(slots=True)
+class _Path:
+    """What a conversation's previous request resolved to, message by message."""
+
+    array: bytes  # its `messages` array as sent
+    raws: list[bytes]
+    keys: list[bytes]
+    ids: list[int]
+    assistants: list[int]  # assistant messages up to and including i
+    last_user: list[int]  # the id of the last user message up to i (0: none)
+    overrides: dict[int, Any]
+
+
+@dataclass(slots=True)
+class Placed:
+    """A request's history in the tree."""
+
+    tip: int | None = None
+    tip_key: bytes = b""
+    prompt: int | None = None
+    turn: int = 1
+    overrides: dict[int, Any] = field(default_factory=dict)
+    cut: list[str] = field(default_factory=list)
+
+
+class Tree:
+    """Statements for the tree, gathered per batch; ids are assigned here (one writer)."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        max_message_bytes: int = 8 << 20,
+        redact: Callable[[str], str] = lambda s: s,
+    ) -> None:
+        self.conn = conn
+        self.max_message = max_message_bytes
+        self.redact = redact
+        self._nodes: OrderedDict[bytes, tuple[int, bytes]] = OrderedDict()
+        self._blobs: OrderedDict[bytes, int] = OrderedDict()
+        self._paths: OrderedDict[str, _Path] = OrderedDict()
+        self._path_bytes = 0
+        self.reset()
+
+    # -- batch state -----------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget what was gathered and anything cached that a rolled-back batch may have
+        put there; read the next ids again."""
+        self._nodes.clear()
+        self._blobs.clear()
+        self._paths.clear()
+        self._path_bytes = 0
+        self.new_nodes: list[tuple[Any, ...]] = []
+        self._fresh: set[int] = set()  # nodes created in this batch: none has a child stored yet
+        self.new_text: list[tuple[int, str]] = []
+        self.blob_rows: list[tuple[Any, ...]] = []
+        self.blob_refs: dict[int, int] = {}
+        self.next_node = self._max("messages") + 1
+        self.next_blob = self._max("blobs") + 1
+
+    def _max(self, table: str) -> int:
+        (n,) = self.conn.execute(f"SELECT coalesce(max(id), 0) FROM {table}").fetchone()
+        return int(n)
+
+    def take(self) -> list[tuple[str, Sequence[Any]]]:
+        """The gathered statements, in the order they must run; the gathering starts anew."""
+        out: list[tuple[str, Sequence[Any]]] = []
+        if self.blob_rows:
+            out.append(("INSERT INTO blobs (id, hash, data, refs) VALUES (?, ?, ?, 0)", self.blob_rows))
+        if self.blob_refs:
+            out.append(("UPDATE blobs SET refs = refs + ? WHERE id = ?", [(n, i) for i, n in self.blob_refs.items()]))
+        if self.new_nodes:
+            out.append(("INSERT INTO messages (id, hash, parent_id, role, body) VALUES (?, ?, ?, ?, ?)", self.new_nodes))
+        if self.new_text:
+            out.append(("INSERT INTO messages_fts (rowid, text) VALUES (?, ?)", self.new_text))
+        self.new_nodes, self.new_text, self.blob_rows, self.blob_refs = [], [], [], {}
+        self._fresh = set()
+        return out
+
+    # -- nodes -----------------------------------------------------------------------------
+    def _cap(self, m: dict[str, Any], exact: bytes, placed: Placed, where: str) -> bytes:
+        """A message longer than the cap is stored with its content cut, and the cut said."""
+        extra = len(exact) - self.max_message
+        if extra <= 0:
+            return exact
+        content = m.get("content")
+        if isinstance(content, str):
+            keep = max(0, len(content) - extra - 64)
+            m = {**m, "content": content[:keep] + CUT_MARK.format(n=len(content) - keep)}
+        else:
+            m = {"role": m.get("role"), "content": CUT_MARK.format(n=len(exact))}
+        placed.cut.append(where)
+        return orjson.dumps(m, option=orjson.OPT_SORT_KEYS)
+
+    def node(self, parent_id: int | None, parent_key: bytes, m: dict[str, Any], placed: Placed, where: str) -> tuple[int, bytes, bool]:
+        """The node of message `m` under `parent_key` (created if new): (id, key, whether
+        its stored body is `m` itself). A body differing from the stored one is kept by
+        the request as an override."""
+        key = history.node_key(parent_key, m)
+        exact = orjson.dumps(m, option=orjson.OPT_SORT_KEYS)
+        hit = self._nodes.get(key)
+        if hit is None and parent_id not in self._fresh:  # a new parent has no stored child
+            row = self.conn.execute("SELECT id, body FROM messages WHERE hash = ?", (key,)).fetchone()
+            if row is not None:
+                hit = (row[0], hash(row[1].encode()))
+        if hit is None:
+            capped = self._cap(m, exact, placed, where)
+            decoded = capped.decode()
+            text = self.redact(decoded)
+            nid = self.next_node
+            self.next_node += 1
+            self._fresh.add(nid)
+            self.new_nodes.append((nid, key, parent_id, str(m.get("role")), text))
+            # Derived from the stored (redacted) body alone, so that retention can delete
+            # exactly these terms again from the body.
+            stored = m if capped is exact and text == decoded else orjson.loads(text)
+            self.new_text.append((nid, history.message_text(stored)))
+            hit = (nid, hash(text.encode()) if stored is not m else hash(exact))
+        self._nodes[key] = hit
+        self._nodes.move_to_end(key)
+        if len(self._nodes) > NODE_CACHE:
+            self._nodes.popitem(last=False)
+        return hit[0], key, hit[1] == hash(exact)
+
+    # -- requests --------------------------------------------------------------------------
+    def params(self, top: dict[str, msgspec.Raw]) -> tuple[str, str | None]:
+        """The body's fields but `messages`: (small ones as a JSON object, large ones as a
+        JSON object of field -> blob id)."""
+        small: list[bytes] = []
+        blobs: dict[str, int] = {}
+        for k, raw in top.items():
+            if k == "messages":
+                continue
+            data = bytes(raw)
+            if len(data) < BLOB_MIN_BYTES:
+                small.append(orjson.dumps(k) + b":" + data)
+                continue
+            blobs[k] = self.blob(data)
+        text = self.redact((b"{" + b",".join(small) + b"}").decode("utf-8", "replace"))
+        return text, (orjson.dumps(blobs).decode() if blobs else None)
+
+    def blob(self, data: bytes) -> int:
+        h = blob_hash(data)
+        bid = self._blobs.get(h)
+        if bid is None:
+            row = self.conn.execute("SELECT id FROM blobs WHERE hash = ?", (h,)).fetchone()
+            if row is None:
+                bid = self.next_blob
+                self.next_blob += 1
+                self.blob_rows.append((bid, h, self.redact(data.decode("utf-8", "replace"))))
+            else:
+                bid = row[0]
+            self._blobs[h] = bid
+            if len(self._blobs) > 10_000:
+                self._blobs.popitem(last=False)
+        self.blob_refs[bid] = self.blob_refs.get(bid, 0) + 1
+        return bid
+
+    def _resend(self, array: bytes, prev: _Path | None) -> tuple[int, list[bytes]]:
+        """How many of the previous request's messages this `messages` array starts with,
+        and the messages after them, unread. A client that resends its history writes
+        it the same way each time: when the array extends the previous one byte for
+        byte, only the new tail is scanned."""
+        if prev is not None and prev.raws:
+            head = prev.array.rstrip()[:-1].rstrip()  # without its closing bracket
+            if len(array) > len(head) and array.startswith(head):
+                tail = array[len(head) :].lstrip()
+                if tail.startswith(b","):
+                    return len(prev.raws), [bytes(r) for r in _RAW_LIST.decode(b"[" + tail[1:])]
+        raws = [bytes(r) for r in _RAW_LIST.decode(array)]
+        k = 0
+        if prev is not None:
+            n = min(len(prev.raws), len(raws))
+            while k < n and raws[k] == prev.raws[k]:
+                k += 1
+        return k, raws[k:]
+
+    def place(self, array: bytes, conversation: str | None) -> Placed:
+        """Put a request's `messages` (the array as sent) in the tree; `conversation` (a
+        session id) names where its previous request's resolution is remembered."""
+        placed = Placed()
+        prev = self._paths.get(conversation) if conversation else None
+        k, new = self._resend(array, prev)
+        if prev is not None and k:
+            raws, keys, ids = prev.raws[:k], prev.keys[:k], prev.ids[:k]
+            assistants, last_user = prev.assistants[:k], prev.last_user[:k]
+            overrides = {i: v for i, v in prev.overrides.items() if i < k}
+        else:
+            raws, keys, ids, assistants, last_user, overrides = [], [], [], [], [], {}
+        for i, raw in enumerate(new, start=k):
+            m = orjson.loads(raw)  # a message nested past orjson's depth: ValueError
+            if not isinstance(m, dict):
+                raise ValueError(f"message {i} is not an object")
+            nid, key, same = self.node(ids[-1] if ids else None, keys[-1] if keys else b"", m, placed, f"messages[{i}]")
+            if not same:
+                overrides[i] = m
+            raws.append(raw)
+            keys.append(key)
+            ids.append(nid)
+            role = m.get("role")
+            assistants.append((assistants[-1] if assistants else 0) + (role == "assistant"))
+            last_user.append(nid if role == "user" else (last_user[-1] if last_user else 0))
+        if ids:
+            placed.tip, placed.tip_key = ids[-1], keys[-1]
+            placed.prompt = last_user[-1] or None
+            placed.turn = assistants[-1] + 1
+        placed.overrides = overrides
+        if conversation:
+            old = self._paths.pop(conversation, None)
+            self._path_bytes += len(array) - (len(old.array) * 2 if old else 0)
+            self._paths[conversation] = _Path(array, raws, keys, ids, assistants, last_user, overrides)
+            self._path_bytes += len(array)
+            while self._path_bytes > CONVERSATION_CACHE_BYTES and self._paths:
+                _, gone = self._paths.popitem(last=False)
+                self._path_bytes -= len(gone.array) * 2
+        return placed
+
+    def reply(self, placed: Placed, message: dict[str, Any], where: str) -> tuple[int, bool]:
+        """The reply's node under the request's tip, and whether its stored body is this
+        message exactly (if not, the response keeps the message itself)."""
+        nid, _, same = self.node(placed.tip, placed.tip_key, message, placed, where)
+        return nid, same
+
+
+def split_body(body: bytes) -> tuple[dict[str, msgspec.Raw], bytes] | None:
+    """A chat request body as its top-level fields and its `messages` array, unread; None
+    when it is not an object with a list of messages."""
+    try:
+        top = _RAW_OBJECT.decode(body)
+    except (msgspec.DecodeError, TypeError, ValueError, RecursionError):  # deeper than msgspec reads
+        return None
+    raw = top.get("messages")
+    if raw is None:
+        return None
+    array = bytes(raw)
+    return (top, array) if array.startswith(b"[") else None

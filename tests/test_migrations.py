@@ -1,0 +1,75 @@
+"""Migrations: a database written by the previous release (0.1.0: every request row with its
+whole bodies, `tests/data/log-0.1.0.db`, filled by that release's daemon through the
+official SDK: an echo and a threaded qwen conversation of three turns, streamed and not, a
+body stored cut, a rejected request) migrates in place with nothing lost."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import aiosqlite
+import orjson
+
+from provider_router import history
+from provider_router.store import connect, queries
+from provider_router.store.migrations import MIGRATIONS
+
+DATA = Path(__file__).parent / "data"
+
+
+async def test_a_previous_release_database_migrates_in_place(tmp_path: Path) -> None:
+    """Every old row becomes a request of the tree whose request and reply are what the old
+    row held (a body stored cut is kept whole, marker and all); the threaded turns point at
+    their reply nodes, so a daemon on the migrated file continues the upstream chat; stats
+    come from roll-ups that count every row; and migrating again changes nothing."""
+    path = tmp_path / "old.db"
+    shutil.copy(DATA / "log-0.1.0.db", path)
+    old = sqlite3.connect(path)
+    old.row_factory = sqlite3.Row
+    before = [dict(r) for r in old.execute("SELECT * FROM requests ORDER BY id")]
+    old_turns = [dict(r) for r in old.execute("SELECT * FROM turns WHERE chat_id IS NOT session_id")]
+    old.close()
+    conn = await connect(path)  # what the daemon and the CLI do on start-up
+    await conn.close()
+    conn = await aiosqlite.connect(path)
+    try:
+        names = [r[0] for r in await (await conn.execute("SELECT name FROM _migrations ORDER BY name")).fetchall()]
+        assert names == [n for n, _ in MIGRATIONS]
+        for row in before:
+            got = await queries.get_request(conn, row["id"])
+            assert got is not None
+            for col in ("received_at", "finished_at", "model", "provider", "status", "outcome", "session_id", "chat_id", "parent_id", "reply_id", "total_tokens"):
+                assert got[col] == row[col], col
+            assert got["turn"] == row["turn"] or row["turn"] is None  # now counted for rejected requests too
+            if row["request_body"].endswith("bytes]"):  # stored cut by 0.1.0: kept as it was
+                assert got["request"] == row["request_body"]
+            else:
+                assert got["request"] == json.loads(row["request_body"])
+            if row["status"] == 200:
+                assert got["response_text"] == row["response_text"]
+            elif row["response_body"] is not None:
+                assert got["response"] == json.loads(row["response_body"])
+        stats = await queries.stats(conn)
+        assert stats.total.requests == len(before)
+        assert stats.total.errors == sum(r["outcome"] != "ok" for r in before)
+    finally:
+        await conn.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("SELECT count(*) FROM turns").fetchone()[0] == len(old_turns) == 3
+    said = json.loads((DATA / "log-0.1.0.qwen-history.json").read_text())
+    keys = history.node_keys(said)
+    replies = {keys[i] for i, m in enumerate(said) if m["role"] == "assistant"}
+    assert {r[0] for r in db.execute("SELECT message_hash FROM turns")} == replies
+    assert {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} >= {"messages", "blobs", "rollups"}
+    assert "request_body" not in [r[1] for r in db.execute("PRAGMA table_info(requests)")]
+    dump = orjson.dumps([list(r) for r in db.execute("SELECT * FROM requests ORDER BY id")])
+    db.close()
+    conn = await connect(path)
+    await conn.close()
+    db = sqlite3.connect(path)
+    assert orjson.dumps([list(r) for r in db.execute("SELECT * FROM requests ORDER BY id")]) == dump
+    db.close()

@@ -1,0 +1,102 @@
+"""The conversation tree under random traces: conversations continued, regenerated, edited
+and gone back in, resent by clients that vary how they write the same message; written
+through the log writer in random batches, then read back."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from provider_router import history
+from provider_router.store import Redactor, RequestRecord, queries, sink
+from provider_router.store.migrations import migrate_file
+
+texts = st.sampled_from(["hi", " hi", "hi ", "why?", "ok", "tell me more", "", "ünïcode ✓"])
+extras = st.fixed_dictionaries({}, optional={"name": st.sampled_from(["ann", "bob"]), "refusal": st.none()})
+
+
+@st.composite
+def traces(draw: Any) -> list[tuple[int | None, list[dict[str, Any]], dict[str, Any]]]:
+    """(session, history sent, reply message) per request."""
+    convs: list[list[dict[str, Any]]] = [[{"role": "system", "content": "sys"}] for _ in range(draw(st.integers(1, 3)))]
+    out = []
+    for _ in range(draw(st.integers(1, 14))):
+        c = draw(st.integers(0, len(convs) - 1))
+        conv = convs[c]
+        action = draw(st.sampled_from(["continue", "regenerate", "edit", "back"]))
+        users = [i for i, m in enumerate(conv) if m["role"] == "user"]
+        if action == "edit" and users:
+            conv = conv[: users[-1]]
+        elif action == "back" and users:
+            conv = conv[: users[draw(st.integers(0, len(users) - 1))]]
+        if action != "regenerate" or not users:
+            content: Any = draw(texts)
+            if draw(st.booleans()):
+                content = [{"type": "text", "text": content}]
+            conv = [*conv, {"role": "user", "content": content, **draw(extras)}]
+        reply: dict[str, Any] = {"role": "assistant", "content": draw(texts)}
+        if draw(st.booleans()):
+            reply = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": draw(texts)}}]}
+        out.append((c if draw(st.booleans()) else None, conv, reply))
+        resent = dict(reply, **draw(extras))  # how this client writes the reply back
+        if reply.get("tool_calls"):
+            resent = [resent, {"role": "tool", "tool_call_id": "c1", "content": draw(texts)}]  # type: ignore[assignment]
+        convs[c] = [*conv, *(resent if isinstance(resent, list) else [resent])]
+    return out
+
+
+def _record(session: int | None, messages: list[dict[str, Any]], reply: dict[str, Any], i: int) -> RequestRecord:
+    r = RequestRecord("POST", "/v1/chat/completions")
+    r.session_id = None if session is None else f"s{session}"
+    r.request_body = orjson.dumps({"model": "m", "temperature": 0.5, "messages": messages})
+    r.response_body = orjson.dumps({"id": f"c{i}", "object": "chat.completion", "created": i, "model": "m",
+                                    "choices": [{"index": 0, "message": reply, "finish_reason": "stop"}]})  # fmt: skip
+    r.reply_format = "completion"
+    r.finish(200, "ok")
+    return r
+
+
+async def _read(path: Path, ids: list[str]) -> list[dict[str, Any]]:
+    conn = await aiosqlite.connect(path)
+    try:
+        return [await queries.get_request(conn, i) for i in ids]  # type: ignore[misc]
+    finally:
+        await conn.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(traces(), st.lists(st.integers(1, 5), min_size=1, max_size=5))
+def test_random_traces_store_each_message_once_and_reconstruct_exactly(trace: list[Any], cuts: list[int]) -> None:
+    """Every request reads back as exactly the body it was sent with and the response it
+    got; the tree holds one row per distinct position (its history prefix and message)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "t.db"
+        migrate_file(str(path))
+        out = sink.Sink(sink.open_db(str(path)), max_body_bytes=1 << 20, redactor=Redactor([]), emit=lambda _: None)
+        records = [_record(s, m, r, i) for i, (s, m, r) in enumerate(trace)]
+        bodies = [(orjson.loads(r.request_body), orjson.loads(r.response_body)) for r in records]  # type: ignore[arg-type]
+        start = 0
+        for n in cuts * len(records):  # batches of random sizes
+            if start >= len(records):
+                break
+            out.apply([([], records[start : start + n])])
+            start += n
+        assert out.written == len(records) and out.failed == 0
+        for got, (request, response) in zip(asyncio.run(_read(path, [r.id for r in records])), bodies):
+            assert got["request"] == request
+            assert got["response"] == response
+        positions = set()
+        for _, messages, reply in trace:
+            keys = history.node_keys(messages)
+            positions |= {*keys, history.node_key(keys[-1], reply)}
+        db = sqlite3.connect(path)
+        assert db.execute("SELECT count(*), count(DISTINCT hash) FROM messages").fetchone() == (len(positions), len(positions))
+        db.close()
