@@ -47,7 +47,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"refusing to listen on {server.host} with no auth.client_keys: anyone on the network "
             "could spend your provider keys. Configure client keys, or pass --insecure-no-auth."
         )
-    setup_logging(args.log_level or cfg.logs.level, redact=Redactor(cfg.secrets()))
+    level = args.log_level or cfg.logs.level
+    setup_logging(level, redact=Redactor(cfg.secrets()))
     if built_in:
         import structlog
 
@@ -56,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     from .serve import run
 
-    return run(cfg, db_path=args.db)
+    return run(cfg, db_path=args.db, traceback=level == "debug")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -75,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the proxy daemon",
-        description="Run the proxy. SIGINT/SIGTERM stop it gracefully: in-flight requests finish "
-        "(up to server.shutdown_grace_seconds) and every log record is flushed.",
+        description="Run the proxy. SIGTERM, SIGINT or SIGHUP stop it gracefully: in-flight requests finish "
+        "(up to server.shutdown_grace_seconds) and every log record is flushed; a second signal ends the "
+        "grace at once. A start-up failure exits 1 with one line saying what to do.",
     )
     _add_common(serve)
     serve.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")

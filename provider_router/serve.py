@@ -1,25 +1,39 @@
-"""Running the daemon: the event loop, the listening socket, and graceful shutdown.
+"""Running the daemon: the event loop, the listening socket, signals and shutdown.
 
-aiohttp's runner handles SIGINT/SIGTERM: it stops accepting, lets in-flight requests run
-for the grace period, cancels the rest, then runs the app's cleanup (log flush last).
+SIGTERM, SIGINT and SIGHUP stop it gracefully: the listener closes, in-flight requests get
+`server.shutdown_grace_seconds`, then the app's cleanup flushes the log. A second signal
+ends the grace at once. A start-up failure is one `startup_failed` line and exit status 1.
+A watchdog ends the process if stopping itself hangs: nothing keeps a stopped daemon alive.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import re
+import os
+import signal
+import threading
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 import structlog
 from aiohttp import web
 
-from .app import create_app
+from .app import create_app, end_grace
 from .config import Config
+from .startup import StartupError, database_error, listen_error
 from .state import STATE
 from .store.presence import hold, serving
 
 log = structlog.get_logger("provider_router")
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# After the grace: closing connections, then the log writer committing what is queued.
+FLUSH_SECONDS = 30.0
+# After a second signal (or a failed start): the same, in a hurry.
+HURRY_SECONDS = 5.0
+EXIT_FORCED = 70  # EX_SOFTWARE: it had to be ended by the watchdog
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -48,63 +62,180 @@ def local_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _bound_port(message: str, default: int) -> int:
-    # run_app's message names its sites with the bound port: `--port 0` shows the one picked.
-    m = re.search(r"://\S*:(\d+)", message)
-    return int(m.group(1)) if m else default
+class Watchdog:
+    """Ends the process at a deadline unless it has exited by then. Armed when stopping
+    starts: a cleanup step that hangs (a thread that never ends, a lock never granted) must
+    not leave a daemon that serves nothing and ignores signals. A daemon thread, so it
+    never holds up a normal exit."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._deadline: float | None = None
+        self._why = ""
+        self._thread: threading.Thread | None = None
+
+    def arm(self, seconds: float, why: str) -> None:
+        """End the process in `seconds` at the latest (an earlier deadline wins)."""
+        with self._cond:
+            deadline = time.monotonic() + seconds
+            if self._deadline is None or deadline < self._deadline:
+                self._deadline, self._why = deadline, why
+            self._cond.notify()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="shutdown-watchdog", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                assert self._deadline is not None
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+        log.error("shutdown_forced", reason=self._why, hint="records not yet committed are lost; see the lines before")
+        os._exit(EXIT_FORCED)
 
 
-def run(cfg: Config, *, db_path: str | None = None) -> int:
-    """Serve until SIGINT/SIGTERM; the exit status."""
-    db = db_path or cfg.database.path
-    # Before the app loads sessions: another daemon on this database would write its own
-    # copies of them over ours, and a CLI edit must know whom to ask from the start.
-    Path(db).parent.mkdir(parents=True, exist_ok=True)
+class Signals:
+    """SIGTERM, SIGINT, SIGHUP: the first stops gracefully, the second ends the grace."""
+
+    def __init__(self, grace: float, watchdog: Watchdog) -> None:
+        self.grace = grace
+        self.watchdog = watchdog
+        self.stop = asyncio.Event()
+        self.count = 0
+        self.hurry: Callable[[], None] = lambda: None
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in SIGNALS:
+            loop.add_signal_handler(sig, self._received, sig)
+
+    def _received(self, sig: int) -> None:
+        self.count += 1
+        name = signal.Signals(sig).name
+        if self.count == 1:
+            log.info("signal_received", signal=name, action="stopping gracefully", grace_seconds=self.grace)
+            self.watchdog.arm(self.grace + FLUSH_SECONDS, f"{name}: stopping took longer than the grace and the log flush")
+            self.stop.set()
+        elif self.count == 2:
+            log.warning("signal_received", signal=name, action="grace ended: in-flight requests are ended now")
+            self.watchdog.arm(HURRY_SECONDS, f"second signal ({name}): stopping did not finish in time")
+            self.stop.set()
+            self.hurry()
+        else:
+            log.warning("signal_received", signal=name, action="already stopping", exits_within_seconds=HURRY_SECONDS)
+
+
+def _hold_mark(db: str) -> Any:
+    """The `<db>.daemon` mark, None if it could not be made, or False if another daemon holds it."""
     try:
         mark = hold(db)
     except OSError as e:
-        mark = None
         log.warning("daemon_mark_failed", db=db, error=str(e))
-    else:
-        if mark is None:
-            other = serving(db) or {}
-            log.error(
-                "database_in_use", db=db, other_pid=other.get("pid"), other_url=other.get("url"),
-                hint="another daemon serves this database: stop it, or pass --db for another one",
-            )
-            return 1
-    app = create_app(cfg, db_path=db)
-    app.on_startup.append(_settle_heap)  # after the app's own start-up (cleanup_ctx runs first)
-    host, port = cfg.server.host, cfg.server.port
+        return None
+    if mark is None:
+        other = serving(db) or {}
+        log.error(
+            "database_in_use", db=db, other_pid=other.get("pid"), other_url=other.get("url"),
+            hint="another daemon serves this database: stop it, or pass --db for another one",
+        )  # fmt: skip
+        return False
+    return mark
 
-    def announce(message: str) -> None:
-        # Called by run_app once the socket listens, so "listening" means ready; from then
-        # on the mark tells the CLI where to send session edits.
-        bound = _bound_port(message, port)
-        if mark is not None:
-            mark.serve_at(local_url(host, bound))
-        log.info(
-            "listening",
-            url=f"http://{host}:{bound}/v1",
-            db=db,
-            models=[m.name for m in app[STATE].router.available],
-        )
 
+def run(cfg: Config, *, db_path: str | None = None, traceback: bool = False) -> int:
+    """Serve until SIGTERM/SIGINT/SIGHUP; the exit status. `traceback`: start-up failures
+    log their traceback too (`--log-level debug`)."""
+    db = db_path or cfg.database.path
+    watchdog = Watchdog()
     loop = _new_loop()
     asyncio.set_event_loop(loop)
+    signals = Signals(cfg.server.shutdown_grace_seconds, watchdog)
+    signals.install(loop)  # from here on no signal kills it mid-start: it stops after starting
+    mark: Any = None
     try:
-        web.run_app(
-            app,
-            host=host,
-            port=port,
-            shutdown_timeout=cfg.server.shutdown_grace_seconds,
-            handler_cancellation=True,
-            access_log=None,
-            print=announce,
-            loop=loop,
-        )
+        try:
+            # Before the app loads sessions: another daemon on this database would write its own
+            # copies of them over ours, and a CLI edit must know whom to ask from the start.
+            Path(db).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise database_error(e, db) from e
+        mark = _hold_mark(db)
+        if mark is False:
+            return 1
+        return loop.run_until_complete(_serve(cfg, db, mark, signals, watchdog))
+    except StartupError as e:
+        watchdog.arm(HURRY_SECONDS, "start-up failed and stopping did not finish")
+        log.error(
+            "startup_failed", what=e.what, where=e.where, hint=e.hint, error=e.error,
+            exc_info=e.__cause__ if traceback else None,
+        )  # fmt: skip
+        return 1
     finally:
-        if mark is not None:  # released once the log is flushed: till then sessions may be written
+        _close_loop(loop)
+        if mark:  # released once the log is flushed: till then sessions may be written
             mark.release()
+
+
+async def _serve(cfg: Config, db: str, mark: Any, signals: Signals, watchdog: Watchdog) -> int:
+    app = create_app(cfg, db_path=db)
+    app.on_startup.append(_settle_heap)  # after the app's own start-up (cleanup_ctx runs first)
+    signals.hurry = lambda: end_grace(app)
+    host, port = cfg.server.host, cfg.server.port
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, handler_cancellation=True, shutdown_timeout=cfg.server.shutdown_grace_seconds
+    )
+    try:
+        await runner.setup()  # the app's start-up: database, log writer, upstream client, sessions
+    except StartupError:
+        await _undo_start(app, watchdog)
+        raise
+    except Exception as e:
+        await _undo_start(app, watchdog)
+        raise StartupError(
+            f"start-up failed: {type(e).__name__}", "the app's start-up", "run with --log-level debug for the traceback",
+            f"{type(e).__name__}: {e}",
+        ) from e  # fmt: skip
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+    except OSError as e:
+        await _undo_start(app, watchdog)
+        raise listen_error(e, host, port) from e
+    # "listening" means ready; from then on the mark tells the CLI where to send session edits.
+    bound = runner.addresses[0][1] if runner.addresses else port
+    if mark:
+        mark.serve_at(local_url(host, bound))
+    log.info("listening", url=f"http://{host}:{bound}/v1", db=db, models=[m.name for m in app[STATE].router.available])
+    try:
+        await signals.stop.wait()
+    finally:
+        # Closes the listener, gives in-flight requests the grace (app.on_shutdown ends the
+        # rest with an error), then the cleanup contexts: the log is flushed last.
+        await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+async def _undo_start(app: web.Application, watchdog: Watchdog) -> None:
+    """Stop whatever started before a start-up step failed, in reverse order, without the
+    shutdown steps (nothing was served: no "shutting_down", no grace)."""
+    watchdog.arm(HURRY_SECONDS, "start-up failed and stopping did not finish")
+    try:
+        await app.cleanup()
+    except Exception:  # the start-up failure is the line that matters
+        log.debug("startup_cleanup_failed", exc_info=True)
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what is left, then close the loop (its signal handlers go with it)."""
+    try:
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()

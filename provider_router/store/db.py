@@ -34,10 +34,17 @@ async def connect(path: str | Path, *, readonly: bool = False, migrate_schema: b
     else:
         conn = await aiosqlite.connect(str(path))
     conn.row_factory = aiosqlite.Row
-    for pragma in PRAGMAS:
-        if readonly and "journal_mode" in pragma:
-            continue
-        await conn.execute(pragma)
-    if not readonly and migrate_schema:
-        await migrate(conn)
+    try:
+        # busy_timeout first: a file another process holds locked waits for it, not fails at once.
+        for pragma in sorted(PRAGMAS, key=lambda p: "busy_timeout" not in p):
+            if readonly and "journal_mode" in pragma:
+                continue
+            async with conn.execute(pragma) as cur:  # read and closed: no statement left in progress (VACUUM refuses to run then)
+                await cur.fetchall()
+        if not readonly and migrate_schema:
+            await migrate(conn)
+    except BaseException:
+        # Its thread would otherwise outlive the failure and keep the process from exiting.
+        await conn.close()
+        raise
     return conn

@@ -413,8 +413,11 @@ def serve(inp: int, out: BinaryIO) -> None:
             give_way()
             out.append(render("request", request_line(r)))
         if out:
-            sys.stderr.flush()  # what structlog's other lines left buffered goes first
-            write_all(sys.stderr.fileno(), b"".join(out))
+            try:
+                sys.stderr.flush()  # what structlog's other lines left buffered goes first
+                write_all(sys.stderr.fileno(), b"".join(out))
+            except OSError:  # nobody reads stderr any more (`serve | head`): the rows still matter
+                pass
 
     sink = Sink(open_db(cfg["db"]), max_body_bytes=cfg["max_body_bytes"], redactor=redactor, emit=emit, lines=lines)
     while not eof or pending:
