@@ -1,6 +1,6 @@
-"""The aiohttp app factory. Resources live in `cleanup_ctx`: the database and its writer,
-the one upstream HTTP client, the session threads; they stop in reverse order, the
-writer last, so every record of a finished request is flushed.
+"""The aiohttp app factory. Resources live in `cleanup_ctx`: the database and its writer
+(with the task watching them), the one upstream HTTP client, the session threads; they stop
+in reverse order, the writer last, so every record of a finished request is flushed.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from .routing import Router
 from .startup import StartupError, database_error
 from .state import STATE, State
 from .store import LogWriter, Redactor, connect, queries
+from .store.db import Reopenable
 from .store.records import iso
 from .store.sessions import SessionRepo
+from .store.watch import DbWatch
 from .threads import Threads
 
 log = structlog.get_logger("provider_router")
@@ -104,14 +106,15 @@ async def _open(path: str) -> tuple[aiosqlite.Connection, aiosqlite.Connection]:
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    logs = state.config.logs
+    logs, db = state.config.logs, state.config.database
     async with contextlib.AsyncExitStack() as stack:  # each step undone even if one before it raised
         try:
             conn, reader = await _open(state.db_path)
         except (OSError, sqlite3.Error) as e:
             raise database_error(e, state.db_path) from e
-        stack.push_async_callback(conn.close)
-        stack.push_async_callback(reader.close)
+        handles = Reopenable(conn), Reopenable(reader)
+        stack.push_async_callback(lambda: handles[0].conn.close())
+        stack.push_async_callback(lambda: handles[1].conn.close())
         writer = LogWriter(
             state.db_path, max_queue=logs.queue_size, max_body_bytes=logs.max_body_bytes, secrets=state.redactor.secrets
         )
@@ -121,14 +124,34 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
             raise StartupError("cannot start the log writer process", state.db_path, "check the Python installation", repr(e)) from e
         stack.callback(_clear, state)  # after the writer stopped (exits run in reverse)
         stack.push_async_callback(writer.stop)
-        state.db, state.reader, state.writer = conn, reader, writer
+
+        async def reopen() -> None:
+            await writer.stop()  # what it holds is committed to the old file (counted lost)
+            for handle in reversed(handles):
+                # All closed before anything opens the path: SQLite keeps a moved file's
+                # -wal and -shm at the path, and the watch sets them aside first.
+                await handle.conn.close()
+            watch.set_aside_stale()
+            new_conn, new_reader = await _open(state.db_path)
+            handles[0].swap(new_conn)
+            handles[1].swap(new_reader)
+            watch.opened_now()
+            await writer.start()
+
+        watch = DbWatch(
+            state.db_path, writer, bound=logs.queue_size, reopen=reopen,
+            interval=db.check_interval_seconds, checkpoint=db.checkpoint_interval_seconds,
+        )  # fmt: skip
+        state.db, state.reader = handles  # type: ignore[assignment]  # a Reopenable stands in for its connection
+        state.writer, state.watch = writer, watch
+        await _task(stack, watch.run(), "database-watch")
         if logs.retention_days > 0:
             await _task(stack, _retention(state.db_path, logs.retention_days), "log-retention")
         yield
 
 
 def _clear(state: State) -> None:
-    state.writer = state.db = state.reader = None
+    state.writer = state.db = state.reader = state.watch = None
 
 
 async def _task(stack: contextlib.AsyncExitStack, coro: Coroutine[Any, Any, None], name: str) -> None:

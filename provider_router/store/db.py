@@ -18,6 +18,9 @@ PRAGMAS = (
     "PRAGMA busy_timeout=5000",
     "PRAGMA foreign_keys=ON",
     "PRAGMA temp_store=MEMORY",
+    # The WAL is cut back to this after a checkpoint resets it; a long reader can otherwise
+    # leave it at its high-water mark for good. See also store/watch.py's checkpoints.
+    f"PRAGMA journal_size_limit={64 * 1024 * 1024}",
 )
 
 
@@ -48,3 +51,22 @@ async def connect(path: str | Path, *, readonly: bool = False, migrate_schema: b
         await conn.close()
         raise
     return conn
+
+
+class Reopenable:
+    """A connection that can be replaced under the objects holding it (the session
+    repository, the admin API): they keep this handle, `swap` puts a new connection behind
+    it. Used when the database file is reopened (see `watch.py`)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.conn, name)
+
+    def swap(self, conn: aiosqlite.Connection) -> aiosqlite.Connection:
+        """Put `conn` behind the handle; the previous connection, for the caller to close."""
+        old, self.conn = self.conn, conn
+        return old

@@ -126,6 +126,7 @@ class LogWriter:
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
+        self._stopped = False  # a stopped writer may start again (the database file reopened)
         self._started_at = time.monotonic()
         self._base = (self._done, self.written, self.failed)  # a new process counts from zero
         path = os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))
