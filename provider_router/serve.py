@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import structlog
 from aiohttp import web
@@ -24,7 +24,7 @@ from .app import create_app, end_grace
 from .config import Config
 from .startup import StartupError, database_error, listen_error
 from .state import STATE
-from .store.presence import hold, serving
+from .store.presence import Presence, hold, serving
 
 log = structlog.get_logger("provider_router")
 
@@ -127,20 +127,21 @@ class Signals:
             log.warning("signal_received", signal=name, action="already stopping", exits_within_seconds=HURRY_SECONDS)
 
 
-def _hold_mark(db: str) -> Any:
-    """The `<db>.daemon` mark, None if it could not be made, or False if another daemon holds it."""
+def _hold_mark(db: str) -> Presence | OSError | None:
+    """The `<db>.daemon` mark; an OSError if it could not be made (said once the daemon
+    listens: a directory that refuses the mark usually refuses the database too, and then
+    that is the one line to show), or None if another daemon holds it (said here)."""
     try:
         mark = hold(db)
     except OSError as e:
-        log.warning("daemon_mark_failed", db=db, error=str(e))
-        return None
+        return e
     if mark is None:
         other = serving(db) or {}
         log.error(
             "database_in_use", db=db, other_pid=other.get("pid"), other_url=other.get("url"),
             hint="another daemon serves this database: stop it, or pass --db for another one",
         )  # fmt: skip
-        return False
+        return None
     return mark
 
 
@@ -153,7 +154,7 @@ def run(cfg: Config, *, db_path: str | None = None, traceback: bool = False) -> 
     asyncio.set_event_loop(loop)
     signals = Signals(cfg.server.shutdown_grace_seconds, watchdog)
     signals.install(loop)  # from here on no signal kills it mid-start: it stops after starting
-    mark: Any = None
+    mark: Presence | OSError | None = None
     try:
         try:
             # Before the app loads sessions: another daemon on this database would write its own
@@ -162,7 +163,7 @@ def run(cfg: Config, *, db_path: str | None = None, traceback: bool = False) -> 
         except OSError as e:
             raise database_error(e, db) from e
         mark = _hold_mark(db)
-        if mark is False:
+        if mark is None:
             return 1
         return loop.run_until_complete(_serve(cfg, db, mark, signals, watchdog))
     except StartupError as e:
@@ -174,11 +175,11 @@ def run(cfg: Config, *, db_path: str | None = None, traceback: bool = False) -> 
         return 1
     finally:
         _close_loop(loop)
-        if mark:  # released once the log is flushed: till then sessions may be written
+        if isinstance(mark, Presence):  # released once the log is flushed: till then sessions may be written
             mark.release()
 
 
-async def _serve(cfg: Config, db: str, mark: Any, signals: Signals, watchdog: Watchdog) -> int:
+async def _serve(cfg: Config, db: str, mark: Presence | OSError, signals: Signals, watchdog: Watchdog) -> int:
     app = create_app(cfg, db_path=db)
     app.on_startup.append(_settle_heap)  # after the app's own start-up (cleanup_ctx runs first)
     signals.hurry = lambda: end_grace(app)
@@ -205,7 +206,9 @@ async def _serve(cfg: Config, db: str, mark: Any, signals: Signals, watchdog: Wa
         raise listen_error(e, host, port) from e
     # "listening" means ready; from then on the mark tells the CLI where to send session edits.
     bound = runner.addresses[0][1] if runner.addresses else port
-    if mark:
+    if isinstance(mark, OSError):
+        log.warning("daemon_mark_failed", db=db, error=str(mark), hint="session edits from the CLI will not find this daemon")
+    else:
         mark.serve_at(local_url(host, bound))
     log.info("listening", url=f"http://{host}:{bound}/v1", db=db, models=[m.name for m in app[STATE].router.available])
     try:

@@ -11,7 +11,7 @@ import os
 import sqlite3
 import subprocess
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable, Iterator
 
 import aiohttp
 import pytest
@@ -102,10 +102,12 @@ async def test_a_removed_or_replaced_database_file_is_reopened(spawn: Spawn, tmp
     assert texts.count("before") == (1 if how == "replaced" else 0)
 
 
-@contextlib.asynccontextmanager
-async def small_tmpfs(path: Path, size: str) -> AsyncIterator[Path]:
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str, *, read_only: bool = False) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `path` for the test; skips the test where mounting is not permitted."""
     path.mkdir()
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
     if out.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root and mount rights): {out.stderr.strip()}")
     try:
@@ -127,7 +129,7 @@ async def test_a_full_disk_is_reported_once_per_interval_and_writing_resumes(spa
     """On a full file system records fail: /health is 503 saying so, the failures are one
     warning per interval with counts (not a line per record), and once space returns the
     next rows are written and /health is 200, without a restart."""
-    async with small_tmpfs(tmp_path / "small", "2m") as fs:
+    with small_tmpfs(tmp_path / "small", "2m") as fs:
         d = await spawn(ECHO, db=fs / "d.db")
         try:
             await chat(d)

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from provider_router.store import connect
+from tests.test_health import small_tmpfs
 
 ECHO = "providers: [{name: echo, type: echo}]\nmodels: [{name: echo, provider: echo}]\n"
 
@@ -123,3 +124,12 @@ def test_a_bad_setting_stops_start_up_naming_the_key(tmp_path: Path, setting: st
     assert status == 2 and len(lines) == 1 and key in lines[0]
     assert not (tmp_path / "d.db").exists()
 
+
+
+def test_database_directory_read_only(tmp_path: Path) -> None:
+    """A read-only file system where the database goes (refuses even root): exit 1 with
+    one line, no warning about the daemon's mark before it."""
+    with small_tmpfs(tmp_path / "ro", "1m", read_only=True) as fs:
+        status, lines = serve(tmp_path, db=fs / "d.db")
+    line = the_failure(lines)
+    assert status == 1 and "Read-only file system" in line["what"] and line["where"].endswith("d.db")
