@@ -57,14 +57,32 @@ async def test_two_quick_signals_on_an_idle_daemon_exit_cleanly(spawn: Spawn) ->
     assert "Traceback" not in daemon.log.read_text()
 
 
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def ignores_sighup(pid: int) -> bool:
+    """From /proc: whether `pid` has set SIGHUP (bit 0 of SigIgn) to be ignored."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & 1 << (signal.SIGHUP - 1))
+    return False
+
+
 async def test_sighup_stops_gracefully_like_sigterm(spawn: Spawn, aiohttp_server: Any) -> None:
-    """SIGHUP (the terminal closed) lets an in-flight stream finish, keeps its row and
-    exits 0, instead of killing the process."""
+    """SIGHUP to the daemon and its log writer (a closed terminal hangs up the whole
+    process group) lets an in-flight stream finish, keeps its row and exits 0, instead of
+    killing either process."""
     fake, daemon = await _setup(spawn, aiohttp_server, grace=30)
     fake.hold_after_first = asyncio.Event()
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{daemon.url}/v1/chat/completions", json=BODY) as r:
             await r.content.readuntil(b"\n\n")
+            [writer] = children(daemon.proc.pid)
+            async with asyncio.timeout(WAIT):  # its start-up done: from then on it ignores hang-ups
+                while not ignores_sighup(writer):
+                    await asyncio.sleep(0.02)
+            os.kill(writer, signal.SIGHUP)
             daemon.proc.send_signal(signal.SIGHUP)
             await daemon.wait_log("shutting_down")
             fake.hold_after_first.set()
@@ -74,6 +92,7 @@ async def test_sighup_stops_gracefully_like_sigterm(spawn: Spawn, aiohttp_server
         assert await daemon.proc.wait() == 0
     assert sqlite3.connect(daemon.db).execute("SELECT outcome FROM requests").fetchall() == [("ok",)]
     assert (await daemon.wait_log("signal_received"))["signal"] == "SIGHUP"
+    assert "log_writer_exited" not in daemon.log.read_text()
 
 
 async def test_a_broken_stderr_never_blocks_shutdown(tmp_path: Path) -> None:
