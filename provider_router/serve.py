@@ -173,7 +173,13 @@ def run(cfg: Config, *, db_path: str | None = None, traceback: bool = False) -> 
             exc_info=e.__cause__ if traceback else None,
         )  # fmt: skip
         return 1
+    except Exception:  # a bug, not a condition we know: its traceback is the report
+        log.exception("serve_failed")
+        return 1
     finally:
+        # Whatever path led here, the process ends soon: a thread left running (a database
+        # connection a failed step never closed) must not keep it alive.
+        watchdog.arm(HURRY_SECONDS, "threads still running after the daemon stopped")
         _close_loop(loop)
         if isinstance(mark, Presence):  # released once the log is flushed: till then sessions may be written
             mark.release()

@@ -125,3 +125,24 @@ async def test_a_broken_stderr_never_blocks_shutdown(tmp_path: Path) -> None:
             await proc.wait()
     assert sqlite3.connect(db).execute("SELECT count(*) FROM requests").fetchone()[0] >= 3
 
+
+
+async def test_a_stop_that_hangs_is_ended_by_the_watchdog(spawn: Spawn) -> None:
+    """Stopping blocked (the log writer waits on a database another process holds locked,
+    and the daemon waits for it): after a second signal the watchdog ends the process
+    within seconds with status 70 and a `shutdown_forced` line, instead of hanging."""
+    daemon = await spawn(ECHO)
+    holder = sqlite3.connect(daemon.db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{daemon.url}/v1/chat/completions", json=HI) as resp:
+                assert resp.status == 200
+        daemon.proc.send_signal(signal.SIGTERM)
+        await daemon.wait_log("shutting_down")
+        daemon.proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(WAIT):
+            assert await daemon.proc.wait() == 70
+    finally:
+        holder.close()
+    assert (await daemon.wait_log("shutdown_forced"))["level"] == "error"
