@@ -173,3 +173,51 @@ async def test_the_wal_is_truncated_once_no_reader_holds_it(spawn: Spawn) -> Non
         while wal.exists() and wal.stat().st_size > 0:
             await asyncio.sleep(0.05)
 
+
+
+class Counters:
+    """The log writer's public state, set by the test (what `Writes` reads)."""
+
+    def __init__(self) -> None:
+        self.written = self.failed = self.dropped = self.depth = 0
+        self.failing_since: float | None = None
+
+
+def test_write_failures_warn_once_per_interval_with_counts() -> None:
+    """Failures with no success since are `failing`, warned about at most once per
+    interval with the count since the last warning; a success ends it."""
+    import structlog.testing
+
+    from provider_router.store.watch import WARN_SECONDS, Writes
+
+    c = Counters()
+    w = Writes(c, bound=100)
+    with structlog.testing.capture_logs() as logs:
+        c.failing_since = 999.0
+        for t in range(5):  # a failure every second
+            c.failed += 1
+            w.sample(now=1000.0 + t)
+        assert w.state == "failing" and w.reason() is not None
+        c.failed += 3
+        w.sample(now=1000.0 + WARN_SECONDS)
+        c.written, c.failing_since = c.written + 1, None
+        w.sample(now=1001.0 + WARN_SECONDS)
+    warnings = [e for e in logs if e["event"] == "log_writes_failing"]
+    assert [(e["failed"], e["failed_total"]) for e in warnings] == [(1, 1), (7, 8)]
+    assert w.state == "ok" and w.reason() is None and logs[-1]["event"] == "log_writes_resumed"
+
+
+def test_records_waiting_with_nothing_committed_are_stalled() -> None:
+    """Records waiting and no progress for STALL_SECONDS is `stalled`; progress ends it;
+    a full queue is a reason of its own."""
+    from provider_router.store.watch import STALL_SECONDS, Writes
+
+    c = Counters()
+    w = Writes(c, bound=3)
+    c.depth = 2
+    w.sample(now=10.0)
+    w.sample(now=10.0 + STALL_SECONDS + 0.1)
+    assert w.state == "stalled" and "committed nothing" in (w.reason() or "")
+    c.written, c.depth = 2, 3
+    w.sample(now=11.0 + STALL_SECONDS)
+    assert w.state == "ok" and "queue is full" in (w.reason() or "")

@@ -44,9 +44,9 @@ class FileId:
 
 
 class Writes:
-    """Whether records are being written, from the writer's counters sampled each tick:
-    failures with no success since are `failing`, records waiting with no progress are
-    `stalled`. Counts only; it never touches the writer."""
+    """Whether records are being written, sampled each tick: `failing` while the writer's
+    `failing_since` is set (its latest reports failed more than they wrote), `stalled` while
+    records wait and nothing is committed. Reads only; it never touches the writer."""
 
     def __init__(self, writer: Any, bound: int) -> None:
         self.writer = writer
@@ -54,7 +54,7 @@ class Writes:
         self.state = "ok"
         self.since: float | None = None  # when the current bad state began (wall clock)
         self._seen = (writer.written, writer.failed)
-        self._moved = time.monotonic()  # last progress, or last time nothing was waiting
+        self._moved: float | None = None  # last progress, or last time nothing was waiting
         self._warned = 0.0
         self._warned_failed = writer.failed
 
@@ -63,15 +63,14 @@ class Writes:
         written, failed = self.writer.written, self.writer.failed
         dw, df = written - self._seen[0], failed - self._seen[1]
         self._seen = (written, failed)
-        if dw or df or self.writer.depth == 0:
+        if self._moved is None or dw or df or self.writer.depth == 0:
             self._moved = now
-        if df and df >= dw:
+        idle = now - self._moved
+        if self.writer.failing_since is not None:
             self._enter("failing")
-        elif dw:
-            self._enter("ok")
-        elif self.state != "failing" and now - self._moved >= STALL_SECONDS:
+        elif idle >= STALL_SECONDS:
             self._enter("stalled")
-        elif self.state == "stalled" and now - self._moved < STALL_SECONDS:
+        else:
             self._enter("ok")
         if self.state == "failing" and failed > self._warned_failed and now - self._warned >= WARN_SECONDS:
             log.warning(
