@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from .config import Config, ConfigError, ModelConfig, ProviderConfig, is_loopback, load_config
+from .config import LOG_LEVELS, Config, ConfigError, ModelConfig, ProviderConfig, is_loopback, load_config
 
 DEFAULT_CONFIG = "config.yaml"
 # With no ./config.yaml: the local `echo` model, which needs no key, and default paths.
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(serve)
     serve.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default: server.port, 8080; 0 picks one)")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default: logs.level")
+    serve.add_argument("--log-level", choices=LOG_LEVELS, help="default: logs.level")
     serve.add_argument(
         "--insecure-no-auth",
         action="store_true",

@@ -209,7 +209,7 @@ def test_write_failures_warn_once_per_interval_with_counts() -> None:
 
 def test_records_waiting_with_nothing_committed_are_stalled() -> None:
     """Records waiting and no progress for STALL_SECONDS is `stalled`; progress ends it;
-    a full queue is a reason of its own."""
+    a full queue, or records dropped since the last check, is a reason of its own."""
     from provider_router.store.watch import STALL_SECONDS, Writes
 
     c = Counters()
@@ -221,3 +221,8 @@ def test_records_waiting_with_nothing_committed_are_stalled() -> None:
     c.written, c.depth = 2, 3
     w.sample(now=11.0 + STALL_SECONDS)
     assert w.state == "ok" and "queue is full" in (w.reason() or "")
+    c.depth, c.dropped = 0, 4  # drained again, but records were dropped since the last look
+    w.sample(now=12.0 + STALL_SECONDS)
+    assert "4 in the last check" in (w.reason() or "")
+    w.sample(now=13.0 + STALL_SECONDS)
+    assert w.reason() is None

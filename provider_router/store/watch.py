@@ -54,6 +54,8 @@ class Writes:
         self.state = "ok"
         self.since: float | None = None  # when the current bad state began (wall clock)
         self._seen = (writer.written, writer.failed)
+        self._dropped = writer.dropped
+        self.dropped_lately = 0  # records dropped (queue full) since the previous sample
         self._moved: float | None = None  # last progress, or last time nothing was waiting
         self._warned = 0.0
         self._warned_failed = writer.failed
@@ -63,6 +65,7 @@ class Writes:
         written, failed = self.writer.written, self.writer.failed
         dw, df = written - self._seen[0], failed - self._seen[1]
         self._seen = (written, failed)
+        self.dropped_lately, self._dropped = self.writer.dropped - self._dropped, self.writer.dropped
         if self._moved is None or dw or df or self.writer.depth == 0:
             self._moved = now
         idle = now - self._moved
@@ -96,8 +99,8 @@ class Writes:
             return f"log records are failing to be written since {iso(self.since or time.time())}"
         if self.state == "stalled":
             return f"the log writer has committed nothing for {STALL_SECONDS:g}s with {self.writer.depth} waiting"
-        if self.writer.depth >= self.bound:
-            return "the log queue is full: records are being dropped"
+        if self.writer.depth >= self.bound or self.dropped_lately:
+            return f"the log queue is full: records are being dropped ({self.dropped_lately} in the last check)"
         return None
 
 
