@@ -118,7 +118,7 @@ async def test_a_broken_stderr_never_blocks_shutdown(tmp_path: Path) -> None:
         await wait_rows(db, 3)
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(WAIT):
-            await proc.wait()
+            assert await proc.wait() == 0
     finally:
         if proc.returncode is None:
             proc.kill()
