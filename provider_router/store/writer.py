@@ -264,7 +264,7 @@ class LogWriter:
     def _note_progress(self, written: int, failed: int) -> None:
         """Called for each progress report, in order, with what it added. `failing_since`
         (monotonic time) is set while the latest report that changed anything had more
-        failures than rows written, and cleared by one that wrote more than it failed: a
+        failures than rows written, and cleared by one that wrote at least as many: a
         health check sampling the counters now and then could not tell which came last."""
         if failed > written:
             if self.failing_since is None:
