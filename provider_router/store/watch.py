@@ -14,6 +14,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
+from urllib.parse import quote
 
 import structlog
 
@@ -203,7 +204,7 @@ class DbWatch:
         """`wal_checkpoint(TRUNCATE)` on a connection of its own that waits for nobody:
         (busy, wal pages, checkpointed); busy means a reader or the writer held it back."""
         try:
-            conn = sqlite3.connect(f"file:{self.path}?mode=rw", uri=True, timeout=0)
+            conn = sqlite3.connect(f"file:{quote(os.path.abspath(self.path))}?mode=rw", uri=True, timeout=0)
         except sqlite3.Error:
             return None
         try:
@@ -219,14 +220,17 @@ class DbWatch:
         next_checkpoint = time.monotonic() + self.checkpoint_every
         while True:
             await asyncio.sleep(self.interval)
-            self.writes.sample()
-            change = self.check_file()
-            if change != "ok":
-                await self._handle_change(change)
-            elif time.monotonic() >= next_checkpoint:
-                next_checkpoint = time.monotonic() + self.checkpoint_every
-                result = await asyncio.to_thread(self.truncate_wal)
-                log.debug("wal_checkpoint", busy=None if result is None else result[0])
+            try:
+                self.writes.sample()
+                change = self.check_file()
+                if change != "ok":
+                    await self._handle_change(change)
+                elif time.monotonic() >= next_checkpoint:
+                    next_checkpoint = time.monotonic() + self.checkpoint_every
+                    result = await asyncio.to_thread(self.truncate_wal)
+                    log.debug("wal_checkpoint", busy=None if result is None else result[0])
+            except Exception:  # a bug here must not end the watching for good
+                log.exception("database_watch_failed")
 
     # -- what /health and /metrics show ------------------------------------------------------
     def reasons(self) -> list[str]:
