@@ -1,15 +1,17 @@
-"""The aiohttp app factory. Resources live in `cleanup_ctx`: the database and its writer,
-the one upstream HTTP client, the session threads; they stop in reverse order, the
-writer last, so every record of a finished request is flushed.
+"""The aiohttp app factory. Resources live in `cleanup_ctx`: the database and its writer
+(with the task watching them), the one upstream HTTP client, the session threads; they stop
+in reverse order, the writer last, so every record of a finished request is flushed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Coroutine
 
+import aiosqlite
 import structlog
 from aiohttp import web
 
@@ -21,13 +23,18 @@ from .middleware import edge, key_digest, stamp_headers
 from .providers import build_provider
 from .providers.client import HttpClient
 from .routing import Router
+from .startup import StartupError, database_error
 from .state import STATE, State
 from .store import LogWriter, Redactor, connect, queries
+from .store.db import Reopenable
 from .store.records import iso
 from .store.sessions import SessionRepo
+from .store.watch import DbWatch
 from .threads import Threads
 
 log = structlog.get_logger("provider_router")
+# At start-up, how long to wait for a lock another process holds before saying so.
+WRITE_PROBE_SECONDS = 3.0
 
 
 def create_app(cfg: Config, *, db_path: str | None = None) -> web.Application:
@@ -65,55 +72,117 @@ async def _mark_shutting_down(app: web.Application) -> None:
     state = app[STATE]
     state.shutting_down = True
     grace = state.config.server.shutdown_grace_seconds
-    log.info("shutting_down", grace_seconds=grace, inflight=len(state.inflight))
+    log.info("shutting_down", grace_seconds=0 if state.ending else grace, inflight=len(state.inflight))
+    if state.ending:  # a second signal came before the listener closed
+        end_grace(app)
+        return
+    asyncio.get_running_loop().call_later(max(grace - min(1.0, grace * 0.2), 0.0), end_grace, app)
 
-    def end_inflight() -> None:
-        state.ending = True
-        for task in list(state.inflight):
-            task.cancel()
 
-    asyncio.get_running_loop().call_later(max(grace - min(1.0, grace * 0.2), 0.0), end_inflight)
+def end_grace(app: web.Application) -> None:
+    """End the grace period now: in-flight requests are cancelled and answer with their
+    error (an SSE `proxy_shutdown` event, or a 503), and get their records, while their
+    sockets are still open. Called when the grace runs out, or on a second signal."""
+    state = app[STATE]
+    state.ending = True
+    for task in list(state.inflight):
+        task.cancel()
+
+
+async def _open(path: str) -> tuple[aiosqlite.Connection, aiosqlite.Connection]:
+    """The daemon's connections to `path`, created and migrated if needed, after checking it
+    can be written: a file another process holds locked fails here, not at the first record."""
+    conn = await connect(path)  # applies migrations before the writer process opens the file
+    try:
+        for sql in (f"PRAGMA busy_timeout={int(WRITE_PROBE_SECONDS * 1000)}", "BEGIN IMMEDIATE", "ROLLBACK", "PRAGMA busy_timeout=5000"):
+            async with conn.execute(sql) as cur:  # each read to its end: no statement left open
+                await cur.fetchall()
+        reader = await connect(path, readonly=True)
+    except BaseException:
+        await conn.close()
+        raise
+    return conn, reader
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    conn = await connect(state.db_path)  # applies migrations before the writer process opens the file
-    logs = state.config.logs
-    writer = LogWriter(
-        state.db_path, max_queue=logs.queue_size, max_queue_bytes=logs.queue_bytes, when_full=logs.when_full,
-        max_body_bytes=logs.max_body_bytes, max_message_bytes=logs.max_message_bytes, secrets=state.redactor.secrets,
-    )  # fmt: skip
-    await writer.start()
-    reader = await connect(state.db_path, readonly=True)
-    state.db, state.writer, state.reader = conn, writer, reader
-    retention = None
-    if logs.retention_days > 0:
-        retention = asyncio.create_task(_retention(state.db_path, logs.retention_days), name="log-retention")
-    try:
+    logs, db = state.config.logs, state.config.database
+    async with contextlib.AsyncExitStack() as stack:  # each step undone even if one before it raised
+        try:
+            conn, reader = await _open(state.db_path)
+        except (OSError, sqlite3.Error) as e:
+            raise database_error(e, state.db_path) from e
+        handles = Reopenable(conn), Reopenable(reader)
+        stack.push_async_callback(lambda: handles[0].conn.close())
+        stack.push_async_callback(lambda: handles[1].conn.close())
+        writer = LogWriter(
+            state.db_path, max_queue=logs.queue_size, max_queue_bytes=logs.queue_bytes, when_full=logs.when_full,
+            max_body_bytes=logs.max_body_bytes, max_message_bytes=logs.max_message_bytes, secrets=state.redactor.secrets,
+        )  # fmt: skip
+        try:
+            await writer.start()
+        except OSError as e:
+            raise StartupError("cannot start the log writer process", state.db_path, "check the Python installation", repr(e)) from e
+        stack.callback(_clear, state)  # after the writer stopped (exits run in reverse)
+        stack.push_async_callback(writer.stop)
+
+        async def reopen() -> None:
+            await writer.stop()  # what it holds is committed to the old file (counted lost)
+            for handle in reversed(handles):
+                # All closed before anything opens the path: SQLite keeps a moved file's
+                # -wal and -shm at the path, and the watch sets them aside first.
+                await handle.conn.close()
+            watch.set_aside_stale()
+            new_conn, new_reader = await _open(state.db_path)
+            handles[0].swap(new_conn)
+            handles[1].swap(new_reader)
+            watch.opened_now()
+            await writer.start()
+
+        watch = DbWatch(
+            state.db_path, writer, bound=logs.queue_size, reopen=reopen,
+            interval=db.check_interval_seconds, checkpoint=db.checkpoint_interval_seconds,
+        )  # fmt: skip
+        state.db, state.reader = handles  # type: ignore[assignment]  # a Reopenable stands in for its connection
+        state.writer, state.watch = writer, watch
+        await _task(stack, watch.run(), "database-watch")
+        if logs.retention_days > 0:
+            await _task(stack, _retention(state.db_path, logs.retention_days), "log-retention")
         yield
-    finally:
-        if retention is not None:
-            retention.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await retention
-        await writer.stop()
-        state.writer = state.db = state.reader = None
-        await reader.close()
-        await conn.close()
+
+
+def _clear(state: State) -> None:
+    state.writer = state.db = state.reader = state.watch = None
+
+
+async def _task(stack: contextlib.AsyncExitStack, coro: Coroutine[Any, Any, None], name: str) -> None:
+    """Run `coro` as a task the stack cancels and awaits on exit."""
+    task = asyncio.create_task(coro, name=name)
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(stop)
 
 
 async def _retention(db_path: str, days: int, interval: float = 3600.0) -> None:
-    """Prune records older than `days`, in bounded batches, now and then every `interval`."""
-    conn = await connect(db_path)
-    try:
-        while True:
+    """Prune records older than `days`, in bounded batches, now and then every `interval`.
+    A connection per pass: the file at the path may have been reopened since."""
+    while True:
+        conn = await connect(db_path)
+        try:
             cut = iso(time.time() - days * 86400)
             result = await queries.prune(conn, cut)
-            if result.requests or result.sessions:
-                log.info("retention_pruned", requests=result.requests, sessions=result.sessions, older_than=cut)
-            await asyncio.sleep(interval)
-    finally:
-        await conn.close()
+        finally:
+            await conn.close()
+        if result.requests or result.sessions:
+            log.info(
+                "retention_pruned", requests=result.requests, sessions=result.sessions, messages=result.messages,
+                blobs=result.blobs, older_than=cut,
+            )  # fmt: skip
+        await asyncio.sleep(interval)
 
 
 async def _threads(app: web.Application) -> AsyncIterator[None]:

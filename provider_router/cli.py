@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from .config import Config, ConfigError, ModelConfig, ProviderConfig, is_loopback, load_config
+from .config import LOG_LEVELS, Config, ConfigError, ModelConfig, ProviderConfig, is_loopback, load_config
 
 DEFAULT_CONFIG = "config.yaml"
 # With no ./config.yaml: the local `echo` model, which needs no key, and default paths.
@@ -47,7 +47,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"refusing to listen on {server.host} with no auth.client_keys: anyone on the network "
             "could spend your provider keys. Configure client keys, or pass --insecure-no-auth."
         )
-    setup_logging(args.log_level or cfg.logs.level, redact=Redactor(cfg.secrets()))
+    level = args.log_level or cfg.logs.level
+    setup_logging(level, redact=Redactor(cfg.secrets()))
     if built_in:
         import structlog
 
@@ -56,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     from .serve import run
 
-    return run(cfg, db_path=args.db)
+    return run(cfg, db_path=args.db, traceback=level == "debug")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -75,13 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the proxy daemon",
-        description="Run the proxy. SIGINT/SIGTERM stop it gracefully: in-flight requests finish "
-        "(up to server.shutdown_grace_seconds) and every log record is flushed.",
+        description="Run the proxy. SIGTERM, SIGINT or SIGHUP stop it gracefully: in-flight requests finish "
+        "(up to server.shutdown_grace_seconds) and every log record is flushed; a second signal ends the "
+        "grace at once. A start-up failure exits 1 with one line saying what to do.",
     )
     _add_common(serve)
     serve.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default: server.port, 8080; 0 picks one)")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default: logs.level")
+    serve.add_argument("--log-level", choices=LOG_LEVELS, help="default: logs.level")
     serve.add_argument(
         "--insecure-no-auth",
         action="store_true",

@@ -7,6 +7,7 @@ A wrong key or a wrong type stops start-up with a `ConfigError` naming the key's
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 
 PROVIDER_TYPES = ("openai", "echo", "qwen")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -35,6 +37,8 @@ class ServerConfig:
 @dataclass(frozen=True, slots=True)
 class DatabaseConfig:
     path: str = "data/provider-router.db"
+    check_interval_seconds: float = 1.0  # is the file still the one opened; are records written
+    checkpoint_interval_seconds: float = 60.0  # truncate the WAL when no reader holds it back
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,12 +280,10 @@ def _validate(cfg: Config) -> None:
         if p.type not in PROVIDER_TYPES:
             raise ConfigError(f"{where}.type: must be one of {', '.join(PROVIDER_TYPES)}")
         if p.name in names:
-            raise ConfigError(f"{where}.name: duplicate provider name {p.name!r}")
+            raise ConfigError(f"{where}.name: the same name as an earlier provider")
         names.add(p.name)
         if p.type in ("openai", "qwen") and not p.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"{where}.base_url: must be an http(s) URL")
-        if p.retries < 0:
-            raise ConfigError(f"{where}.retries: must be >= 0")
         # These travel as HTTP header values: a line break (say, a key pasted with its
         # CRLF) would split the request. Named by key; the value itself is never shown.
         fields = {"api_key": p.api_key, "token": p.token, "cookie": p.cookie}
@@ -294,26 +296,61 @@ def _validate(cfg: Config) -> None:
                 raise ConfigError(f"{where}.headers: {k!r} is not a valid header name")
             if k.lower() in _FRAMING_HEADERS:
                 raise ConfigError(f"{where}.headers.{k}: set by the proxy for each request, not configurable")
+        _check_timeouts(p.timeouts, f"{where}.timeouts")
+        _in_range(f"{where}.retries", p.retries, 0, 10)
     model_names = {m.name for m in cfg.models}
+    first: dict[str, int] = {}
     for i, m in enumerate(cfg.models):
+        if m.name in first:
+            # The first match wins: a second entry of the same name could never be reached.
+            raise ConfigError(f"models[{i}].name: the same name as models[{first[m.name]}]; the second is unreachable")
+        first[m.name] = i
         if m.provider not in names:
-            raise ConfigError(f"models[{i}].provider: no provider named {m.provider!r}")
+            raise ConfigError(f"models[{i}].provider: no provider of that name")
         for fb in m.fallbacks:
             if fb not in model_names:
-                raise ConfigError(f"models[{i}].fallbacks: no model named {fb!r}")
+                raise ConfigError(f"models[{i}].fallbacks: names no configured model")
     for i, k in enumerate(cfg.auth.client_keys):
         if not k.key:
             raise ConfigError(f"auth.client_keys[{i}].key: empty (is its environment variable set?)")
-    if not 0 < cfg.server.port < 65536 and cfg.server.port != 0:
+    _check_ranges(cfg)
+
+
+def _in_range(key: str, value: float, lo: float, hi: float, *, above: bool = False) -> None:
+    """`lo <= value <= hi` (`lo < value` with `above`), finite; the error names the key only."""
+    low_ok = value > lo if above else value >= lo
+    if not (math.isfinite(value) and low_ok and value <= hi):
+        raise ConfigError(f"{key}: must be {'more than' if above else 'at least'} {lo:g} and at most {hi:g}")
+
+
+def _check_timeouts(t: TimeoutsConfig, where: str) -> None:
+    # No total cap on a stream; each split timeout must still be a real wait.
+    for name in ("connect", "first_byte", "idle"):
+        _in_range(f"{where}.{name}", getattr(t, name), 0, 86_400, above=True)
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Every interval, timeout and size within what the daemon can work with: a zero
+    cleanup interval spins, a negative timeout fails every request."""
+    s, d, lg, se = cfg.server, cfg.database, cfg.logs, cfg.sessions
+    if not 0 < s.port < 65536 and s.port != 0:
         raise ConfigError("server.port: must be 0..65535")
-    if cfg.server.max_body_bytes <= 0:
-        raise ConfigError("server.max_body_bytes: must be > 0")
-    if cfg.logs.queue_size <= 0:
-        raise ConfigError("logs.queue_size: must be > 0")
-    if cfg.logs.when_full not in ("wait", "drop"):
+    _in_range("server.max_body_bytes", s.max_body_bytes, 0, 2**40, above=True)
+    _in_range("server.shutdown_grace_seconds", s.shutdown_grace_seconds, 0, 3600)
+    if not d.path.strip():
+        raise ConfigError("database.path: empty")
+    _in_range("database.check_interval_seconds", d.check_interval_seconds, 0.05, 60)
+    _in_range("database.checkpoint_interval_seconds", d.checkpoint_interval_seconds, 1, 86_400)
+    _in_range("logs.retention_days", lg.retention_days, 0, 36_500)
+    _in_range("logs.max_body_bytes", lg.max_body_bytes, 0, 2**40)
+    _in_range("logs.queue_size", lg.queue_size, 1, 10_000_000)
+    if lg.level not in LOG_LEVELS:
+        raise ConfigError(f"logs.level: must be one of {', '.join(LOG_LEVELS)}")
+    _in_range("sessions.timeout_minutes", se.timeout_minutes, 0, 525_600, above=True)
+    _in_range("sessions.cleanup_interval_minutes", se.cleanup_interval_minutes, 1 / 60, 1440)  # at least a second
+    _in_range("sessions.max_sessions", se.max_sessions, 1, 10_000_000)
+    _in_range("sessions.lock_wait_seconds", se.lock_wait_seconds, 0, 86_400, above=True)
+    if lg.when_full not in ("wait", "drop"):
         raise ConfigError("logs.when_full: must be wait or drop")
-    for key in ("max_body_bytes", "max_message_bytes", "queue_bytes"):
-        if getattr(cfg.logs, key) < 1024:
-            raise ConfigError(f"logs.{key}: must be at least 1024")
-    if cfg.sessions.max_sessions <= 0:
-        raise ConfigError("sessions.max_sessions: must be > 0")
+    _in_range("logs.max_message_bytes", lg.max_message_bytes, 1024, 2**40)
+    _in_range("logs.queue_bytes", lg.queue_bytes, 1024, 2**40)

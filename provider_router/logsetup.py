@@ -1,11 +1,14 @@
 """structlog set-up: JSON lines when stderr is not a terminal, a console renderer when it is.
 
 The rendered line passes the redactor, so a configured secret never reaches the log output.
+Writing a line never raises: a reader that went away (`serve 2>&1 | head`) costs the lines,
+not the code that logged them (a cleanup step, a signal handler).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any, Callable, TextIO
@@ -17,6 +20,73 @@ from .store.records import iso
 from .store.redact import Redactor
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+# Per-row failures of the log writer: on a full disk one each per record. One line of each
+# per interval passes (with the count it stood for); the health monitor sums them up.
+THROTTLED = frozenset({"log_write_failed", "log_batch_failed", "log_record_failed"})
+THROTTLE_SECONDS = 10.0
+
+
+class SafeStream:
+    """A stream (text or bytes) whose write and flush never raise. On the first failure it
+    goes quiet, and if it was fd 2 that fd becomes /dev/null: processes started later
+    (a new log writer) and the interpreter's exit flush then never meet the broken pipe."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self.broken = False
+
+    def write(self, data: Any) -> int:
+        if not self.broken:
+            try:
+                return int(self._raw.write(data) or 0)
+            except (OSError, ValueError):  # EPIPE, EIO, ENOSPC; ValueError: closed
+                self._break()
+        return len(data)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._raw.flush()
+            except (OSError, ValueError):
+                self._break()
+
+    def isatty(self) -> bool:
+        try:
+            return bool(self._raw.isatty())
+        except (OSError, ValueError):
+            return False
+
+    def _break(self) -> None:
+        self.broken = True
+        try:
+            if self._raw.fileno() == 2:
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 2)
+                os.close(null)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def _throttle(seconds: float) -> Callable[..., Any]:
+    """Let one line of each THROTTLED event through per `seconds`; the next carries
+    `suppressed`, how many were dropped since."""
+    last: dict[str, float] = {}
+    dropped: dict[str, int] = {}
+
+    def processor(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+        name = event.get("event")
+        if name not in THROTTLED:
+            return event
+        now = time.monotonic()
+        if now - last.get(name, -seconds) < seconds:
+            dropped[name] = dropped.get(name, 0) + 1
+            raise structlog.DropEvent
+        last[name] = now
+        if dropped.get(name):
+            event["suppressed"] = dropped.pop(name)
+        return event
+
+    return processor
 
 
 def _timestamp(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -49,6 +119,7 @@ def setup_logging(
     if json is None:
         json = not stream.isatty()
     processors: list[Any] = [
+        _throttle(THROTTLE_SECONDS),
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         _timestamp,
@@ -57,10 +128,10 @@ def setup_logging(
     if json:
         processors.append(structlog.processors.dict_tracebacks)
         render = structlog.processors.JSONRenderer(serializer=orjson.dumps)
-        factory: Any = structlog.BytesLoggerFactory(stream.buffer)
+        factory: Any = structlog.BytesLoggerFactory(SafeStream(stream.buffer))
     else:
         render = structlog.dev.ConsoleRenderer()
-        factory = structlog.PrintLoggerFactory(stream)
+        factory = structlog.PrintLoggerFactory(SafeStream(stream))
     processors.append(_redacted(render, redact) if redact is not None else render)
     structlog.configure(
         processors=processors,
@@ -102,7 +173,7 @@ def _route_stdlib(level: str, stream: TextIO, *, json: bool, redact: Redactor | 
         ],
         foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.processors.add_log_level, _timestamp],
     )
-    handler = logging.StreamHandler(stream)
+    handler = logging.StreamHandler(SafeStream(stream))  # type: ignore[arg-type]
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -46,6 +46,21 @@ class _Live(Collector):
             yield CounterMetricFamily("provider_router_log_records_written", "Request records committed.", value=writer.written)
             yield CounterMetricFamily("provider_router_log_records_dropped", "Records dropped: queue full.", value=writer.dropped)
             yield CounterMetricFamily("provider_router_log_write_failures", "Rows that could not be written.", value=writer.failed)
+        watch = self._state.watch
+        if watch is not None:
+            s = watch.summary()
+            yield GaugeMetricFamily("provider_router_log_queue_bound", "Records the log queue holds before dropping.", value=s["queue_bound"])
+            state = GaugeMetricFamily("provider_router_log_state", "1 for the log writer's current state.", labels=("state",))
+            for name in ("ok", "failing", "stalled"):
+                state.add_metric((name,), 1.0 if s["state"] == name else 0.0)
+            yield state
+            yield GaugeMetricFamily(
+                "provider_router_database_file_ok", "1 while the file at the configured path is the one opened.", value=1.0 if s["file"] == "ok" else 0.0
+            )
+            yield CounterMetricFamily("provider_router_database_reopened", "Times the database path was reopened.", value=s["reopened"])
+            yield CounterMetricFamily(
+                "provider_router_log_records_lost", "Records committed into a database file no longer at the path.", value=watch.lost
+            )
 
 
 class _Tally:

@@ -53,11 +53,17 @@ async def get(p: Proxy, path: str, headers: dict[str, str] | None = None, method
 
 
 async def test_health_is_open_and_minimal(make_proxy: ProxyFactory) -> None:
-    """/health answers without any key, even with client keys set, and says only status and db."""
+    """/health answers without any key, even with client keys set, and says only status,
+    db and the log writer's counts (no content, no key)."""
     cfg = admin_config(client_keys=[{"name": "a", "key": "client-key-123"}])
     p = await make_proxy(cfg)
+    await p.drained()  # the sessions' start-up statement
     status, body = await get(p, "/health")
-    assert status == 200 and body == {"status": "ok", "database": "ok"}
+    assert status == 200 and (body["status"], body["database"]) == ("ok", "ok")
+    assert set(body) == {"status", "database", "log"}
+    assert body["log"] == {
+        "state": "ok", "written": 0, "failed": 0, "dropped": 0, "queue_depth": 0, "queue_bound": 10_000, "file": "ok", "reopened": 0,
+    }  # fmt: skip
 
 
 async def test_admin_is_off_without_an_admin_key(make_proxy: ProxyFactory) -> None:

@@ -81,3 +81,52 @@ def test_a_value_with_a_line_break_is_refused_without_showing_it(key: str) -> No
     with pytest.raises(ConfigError) as e:
         parse_config(text + "models: [{name: m, provider: up}]\n", env={"K": "sk-secret-value\r\n"})
     assert f"providers[0].{key}" in str(e.value) and "sk-secret" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        ("sessions: {cleanup_interval_minutes: 0}", "sessions.cleanup_interval_minutes"),
+        ("sessions: {timeout_minutes: -5}", "sessions.timeout_minutes"),
+        ("sessions: {max_sessions: 0}", "sessions.max_sessions"),
+        ("sessions: {lock_wait_seconds: 0}", "sessions.lock_wait_seconds"),
+        ("logs: {max_body_bytes: -1}", "logs.max_body_bytes"),
+        ("logs: {level: verbose}", "logs.level"),
+        ("logs: {queue_size: 0}", "logs.queue_size"),
+        ("logs: {retention_days: -1}", "logs.retention_days"),
+        ("server: {shutdown_grace_seconds: -1}", "server.shutdown_grace_seconds"),
+        ("server: {max_body_bytes: 0}", "server.max_body_bytes"),
+        ("database: {path: ''}", "database.path"),
+        ("database: {check_interval_seconds: 0}", "database.check_interval_seconds"),
+        ("database: {checkpoint_interval_seconds: .nan}", "database.checkpoint_interval_seconds"),
+    ],
+)
+def test_settings_out_of_range_are_refused_by_key(setting: str, key: str) -> None:
+    """Intervals, timeouts and sizes outside what the daemon can work with (a zero cleanup
+    interval spins, a negative size drops a byte) are refused, naming the key."""
+    with pytest.raises(ConfigError) as e:
+        parse_config(MIN + setting + "\n", env={})
+    assert str(e.value).startswith(key + ":")
+
+
+@pytest.mark.parametrize(
+    ("timeouts", "key"),
+    [("{first_byte: -1}", "first_byte"), ("{connect: 0}", "connect"), ("{idle: .inf}", "idle")],
+)
+def test_provider_timeouts_out_of_range_are_refused(timeouts: str, key: str) -> None:
+    """A provider's split timeouts must be real waits: refused by key, never by value."""
+    text = f"providers: [{{name: up, type: openai, base_url: 'http://127.0.0.1:1/v1', timeouts: {timeouts}}}]\n"
+    with pytest.raises(ConfigError) as e:
+        parse_config(text + "models: [{name: m, provider: up}]\n", env={})
+    assert str(e.value).startswith(f"providers[0].timeouts.{key}:")
+
+
+def test_duplicate_model_names_and_unknown_providers_are_refused() -> None:
+    """A second model entry of the same name could never be reached; a model naming no
+    configured provider could never be served. Each is refused by its position."""
+    with pytest.raises(ConfigError) as e:
+        parse_config(MIN + "models: [{name: m, provider: echo}, {name: m, provider: echo}]\n", env={})
+    assert str(e.value).startswith("models[1].name:") and "models[0]" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse_config(MIN + "models: [{name: m, provider: sk-looks-like-a-key}]\n", env={})
+    assert str(e.value).startswith("models[0].provider:") and "sk-looks" not in str(e.value)

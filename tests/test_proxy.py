@@ -221,6 +221,17 @@ async def test_upstream_unreachable_is_502(make_proxy: ProxyFactory, unused_tcp_
     assert (row["status"], row["outcome"]) == (502, "upstream_error")
 
 
+async def test_unresolvable_upstream_names_provider_and_host(make_proxy: ProxyFactory) -> None:
+    """A provider whose host does not resolve gives the client a 502 naming the provider and
+    the host (not a bare `gaierror`), and never its key."""
+    p = await make_proxy(base_config("http://no-such-upstream.invalid/v1"))
+    with pytest.raises(openai.APIStatusError) as e:
+        await p.sdk().chat.completions.create(model="gpt-4o", messages=HELLO)
+    message = e.value.body["message"]  # type: ignore[index]
+    assert e.value.status_code == 502 and "'up'" in message and "no-such-upstream.invalid" in message
+    assert "does not resolve" in message and UPSTREAM_KEY not in message
+
+
 async def test_upstream_first_byte_timeout_is_504(make_proxy: ProxyFactory, openai_fake: OpenAIFake) -> None:
     """An upstream that never answers within `timeouts.first_byte` gives 504, outcome timeout."""
     cfg = base_config(openai_fake.base_url)  # type: ignore[attr-defined]

@@ -62,7 +62,10 @@ def _int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int
 
 # -- open endpoints ----------------------------------------------------------------------
 async def health(request: web.Request) -> web.Response:
-    """Liveness plus whether the database answers. Reveals nothing else."""
+    """200 while the daemon serves and its log is being written; 503 with the reasons when
+    not: the database does not answer, records fail or wait with nothing committed, the
+    queue is full, or the file at the configured path is not the one opened. Counts only,
+    never content."""
     state = request.app[STATE]
     db_ok = False
     if state.reader is not None:
@@ -71,8 +74,17 @@ async def health(request: web.Request) -> web.Response:
                 db_ok = (await cur.fetchone()) is not None
         except Exception:
             db_ok = False
-    status = "ok" if db_ok and not state.shutting_down else "degraded"
-    return _json({"status": status, "database": "ok" if db_ok else "unavailable"}, 200 if status == "ok" else 503)
+    reasons = [] if db_ok else ["the database does not answer"]
+    if state.shutting_down:
+        reasons.append("shutting down")
+    body: dict[str, Any] = {"database": "ok" if db_ok else "unavailable"}
+    if state.watch is not None:
+        reasons += state.watch.reasons()
+        body["log"] = state.watch.summary()
+    body = {"status": "degraded" if reasons else "ok", **body}
+    if reasons:
+        body["reasons"] = reasons
+    return _json(body, 503 if reasons else 200)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -6,7 +6,9 @@ healthy long stream is never cut. The wire work is `client.py`'s and `wire.py`'s
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import AsyncIterator, Mapping
+from urllib.parse import urlsplit
 
 from ..config import TimeoutsConfig
 from ..errors import ApiError, upstream_timeout, upstream_unreachable
@@ -17,9 +19,10 @@ from .wire import MAX_BODY, ProtocolError, Response
 class Upstream:
     """One provider's view of the app's `HttpClient`."""
 
-    def __init__(self, http: HttpClient, timeouts: TimeoutsConfig) -> None:
+    def __init__(self, http: HttpClient, timeouts: TimeoutsConfig, *, name: str = "") -> None:
         self.http = http
         self.t = timeouts
+        self.name = name  # the provider's, for errors a client reads
 
     @staticmethod
     def headers(headers: Mapping[str, str]) -> bytes:
@@ -35,7 +38,12 @@ class Upstream:
         except TimeoutError:
             raise upstream_timeout("no response head") from None
         except OSError as e:
-            raise upstream_unreachable(f"{type(e).__name__}: {e.strerror or e}") from None
+            # Say which provider and host (never a key: the URL's host part only), not a bare gaierror.
+            split = urlsplit(url)
+            where = f"provider {self.name!r}, host {split.hostname}" if self.name else f"host {split.hostname}"
+            if isinstance(e, socket.gaierror):
+                raise upstream_unreachable(f"{where}: the host name does not resolve ({e.strerror or e})") from None
+            raise upstream_unreachable(f"{where}, port {split.port or ('443' if split.scheme == 'https' else '80')}: {type(e).__name__}: {e.strerror or e}") from None
         except ProtocolError as e:
             raise upstream_unreachable(str(e)) from None
 

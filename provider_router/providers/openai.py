@@ -16,7 +16,7 @@ class OpenAIProvider:
 
     def __init__(self, cfg: ProviderConfig, http: HttpClient) -> None:
         self.name = cfg.name
-        self._up = Upstream(http, cfg.timeouts)
+        self._up = Upstream(http, cfg.timeouts, name=cfg.name)
         self._url = cfg.base_url.rstrip("/") + "/chat/completions"
         headers = {**cfg.headers, "Content-Type": "application/json"}
         if cfg.api_key:

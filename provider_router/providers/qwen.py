@@ -63,7 +63,7 @@ class QwenProvider:
     def __init__(self, cfg: ProviderConfig, http: HttpClient) -> None:
         self.name = cfg.name
         self.delete_chats = cfg.delete_chats_on_expiry
-        self._up = Upstream(http, cfg.timeouts)
+        self._up = Upstream(http, cfg.timeouts, name=cfg.name)
         self._base = cfg.base_url.rstrip("/")
         headers = {
             **cfg.headers,

@@ -18,6 +18,9 @@ PRAGMAS = (
     "PRAGMA busy_timeout=5000",
     "PRAGMA foreign_keys=ON",
     "PRAGMA temp_store=MEMORY",
+    # The WAL is cut back to this after a checkpoint resets it; a long reader can otherwise
+    # leave it at its high-water mark for good. See also store/watch.py's checkpoints.
+    f"PRAGMA journal_size_limit={64 * 1024 * 1024}",
 )
 
 
@@ -34,10 +37,36 @@ async def connect(path: str | Path, *, readonly: bool = False, migrate_schema: b
     else:
         conn = await aiosqlite.connect(str(path))
     conn.row_factory = aiosqlite.Row
-    for pragma in PRAGMAS:
-        if readonly and "journal_mode" in pragma:
-            continue
-        await conn.execute(pragma)
-    if not readonly and migrate_schema:
-        await migrate(conn)
+    try:
+        # busy_timeout first: a file another process holds locked waits for it, not fails at once.
+        for pragma in sorted(PRAGMAS, key=lambda p: "busy_timeout" not in p):
+            if readonly and "journal_mode" in pragma:
+                continue
+            async with conn.execute(pragma) as cur:  # read and closed: no statement left in progress (VACUUM refuses to run then)
+                await cur.fetchall()
+        if not readonly and migrate_schema:
+            await migrate(conn)
+    except BaseException:
+        # Its thread would otherwise outlive the failure and keep the process from exiting.
+        await conn.close()
+        raise
     return conn
+
+
+class Reopenable:
+    """A connection that can be replaced under the objects holding it (the session
+    repository, the admin API): they keep this handle, `swap` puts a new connection behind
+    it. Used when the database file is reopened (see `watch.py`)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.conn, name)
+
+    def swap(self, conn: aiosqlite.Connection) -> aiosqlite.Connection:
+        """Put `conn` behind the handle; the previous connection, for the caller to close."""
+        old, self.conn = self.conn, conn
+        return old

@@ -18,8 +18,8 @@ Per record it assembles the forwarded reply (text, usage; a stream's events), th
 stateless upstream's turn in the log, redacts and truncates, and inserts the row; a batch
 is one transaction, with the full-text index filled by one statement. It yields the CPU
 every 200 us of work (`GiveWay`), so that the requests it logs, served on the same cores,
-do not queue behind it. SIGINT and SIGTERM are ignored: the process ends when the daemon
-closes its input (or dies), after committing everything it was sent.
+do not queue behind it. SIGINT, SIGTERM and SIGHUP are ignored: the process ends when the
+daemon closes its input (or dies), after committing everything it was sent.
 """
 
 from __future__ import annotations
@@ -312,8 +312,11 @@ def serve(inp: int, out: BinaryIO) -> None:
             give_way()
             out.append(render("request", request_line(r)))
         if out:
-            sys.stderr.flush()  # what structlog's other lines left buffered goes first
-            write_all(sys.stderr.fileno(), b"".join(out))
+            try:
+                sys.stderr.flush()  # what structlog's other lines left buffered goes first
+                write_all(sys.stderr.fileno(), b"".join(out))
+            except OSError:  # nobody reads stderr any more (`serve | head`): the rows still matter
+                pass
 
     sink = Sink(
         open_db(cfg["db"]), max_body_bytes=cfg["max_body_bytes"], redactor=redactor, emit=emit, lines=lines,
@@ -353,6 +356,7 @@ def main() -> None:
     # process of the unit: the daemon decides when logging ends, by closing our input.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal hangs up its whole process group too
     serve(sys.stdin.fileno(), sys.stdout.buffer)
 
 

@@ -95,6 +95,7 @@ class LogWriter:
         self.dropped = 0
         self.failed = 0  # statements or records that could not be written at all
         self._last_drop_warning = 0.0
+        self.failing_since: float | None = None  # see `_note_progress`
 
     # -- producers -------------------------------------------------------------------
     def submit(self, record: RequestRecord) -> bool:
@@ -173,6 +174,7 @@ class LogWriter:
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
+        self._stopped = False  # a stopped writer may start again (the database file reopened)
         self._started_at = time.monotonic()
         self._base = (self._done, self.written, self.failed)  # a new process counts from zero
         path = os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))
@@ -284,8 +286,10 @@ class LogWriter:
                 if msg[0] == "progress":
                     _, done, written, failed, synced = msg
                     base = self._base
+                    seen = (self.written, self.failed)
                     self._done, self.written, self.failed = base[0] + done, base[1] + written, base[2] + failed
                     self._freed()
+                    self._note_progress(self.written - seen[0], self.failed - seen[1])
                     if synced is not None:
                         for n in [n for n in self._syncs if n <= synced]:
                             fut = self._syncs.pop(n)
@@ -300,6 +304,7 @@ class LogWriter:
         lost = self._sent - self._done
         log.error("log_writer_exited", returncode=await proc.wait(), lost=lost)
         self.failed += lost
+        self._note_progress(0, lost)
         self._done = self._sent
         self._freed()
         self._proc = None
@@ -308,3 +313,15 @@ class LogWriter:
         await asyncio.sleep(max(0.0, self._started_at + 1.0 - time.monotonic()))  # no tight restart loop
         if not self._stopped:
             await self.start()
+
+    # -- health bookkeeping (for store/watch.py; kept apart so a rewrite can carry it over) --
+    def _note_progress(self, written: int, failed: int) -> None:
+        """Called for each progress report, in order, with what it added. `failing_since`
+        (monotonic time) is set while the latest report that changed anything had more
+        failures than rows written, and cleared by one that wrote at least as many: a
+        health check sampling the counters now and then could not tell which came last."""
+        if failed > written:
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
+        elif written:
+            self.failing_since = None
