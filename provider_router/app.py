@@ -19,7 +19,7 @@ from .config import Config
 from .metrics import Metrics
 from .middleware import edge, key_digest, stamp_headers
 from .providers import build_provider
-from .providers.client import HttpClient
+from .providers.http import new_session
 from .routing import Router
 from .state import STATE, State
 from .store import LogWriter, Redactor, connect, queries
@@ -133,10 +133,10 @@ async def _threads(app: web.Application) -> AsyncIterator[None]:
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    # Plain bytes: it asks for no compression and decodes gzip/deflate sent anyway.
-    http = HttpClient(limit_per_host=256, keepalive=30.0)
+    http = new_session()
     state.http = http
-    state.providers = {p.name: build_provider(p, http) for p in state.config.providers}
+    on_queue = state.metrics.observe_queue if state.metrics is not None else None
+    state.providers = {p.name: build_provider(p, http, on_queue) for p in state.config.providers}
     try:
         yield
     finally:

@@ -96,6 +96,30 @@ class _Requests(Collector):
         yield from (requests, ttfb, duration)
 
 
+class _Queue(Collector):
+    """Time upstream calls waited for a connection slot (`max_connections`), per provider."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, list[int]] = {}
+        self.sums: dict[str, float] = {}
+
+    def observe(self, provider: str, ms: float) -> None:
+        counts = self.counts.get(provider)
+        if counts is None:
+            counts = self.counts[provider] = [0] * (len(_BUCKETS_MS) + 1)
+            self.sums[provider] = 0.0
+        counts[bisect_left(_BUCKETS_MS, ms) if ms > 0 else 0] += 1
+        self.sums[provider] += ms
+
+    def collect(self) -> Iterator[Metric]:
+        h = HistogramMetricFamily(
+            "provider_router_upstream_queue_ms", "Time upstream calls waited for a connection slot (ms).", labels=("provider",)
+        )
+        for provider, counts in self.counts.items():
+            h.add_metric((provider,), _buckets(counts), self.sums[provider])
+        yield h
+
+
 class Metrics:
     """`observe(record)` once per finished /v1 request; `render()` for `GET /metrics`.
 
@@ -110,6 +134,9 @@ class Metrics:
         self._labels: dict[tuple[str | None, str | None, str | None], tuple[str, str, str]] = {}
         self.registry.register(_Requests(self._tallies))
         self.registry.register(_Live(state))
+        self._queue = _Queue()
+        self.registry.register(self._queue)
+        self.observe_queue = self._queue.observe  # (provider, ms), once per upstream call
         self._models: set[str] = set()
 
     def _model_label(self, rec: RequestRecord) -> str:

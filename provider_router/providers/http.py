@@ -1,95 +1,306 @@
-"""Upstream HTTP shared by the providers: requests with split timeouts (connect, first
-byte, idle between body pieces) and failures as `ApiError`s. There is no total cap, so a
-healthy long stream is never cut. The wire work is `client.py`'s and `wire.py`'s.
+"""Upstream HTTP shared by the providers, on the app's one `aiohttp.ClientSession`: each
+provider's connection limit, proxy, TLS trust, split timeouts (connect, first byte, idle
+between body pieces) and size caps, with every failure as an `ApiError`.
+
+There is no total cap, so a healthy long stream is never cut. Redirects are never
+followed (they could carry the provider's key elsewhere); the caller answers them 502.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Mapping
+import re
+import ssl
+import urllib.request
+import zlib
+from typing import AsyncIterator, Callable, Iterator, Mapping
+from urllib.parse import urlsplit
 
-from ..config import TimeoutsConfig
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from ..config import ProviderConfig
 from ..errors import ApiError, upstream_timeout, upstream_unreachable
-from .client import HttpClient, header_block
-from .wire import MAX_BODY, ProtocolError, Response
+
+MAX_BODY = 64 * 1024 * 1024  # a non-streamed upstream body, decoded, may not be larger
+USER_AGENT = "provider-router"
+# An event-stream line may end with any of these (the SSE grammar).
+_EOL = re.compile(rb"\r\n|\r|\n")
+
+QueueObserver = Callable[[str, float], None]
+
+
+def new_session() -> aiohttp.ClientSession:
+    """The app's upstream session (`app._upstreams`). Limits are per provider (`Upstream`),
+    so the connector itself never queues; idle keep-alive connections close after 30 s.
+    Proxies come from each provider (`proxy_for`), resolved once at start-up: aiohttp's
+    `trust_env` would read the environment and `~/.netrc` in a thread on every request."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30.0)
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),  # an upstream's cookies are not the next request's
+        timeout=aiohttp.ClientTimeout(total=None),
+        # Decoded here (`_Inflate`): aiohttp passes a truncated gzip body off as a short one.
+        auto_decompress=False,
+    )
+
+
+def proxy_for(url: str, configured: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The proxy that `url` is reached through: the provider's `proxy:` if set ("direct"
+    for none), else `HTTPS_PROXY`/`HTTP_PROXY` for its scheme unless `NO_PROXY` matches."""
+    if configured:
+        return None if configured == "direct" else configured
+    proxies = urllib.request.getproxies_environment() if env is None else _env_proxies(env)
+    parts = urlsplit(url)
+    proxy = proxies.get(parts.scheme)
+    if not proxy:
+        return None
+    host = parts.hostname or ""
+    no_proxy = proxies.get("no")
+    if no_proxy and (no_proxy.strip() == "*" or urllib.request.proxy_bypass_environment(host, {"no": no_proxy})):
+        return None
+    return proxy
+
+
+def _env_proxies(env: Mapping[str, str]) -> dict[str, str]:
+    # As urllib reads os.environ: lower case wins over upper case.
+    out: dict[str, str] = {}
+    for name in sorted(env, key=lambda n: n.islower()):
+        if name.lower().endswith("_proxy") and env[name]:
+            out[name.lower()[: -len("_proxy")]] = env[name]
+    return out
+
+
+def request_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """A provider's fixed request headers, merged case-insensitively (the later spelling
+    wins), with ours added unless there. Uncompressed answers are asked for: a compressing
+    proxy in the way may hold stream pieces back; gzip sent anyway is decoded."""
+    merged: dict[str, tuple[str, str]] = {"user-agent": ("User-Agent", USER_AGENT), "accept-encoding": ("Accept-Encoding", "identity")}
+    for k, v in headers.items():
+        merged[k.lower()] = (k, v)
+    return dict(merged.values())
+
+
+class _Inflate:
+    """A gzip or deflate body, decoded as it arrives in pieces of bounded size, and only
+    whole: corrupt, cut short or followed by more bytes, it is an `ApiError`."""
+
+    PIECE = 256 * 1024
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        self._z = zlib.decompressobj(47 if encoding != "deflate" else 15)  # 47: a gzip or zlib header
+        self._fed = False
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        z = self._z
+        while True:
+            try:
+                out = z.decompress(data, self.PIECE)
+            except zlib.error as e:
+                raise ApiError(502, f"upstream body broke: bad {self.encoding} data ({e})", code="upstream_stream_error") from None
+            self._fed = True
+            if z.unused_data:  # a second gzip member, or garbage: not whole either way
+                raise ApiError(502, f"upstream body broke: bytes after the end of its {self.encoding} data", code="upstream_stream_error")
+            if out:
+                yield out
+            data = z.unconsumed_tail
+            if not data and len(out) < self.PIECE:
+                return
+
+    def end(self) -> None:
+        if self._fed and not self._z.eof:  # (an empty body needs no decoding)
+            raise ApiError(502, f"upstream body broke: its {self.encoding} data was cut short", code="upstream_stream_error")
+
+
+def _decoder(headers: Mapping[str, str]) -> _Inflate | None:
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("identity", ""):
+        return None
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        return _Inflate(encoding)
+    raise ApiError(502, f"upstream answered in an unsupported content-encoding {encoding[:40]!r}", code="upstream_bad_response")
+
+
+class Exchange:
+    """An upstream call whose response head has arrived. The body follows through
+    `Upstream.chunks` or `Upstream.read`; `close` (idempotent) ends the call: a body not
+    read to its end closes its connection, so the upstream stops generating."""
+
+    __slots__ = ("resp", "status", "headers", "queue_ms", "decoder", "_slot")
+
+    def __init__(self, resp: aiohttp.ClientResponse, queue_ms: float, slot: asyncio.Semaphore | None) -> None:
+        self.resp = resp
+        self.status = resp.status
+        self.headers: CIMultiDictProxy[str] = resp.headers
+        self.queue_ms = queue_ms
+        self._slot = slot
+        self.decoder: _Inflate | None = None
+
+    def close(self) -> None:
+        self.resp.close()  # a no-op for a body read to its end: that connection went back to the pool
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            slot.release()
 
 
 class Upstream:
-    """One provider's view of the app's `HttpClient`."""
+    """One provider's view of the app's session."""
 
-    def __init__(self, http: HttpClient, timeouts: TimeoutsConfig) -> None:
-        self.http = http
-        self.t = timeouts
+    def __init__(self, session: aiohttp.ClientSession, cfg: ProviderConfig, on_queue: QueueObserver | None = None) -> None:
+        self.session = session
+        self.name = cfg.name
+        self.t = cfg.timeouts
+        self.proxy = proxy_for(cfg.base_url, cfg.proxy)
+        # The system store (aiohttp's default context), or the system store plus the bundle.
+        self.ssl: ssl.SSLContext | bool = True
+        if cfg.ca_bundle:
+            ctx = ssl.create_default_context()
+            ctx.load_verify_locations(cafile=cfg.ca_bundle)
+            self.ssl = ctx
+        self.max_line = cfg.max_line_bytes
+        self.max_header = cfg.max_header_bytes
+        self._slots = asyncio.Semaphore(cfg.max_connections) if cfg.max_connections > 0 else None
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.t.connect)
+        self._on_queue = on_queue
 
-    @staticmethod
-    def headers(headers: Mapping[str, str]) -> bytes:
-        """Encode a provider's fixed headers once (see `client.header_block`)."""
-        return header_block(headers)
-
-    async def request(self, method: str, url: str, headers: bytes, body: bytes | None = None) -> Response:
-        """Send; return once the response head arrived (within `first_byte`). Redirects are not followed."""
+    async def request(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None = None) -> Exchange:
+        """Send; return once the response head arrived, within `first_byte` s of the call
+        (waiting for a connection slot and connecting included)."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        slot = self._slots
+        held = False
+        resp: aiohttp.ClientResponse | None = None
+        queue_ms = 0.0
         try:
-            return await self.http.request(
-                method, url, headers, body, connect=self.t.connect, first_byte=self.t.first_byte
-            )
-        except TimeoutError:
-            raise upstream_timeout("no response head") from None
-        except OSError as e:
-            raise upstream_unreachable(f"{type(e).__name__}: {e.strerror or e}") from None
-        except ProtocolError as e:
-            raise upstream_unreachable(str(e)) from None
+            async with asyncio.timeout(self.t.first_byte):
+                if slot is not None:
+                    waits = slot.locked()
+                    await slot.acquire()
+                    held = True
+                    if waits:
+                        queue_ms = (loop.time() - t0) * 1000
+                if self._on_queue is not None:
+                    self._on_queue(self.name, queue_ms)
+                resp = await self.session.request(
+                    method, url, headers=headers, data=body, allow_redirects=False, proxy=self.proxy, ssl=self.ssl,
+                    timeout=self._timeout, max_line_size=self.max_header, max_field_size=self.max_header,
+                )  # fmt: skip
+        except BaseException as e:
+            # Also when the deadline passed just as the head arrived: that response is not ours.
+            if resp is not None:
+                resp.close()
+            if held:
+                slot.release()  # type: ignore[union-attr]
+            raise _head_error(e) from None
+        ex = Exchange(resp, queue_ms, slot if held else None)
+        try:
+            if resp.status < 200:  # 101: the connection now speaks another protocol (1xx before a head are skipped)
+                raise ApiError(502, f"upstream switched protocols ({resp.status}), which is not supported", code="upstream_bad_response")
+            ex.decoder = _decoder(resp.headers)
+        except ApiError:
+            ex.close()
+            raise
+        return ex
 
-    async def chunks(self, resp: Response) -> AsyncIterator[bytes]:
-        """The body as it arrives; `ApiError` on idle timeout or a broken connection.
-        Closes the response at the end, so a client that left stops the upstream."""
-        idle = self.t.idle
+    async def chunks(self, ex: Exchange) -> AsyncIterator[bytes]:
+        """The body as it arrives; `ApiError` on idle timeout, a broken connection or an
+        event-stream line longer than `max_line_bytes`. Closes the exchange at the end, so
+        a client that left stops the upstream."""
+        content = ex.resp.content
+        idle, cap = self.t.idle, self.max_line
+        run = 0  # bytes since the last line end
         try:
             while True:
-                data = resp.take()
-                if data:
-                    yield data
-                    continue
-                if resp.done:
-                    return
-                _raise_broken(resp, "stream")
                 try:
-                    await resp.wait(idle)
+                    async with asyncio.timeout(idle):
+                        data = await content.readany()
                 except TimeoutError:
                     raise upstream_timeout(f"no data for {idle:g}s") from None
+                except aiohttp.ClientPayloadError as e:
+                    raise _broken("stream", e) from None
+                except (aiohttp.ClientError, OSError) as e:
+                    raise _broken("stream", e) from None
+                if not data:
+                    if ex.decoder is not None:
+                        ex.decoder.end()
+                    return
+                if ex.decoder is None:
+                    run = _line_run(run, data, cap)
+                    yield data
+                    continue
+                for piece in ex.decoder.feed(data):
+                    run = _line_run(run, piece, cap)
+                    yield piece
         finally:
-            resp.close()
+            ex.close()
 
-    async def read(self, resp: Response, limit: int = MAX_BODY) -> bytes:
-        """The whole body, within the idle timeout (one timer, not one per piece: a
+    async def read(self, ex: Exchange, limit: int = MAX_BODY) -> bytes:
+        """The whole body within the idle timeout (one deadline, not one per piece: a
         non-stream reply arrives in one go once the model has finished); at most `limit` bytes."""
+        resp = ex.resp
         try:
             if resp.content_length is not None and resp.content_length > limit:
                 raise ApiError(502, "upstream body too large", code="upstream_error")
             parts: list[bytes] = []
             size = 0
-            loop_time = asyncio.get_running_loop().time
-            deadline = loop_time() + self.t.idle
-            while True:
-                data = resp.take()
-                if data:
-                    parts.append(data)
-                    size += len(data)
-                    if size > limit:
-                        raise ApiError(502, "upstream body too large", code="upstream_error")
-                    continue
-                if resp.done:
-                    return parts[0] if len(parts) == 1 else b"".join(parts)
-                _raise_broken(resp, "body")
-                try:
-                    await resp.wait(deadline - loop_time())
-                except TimeoutError:
-                    raise upstream_timeout(f"no complete body within {self.t.idle:g}s") from None
+            decoder = ex.decoder
+            async with asyncio.timeout(self.t.idle):
+                while True:
+                    data = await resp.content.readany()
+                    if not data:
+                        if decoder is not None:
+                            decoder.end()
+                        break
+                    for piece in (data,) if decoder is None else decoder.feed(data):
+                        parts.append(piece)
+                        size += len(piece)
+                        if size > limit:
+                            raise ApiError(502, "upstream body too large", code="upstream_error")
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        except TimeoutError:
+            raise upstream_timeout(f"no complete body within {self.t.idle:g}s") from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise _broken("body", e) from None
         finally:
-            resp.close()
+            ex.close()
 
 
-def _raise_broken(resp: Response, what: str) -> None:
-    if resp.error is not None:
-        raise ApiError(
-            502, f"upstream {what} broke: {type(resp.error).__name__}", code="upstream_stream_error"
-        ) from None
+def _line_run(run: int, data: bytes, cap: int) -> int:
+    """The length of the unfinished line after `data`, given `run` before it; `ApiError`
+    once any line is longer than `cap` (an endless line would otherwise be buffered whole,
+    by the relay's record and by every SSE parser downstream)."""
+    if run + len(data) <= cap:  # the common case: nothing in here can be too long
+        last = max(data.rfind(b"\n"), data.rfind(b"\r"))
+        return run + len(data) if last < 0 else len(data) - last - 1
+    lines = _EOL.split(data)
+    if run + len(lines[0]) > cap or any(len(line) > cap for line in lines[1:]):
+        raise ApiError(502, f"upstream sent an event-stream line longer than {cap} bytes", code="upstream_line_too_long")
+    return len(lines[-1]) if len(lines) > 1 else run + len(data)
+
+
+def _cause(e: BaseException) -> str:
+    # aiohttp's connection errors wrap the OSError that says what happened.
+    inner = getattr(e, "os_error", None) or e.__cause__
+    if isinstance(inner, ssl.SSLCertVerificationError):
+        return f"SSLCertVerificationError: {inner.verify_message}"
+    if isinstance(inner, OSError) and inner.strerror:
+        return inner.strerror
+    return str(e) or type(e).__name__
+
+
+def _head_error(e: BaseException) -> BaseException:
+    """What a failure before the response head becomes (cancellation stays itself)."""
+    if isinstance(e, TimeoutError):  # the first-byte deadline, or aiohttp's connect timeout
+        return upstream_timeout("no response head")
+    if isinstance(e, aiohttp.ClientResponseError):  # the head broke HTTP or a cap
+        return ApiError(502, f"upstream sent an unusable response head: {e.message}", code="upstream_bad_response", retryable=True)
+    if isinstance(e, (aiohttp.ClientError, OSError)):
+        return upstream_unreachable(f"{type(e).__name__}: {_cause(e)}")
+    return e
+
+
+def _broken(what: str, e: BaseException) -> ApiError:
+    return ApiError(502, f"upstream {what} broke: {type(e).__name__}", code="upstream_stream_error")
+
