@@ -42,6 +42,10 @@ class OpenAIFake:
     cut_after: int | None = None
     # Answer the next request with this (status, body) instead.
     fail_next: tuple[int, bytes] | None = None
+    # Headers on every answer (and on `fail_next`'s): rate limits, request ids, Retry-After.
+    reply_headers: dict[str, str] = field(default_factory=dict)
+    # When each accepted request arrived (loop time), to observe the pacing of retries.
+    seen_at: list[float] = field(default_factory=list)
     # Answer the next request with this status and an error body that echoes every request
     # header it received, Authorization included (a careless upstream's debug output).
     echo_headers_next: int | None = None
@@ -77,6 +81,7 @@ class OpenAIFake:
         if not isinstance(model, str) or not isinstance(messages, list) or not messages:
             return _err(400, "model and messages are required")
         self.seen.append(Seen(dict(request.headers), body, raw))
+        self.seen_at.append(asyncio.get_running_loop().time())
         self.received.set()
         try:
             return await self._answer(request, body, model, messages)
@@ -92,7 +97,7 @@ class OpenAIFake:
         if self.fail_next is not None:
             status, data = self.fail_next
             self.fail_next = None
-            return web.Response(status=status, body=data, content_type="application/json")
+            return web.Response(status=status, body=data, content_type="application/json", headers=self.reply_headers)
         if self.echo_headers_next is not None:
             status, self.echo_headers_next = self.echo_headers_next, None
             return _err(status, f"request rejected; headers were {dict(request.headers)}", "upstream_debug")
@@ -111,15 +116,16 @@ class OpenAIFake:
             }
             data = orjson.dumps(out)
             if self.stall_body is None:
-                return web.Response(body=data, content_type="application/json")
-            resp = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": str(len(data))})
+                return web.Response(body=data, content_type="application/json", headers=self.reply_headers)
+            resp = web.StreamResponse(headers={**self.reply_headers, "Content-Type": "application/json", "Content-Length": str(len(data))})
             await resp.prepare(request)
             await resp.write(data[: len(data) // 2])
             await self.stall_body.wait()
             await resp.write(data[len(data) // 2 :])
             await resp.write_eof()
             return resp
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        # As api.openai.com sends it (a charset the proxy must not add a second Content-Type beside).
+        resp = web.StreamResponse(headers={**self.reply_headers, "Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
         head = {"id": cid, "object": "chat.completion.chunk", "created": 1700000000, "model": model}
         pieces = [{"role": "assistant", "content": ""}] + [{"content": w if i == 0 else " " + w} for i, w in enumerate(words)]
