@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 
 from .api import admin as admin_api
+from .api import models as models_api
 from .api import openai as openai_api
 from .config import Config
 from .metrics import Metrics
@@ -47,7 +48,9 @@ def create_app(cfg: Config, *, db_path: str | None = None) -> web.Application:
     app.on_response_prepare.append(stamp_headers)
     app.on_shutdown.append(_mark_shutting_down)
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
-    app.router.add_get("/v1/models", openai_api.list_models)
+    app[models_api.CATALOG] = models_api.Catalog()
+    app.router.add_get("/v1/models", models_api.list_models)
+    app.router.add_get("/v1/models/{model:.+}", models_api.get_model)
     app.router.add_route("*", "/v1/{tail:.*}", openai_api.not_found)
     admin_api.setup(app)
     state.metrics = Metrics(state)

@@ -1,4 +1,4 @@
-"""The OpenAI surface: `POST /v1/chat/completions`, `GET /v1/models`.
+"""The OpenAI chat surface: `POST /v1/chat/completions`.
 
 The only module that knows OpenAI's JSON shapes. Pass-through upstreams are forwarded
 byte for byte as their chunks arrive; translating providers' events are rendered here.
@@ -19,7 +19,7 @@ from ..messages import last_user_text
 from ..providers import ChatCall, Delta, Finish, Provider, Started, UpstreamReply, Usage
 from ..routing import NoRoute
 from ..sse import DONE, encode_event
-from ..state import RECORD, STARTED, STATE, State
+from ..state import RECORD, STARTED, STATE
 from ..store.records import RequestRecord
 from . import attempts
 from .validate import JSON_TYPES, bad, has_nul, parse_body, strip_steering, validate_chat
@@ -370,16 +370,6 @@ async def _render(request: web.Request, rec: RequestRecord, reply: UpstreamReply
         acc.fill(rec)
         rec.chunk_count = acc.chunks
     return resp
-
-
-# -- models ------------------------------------------------------------------------------
-async def list_models(request: web.Request) -> web.Response:
-    state: State = request.app[STATE]
-    data = [
-        {"id": m.name, "object": "model", "created": 0, "owned_by": m.provider}
-        for m in state.router.available
-    ]
-    return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
 
 
 async def not_found(request: web.Request) -> web.Response:

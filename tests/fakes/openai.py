@@ -56,10 +56,24 @@ class OpenAIFake:
     # Set when a client closed the connection while the fake was still answering.
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     chunks_sent: int = 0
+    # What `GET /v1/models` lists; `models_down` makes it answer 503.
+    models: list[str] = field(default_factory=lambda: ["gpt-4o", "gpt-4o-mini", "llama3.2", "llama3.1:8b", "text-embedding-3-small"])
+    models_down: bool = False
+    models_asked: int = 0
 
     def __post_init__(self) -> None:
         self.app = web.Application()
         self.app.router.add_post("/v1/chat/completions", self.chat)
+        self.app.router.add_get("/v1/models", self.list_models)
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {self.key}":
+            return _err(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        self.models_asked += 1
+        if self.models_down:
+            return _err(503, "The server is overloaded.", "server_error")
+        data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": "system"} for m in self.models]
+        return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
 
     @staticmethod
     def reply_for(messages: list[dict[str, Any]]) -> str:
