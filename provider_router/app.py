@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 
 from .api import admin as admin_api
+from .api import endpoints as endpoints_api
 from .api import models as models_api
 from .api import openai as openai_api
 from .config import Config
@@ -51,7 +52,8 @@ def create_app(cfg: Config, *, db_path: str | None = None) -> web.Application:
     app[models_api.CATALOG] = models_api.Catalog()
     app.router.add_get("/v1/models", models_api.list_models)
     app.router.add_get("/v1/models/{model:.+}", models_api.get_model)
-    app.router.add_route("*", "/v1/{tail:.*}", openai_api.not_found)
+    endpoints_api.setup(app)
+    app.router.add_route("*", "/v1/{tail:.*}", endpoints_api.not_found)
     admin_api.setup(app)
     state.metrics = Metrics(state)
     return app

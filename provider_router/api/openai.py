@@ -370,8 +370,3 @@ async def _render(request: web.Request, rec: RequestRecord, reply: UpstreamReply
         acc.fill(rec)
         rec.chunk_count = acc.chunks
     return resp
-
-
-async def not_found(request: web.Request) -> web.Response:
-    raise ApiError(404, f"Unknown endpoint {request.method} {request.path}", code="unknown_url")
-

@@ -7,6 +7,8 @@ sent (so a test can prove what reached it), and can be told to hold, fail, stall
 from __future__ import annotations
 
 import asyncio
+import base64
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +67,9 @@ class OpenAIFake:
         self.app = web.Application()
         self.app.router.add_post("/v1/chat/completions", self.chat)
         self.app.router.add_get("/v1/models", self.list_models)
+        self.app.router.add_post("/v1/responses", self.responses)
+        self.app.router.add_post("/v1/embeddings", self.embeddings)
+        self.app.router.add_post("/v1/completions", self.completions)
 
     async def list_models(self, request: web.Request) -> web.Response:
         if request.headers.get("Authorization") != f"Bearer {self.key}":
@@ -159,3 +164,110 @@ class OpenAIFake:
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+    # -- the other endpoints: checked as strictly, answered from what they were sent -------
+    async def _accept(self, request: web.Request, required: str) -> dict[str, Any] | web.Response:
+        """The body, if it passes the checks the real API makes (key, JSON, `model` and
+        `required`), recorded; else the error response to send."""
+        raw = await request.read()
+        if request.headers.get("Authorization") != f"Bearer {self.key}":
+            return _err(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        if request.content_type != "application/json":
+            return _err(400, "Content-Type must be application/json")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return _err(400, "We could not parse the JSON body of your request.")
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str) or body.get(required) in (None, "", []):
+            return _err(400, f"Missing required parameter: '{required if isinstance(body, dict) and 'model' in body else 'model'}'.")
+        self.seen.append(Seen(dict(request.headers), body, raw))
+        self.seen_at.append(asyncio.get_running_loop().time())
+        self.received.set()
+        if self.fail_next is not None:
+            status, data = self.fail_next
+            self.fail_next = None
+            return web.Response(status=status, body=data, content_type="application/json", headers=self.reply_headers)
+        return body
+
+    async def _sse(self, request: web.Request, events: list[tuple[str | None, dict[str, Any]]], done: bool) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={**self.reply_headers, "Content-Type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        for name, data in events:
+            head = f"event: {name}\n".encode() if name else b""
+            await resp.write(head + b"data: " + orjson.dumps(data) + b"\n\n")
+            self.chunks_sent += 1
+        if done:
+            await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    @staticmethod
+    def text_for(prompt: Any) -> str:
+        """What the fake answers a Responses `input` or a completions `prompt`."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
+            prompt = prompt[-1].get("content")
+        elif isinstance(prompt, list) and prompt:
+            prompt = prompt[-1]
+        return f"upstream answered: {prompt}"
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        body = await self._accept(request, "input")
+        if isinstance(body, web.Response):
+            return body
+        n = len(self.seen)
+        text = self.text_for(body["input"])
+        words = text.split(" ")
+        usage = {"input_tokens": 3, "output_tokens": len(words), "total_tokens": 3 + len(words),
+                 "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
+        message = {"type": "message", "id": f"msg_fake{n}", "status": "completed", "role": "assistant",
+                   "content": [{"type": "output_text", "text": text, "annotations": []}]}
+        done = {"id": f"resp_fake{n}", "object": "response", "created_at": 1700000000, "status": "completed",
+                "model": body["model"], "output": [message], "usage": usage, "error": None, "incomplete_details": None,
+                "instructions": body.get("instructions"), "metadata": {}, "parallel_tool_calls": True,
+                "tool_choice": "auto", "tools": [], "temperature": 1.0, "top_p": 1.0}
+        if not body.get("stream"):
+            return web.Response(body=orjson.dumps(done), content_type="application/json", headers=self.reply_headers)
+        started = {**done, "status": "in_progress", "output": [], "usage": None}
+        events: list[tuple[str | None, dict[str, Any]]] = [("response.created", {"type": "response.created", "sequence_number": 0, "response": started})]
+        for i, w in enumerate(words):
+            delta = {"type": "response.output_text.delta", "sequence_number": i + 1, "item_id": message["id"],
+                     "output_index": 0, "content_index": 0, "delta": w if i == 0 else " " + w, "logprobs": []}
+            events.append(("response.output_text.delta", delta))
+        events.append(("response.completed", {"type": "response.completed", "sequence_number": len(words) + 1, "response": done}))
+        return await self._sse(request, events, done=False)
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        body = await self._accept(request, "input")
+        if isinstance(body, web.Response):
+            return body
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        fmt = body.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            return _err(400, f"Invalid value for 'encoding_format': {fmt!r}.")
+        data = []
+        for i, item in enumerate(inputs):
+            vector = [float(len(str(item))), float(i), 0.5, -0.25]
+            encoded: Any = vector if fmt == "float" else base64.b64encode(struct.pack("<4f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": encoded})
+        out = {"object": "list", "data": data, "model": body["model"], "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}}
+        return web.Response(body=orjson.dumps(out), content_type="application/json", headers=self.reply_headers)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._accept(request, "prompt")
+        if isinstance(body, web.Response):
+            return body
+        text = self.text_for(body["prompt"])
+        words = text.split(" ")
+        usage = {"prompt_tokens": 3, "completion_tokens": len(words), "total_tokens": 3 + len(words)}
+        head = {"id": f"cmpl-fake{len(self.seen)}", "object": "text_completion", "created": 1700000000, "model": body["model"]}
+        if not body.get("stream"):
+            out = {**head, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}], "usage": usage}
+            return web.Response(body=orjson.dumps(out), content_type="application/json", headers=self.reply_headers)
+        events: list[tuple[str | None, dict[str, Any]]] = [
+            (None, {**head, "choices": [{"text": w if i == 0 else " " + w, "index": 0, "logprobs": None, "finish_reason": None}]})
+            for i, w in enumerate(words)
+        ]
+        events.append((None, {**head, "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}]}))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append((None, {**head, "choices": [], "usage": usage}))
+        return await self._sse(request, events, done=True)
