@@ -41,6 +41,17 @@ class _Live(Collector):
             yield GaugeMetricFamily(
                 "provider_router_session_oldest_age_seconds", "Age of the oldest active session.", value=st["oldest_age_seconds"] or 0
             )
+        ups = [(name, up) for name, p in self._state.providers.items() if (up := getattr(p, "upstream", None)) is not None]
+        if ups:
+            in_use = GaugeMetricFamily(
+                "provider_router_upstream_slots_in_use", "Upstream calls holding a connection slot (max_connections).", labels=("provider",)
+            )
+            waiting = GaugeMetricFamily("provider_router_upstream_waiting", "Upstream calls waiting for a connection slot.", labels=("provider",))
+            for name, up in ups:
+                in_use.add_metric((name,), up.in_use)
+                waiting.add_metric((name,), up.waiting)
+            yield in_use
+            yield waiting
         if writer is not None:
             yield GaugeMetricFamily("provider_router_log_queue_depth", "Records and changes waiting for the writer.", value=writer.depth)
             yield CounterMetricFamily("provider_router_log_records_written", "Request records committed.", value=writer.written)

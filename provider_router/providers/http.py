@@ -127,21 +127,21 @@ class Exchange:
     `Upstream.chunks` or `Upstream.read`; `close` (idempotent) ends the call: a body not
     read to its end closes its connection, so the upstream stops generating."""
 
-    __slots__ = ("resp", "status", "headers", "queue_ms", "decoder", "_slot")
+    __slots__ = ("resp", "status", "headers", "queue_ms", "decoder", "_free")
 
-    def __init__(self, resp: aiohttp.ClientResponse, queue_ms: float, slot: asyncio.Semaphore | None) -> None:
+    def __init__(self, resp: aiohttp.ClientResponse, queue_ms: float, free: Callable[[], None] | None) -> None:
         self.resp = resp
         self.status = resp.status
         self.headers: CIMultiDictProxy[str] = resp.headers
         self.queue_ms = queue_ms
-        self._slot = slot
+        self._free = free
         self.decoder: _Inflate | None = None
 
     def close(self) -> None:
         self.resp.close()  # a no-op for a body read to its end: that connection went back to the pool
-        slot, self._slot = self._slot, None
-        if slot is not None:
-            slot.release()
+        free, self._free = self._free, None
+        if free is not None:
+            free()
 
 
 class Upstream:
@@ -161,8 +161,14 @@ class Upstream:
         self.max_line = cfg.max_line_bytes
         self.max_header = cfg.max_header_bytes
         self._slots = asyncio.Semaphore(cfg.max_connections) if cfg.max_connections > 0 else None
+        self.in_use = 0  # calls holding a connection slot (with a limit)
+        self.waiting = 0  # calls waiting for one
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.t.connect)
         self._on_queue = on_queue
+
+    def _free(self) -> None:
+        self.in_use -= 1
+        self._slots.release()  # type: ignore[union-attr]
 
     async def request(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None = None) -> Exchange:
         """Send; return once the response head arrived, within `first_byte` s of the call
@@ -176,11 +182,17 @@ class Upstream:
         try:
             async with asyncio.timeout(self.t.first_byte):
                 if slot is not None:
-                    waits = slot.locked()
-                    await slot.acquire()
-                    held = True
-                    if waits:
+                    if slot.locked():
+                        self.waiting += 1
+                        try:
+                            await slot.acquire()
+                        finally:
+                            self.waiting -= 1
                         queue_ms = (loop.time() - t0) * 1000
+                    else:
+                        await slot.acquire()
+                    held = True
+                    self.in_use += 1
                 if self._on_queue is not None:
                     self._on_queue(self.name, queue_ms)
                 resp = await self.session.request(
@@ -192,9 +204,9 @@ class Upstream:
             if resp is not None:
                 resp.close()
             if held:
-                slot.release()  # type: ignore[union-attr]
+                self._free()
             raise _head_error(e) from None
-        ex = Exchange(resp, queue_ms, slot if held else None)
+        ex = Exchange(resp, queue_ms, self._free if held else None)
         try:
             if resp.status < 200:  # 101: the connection now speaks another protocol (1xx before a head are skipped)
                 raise ApiError(502, f"upstream switched protocols ({resp.status}), which is not supported", code="upstream_bad_response")

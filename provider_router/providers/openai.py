@@ -48,7 +48,7 @@ class OpenAIProvider:
 
     def __init__(self, cfg: ProviderConfig, up: Upstream) -> None:
         self.name = cfg.name
-        self._up = up
+        self.upstream = up
         self._base = cfg.base_url.rstrip("/")
         self._url = self._base + "/chat/completions"
         headers = {**cfg.headers, "Content-Type": "application/json"}
@@ -67,8 +67,8 @@ class OpenAIProvider:
             headers = self._get_headers
         else:
             headers = self._stream_headers if stream else self._headers
-        ex = await self._up.request(method, self._base + path, headers, body)
-        return reply_of(self._up, ex)
+        ex = await self.upstream.request(method, self._base + path, headers, body)
+        return reply_of(self.upstream, ex)
 
     async def close(self) -> None:
         return None

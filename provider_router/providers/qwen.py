@@ -61,7 +61,7 @@ class QwenProvider:
     def __init__(self, cfg: ProviderConfig, up: Upstream) -> None:
         self.name = cfg.name
         self.delete_chats = cfg.delete_chats_on_expiry
-        self._up = up
+        self.upstream = up
         self._base = cfg.base_url.rstrip("/")
         headers = {
             **cfg.headers,
@@ -76,8 +76,8 @@ class QwenProvider:
 
     async def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         data = orjson.dumps(body) if body is not None else None
-        resp = await self._up.request(method, self._base + path, self._headers, data)
-        raw = await self._up.read(resp)
+        resp = await self.upstream.request(method, self._base + path, self._headers, data)
+        raw = await self.upstream.read(resp)
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -132,10 +132,10 @@ class QwenProvider:
         }
         data = orjson.dumps(body)
         url = f"{self._base}/api/v2/chat/completions?{urlencode({'chat_id': chat_id})}"
-        resp = await self._up.request("POST", url, self._stream_headers, data)
+        resp = await self.upstream.request("POST", url, self._stream_headers, data)
         if not resp.headers.get("content-type", "").startswith("text/event-stream"):
             # Errors come as JSON (often with HTTP 200) instead of a stream.
-            raw = await self._up.read(resp)
+            raw = await self.upstream.read(resp)
             try:
                 obj = orjson.loads(raw)
             except orjson.JSONDecodeError:
@@ -146,7 +146,7 @@ class QwenProvider:
     async def _events(self, resp: Exchange, chat_id: str) -> AsyncIterator[Event]:
         parser = SSEParser()
         usage: Usage | None = None
-        async for chunk in self._up.chunks(resp):
+        async for chunk in self.upstream.chunks(resp):
             for ev in parser.feed(chunk):
                 try:
                     obj = orjson.loads(ev.data)
