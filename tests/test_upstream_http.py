@@ -395,3 +395,13 @@ def test_header_names_merge_whatever_their_case() -> None:
     """Of two spellings of one header name the later wins; ours are added unless set."""
     merged = request_headers({"authorization": "Bearer from-config", "accept": "*/*", "Authorization": "Bearer key", "user-agent": "mine"})
     assert merged == {"Authorization": "Bearer key", "accept": "*/*", "user-agent": "mine", "Accept-Encoding": "identity"}
+
+
+def test_an_unreadable_ca_bundle_is_named_at_start_up(tmp_path: Path) -> None:
+    """A `ca_bundle` that is missing or not PEM stops start-up with a message naming it."""
+    from provider_router.config import ConfigError
+
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    for path in (tmp_path / "missing.pem", tmp_path / "junk.pem"):
+        with pytest.raises(ConfigError, match="ca_bundle"):
+            upstream(None, ca_bundle=str(path))

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from multidict import CIMultiDictProxy
 
-from ..config import ProviderConfig
+from ..config import ConfigError, ProviderConfig
 from ..errors import ApiError, upstream_timeout, upstream_unreachable
 
 MAX_BODY = 64 * 1024 * 1024  # a non-streamed upstream body, decoded, may not be larger
@@ -156,7 +156,10 @@ class Upstream:
         self.ssl: ssl.SSLContext | bool = True
         if cfg.ca_bundle:
             ctx = ssl.create_default_context()
-            ctx.load_verify_locations(cafile=cfg.ca_bundle)
+            try:
+                ctx.load_verify_locations(cafile=cfg.ca_bundle)
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(f"provider {cfg.name!r}: ca_bundle {cfg.ca_bundle!r} is not a readable PEM file of CAs ({e})") from None
             self.ssl = ctx
         self.max_line = cfg.max_line_bytes
         self.max_header = cfg.max_header_bytes
@@ -230,9 +233,7 @@ class Upstream:
                         data = await content.readany()
                 except TimeoutError:
                     raise upstream_timeout(f"no data for {idle:g}s") from None
-                except aiohttp.ClientPayloadError as e:
-                    raise _broken("stream", e) from None
-                except (aiohttp.ClientError, OSError) as e:
+                except (aiohttp.ClientError, OSError) as e:  # a cut chunked body, a reset
                     raise _broken("stream", e) from None
                 if not data:
                     if ex.decoder is not None:
