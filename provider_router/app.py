@@ -145,6 +145,7 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await app[models_api.CATALOG].close()  # its fetches use the session
         for provider in state.providers.values():
             await provider.close()
         await http.close()

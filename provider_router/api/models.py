@@ -50,6 +50,13 @@ class Catalog:
         # Shielded: a client that leaves does not cancel the fetch others wait on.
         return await asyncio.shield(task)
 
+    async def close(self) -> None:
+        """Cancel fetches still running (the app is stopping; nobody waits for them)."""
+        tasks = list(self._fetching.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _fetch(self, state: State, provider: str) -> list[str]:
         call = getattr(state.providers.get(provider), "call", None)
         ids: list[str] = []
