@@ -15,10 +15,12 @@ from typing import Any
 import pytest
 import trustme
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from provider_router.config import ProviderConfig, TimeoutsConfig
 from provider_router.errors import ApiError
-from provider_router.providers.http import Exchange, Upstream, new_session, proxy_for, request_headers
+from provider_router.providers.http import Exchange, LineCap, Upstream, new_session, proxy_for, request_headers
 
 HEADERS = request_headers({"Content-Type": "application/json"})
 Serve = Callable[["RawServer", int, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -405,3 +407,25 @@ def test_an_unreadable_ca_bundle_is_named_at_start_up(tmp_path: Path) -> None:
     for path in (tmp_path / "missing.pem", tmp_path / "junk.pem"):
         with pytest.raises(ConfigError, match="ca_bundle"):
             upstream(None, ca_bundle=str(path))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lines=st.lists(st.tuples(st.integers(0, 40), st.sampled_from([b"\n", b"\r\n", b"\r"])), min_size=1, max_size=12),
+    tail=st.integers(0, 40),
+    cuts=st.lists(st.integers(0, 600), max_size=8),
+)
+def test_the_line_cap_holds_however_the_stream_is_split(lines: list[tuple[int, bytes]], tail: int, cuts: list[int]) -> None:
+    """`LineCap(20)` refuses a stream exactly when one of its lines (the unfinished last one
+    included) is longer than 20 bytes, wherever the pieces are cut, CRLF split included."""
+    stream = b"".join(b"a" * n + end for n, end in lines) + b"b" * tail
+    too_long = max([n for n, _ in lines] + [tail]) > 20
+    points = sorted({c for c in cuts if c < len(stream)} | {0, len(stream)})
+    cap = LineCap(20)
+    try:
+        for a, b in zip(points, points[1:]):
+            cap.feed(stream[a:b])
+    except ApiError as e:
+        assert too_long and e.code == "upstream_line_too_long"
+    else:
+        assert not too_long

@@ -224,28 +224,33 @@ class Upstream:
         event-stream line longer than `max_line_bytes`. Closes the exchange at the end, so
         a client that left stops the upstream."""
         content = ex.resp.content
-        idle, cap = self.t.idle, self.max_line
-        run = 0  # bytes since the last line end
+        idle = self.t.idle
+        lines = LineCap(self.max_line)
+        now = asyncio.get_running_loop().time
         try:
-            while True:
-                try:
-                    async with asyncio.timeout(idle):
+            # One deadline moved per piece (not a new timer context per piece); it is off
+            # while a piece is with the consumer, whose own awaits it must never cancel.
+            async with asyncio.timeout(None) as deadline:
+                while True:
+                    deadline.reschedule(now() + idle)
+                    try:
                         data = await content.readany()
-                except TimeoutError:
-                    raise upstream_timeout(f"no data for {idle:g}s") from None
-                except (aiohttp.ClientError, OSError) as e:  # a cut chunked body, a reset
-                    raise _broken("stream", e) from None
-                if not data:
-                    if ex.decoder is not None:
-                        ex.decoder.end()
-                    return
-                if ex.decoder is None:
-                    run = _line_run(run, data, cap)
-                    yield data
-                    continue
-                for piece in ex.decoder.feed(data):
-                    run = _line_run(run, piece, cap)
-                    yield piece
+                    except (aiohttp.ClientError, OSError) as e:  # a cut chunked body, a reset
+                        raise _broken("stream", e) from None
+                    deadline.reschedule(None)
+                    if not data:
+                        if ex.decoder is not None:
+                            ex.decoder.end()
+                        return
+                    if ex.decoder is None:
+                        lines.feed(data)
+                        yield data
+                        continue
+                    for piece in ex.decoder.feed(data):
+                        lines.feed(piece)
+                        yield piece
+        except TimeoutError:
+            raise upstream_timeout(f"no data for {idle:g}s") from None
         finally:
             ex.close()
 
@@ -280,17 +285,27 @@ class Upstream:
             ex.close()
 
 
-def _line_run(run: int, data: bytes, cap: int) -> int:
-    """The length of the unfinished line after `data`, given `run` before it; `ApiError`
-    once any line is longer than `cap` (an endless line would otherwise be buffered whole,
-    by the relay's record and by every SSE parser downstream)."""
-    if run + len(data) <= cap:  # the common case: nothing in here can be too long
-        last = max(data.rfind(b"\n"), data.rfind(b"\r"))
-        return run + len(data) if last < 0 else len(data) - last - 1
-    lines = _EOL.split(data)
-    if run + len(lines[0]) > cap or any(len(line) > cap for line in lines[1:]):
-        raise ApiError(502, f"upstream sent an event-stream line longer than {cap} bytes", code="upstream_line_too_long")
-    return len(lines[-1]) if len(lines) > 1 else run + len(data)
+class LineCap:
+    """Watches a byte stream for a line longer than `cap` (SSE lines end with CRLF, LF or
+    CR): `feed` raises `ApiError` once one is, however the stream is split. An endless line
+    would otherwise be buffered whole by the relay's record and by every SSE parser after it."""
+
+    __slots__ = ("cap", "run")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.run = 0  # bytes since the last line end
+
+    def feed(self, data: bytes) -> None:
+        run, cap = self.run, self.cap
+        if run + len(data) <= cap:  # the common case: nothing in here can be too long
+            last = max(data.rfind(b"\n"), data.rfind(b"\r"))
+            self.run = run + len(data) if last < 0 else len(data) - last - 1
+            return
+        lines = _EOL.split(data)
+        if run + len(lines[0]) > cap or any(len(line) > cap for line in lines[1:]):
+            raise ApiError(502, f"upstream sent an event-stream line longer than {cap} bytes", code="upstream_line_too_long")
+        self.run = len(lines[-1]) if len(lines) > 1 else run + len(data)
 
 
 def _cause(e: BaseException) -> str:
