@@ -5,13 +5,14 @@ unknown paths answer with what is supported."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
 
-from tests.conftest import Proxy, ProxyFactory, base_config
+from tests.conftest import UPSTREAM_KEY, Proxy, ProxyFactory, base_config
 from tests.fakes.openai import OpenAIFake
 
 COLUMNS = "SELECT path, model, provider, status, outcome, stream FROM requests ORDER BY rowid"
@@ -114,6 +115,20 @@ async def test_upstream_errors_pass_through(p: Proxy, openai_fake: OpenAIFake) -
     assert "encoding_format" in e.value.message
     [row] = await p.rows(COLUMNS)
     assert (row["status"], row["outcome"]) == (400, "upstream_error")
+
+
+@pytest.mark.parametrize("status", [400, 503])
+async def test_an_upstream_error_that_echoes_the_key_is_redacted(p: Proxy, openai_fake: OpenAIFake, status: int) -> None:
+    """An upstream error body that repeats the provider's key reaches neither the client nor
+    the log with it, on these endpoints as on chat."""
+    openai_fake.echo_headers_next = status
+    with pytest.raises(openai.APIStatusError) as e:
+        await p.sdk().responses.create(model="gpt-4o", input="hi")
+    assert e.value.status_code == status
+    text = e.value.response.text
+    assert UPSTREAM_KEY not in text and "[REDACTED]" in text
+    await p.drained()
+    assert UPSTREAM_KEY.encode() not in p.db_path.read_bytes() + Path(f"{p.db_path}-wal").read_bytes()
 
 
 @pytest.mark.parametrize("call", ["responses", "embeddings", "completions"])

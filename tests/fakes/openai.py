@@ -187,6 +187,9 @@ class OpenAIFake:
             status, data = self.fail_next
             self.fail_next = None
             return web.Response(status=status, body=data, content_type="application/json", headers=self.reply_headers)
+        if self.echo_headers_next is not None:
+            status, self.echo_headers_next = self.echo_headers_next, None
+            return _err(status, f"request rejected; headers were {dict(request.headers)}", "upstream_debug")
         return body
 
     async def _sse(self, request: web.Request, events: list[tuple[str | None, dict[str, Any]]], done: bool) -> web.StreamResponse:
