@@ -264,6 +264,13 @@ class Upstream:
             parts: list[bytes] = []
             size = 0
             decoder = ex.decoder
+            if decoder is None and resp.content.is_eof():
+                # The whole (small) body came with the head, as most JSON answers do: no
+                # waiting, so no timer.
+                data = await resp.content.read()
+                if len(data) > limit:
+                    raise ApiError(502, "upstream body too large", code="upstream_error")
+                return data
             async with asyncio.timeout(self.t.idle):
                 while True:
                     data = await resp.content.readany()
