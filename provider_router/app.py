@@ -21,7 +21,7 @@ from .config import Config
 from .metrics import Metrics
 from .middleware import edge, key_digest, stamp_headers
 from .providers import build_provider
-from .providers.http import new_session
+from .providers.http import new_session, proxy_secrets
 from .routing import Router
 from .state import STATE, State
 from .store import LogWriter, Redactor, connect, queries
@@ -38,7 +38,7 @@ def create_app(cfg: Config, *, db_path: str | None = None) -> web.Application:
         config=cfg,
         router=Router(cfg),
         db_path=db_path or cfg.database.path,
-        redactor=Redactor(cfg.secrets()),
+        redactor=Redactor(cfg.secrets() + proxy_secrets(cfg.providers)),
         client_keys={key_digest(k.key): k.name for k in cfg.auth.client_keys},
     )
     app = web.Application(middlewares=[edge], client_max_size=cfg.server.max_body_bytes)

@@ -4,6 +4,7 @@ and upstreams on 127.0.0.2. The proxy is used exactly when the daemon's environm
 
 from __future__ import annotations
 
+import base64
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -39,6 +40,25 @@ async def far_fake(aiohttp_server: Any) -> OpenAIFake:
     server = await aiohttp_server(fake.app, host="127.0.0.2")
     fake.base_url = f"http://127.0.0.2:{server.port}/v1"  # type: ignore[attr-defined]
     return fake
+
+
+@pytest.fixture
+async def tls_fake(tmp_path: Path) -> AsyncIterator[tuple[OpenAIFake, str, str]]:
+    """The fake over https on 127.0.0.2 with a certificate from a throwaway CA: (fake, its
+    base URL, the CA bundle that trusts it)."""
+    ca = trustme.CA()
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.2").configure_cert(server_ctx)
+    fake = OpenAIFake(key=UPSTREAM_KEY)
+    runner = web.AppRunner(fake.app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.2", 0, ssl_context=server_ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield fake, f"https://127.0.0.2:{port}/v1", str(bundle)
+    await runner.cleanup()
 
 
 def config(base_url: str, **provider: Any) -> dict[str, Any]:
@@ -101,25 +121,40 @@ async def test_a_providers_proxy_setting_wins(
 
 
 async def test_https_upstreams_tunnel_through_the_proxy_and_still_check_tls(
-    make_proxy: ProxyFactory, forward_proxy: ForwardProxy, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    make_proxy: ProxyFactory, forward_proxy: ForwardProxy, tls_fake: tuple[OpenAIFake, str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """HTTPS_PROXY: an https upstream is reached with CONNECT, its certificate checked end to
     end against the provider's `ca_bundle` (the proxy sees only the tunnel)."""
-    ca = trustme.CA()
-    bundle = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(bundle))
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.2").configure_cert(server_ctx)
-    fake = OpenAIFake(key=UPSTREAM_KEY)
-    runner = web.AppRunner(fake.app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.2", 0, ssl_context=server_ctx)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        monkeypatch.setenv("HTTPS_PROXY", forward_proxy.url)
-        p = await make_proxy(config(f"https://127.0.0.2:{port}/v1", ca_bundle=str(bundle)))
-        await chat(p.url)
-        assert forward_proxy.seen == [("CONNECT", f"127.0.0.2:{port}")] and len(fake.seen) == 1
-    finally:
-        await runner.cleanup()
+    fake, url, bundle = tls_fake
+    monkeypatch.setenv("HTTPS_PROXY", forward_proxy.url)
+    p = await make_proxy(config(url, ca_bundle=bundle))
+    await chat(p.url)
+    assert forward_proxy.seen == [("CONNECT", url.removeprefix("https://").removesuffix("/v1"))] and len(fake.seen) == 1
+
+
+async def test_proxy_credentials_go_as_proxy_authorization(
+    make_proxy: ProxyFactory, forward_proxy: ForwardProxy, far_fake: OpenAIFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`user:password@` in a proxy URL (from `proxy:` or the environment) is sent to the proxy
+    as Basic Proxy-Authorization."""
+    with_user = forward_proxy.url.replace("http://", "http://alice:s3cret@")
+    p = await make_proxy(config(far_fake.base_url, proxy=with_user))  # type: ignore[attr-defined]
+    await chat(p.url)
+    monkeypatch.setenv("HTTP_PROXY", with_user)
+    p = await make_proxy(config(far_fake.base_url))  # type: ignore[attr-defined]
+    await chat(p.url)
+    assert forward_proxy.auth == ["Basic " + base64.b64encode(b"alice:s3cret").decode()] * 2
+    assert p.state.redactor("proxy password s3cret") == "proxy password [REDACTED]"
+
+
+async def test_proxy_credentials_go_on_the_connect_of_an_https_upstream(
+    make_proxy: ProxyFactory, forward_proxy: ForwardProxy, tls_fake: tuple[OpenAIFake, str, str]
+) -> None:
+    """Through a tunnel the credentials go on the CONNECT (the upstream never sees them)."""
+    fake, url, bundle = tls_fake
+    with_user = forward_proxy.url.replace("http://", "http://alice:s3cret@")
+    p = await make_proxy(config(url, ca_bundle=bundle, proxy=with_user))
+    await chat(p.url)
+    assert forward_proxy.seen == [("CONNECT", url.removeprefix("https://").removesuffix("/v1"))]
+    assert forward_proxy.auth == ["Basic " + base64.b64encode(b"alice:s3cret").decode()]
+    assert "Proxy-Authorization" not in fake.seen[0].headers

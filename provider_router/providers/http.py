@@ -13,10 +13,11 @@ import re
 import ssl
 import urllib.request
 import zlib
-from typing import AsyncIterator, Callable, Iterator, Mapping
+from typing import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 import aiohttp
+import yarl
 from multidict import CIMultiDictProxy
 
 from ..config import ConfigError, ProviderConfig
@@ -60,6 +61,19 @@ def proxy_for(url: str, configured: str, env: Mapping[str, str] | None = None) -
     if no_proxy and (no_proxy.strip() == "*" or urllib.request.proxy_bypass_environment(host, {"no": no_proxy})):
         return None
     return proxy
+
+
+def proxy_secrets(providers: Iterable[ProviderConfig]) -> list[str]:
+    """The passwords in the proxy URLs the providers will use, for redaction beside the
+    configured secrets (`Config.secrets` knows only the config file's own fields)."""
+    out = []
+    for p in providers:
+        if p.type in ("openai", "qwen"):
+            proxy = proxy_for(p.base_url, p.proxy)
+            password = yarl.URL(proxy).password if proxy else None
+            if password and len(password) >= 4:
+                out.append(password)
+    return out
 
 
 def _env_proxies(env: Mapping[str, str]) -> dict[str, str]:
@@ -151,7 +165,15 @@ class Upstream:
         self.session = session
         self.name = cfg.name
         self.t = cfg.timeouts
-        self.proxy = proxy_for(cfg.base_url, cfg.proxy)
+        proxy = proxy_for(cfg.base_url, cfg.proxy)
+        # Credentials in a proxy URL go as Proxy-Authorization (aiohttp reads them from the
+        # URL only for proxies it found in the environment itself): on the CONNECT of an
+        # https upstream, or on each request a plain-http upstream gets through the proxy.
+        self.proxy: yarl.URL | None = None if proxy is None else yarl.URL(proxy)
+        self._proxy_auth: str | None = None
+        if self.proxy is not None and self.proxy.user:
+            self._proxy_auth = aiohttp.encode_basic_auth(self.proxy.user, self.proxy.password or "")
+            self.proxy = self.proxy.with_user(None)
         # The system store (aiohttp's default context), or the system store plus the bundle.
         self.ssl: ssl.SSLContext | bool = True
         if cfg.ca_bundle:
@@ -176,6 +198,12 @@ class Upstream:
     async def request(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None = None) -> Exchange:
         """Send; return once the response head arrived, within `first_byte` s of the call
         (waiting for a connection slot and connecting included)."""
+        proxy_headers = None
+        if self._proxy_auth is not None:
+            if url.startswith("https:"):
+                proxy_headers = {"Proxy-Authorization": self._proxy_auth}
+            else:
+                headers = {**headers, "Proxy-Authorization": self._proxy_auth}
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         slot = self._slots
@@ -199,7 +227,7 @@ class Upstream:
                 if self._on_queue is not None:
                     self._on_queue(self.name, queue_ms)
                 resp = await self.session.request(
-                    method, url, headers=headers, data=body, allow_redirects=False, proxy=self.proxy, ssl=self.ssl,
+                    method, url, headers=headers, data=body, allow_redirects=False, proxy=self.proxy, proxy_headers=proxy_headers, ssl=self.ssl,
                     timeout=self._timeout, max_line_size=self.max_header, max_field_size=self.max_header,
                 )  # fmt: skip
         except BaseException as e:

@@ -15,6 +15,8 @@ class ForwardProxy:
     """`await start()`, then point clients at `url`; `seen` lists (method, target) asked."""
 
     seen: list[tuple[str, str]] = field(default_factory=list)
+    # The Proxy-Authorization of each request in `seen` (None without one).
+    auth: list[str | None] = field(default_factory=list)
     port: int = 0
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -48,6 +50,10 @@ class ForwardProxy:
             request_line, _, rest = head.partition(b"\r\n")
             method, target, version = request_line.decode("latin-1").split(" ")
             self.seen.append((method, target))
+            fields = dict(
+                (k.strip().lower(), v.strip()) for k, _, v in (line.partition(":") for line in rest.decode("latin-1").split("\r\n")) if v
+            )
+            self.auth.append(fields.get("proxy-authorization"))
             if method == "CONNECT":
                 host, _, port = target.rpartition(":")
                 up_reader, up_writer = await asyncio.open_connection(host, int(port))
