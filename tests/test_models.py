@@ -49,5 +49,5 @@ async def test_retrieving_one_model_agrees_with_the_list(proxy: Proxy) -> None:
         with pytest.raises(openai.NotFoundError) as e:
             await proxy.sdk().models.retrieve(missing)
         assert e.value.code == "model_not_found"
-    rows = await proxy.rows("SELECT path, status FROM requests ORDER BY rowid")
-    assert rows[-1] == {"path": "/v1/models/nope", "status": 404}
+    rows = await proxy.rows("SELECT path, model, status FROM requests ORDER BY rowid")
+    assert rows[-1] == {"path": "/v1/models/nope", "model": "nope", "status": 404}

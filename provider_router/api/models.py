@@ -19,7 +19,7 @@ from aiohttp import web
 from ..config import ModelConfig
 from ..errors import ApiError
 from ..routing import NoRoute
-from ..state import STATE, State
+from ..state import RECORD, STATE, State
 
 log = structlog.get_logger("provider_router.api")
 FRESH_SECONDS = 60.0  # an upstream's list is reused this long
@@ -129,6 +129,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model"]
+    request[RECORD].model = model_id
     for m in await listing(request):
         if m["id"] == model_id:
             return web.Response(body=orjson.dumps(m), content_type="application/json")
