@@ -21,7 +21,8 @@ from .config import Config
 from .metrics import Metrics
 from .middleware import edge, key_digest, stamp_headers
 from .providers import build_provider
-from .providers.http import new_session, proxy_secrets
+from .providers.http import new_session
+from .providers.proxies import proxy_secrets
 from .routing import Router
 from .state import STATE, State
 from .store import LogWriter, Redactor, connect, queries

@@ -1,4 +1,4 @@
-"""The upstream client (providers/http.py, on aiohttp's ClientSession) against real loopback
+"""The upstream client (providers/http.py, bodies.py, proxies.py, on aiohttp's ClientSession) against real loopback
 servers scripted byte for byte: framings, encodings, caps, limits, TLS trust, and failures
 that become clean 502s."""
 
@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 
 from provider_router.config import ProviderConfig, TimeoutsConfig
 from provider_router.errors import ApiError
-from provider_router.providers.http import Exchange, LineCap, Upstream, new_session, proxy_for, request_headers
+from provider_router.providers.bodies import LineCap
+from provider_router.providers.http import Exchange, Upstream, new_session, request_headers
+from provider_router.providers.proxies import proxy_for
 
 HEADERS = request_headers({"Content-Type": "application/json"})
 Serve = Callable[["RawServer", int, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

@@ -9,12 +9,8 @@ followed (they could carry the provider's key elsewhere); the caller answers the
 from __future__ import annotations
 
 import asyncio
-import re
 import ssl
-import urllib.request
-import zlib
-from typing import AsyncIterator, Callable, Iterable, Iterator, Mapping
-from urllib.parse import urlsplit
+from typing import AsyncIterator, Callable, Mapping
 
 import aiohttp
 import yarl
@@ -22,11 +18,11 @@ from multidict import CIMultiDictProxy
 
 from ..config import ConfigError, ProviderConfig
 from ..errors import ApiError, upstream_timeout, upstream_unreachable
+from .bodies import Inflate, LineCap, decoder_for
+from .proxies import proxy_for
 
 MAX_BODY = 64 * 1024 * 1024  # a non-streamed upstream body, decoded, may not be larger
 USER_AGENT = "provider-router"
-# An event-stream line may end with any of these (the SSE grammar).
-_EOL = re.compile(rb"\r\n|\r|\n")
 
 QueueObserver = Callable[[str, float], None]
 
@@ -34,55 +30,16 @@ QueueObserver = Callable[[str, float], None]
 def new_session() -> aiohttp.ClientSession:
     """The app's upstream session (`app._upstreams`). Limits are per provider (`Upstream`),
     so the connector itself never queues; idle keep-alive connections close after 30 s.
-    Proxies come from each provider (`proxy_for`), resolved once at start-up: aiohttp's
+    Proxies come from each provider (`proxies.proxy_for`), resolved once at start-up: aiohttp's
     `trust_env` would read the environment and `~/.netrc` in a thread on every request."""
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30.0)
     return aiohttp.ClientSession(
         connector=connector,
         cookie_jar=aiohttp.DummyCookieJar(),  # an upstream's cookies are not the next request's
         timeout=aiohttp.ClientTimeout(total=None),
-        # Decoded here (`_Inflate`): aiohttp passes a truncated gzip body off as a short one.
+        # Decoded here (`bodies.Inflate`): aiohttp passes a truncated gzip body off as a short one.
         auto_decompress=False,
     )
-
-
-def proxy_for(url: str, configured: str, env: Mapping[str, str] | None = None) -> str | None:
-    """The proxy that `url` is reached through: the provider's `proxy:` if set ("direct"
-    for none), else `HTTPS_PROXY`/`HTTP_PROXY` for its scheme unless `NO_PROXY` matches."""
-    if configured:
-        return None if configured == "direct" else configured
-    proxies = urllib.request.getproxies_environment() if env is None else _env_proxies(env)
-    parts = urlsplit(url)
-    proxy = proxies.get(parts.scheme)
-    if not proxy:
-        return None
-    host = parts.hostname or ""
-    no_proxy = proxies.get("no")
-    if no_proxy and (no_proxy.strip() == "*" or urllib.request.proxy_bypass_environment(host, {"no": no_proxy})):
-        return None
-    return proxy
-
-
-def proxy_secrets(providers: Iterable[ProviderConfig]) -> list[str]:
-    """The passwords in the proxy URLs the providers will use, for redaction beside the
-    configured secrets (`Config.secrets` knows only the config file's own fields)."""
-    out = []
-    for p in providers:
-        if p.type in ("openai", "qwen"):
-            proxy = proxy_for(p.base_url, p.proxy)
-            password = yarl.URL(proxy).password if proxy else None
-            if password and len(password) >= 4:
-                out.append(password)
-    return out
-
-
-def _env_proxies(env: Mapping[str, str]) -> dict[str, str]:
-    # As urllib reads os.environ: lower case wins over upper case.
-    out: dict[str, str] = {}
-    for name in sorted(env, key=lambda n: n.islower()):
-        if name.lower().endswith("_proxy") and env[name]:
-            out[name.lower()[: -len("_proxy")]] = env[name]
-    return out
 
 
 def request_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -93,47 +50,6 @@ def request_headers(headers: Mapping[str, str]) -> dict[str, str]:
     for k, v in headers.items():
         merged[k.lower()] = (k, v)
     return dict(merged.values())
-
-
-class _Inflate:
-    """A gzip or deflate body, decoded as it arrives in pieces of bounded size, and only
-    whole: corrupt, cut short or followed by more bytes, it is an `ApiError`."""
-
-    PIECE = 256 * 1024
-
-    def __init__(self, encoding: str) -> None:
-        self.encoding = encoding
-        self._z = zlib.decompressobj(47 if encoding != "deflate" else 15)  # 47: a gzip or zlib header
-        self._fed = False
-
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        z = self._z
-        while True:
-            try:
-                out = z.decompress(data, self.PIECE)
-            except zlib.error as e:
-                raise ApiError(502, f"upstream body broke: bad {self.encoding} data ({e})", code="upstream_stream_error") from None
-            self._fed = True
-            if z.unused_data:  # a second gzip member, or garbage: not whole either way
-                raise ApiError(502, f"upstream body broke: bytes after the end of its {self.encoding} data", code="upstream_stream_error")
-            if out:
-                yield out
-            data = z.unconsumed_tail
-            if not data and len(out) < self.PIECE:
-                return
-
-    def end(self) -> None:
-        if self._fed and not self._z.eof:  # (an empty body needs no decoding)
-            raise ApiError(502, f"upstream body broke: its {self.encoding} data was cut short", code="upstream_stream_error")
-
-
-def _decoder(headers: Mapping[str, str]) -> _Inflate | None:
-    encoding = headers.get("content-encoding", "identity").strip().lower()
-    if encoding in ("identity", ""):
-        return None
-    if encoding in ("gzip", "x-gzip", "deflate"):
-        return _Inflate(encoding)
-    raise ApiError(502, f"upstream answered in an unsupported content-encoding {encoding[:40]!r}", code="upstream_bad_response")
 
 
 class Exchange:
@@ -149,7 +65,7 @@ class Exchange:
         self.headers: CIMultiDictProxy[str] = resp.headers
         self.queue_ms = queue_ms
         self._free = free
-        self.decoder: _Inflate | None = None
+        self.decoder: Inflate | None = None
 
     def close(self) -> None:
         self.resp.close()  # a no-op for a body read to its end: that connection went back to the pool
@@ -241,7 +157,7 @@ class Upstream:
         try:
             if resp.status < 200:  # 101: the connection now speaks another protocol (1xx before a head are skipped)
                 raise ApiError(502, f"upstream switched protocols ({resp.status}), which is not supported", code="upstream_bad_response")
-            ex.decoder = _decoder(resp.headers)
+            ex.decoder = decoder_for(resp.headers)
         except ApiError:
             ex.close()
             raise
@@ -318,29 +234,6 @@ class Upstream:
             raise _broken("body", e) from None
         finally:
             ex.close()
-
-
-class LineCap:
-    """Watches a byte stream for a line longer than `cap` (SSE lines end with CRLF, LF or
-    CR): `feed` raises `ApiError` once one is, however the stream is split. An endless line
-    would otherwise be buffered whole by the relay's record and by every SSE parser after it."""
-
-    __slots__ = ("cap", "run")
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.run = 0  # bytes since the last line end
-
-    def feed(self, data: bytes) -> None:
-        run, cap = self.run, self.cap
-        if run + len(data) <= cap:  # the common case: nothing in here can be too long
-            last = max(data.rfind(b"\n"), data.rfind(b"\r"))
-            self.run = run + len(data) if last < 0 else len(data) - last - 1
-            return
-        lines = _EOL.split(data)
-        if run + len(lines[0]) > cap or any(len(line) > cap for line in lines[1:]):
-            raise ApiError(502, f"upstream sent an event-stream line longer than {cap} bytes", code="upstream_line_too_long")
-        self.run = len(lines[-1]) if len(lines) > 1 else run + len(data)
 
 
 def _cause(e: BaseException) -> str:
