@@ -1,6 +1,6 @@
-"""The upstream client (providers/http.py, bodies.py, proxies.py, on aiohttp's ClientSession) against real loopback
-servers scripted byte for byte: framings, encodings, caps, limits, TLS trust, and failures
-that become clean 502s."""
+"""The upstream client (providers/http.py, bodies.py, proxies.py, on aiohttp's ClientSession)
+against real loopback servers scripted byte for byte: framings, encodings, caps, limits,
+TLS trust, and failures that become clean 502s."""
 
 from __future__ import annotations
 
