@@ -1,6 +1,7 @@
-"""CPU per upstream call: aiohttp's ClientSession against the proxy's own HTTP/1.1 client
-(provider_router/providers/client.py), both against bench/fake_openai.py on loopback, at
-32 calls in flight, repetitions interleaved. Why the proxy does not use ClientSession.
+"""CPU per upstream call: a bare aiohttp ClientSession against the proxy's upstream client
+(provider_router/providers/http.py: the same session plus its slots, timeouts, caps and
+decoding), both against bench/fake_openai.py on loopback, at 32 calls in flight,
+repetitions interleaved. What the proxy's own upstream handling costs per call.
 
 Run: .venv/bin/python bench/upstream_client.py [--calls N] [--reps R]
 """
@@ -21,9 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.passthrough import install_fast_loop  # noqa: E402
 from bench.run import free_port  # noqa: E402
-from provider_router.config import TimeoutsConfig  # noqa: E402
-from provider_router.providers.client import HttpClient  # noqa: E402
-from provider_router.providers.http import Upstream  # noqa: E402
+from provider_router.config import ProviderConfig  # noqa: E402
+from provider_router.providers.http import Upstream, new_session, request_headers  # noqa: E402
 
 BODY = b'{"model": "bench-model", "messages": [{"role": "user", "content": "Say hello in five words."}]}'
 HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer bench-key"}
@@ -52,18 +52,18 @@ async def with_aiohttp(url: str, n: int) -> None:
 
 
 async def with_proxy_client(url: str, n: int) -> None:
-    http = HttpClient()
-    up = Upstream(http, TimeoutsConfig())
-    headers = Upstream.headers(HEADERS)
+    session = new_session()
+    up = Upstream(session, ProviderConfig(name="bench", type="openai", base_url=url))
+    headers = request_headers(HEADERS)
 
     async def call() -> None:
-        resp = await up.request("POST", url, headers, BODY)
-        await up.read(resp)
+        ex = await up.request("POST", url, headers, BODY)
+        await up.read(ex)
 
     try:
         await _calls(n, call)
     finally:
-        await http.close()
+        await session.close()
 
 
 def cpu_us_per_call(run: object, url: str, n: int) -> float:
@@ -91,10 +91,10 @@ def main() -> None:
                 break
             except Exception:
                 time.sleep(0.05)
-        results: dict[str, list[float]] = {"aiohttp ClientSession": [], "provider-router HttpClient": []}
+        results: dict[str, list[float]] = {"aiohttp ClientSession": [], "provider-router Upstream": []}
         for _ in range(args.reps):
             results["aiohttp ClientSession"].append(cpu_us_per_call(with_aiohttp, url, args.calls))
-            results["provider-router HttpClient"].append(cpu_us_per_call(with_proxy_client, url, args.calls))
+            results["provider-router Upstream"].append(cpu_us_per_call(with_proxy_client, url, args.calls))
     finally:
         fake.terminate()
         fake.wait()
@@ -102,8 +102,8 @@ def main() -> None:
     medians = {name: statistics.median(v) for name, v in results.items()}
     for name, value in medians.items():
         print(f"  {name:28} {value:7.1f} us (median; runs: {', '.join(f'{x:.1f}' for x in results[name])})")
-    base = medians["provider-router HttpClient"]
-    print(f"  ratio: {medians['aiohttp ClientSession'] / base:.1f}x")
+    base = medians["aiohttp ClientSession"]
+    print(f"  ratio: {medians['provider-router Upstream'] / base:.2f}x")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,15 @@ import structlog
 from aiohttp import web
 
 from .api import admin as admin_api
+from .api import endpoints as endpoints_api
+from .api import models as models_api
 from .api import openai as openai_api
 from .config import Config
 from .metrics import Metrics
 from .middleware import edge, key_digest, stamp_headers
 from .providers import build_provider
-from .providers.client import HttpClient
+from .providers.http import new_session
+from .providers.proxies import proxy_secrets
 from .routing import Router
 from .startup import StartupError, database_error
 from .state import STATE, State
@@ -43,7 +46,7 @@ def create_app(cfg: Config, *, db_path: str | None = None) -> web.Application:
         config=cfg,
         router=Router(cfg),
         db_path=db_path or cfg.database.path,
-        redactor=Redactor(cfg.secrets()),
+        redactor=Redactor(cfg.secrets() + proxy_secrets(cfg.providers)),
         client_keys={key_digest(k.key): k.name for k in cfg.auth.client_keys},
     )
     app = web.Application(middlewares=[edge], client_max_size=cfg.server.max_body_bytes)
@@ -54,8 +57,11 @@ def create_app(cfg: Config, *, db_path: str | None = None) -> web.Application:
     app.on_response_prepare.append(stamp_headers)
     app.on_shutdown.append(_mark_shutting_down)
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
-    app.router.add_get("/v1/models", openai_api.list_models)
-    app.router.add_route("*", "/v1/{tail:.*}", openai_api.not_found)
+    app[models_api.CATALOG] = models_api.Catalog()
+    app.router.add_get("/v1/models", models_api.list_models)
+    app.router.add_get("/v1/models/{model:.+}", models_api.get_model)
+    endpoints_api.setup(app)
+    app.router.add_route("*", "/v1/{tail:.*}", endpoints_api.not_found)
     admin_api.setup(app)
     state.metrics = Metrics(state)
     return app
@@ -203,13 +209,14 @@ async def _threads(app: web.Application) -> AsyncIterator[None]:
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    # Plain bytes: it asks for no compression and decodes gzip/deflate sent anyway.
-    http = HttpClient(limit_per_host=256, keepalive=30.0)
+    http = new_session()
     state.http = http
-    state.providers = {p.name: build_provider(p, http) for p in state.config.providers}
+    on_queue = state.metrics.observe_queue if state.metrics is not None else None
+    state.providers = {p.name: build_provider(p, http, on_queue) for p in state.config.providers}
     try:
         yield
     finally:
+        await app[models_api.CATALOG].close()  # its fetches use the session
         for provider in state.providers.values():
             await provider.close()
         await http.close()

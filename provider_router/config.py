@@ -73,6 +73,13 @@ class ProviderConfig:
     retries: int = 0
     delete_chats_on_expiry: bool = False
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    # The upstream client (providers/http.py).
+    proxy: str = ""  # a forward proxy URL; "direct" for none; empty: HTTPS_PROXY/HTTP_PROXY/NO_PROXY decide
+    ca_bundle: str = ""  # a PEM file of CAs trusted besides the system store
+    max_connections: int = 2048  # in use at once to this provider; 0: unlimited
+    max_header_bytes: int = 8190  # one line of an upstream's response head (at most 128 fields)
+    max_line_bytes: int = 4 * 1024 * 1024  # one line of an upstream's event stream
+    retry_after_max_seconds: float = 10.0  # the longest a retry waits for an upstream's Retry-After
 
     @property
     def enabled(self) -> bool:

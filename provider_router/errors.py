@@ -52,6 +52,8 @@ class ApiError(Exception):
         # True only for failures where another attempt may succeed and nothing reached the
         # client: connection errors, timeouts before the first byte, upstream 429 / 5xx.
         self.retryable = retryable
+        # Seconds the upstream asked to wait before another try (its Retry-After), if it said.
+        self.retry_after: float | None = None
 
     def payload(self) -> dict[str, object]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -41,6 +41,17 @@ class _Live(Collector):
             yield GaugeMetricFamily(
                 "provider_router_session_oldest_age_seconds", "Age of the oldest active session.", value=st["oldest_age_seconds"] or 0
             )
+        ups = [(name, up) for name, p in self._state.providers.items() if (up := getattr(p, "upstream", None)) is not None]
+        if ups:
+            in_use = GaugeMetricFamily(
+                "provider_router_upstream_slots_in_use", "Upstream calls holding a connection slot (max_connections).", labels=("provider",)
+            )
+            waiting = GaugeMetricFamily("provider_router_upstream_waiting", "Upstream calls waiting for a connection slot.", labels=("provider",))
+            for name, up in ups:
+                in_use.add_metric((name,), up.in_use)
+                waiting.add_metric((name,), up.waiting)
+            yield in_use
+            yield waiting
         if writer is not None:
             yield GaugeMetricFamily("provider_router_log_queue_depth", "Records and changes waiting for the writer.", value=writer.depth)
             yield CounterMetricFamily("provider_router_log_records_written", "Request records committed.", value=writer.written)
@@ -111,6 +122,30 @@ class _Requests(Collector):
         yield from (requests, ttfb, duration)
 
 
+class _Queue(Collector):
+    """Time upstream calls waited for a connection slot (`max_connections`), per provider."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, list[int]] = {}
+        self.sums: dict[str, float] = {}
+
+    def observe(self, provider: str, ms: float) -> None:
+        counts = self.counts.get(provider)
+        if counts is None:
+            counts = self.counts[provider] = [0] * (len(_BUCKETS_MS) + 1)
+            self.sums[provider] = 0.0
+        counts[bisect_left(_BUCKETS_MS, ms) if ms > 0 else 0] += 1
+        self.sums[provider] += ms
+
+    def collect(self) -> Iterator[Metric]:
+        h = HistogramMetricFamily(
+            "provider_router_upstream_queue_ms", "Time upstream calls waited for a connection slot (ms).", labels=("provider",)
+        )
+        for provider, counts in self.counts.items():
+            h.add_metric((provider,), _buckets(counts), self.sums[provider])
+        yield h
+
+
 class Metrics:
     """`observe(record)` once per finished /v1 request; `render()` for `GET /metrics`.
 
@@ -125,6 +160,9 @@ class Metrics:
         self._labels: dict[tuple[str | None, str | None, str | None], tuple[str, str, str]] = {}
         self.registry.register(_Requests(self._tallies))
         self.registry.register(_Live(state))
+        self._queue = _Queue()
+        self.registry.register(self._queue)
+        self.observe_queue = self._queue.observe  # (provider, ms), once per upstream call
         self._models: set[str] = set()
 
     def _model_label(self, rec: RequestRecord) -> str:

@@ -9,12 +9,12 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import aiosqlite
 from aiohttp import web
 
 from .config import Config
 from .providers import Provider
-from .providers.client import HttpClient
 from .routing import Router
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ class State:
     redactor: Redactor
     client_keys: dict[str, str] = field(default_factory=dict)  # sha256(key) -> name
     providers: dict[str, Provider] = field(default_factory=dict)
-    http: HttpClient | None = None
+    http: aiohttp.ClientSession | None = None  # the one upstream client (providers/http.py)
     db: aiosqlite.Connection | None = None  # migrations and session reads; writes go through `writer`
     reader: aiosqlite.Connection | None = None  # read-only: operator queries never queue behind writes
     writer: LogWriter | None = None

@@ -148,9 +148,10 @@ async def test_stream_without_include_usage_sends_no_usage_chunk(make_proxy: Pro
 
 
 async def test_models_list(proxy: Proxy) -> None:
-    """`GET /v1/models` lists the configured model names in OpenAI's list shape."""
+    """`GET /v1/models` lists exact model names, and for each glob route the upstream's ids
+    that match it (never the glob itself), in OpenAI's list shape."""
     models = await proxy.sdk().models.list()
-    assert [m.id for m in models.data] == ["echo", "llama*", "gpt-*"]
+    assert [m.id for m in models.data] == ["echo", "llama3.2", "llama3.1:8b", "gpt-4o", "gpt-4o-mini"]
     assert all(m.object == "model" for m in models.data)
 
 

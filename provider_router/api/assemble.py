@@ -58,16 +58,16 @@ def stream_events(data: bytes) -> list[Any]:
     return out
 
 
-def _merge_tool_calls(calls: list[dict[str, Any]], deltas: Any) -> None:
+def _merge_tool_calls(calls: dict[int, dict[str, Any]], deltas: Any) -> None:
+    """Tool call pieces into whole calls, by their `index` (a piece without one: a new call
+    if it has an id, else the last call)."""
     for d in deltas if isinstance(deltas, list) else ():
         if not isinstance(d, dict):
             continue
         i = d.get("index")
         if not isinstance(i, int) or isinstance(i, bool):
-            i = len(calls) if d.get("id") else max(len(calls) - 1, 0)
-        while len(calls) <= i:
-            calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
-        tc = calls[i]
+            i = (max(calls) + 1 if calls else 0) if d.get("id") or not calls else max(calls)
+        tc = calls.setdefault(i, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
         if d.get("id") and not tc["id"]:
             tc["id"] = d["id"]
         if isinstance(d.get("type"), str):
@@ -97,7 +97,7 @@ def assemble_stream(data: bytes) -> dict[str, Any]:
                 continue
             i = ch.get("index", 0)
             i = i if isinstance(i, int) and not isinstance(i, bool) else 0
-            acc = choices.setdefault(i, {"parts": {}, "tool_calls": [], "finish_reason": None, "role": "assistant"})
+            acc = choices.setdefault(i, {"parts": {}, "tool_calls": {}, "finish_reason": None, "role": "assistant"})
             delta = ch.get("delta")
             if isinstance(delta, dict):
                 if isinstance(delta.get("role"), str):
@@ -117,7 +117,7 @@ def assemble_stream(data: bytes) -> dict[str, Any]:
         message["content"] = parts.pop("content", None) or (None if acc["tool_calls"] else "")
         message.update({k: v for k, v in parts.items() if v})
         if acc["tool_calls"]:
-            message["tool_calls"] = acc["tool_calls"]
+            message["tool_calls"] = [acc["tool_calls"][k] for k in sorted(acc["tool_calls"])]
         out["choices"].append({"index": i, "message": message, "finish_reason": acc["finish_reason"]})
     out["_events"] = len(events)
     return out

@@ -1,4 +1,4 @@
-"""The OpenAI surface: `POST /v1/chat/completions`, `GET /v1/models`.
+"""The OpenAI chat surface: `POST /v1/chat/completions`.
 
 The only module that knows OpenAI's JSON shapes. Pass-through upstreams are forwarded
 byte for byte as their chunks arrive; translating providers' events are rendered here.
@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import re
 import time
-from typing import Any, Awaitable
+from typing import Any, Awaitable, Mapping
 
 import orjson
 import structlog
@@ -18,10 +18,11 @@ from aiohttp import web
 
 from ..errors import ApiError, shown
 from ..providers import ChatCall, Delta, Finish, Provider, Started, UpstreamReply, Usage
-from ..routing import NoRoute, Route
+from ..routing import NoRoute
 from ..sse import DONE, encode_event
-from ..state import RECORD, STARTED, STATE, State
+from ..state import RECORD, STARTED, STATE
 from ..store.records import RequestRecord
+from . import attempts
 from .validate import JSON_TYPES, bad, has_nul, parse_body, strip_steering, validate_chat
 
 log = structlog.get_logger("provider_router.api")
@@ -71,52 +72,25 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except NoRoute as e:
         raise ApiError(404, str(e), param="model", code="model_not_found") from None
     stripped = strip_steering(raw, body)
-    plan = [(route, n) for route in routes for n in range(route.provider.retries + 1)]
-    attempts: list[dict[str, Any]] = []
-    try:
-        for i, (route, n) in enumerate(plan):
-            last = i == len(plan) - 1
-            t0 = time.perf_counter()
-            try:
-                resp = await _attempt(request, rec, route, body, raw, stripped, stream, last)
-            except ApiError as e:
-                attempts.append(_attempt_entry(route, e.status, e.message, t0))
-                if last or not e.retryable:
-                    raise
-                log.info("upstream_retry", provider=route.provider.name, status=e.status, error=e.message, attempt=i + 1)
-                if n < route.provider.retries:  # same upstream again: give it a moment
-                    await asyncio.sleep(min(0.1 * 2**n, 1.0))
-                continue
-            attempts.append(_attempt_entry(route, resp.status, None, t0))
-            return resp
-        raise AssertionError("unreachable: the plan always has a last attempt")
-    finally:
-        if len(attempts) > 1:
-            rec.attempts = attempts
 
+    def attempt(a: attempts.Attempt) -> Awaitable[web.StreamResponse]:
+        return _attempt(request, rec, a, body, raw, stripped, stream)
 
-def _attempt_entry(route: Route, status: int, error: str | None, t0: float) -> dict[str, Any]:
-    return {
-        "provider": route.provider.name,
-        "upstream_model": route.upstream_model,
-        "status": status,
-        "error": error,
-        "ms": round((time.perf_counter() - t0) * 1000, 3),
-    }
+    return await attempts.run(rec, routes, attempt)
 
 
 async def _attempt(
     request: web.Request,
     rec: RequestRecord,
-    route: Route,
+    a: attempts.Attempt,
     body: dict[str, Any],
     raw: bytes,
     stripped: bool,
     stream: bool,
-    last: bool,
 ) -> web.StreamResponse:
     """One try on one route. Raises `ApiError` only while nothing has reached the client."""
     state = request.app[STATE]
+    route = a.route
     rec.provider = route.provider.name
     rec.upstream_model = route.upstream_model
     renamed = route.upstream_model != rec.model
@@ -133,21 +107,22 @@ async def _attempt(
     if threads is not None and provider.threaded:
 
         def relay() -> Awaitable[web.StreamResponse]:
-            return _relay(request, rec, provider, call, last)
+            return _relay(request, rec, provider, call, a)
 
         return await threads.handle(request, rec, route, call, relay)
     if threads is not None:
         await threads.join(request, rec, route, call)
-    return await _relay(request, rec, provider, call, last)
+    return await _relay(request, rec, provider, call, a)
 
 
 async def _relay(
-    request: web.Request, rec: RequestRecord, provider: Provider, call: ChatCall, last: bool = True
+    request: web.Request, rec: RequestRecord, provider: Provider, call: ChatCall, a: attempts.Attempt
 ) -> web.StreamResponse:
     reply = await provider.chat(call)
+    a.queue_ms = reply.queue_ms
     try:
         if reply.raw is not None:
-            return await _passthrough(request, rec, reply, call, last)
+            return await _passthrough(request, rec, reply, call, a.last)
         return await _render(request, rec, reply, call)
     finally:
         reply.close()
@@ -167,8 +142,7 @@ async def _passthrough(
     assert reply.read is not None
     data = await reply.read()
     if (status == 429 or status >= 500) and not last:
-        text = request.app[STATE].redactor.bytes(data)[:500].decode("utf-8", "replace")  # redacted, then cut
-        raise ApiError(status if status == 429 else 502, f"upstream returned HTTP {status}: {text}", retryable=True)
+        raise retryable_error(request, status, data, reply)
     if status >= 400:
         data = request.app[STATE].redactor.bytes(data)
         rec.outcome = "upstream_error"
@@ -178,6 +152,20 @@ async def _passthrough(
     rec.response_body = data
     rec.first_byte()
     return web.Response(status=status, body=data, headers=reply.headers)
+
+
+def retryable_error(request: web.Request, status: int, data: bytes, reply: UpstreamReply) -> ApiError:
+    """An upstream 429 / 5xx that another attempt may get past, paced by its Retry-After."""
+    text = request.app[STATE].redactor.bytes(data)[:500].decode("utf-8", "replace")  # redacted, then cut
+    e = ApiError(status if status == 429 else 502, f"upstream returned HTTP {status}: {text}", retryable=True)
+    e.retry_after = attempts.retry_after(reply.headers)
+    return e
+
+
+def sse_headers(upstream: Mapping[str, str]) -> dict[str, str]:
+    """Ours for an event stream, with the upstream's passed-on ones (lower-case names),
+    each name once: the upstream's Content-Type replaces ours."""
+    return {**{k: v for k, v in SSE_HEADERS.items() if k.lower() not in upstream}, **upstream}
 
 
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"')
@@ -192,7 +180,7 @@ async def _passthrough_stream(request: web.Request, rec: RequestRecord, reply: U
     the upstream ends with neither `[DONE]` nor a finish reason was cut short: the client
     gets an error event and the row says `upstream_error`."""
     assert reply.raw is not None
-    resp = web.StreamResponse(status=reply.status, headers={**SSE_HEADERS, **reply.headers})
+    resp = web.StreamResponse(status=reply.status, headers=sse_headers(reply.headers))
     chunks: list[bytes] = []
     keep = request.app[STATE].config.logs.max_message_bytes * 4
     kept = 0
@@ -431,18 +419,3 @@ async def _render(request: web.Request, rec: RequestRecord, reply: UpstreamReply
         if rec.response_body is None:  # cut short: the log keeps what came
             rec.response_body = orjson.dumps(_completion(acc, cid, created, model, cut=True))
     return resp
-
-
-# -- models ------------------------------------------------------------------------------
-async def list_models(request: web.Request) -> web.Response:
-    state: State = request.app[STATE]
-    data = [
-        {"id": m.name, "object": "model", "created": 0, "owned_by": m.provider}
-        for m in state.router.available
-    ]
-    return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
-
-
-async def not_found(request: web.Request) -> web.Response:
-    raise ApiError(404, f"Unknown endpoint {request.method} {request.path}", code="unknown_url")
-

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import aiohttp
+
 from ..config import ProviderConfig
 from .base import ChatCall, ChatGone, Delta, Event, Finish, Provider, Started, UpstreamReply, Usage
-from .client import HttpClient
 from .echo import EchoProvider
+from .http import QueueObserver, Upstream
 from .openai import OpenAIProvider
 
 
-def build_provider(cfg: ProviderConfig, http: HttpClient) -> Provider:
-    """The provider object for one `providers[]` entry."""
+def build_provider(cfg: ProviderConfig, session: aiohttp.ClientSession, on_queue: QueueObserver | None = None) -> Provider:
+    """The provider object for one `providers[]` entry, on the app's upstream `session`;
+    `on_queue(provider, ms)` hears how long each upstream call waited for a connection slot."""
     if cfg.type == "openai":
-        return OpenAIProvider(cfg, http)
+        return OpenAIProvider(cfg, Upstream(session, cfg, on_queue))
     if cfg.type == "echo":
         return EchoProvider(cfg)
     if cfg.type == "qwen":
         from .qwen import QwenProvider
 
-        return QwenProvider(cfg, http)
+        return QwenProvider(cfg, Upstream(session, cfg, on_queue))
     raise ValueError(f"unknown provider type {cfg.type!r}")
 
 

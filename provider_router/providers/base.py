@@ -76,6 +76,7 @@ class UpstreamReply:
     read: Callable[[], Awaitable[bytes]] | None = None
     events: AsyncIterator[Event] | None = None
     close: Callable[[], None] = lambda: None
+    queue_ms: float = 0.0  # how long the call waited for a connection slot to the upstream
 
 
 class Provider(Protocol):

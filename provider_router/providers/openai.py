@@ -1,40 +1,74 @@
-"""The `openai` provider: any OpenAI-compatible API, forwarded byte for byte."""
+"""The `openai` provider: any OpenAI-compatible API, forwarded byte for byte, with the
+response headers a client acts on (rate limits, Retry-After, the upstream's request id).
+"""
 
 from __future__ import annotations
 
+from typing import Mapping
+
 from ..config import ProviderConfig
 from .base import ChatCall, UpstreamReply
-from .client import HttpClient
-from .http import Upstream
+from .http import Exchange, Upstream, request_headers
 
-# Headers of the upstream's answer worth passing on; everything else is hop-specific.
-_FORWARD = ("content-type",)
+# Upstream response headers a client acts on. Everything else is the upstream's own
+# business (cookies, server, alt-svc) or hop-by-hop (connection, transfer-encoding...);
+# length and encoding describe the upstream's framing, which the proxy redoes.
+_FORWARD = frozenset({"content-type", "retry-after", "retry-after-ms", "openai-processing-ms", "openai-version"})
+_FORWARD_PREFIXES = ("x-ratelimit-",)
+# The proxy sets its own X-Request-Id (its log row); the upstream's goes on under this name.
+_RENAMED = {"x-request-id": "x-upstream-request-id"}
+
+
+def client_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The upstream response headers to pass on, lower-cased, each once (the first value)."""
+    out: dict[str, str] = {}
+    for k, v in headers.items():
+        name = k.lower()
+        if name in _FORWARD or name.startswith(_FORWARD_PREFIXES):
+            out.setdefault(name, v)
+        elif name in _RENAMED:
+            out.setdefault(_RENAMED[name], v)
+    return out
+
+
+def reply_of(up: Upstream, ex: Exchange) -> UpstreamReply:
+    """An exchange as the API layer consumes it: forwarded verbatim."""
+    return UpstreamReply(
+        status=ex.status,
+        headers=client_headers(ex.headers),
+        raw=up.chunks(ex),
+        read=lambda: up.read(ex),
+        close=ex.close,
+        queue_ms=ex.queue_ms,
+    )
 
 
 class OpenAIProvider:
     threaded = False
 
-    def __init__(self, cfg: ProviderConfig, http: HttpClient) -> None:
+    def __init__(self, cfg: ProviderConfig, up: Upstream) -> None:
         self.name = cfg.name
-        self._up = Upstream(http, cfg.timeouts, name=cfg.name)
-        self._url = cfg.base_url.rstrip("/") + "/chat/completions"
+        self.upstream = up
+        self._base = cfg.base_url.rstrip("/")
+        self._url = self._base + "/chat/completions"
         headers = {**cfg.headers, "Content-Type": "application/json"}
         if cfg.api_key:
             headers["Authorization"] = f"Bearer {cfg.api_key}"
-        self._headers = Upstream.headers(headers)
-        self._stream_headers = Upstream.headers({**headers, "Accept": "text/event-stream"})
+        self._headers = request_headers(headers)
+        self._stream_headers = request_headers({**headers, "Accept": "text/event-stream"})
+        self._get_headers = request_headers({k: v for k, v in headers.items() if k != "Content-Type"})
 
     async def chat(self, call: ChatCall) -> UpstreamReply:
-        headers = self._stream_headers if call.stream else self._headers
-        resp = await self._up.request("POST", self._url, headers, call.raw)
-        headers_out = {k: resp.headers[k] for k in _FORWARD if k in resp.headers}
-        return UpstreamReply(
-            status=resp.status,
-            headers=headers_out,
-            raw=self._up.chunks(resp),
-            read=lambda: self._up.read(resp),
-            close=resp.close,
-        )
+        return await self.call("POST", "/chat/completions", call.raw, call.stream)
+
+    async def call(self, method: str, path: str, body: bytes | None = None, stream: bool = False) -> UpstreamReply:
+        """Any endpoint under the provider's `base_url` (`path` starts with `/`)."""
+        if body is None:
+            headers = self._get_headers
+        else:
+            headers = self._stream_headers if stream else self._headers
+        ex = await self.upstream.request(method, self._base + path, headers, body)
+        return reply_of(self.upstream, ex)
 
     async def close(self) -> None:
         return None

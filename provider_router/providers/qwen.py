@@ -19,9 +19,7 @@ from ..errors import ApiError
 from ..messages import content_text
 from ..sse import SSEParser
 from .base import ChatCall, ChatGone, Delta, Event, Finish, Started, UpstreamReply, Usage
-from .client import HttpClient
-from .http import Upstream
-from .wire import Response
+from .http import Exchange, Upstream, request_headers
 
 
 def fold_messages(messages: list[dict[str, Any]]) -> str:
@@ -60,10 +58,10 @@ def _error(data: dict[str, Any], status: int) -> Exception:
 class QwenProvider:
     threaded = True
 
-    def __init__(self, cfg: ProviderConfig, http: HttpClient) -> None:
+    def __init__(self, cfg: ProviderConfig, up: Upstream) -> None:
         self.name = cfg.name
         self.delete_chats = cfg.delete_chats_on_expiry
-        self._up = Upstream(http, cfg.timeouts, name=cfg.name)
+        self.upstream = up
         self._base = cfg.base_url.rstrip("/")
         headers = {
             **cfg.headers,
@@ -73,13 +71,13 @@ class QwenProvider:
         }
         if cfg.cookie:
             headers["Cookie"] = cfg.cookie
-        self._headers = Upstream.headers(headers)
-        self._stream_headers = Upstream.headers({**headers, "Accept": "text/event-stream"})
+        self._headers = request_headers(headers)
+        self._stream_headers = request_headers({**headers, "Accept": "text/event-stream"})
 
     async def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         data = orjson.dumps(body) if body is not None else None
-        resp = await self._up.request(method, self._base + path, self._headers, data)
-        raw = await self._up.read(resp)
+        resp = await self.upstream.request(method, self._base + path, self._headers, data)
+        raw = await self.upstream.read(resp)
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -134,21 +132,21 @@ class QwenProvider:
         }
         data = orjson.dumps(body)
         url = f"{self._base}/api/v2/chat/completions?{urlencode({'chat_id': chat_id})}"
-        resp = await self._up.request("POST", url, self._stream_headers, data)
+        resp = await self.upstream.request("POST", url, self._stream_headers, data)
         if not resp.headers.get("content-type", "").startswith("text/event-stream"):
             # Errors come as JSON (often with HTTP 200) instead of a stream.
-            raw = await self._up.read(resp)
+            raw = await self.upstream.read(resp)
             try:
                 obj = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 obj = {"message": raw.decode("utf-8", "replace")}
             raise _error(obj if isinstance(obj, dict) else {}, resp.status)
-        return UpstreamReply(events=self._events(resp, chat_id), close=resp.close)
+        return UpstreamReply(events=self._events(resp, chat_id), close=resp.close, queue_ms=resp.queue_ms)
 
-    async def _events(self, resp: Response, chat_id: str) -> AsyncIterator[Event]:
+    async def _events(self, resp: Exchange, chat_id: str) -> AsyncIterator[Event]:
         parser = SSEParser()
         usage: Usage | None = None
-        async for chunk in self._up.chunks(resp):
+        async for chunk in self.upstream.chunks(resp):
             for ev in parser.feed(chunk):
                 try:
                     obj = orjson.loads(ev.data)
