@@ -16,6 +16,7 @@ import platform
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -725,14 +726,14 @@ def _memory_row(metric: str, values: dict[str, float | None]) -> Row:
                ratio(values["proxy"], values["passthrough"]))
 
 
-def _json_from(ctx: Context, script: str, *args: str) -> dict[str, float] | None:
+def _json_from(ctx: Context, script: str, *args: str, timeout_s: float = 600) -> dict[str, Any] | None:
     """Run a measurement script of bench/ (its own process and event loop); its JSON result."""
     argv = [ctx.settings.python, str(Path(__file__).parent / script), *args]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
     if done.returncode != 0:
         ctx.notes.append(f"{script} failed: {done.stderr.strip().splitlines()[-1:]}")
         return None
-    result: dict[str, float] = json.loads(done.stdout)
+    result: dict[str, Any] = json.loads(done.stdout)
     return result
 
 
@@ -770,6 +771,133 @@ def measure_log_writer(ctx: Context) -> list[Row]:
     ]
 
 
+# ---------------------------------------------------------------- the log's storage (bench/store.py)
+
+OLD_WRITER_COMMIT = "921da0c"  # the writer before the conversation tree: the agent row's baseline
+OLD_WRITER_RPS = 1_200  # its figure quoted in issue 13, when that commit cannot be run
+
+
+def _store(ctx: Context, phase: str, *args: str, timeout_s: float = 900) -> dict[str, Any] | None:
+    progress(f"store: {phase} (bench/store.py)")
+    r = _json_from(ctx, "store.py", "--phase", phase, *args, timeout_s=timeout_s)
+    if r is not None:
+        ctx.raw[f"store_{phase}"] = r
+    return r
+
+
+def _size(n: float) -> str:
+    return f"{n / MIB:,.1f} MiB" if n >= MIB else f"{n / 1024:,.0f} KiB"
+
+
+def measure_tree_size(ctx: Context) -> list[Row]:
+    """One conversation, each request resending its history, through a real proxy (openai SDK)."""
+    turns = 50 if ctx.settings.quick else 200
+    r = _store(ctx, "conversation", "--turns", str(turns))
+    metric = f"log DB after one {turns}-turn conversation of 2 KB messages (× distinct text)"
+    if r is None:
+        return [Row(metric, "—", "—", "n/a")]
+    return [Row(metric, "—", "—", f"{r['ratio']:.2f}× ({_size(r['db_bytes'])} / {_size(r['distinct_text_bytes'])})",
+                "—", "—", "≤ 2× (before: 102×)", verdict(r["ratio"] <= 2))]
+
+
+def measure_oneshot_size(ctx: Context) -> list[Row]:
+    """One-shot requests through the real writer process: DB bytes per request vs the bodies'."""
+    n = 20_000 if ctx.settings.quick else 200_000
+    rows = []
+    for shape, extra in (("OpenAI's full reply", ()), ("minimal reply", ("--minimal",))):
+        r = _store(ctx, "oneshot", "--requests", str(n), *extra)
+        metric = f"{count_label(n)} one-shot requests, {shape}: DB bytes per request (bodies' bytes)"
+        if r is None:
+            rows.append(Row(metric, "—", "—", "n/a"))
+            continue
+        per, target = r["db_bytes_per_request"], r["target_bytes_per_request"]
+        rows.append(Row(metric, "—", "—", f"{per:,.0f} ({r['body_bytes_per_request']:,.0f})", "—", "—",
+                        f"≤ {target:,.0f} (bodies × 1.5 + 300)", verdict(per <= target)))
+    return rows
+
+
+INSPECTION = ("stats", "/admin/stats", "logs --model", "logs --provider", "logs --client", "logs --status",
+              "logs --outcome", "logs --since 1h", "logs --session", "logs -q zyzzogeton", "sessions list")
+
+
+def measure_inspection(ctx: Context) -> list[Row]:
+    """Inspection reads on a database of 1M mixed requests built through the real writer."""
+    n = 100_000 if ctx.settings.quick else 1_000_000
+    r = _store(ctx, "scale", "--requests", str(n), timeout_s=1800)
+    label = count_label(n)
+    if r is None:
+        return [Row(f"{label} requests: inspection query times", "—", "—", "n/a")]
+    rows = [Row(f"{label} mixed requests through the writer (records/s; DB size)", "—", "—",
+                f"{r['records'] / r['fill_s']:,.0f}; {_size(r['db_bytes'])}")]
+    for name in INSPECTION:
+        ms, cli = r["query_ms"].get(name), r["cli_ms"].get(name)
+        wall = "" if cli is None else f" (CLI {cli:,.0f} ms)" if name != "/admin/stats" else ""
+        command = name if name.startswith("/") else f"`{name}" + (" -n 20`" if name.startswith("logs") else "`")
+        rows.append(Row(f"{label} requests: {command} query time, ms (CLI wall time with start-up)", "—", "—",
+                        "n/a" if ms is None else f"{ms:,.1f}{wall}", "—", "—", "≤ 100 ms",
+                        verdict(None if ms is None else ms <= 100)))
+    for name, plan in r.get("plans", {}).items():
+        ctx.notes.append(f"query plan of {name} (over 100 ms): " + " / ".join(plan))
+    return rows
+
+
+def measure_agent_writer(ctx: Context) -> list[Row]:
+    """The writer with agent-shaped traffic (histories growing to 60 KB) against the old writer."""
+    n = 5_000 if ctx.settings.quick else 20_000
+    r = _store(ctx, "agent", "--requests", str(n), "--old-commit", OLD_WRITER_COMMIT)
+    if r is None:
+        return [Row("log writer, agent-shaped traffic (records/s)", "—", "—", "n/a")]
+    old = r.get("old")
+    base = old["records_per_s"] if old else OLD_WRITER_RPS
+    where = f"{OLD_WRITER_COMMIT}, same run" if old else "issue 13's figure"
+    if not old:
+        ctx.notes.append(f"the old writer ({OLD_WRITER_COMMIT}) could not run: its rate is issue 13's figure.")
+    old_cpu = fmt(old["cpu_us_per_record"], 0) if old else "n/a"
+    return [
+        Row("log writer, agent-shaped traffic, histories growing to 60 KB (records/s)", "—", "—",
+            fmt(r["records_per_s"], 0), "—", "—", f"≥ 10× before ({base:,.0f}, {where})",
+            verdict(r["records_per_s"] >= 10 * base)),
+        Row(f"log writer, agent-shaped traffic: CPU per record, µs (before: {old_cpu})", "—", "—",
+            fmt(r["cpu_us_per_record"], 0)),
+        Row("log writer, agent-shaped traffic: records lost", "—", "—", f"{r['lost']:.0f}", "—", "—", "0",
+            verdict(r["lost"] == 0)),
+    ]
+
+
+def _count_2xx_rows(db: Path) -> int:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as c:
+        return int(c.execute("SELECT count(*) FROM requests WHERE status BETWEEN 200 AND 299").fetchone()[0])
+
+
+def measure_log_complete(ctx: Context) -> list[Row]:
+    """wrk at full throughput for 60 s (one-shot requests); every answered request has its row."""
+    metric = "rows for the 2xx answered in 60 s at full throughput (rows / answered)"
+    if not ctx.has_proxy:
+        return [Row(metric, "—", "—", "n/a")]
+    s = ctx.settings
+    duration = 10 if s.quick else 60
+    metric = metric.replace("60 s", f"{duration} s")
+    db = ctx.tmp / "bench.db"
+    target = ctx.targets["proxy"]
+    before = _count_2xx_rows(db)
+    progress(f"log completeness: wrk -c{s.concurrency} for {duration} s against the proxy")
+    res = run_wrk(ctx, target.chat_url, s.concurrency, duration)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proxy_metrics(target).get("provider_router_log_queue_depth", 0) > 0:
+        time.sleep(0.5)
+    time.sleep(1.0)  # the last commit's rows become visible to a new reader
+    rows = _count_2xx_rows(db) - before
+    answered = res.requests - res.non_2xx
+    missing = max(0, answered - rows)
+    dropped = proxy_metrics(target).get("provider_router_log_records_dropped_total", math.nan)
+    ctx.raw["log_complete"] = {"answered_2xx": answered, "rows_2xx": rows, "wrk": asdict(res), "dropped": dropped}
+    ctx.notes.append(f"log completeness: wrk counted {res.requests:,} answers ({res.non_2xx} non-2xx, "
+                     f"{res.errors} socket errors) at {res.rps:,.0f} req/s; {rows:,} new 2xx rows (requests "
+                     "still in flight when wrk stops are answered and logged but not counted by wrk).")
+    return [Row(metric, "—", "—", f"{rows:,} / {answered:,} ({missing} missing)", "—", "—", "0 missing",
+                verdict(missing == 0))]
+
+
 # Adding a measurement = writing one function (Context -> rows) and listing it here.
 MEASUREMENTS: dict[str, Callable[[Context], list[Row]]] = {
     "latency": measure_latency,
@@ -778,6 +906,11 @@ MEASUREMENTS: dict[str, Callable[[Context], list[Row]]] = {
     "memory": measure_memory,
     "threaded": measure_threaded,
     "log_writer": measure_log_writer,
+    "log_complete": measure_log_complete,
+    "tree_size": measure_tree_size,
+    "oneshot_size": measure_oneshot_size,
+    "agent_writer": measure_agent_writer,
+    "inspection": measure_inspection,
 }
 
 
@@ -913,7 +1046,8 @@ def run_measurement(ctx: Context, name: str) -> list[Row]:
     """One measurement's rows; a failure becomes a row and a note, and the run goes on."""
     try:
         return MEASUREMENTS[name](ctx)
-    except (RuntimeError, OSError, subprocess.SubprocessError, aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (RuntimeError, OSError, subprocess.SubprocessError, aiohttp.ClientError, asyncio.TimeoutError,
+            sqlite3.Error, KeyError) as e:
         ctx.notes.append(f"{name} failed: {type(e).__name__}: {e}")
         return [Row(f"{name}: failed (see notes)")]
 

@@ -98,7 +98,7 @@ def end_grace(app: web.Application) -> None:
 async def _open(path: str) -> tuple[aiosqlite.Connection, aiosqlite.Connection]:
     """The daemon's connections to `path`, created and migrated if needed, after checking it
     can be written: a file another process holds locked fails here, not at the first record."""
-    conn = await connect(path)  # applies migrations before the writer process opens the file
+    conn = await connect(path, progress=_migrating)  # applies migrations before the writer process opens the file
     try:
         for sql in (f"PRAGMA busy_timeout={int(WRITE_PROBE_SECONDS * 1000)}", "BEGIN IMMEDIATE", "ROLLBACK", "PRAGMA busy_timeout=5000"):
             async with conn.execute(sql) as cur:  # each read to its end: no statement left open
@@ -108,6 +108,17 @@ async def _open(path: str) -> tuple[aiosqlite.Connection, aiosqlite.Connection]:
         await conn.close()
         raise
     return conn, reader
+
+
+_last_progress = [0.0]
+
+
+def _migrating(what: str, done: int, total: int) -> None:
+    """Progress of a long migration (a large log from an earlier release): a line every few seconds."""
+    now = time.monotonic()
+    if now - _last_progress[0] >= 5.0 or done == total:
+        _last_progress[0] = now
+        log.info("migrating_database", step=what, done=done, total=total)
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:

@@ -56,7 +56,35 @@ async def open_db(path: Path, *, write: bool = False) -> aiosqlite.Connection:
     """
     if not path.is_file():
         raise CliError(f"no database at {path} (start `provider-router serve`, or pass --db PATH)")
+    await _migrated(path)
     return await connect(path, readonly=not write, migrate_schema=False)
+
+
+async def _migrated(path: Path) -> None:
+    """A database an earlier release wrote is migrated first (with progress on stderr),
+    unless a daemon serves it: that daemon migrates its own file when it starts."""
+    from .store.migrations import MIGRATIONS, migrate_file
+
+    def pending() -> bool:
+        db = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
+        try:
+            done = {r[0] for r in db.execute("SELECT name FROM _migrations")}
+        except sqlite3.OperationalError:  # no table yet: an empty file
+            done = set()
+        finally:
+            db.close()
+        return any(name not in done for name, _ in MIGRATIONS)
+
+    if not pending():
+        return
+    if serving(path) is not None:
+        raise CliError(f"the database at {path} is from an earlier release and a daemon serves it: restart the daemon (it migrates the file), then try again")
+
+    def progress(what: str, done: int, total: int) -> None:
+        print(f"migrating {path}: {what} {done}/{total}", file=sys.stderr, flush=True)
+
+    print(f"migrating {path} to this release's schema (once)...", file=sys.stderr, flush=True)
+    await asyncio.to_thread(migrate_file, str(path), progress)
 
 
 def _run(args: argparse.Namespace, body: Callable[[aiosqlite.Connection], Awaitable[int]], *, write: bool = False) -> int:

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import aiosqlite
 import orjson
+import pytest
 
 from provider_router import history
+from provider_router.cli import main
 from provider_router.store import connect, queries
 from provider_router.store.migrations import MIGRATIONS
 
@@ -73,3 +75,16 @@ async def test_a_previous_release_database_migrates_in_place(tmp_path: Path) -> 
     db = sqlite3.connect(path)
     assert orjson.dumps([list(r) for r in db.execute("SELECT * FROM requests ORDER BY id")]) == dump
     db.close()
+
+
+def test_the_cli_migrates_a_previous_release_database_it_is_pointed_at(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`provider-router logs --db OLD` on a 0.1.0 file that no daemon serves migrates it
+    once, saying so with progress on stderr, then lists its rows."""
+    path = tmp_path / "old.db"
+    shutil.copy(DATA / "log-0.1.0.db", path)
+    assert main(["logs", "-n", "3", "--db", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "migrating" in err and "requests 8/8" in err
+    assert "The model `nope` does not exist" in out and "turn 3 of qwen3-max" in out
+    assert main(["logs", "-n", "1", "--db", str(path)]) == 0
+    assert "migrating" not in capsys.readouterr().err

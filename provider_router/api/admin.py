@@ -179,6 +179,7 @@ def _filter(request: web.Request) -> queries.RequestFilter:
         session=q.get("session"),
         model=q.get("model"),
         provider=q.get("provider"),
+        client=q.get("client"),
         status=_int(request, "status", 0, 0, 999) or None,
         outcome=q.get("outcome"),
         query=q.get("q"),

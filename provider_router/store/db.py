@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from .migrations import migrate
+from .migrations import Progress, migrate
 
 PRAGMAS = (
     "PRAGMA journal_mode=WAL",
@@ -24,7 +24,9 @@ PRAGMAS = (
 )
 
 
-async def connect(path: str | Path, *, readonly: bool = False, migrate_schema: bool = True) -> aiosqlite.Connection:
+async def connect(
+    path: str | Path, *, readonly: bool = False, migrate_schema: bool = True, progress: Progress | None = None
+) -> aiosqlite.Connection:
     """Open `path` with the project's PRAGMAs. A writable open applies pending migrations
     unless `migrate_schema=False` (tools editing a running daemon's file leave that to it)."""
     if str(path) != ":memory:" and not readonly:
@@ -45,7 +47,7 @@ async def connect(path: str | Path, *, readonly: bool = False, migrate_schema: b
             async with conn.execute(pragma) as cur:  # read and closed: no statement left in progress (VACUUM refuses to run then)
                 await cur.fetchall()
         if not readonly and migrate_schema:
-            await migrate(conn)
+            await migrate(conn, progress)
     except BaseException:
         # Its thread would otherwise outlive the failure and keep the process from exiting.
         await conn.close()

@@ -220,13 +220,18 @@ CREATE INDEX requests_session ON requests(session_id) WHERE session_id IS NOT NU
 CREATE INDEX requests_tip ON requests(tip_message);
 CREATE INDEX requests_prompt ON requests(prompt_message);
 CREATE INDEX requests_reply ON requests(reply_message);
+CREATE INDEX requests_replies ON requests(replies) WHERE replies IS NOT NULL;
 CREATE INDEX sessions_recent ON sessions(last_accessed_at);
 CREATE INDEX turns_message ON turns(message_hash);
 -- The request log with its text, for sqlite3 and datasette.
 CREATE VIEW request_log AS
 SELECT r.*,
-    json_extract(p.body, '$.content') AS prompt_text,
-    json_extract(a.body, '$.content') AS response_text,
+    CASE json_type(p.body, '$.content') WHEN 'array' THEN
+        (SELECT group_concat(json_extract(value, '$.text'), char(10)) FROM json_each(p.body, '$.content'))
+    ELSE json_extract(p.body, '$.content') END AS prompt_text,
+    CASE json_type(a.body, '$.content') WHEN 'array' THEN
+        (SELECT group_concat(json_extract(value, '$.text'), char(10)) FROM json_each(a.body, '$.content'))
+    ELSE json_extract(a.body, '$.content') END AS response_text,
     coalesce(json_extract(a.body, '$.reasoning_content'), json_extract(a.body, '$.reasoning')) AS reasoning_text
 FROM requests r
 LEFT JOIN messages p ON p.id = r.prompt_message

@@ -138,7 +138,10 @@ class RequestFilter:
             params.append(self.model)
         for col in ("provider", "client", "status", "outcome"):
             value = getattr(self, col)
-            if value is not None and value != "":
+            if col == "client" and value == "anonymous":  # what sessions call a request with no client key
+                clauses.append("(r.client = ? OR r.client IS NULL)")
+                params.append(value)
+            elif value is not None and value != "":
                 clauses.append(f"r.{col} = ?")
                 params.append(value)
         match = fts_query(self.query) if self.query else None
@@ -586,6 +589,8 @@ async def _referenced(conn: aiosqlite.Connection, mid: int) -> bool:
         "SELECT 1 FROM requests WHERE tip_message = ? LIMIT 1",
         "SELECT 1 FROM requests WHERE reply_message = ? LIMIT 1",
         "SELECT 1 FROM requests WHERE prompt_message = ? LIMIT 1",
+        # The replies of choices after the first (n > 1): few rows, behind a partial index.
+        "SELECT 1 FROM requests WHERE replies IS NOT NULL AND ?1 IN (SELECT value FROM json_each(replies)) LIMIT 1",
         "SELECT 1 FROM turns WHERE message_hash = (SELECT hash FROM messages WHERE id = ?) LIMIT 1",
     ):
         async with conn.execute(sql, (mid,)) as cur:
