@@ -155,3 +155,25 @@ async def test_an_unknown_path_lists_the_endpoints(p: Proxy) -> None:
             message = (await r.json())["error"]["message"]
     for endpoint in ("POST /v1/responses", "POST /v1/embeddings", "POST /v1/completions", "GET /v1/models/{model}"):
         assert endpoint in message
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_log_reads_responses_and_completions_as_it_reads_chat(p: Proxy, stream: bool) -> None:
+    """A Responses answer and a legacy completion, streamed or not: the record keeps the
+    request as sent, the final response (text, usage, status), and the row its tokens."""
+    sdk = p.sdk()
+    if stream:
+        events = [e async for e in await sdk.responses.create(model="gpt-4o", input="hello log", stream=True)]
+        usage = events[-1].response.usage
+        [c async for c in await sdk.completions.create(model="gpt-3.5-turbo-instruct", prompt="log me", stream=True, stream_options={"include_usage": True})]
+    else:
+        usage = (await sdk.responses.create(model="gpt-4o", input="hello log")).usage
+        await sdk.completions.create(model="gpt-3.5-turbo-instruct", prompt="log me")
+    responses, completions = await p.rows()
+    assert responses["response_text"] is None  # no chat reply node; the text is in the record
+    record = await p.record(responses["id"])
+    assert record["request"]["input"] == "hello log" and record["response"]["status"] == "completed"
+    assert record["response_text"] == "upstream answered: hello log"
+    assert (responses["prompt_tokens"], responses["completion_tokens"], responses["finish_reason"]) == (usage.input_tokens, usage.output_tokens, "completed")
+    record = await p.record(completions["id"])
+    assert record["response_text"] == "upstream answered: log me" and completions["completion_tokens"] == len("upstream answered: log me".split())

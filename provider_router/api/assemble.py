@@ -137,3 +137,83 @@ def completion(body: bytes) -> dict[str, Any] | None:
 def finished(choices: list[dict[str, Any]]) -> bool:
     """Whether every choice of an assembled reply has a finish reason."""
     return bool(choices) and all(isinstance(c, dict) and c.get("finish_reason") for c in choices)
+
+
+# -- the other endpoints -----------------------------------------------------------------------
+_RESPONSE_ENDS = ("response.completed", "response.incomplete", "response.failed")
+
+
+def responses_reply(data: bytes, stream: bool) -> dict[str, Any] | None:
+    """The final `response` object of a Responses API answer: the body, or the one a
+    stream's `response.completed` (or incomplete, failed) event carries; for a stream cut
+    before that, the text its deltas brought, as an incomplete response."""
+    if not stream:
+        obj = completion_like(data)
+        return obj if obj is not None and isinstance(obj.get("output"), list) else None
+    text: list[str] = []
+    events = [e for e in stream_events(data) if isinstance(e, dict)]
+    for ev in reversed(events):
+        if ev.get("type") in _RESPONSE_ENDS and isinstance(ev.get("response"), dict):
+            return dict(ev["response"], _events=len(events))  # type: ignore[arg-type]
+    for ev in events:
+        if ev.get("type") == "response.output_text.delta" and isinstance(ev.get("delta"), str):
+            text.append(ev["delta"])
+    message = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "".join(text)}]}
+    return {"object": "response", "status": "incomplete", "output": [message], "_events": len(events)}
+
+
+def text_completion_reply(data: bytes, stream: bool) -> dict[str, Any] | None:
+    """A legacy `text_completion`: the body, or what a stream's chunks amount to (each
+    choice's text, finish reason; usage)."""
+    if not stream:
+        return completion_like(data)
+    events = [e for e in stream_events(data) if isinstance(e, dict)]
+    out: dict[str, Any] = {"object": "text_completion"}
+    choices: dict[int, dict[str, Any]] = {}
+    for ev in events:
+        for k in ("id", "created", "model"):
+            if k not in out and ev.get(k) is not None:
+                out[k] = ev[k]
+        if isinstance(ev.get("usage"), dict):
+            out["usage"] = ev["usage"]
+        for ch in ev.get("choices") if isinstance(ev.get("choices"), list) else ():
+            if not isinstance(ch, dict):
+                continue
+            i = ch.get("index", 0) if isinstance(ch.get("index"), int) else 0
+            acc = choices.setdefault(i, {"text": "", "index": i, "finish_reason": None})
+            acc["text"] += ch["text"] if isinstance(ch.get("text"), str) else ""
+            if isinstance(ch.get("finish_reason"), str):
+                acc["finish_reason"] = ch["finish_reason"]
+    out["choices"] = [choices[i] for i in sorted(choices)]
+    out["_events"] = len(events)
+    return out
+
+
+def completion_like(body: bytes) -> dict[str, Any] | None:
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def reply_text(reply: Any) -> str | None:
+    """The text of an answer that is not a chat completion (a Responses `output`, a text
+    completion's choices), for listings."""
+    if not isinstance(reply, dict):
+        return None
+    if isinstance(reply.get("output"), list):
+        parts = []
+        for item in reply["output"]:
+            if not isinstance(item, dict):
+                continue
+            if item.get("type") == "function_call":
+                parts.append(f"{item.get('name')}({item.get('arguments')})")
+            for c in item.get("content") or () if isinstance(item.get("content"), list) else ():
+                if isinstance(c, dict) and isinstance(c.get("text"), str):
+                    parts.append(c["text"])
+        return "\n".join(parts)
+    choices = reply.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict) and isinstance(choices[0].get("text"), str):
+        return str(choices[0]["text"])
+    return None

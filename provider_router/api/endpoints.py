@@ -37,14 +37,17 @@ SUPPORTED = (
 CHAT_ONLY = "POST /v1/chat/completions, GET /v1/models"
 
 
-def endpoint(path: str, *, streams: bool, summarise: Callable[[bytes], bytes] | None = None) -> Handler:
+def endpoint(
+    path: str, *, streams: bool, summarise: Callable[[bytes], bytes] | None = None, reply_format: str | None = None
+) -> Handler:
     """The handler of `POST /v1{path}`; `streams`: the body's `stream` may ask for SSE;
-    `summarise`: what of a successful answer the log keeps, if not all of it."""
+    `summarise`: what of a successful answer the log keeps, if not all of it;
+    `reply_format`: how the log writer reads the answer (text, tool calls, usage), if it can."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE]
         rec = request[RECORD]
-        rec.reply_format = None  # not a chat reply: the log writer keeps the body as it is
+        rec.reply_format = reply_format  # None: the log writer keeps the body as it is
         raw, body = await read_body(request, rec)
         model = body.get("model")
         if not isinstance(model, str) or not model:
@@ -115,14 +118,20 @@ async def _stream(request: web.Request, rec: RequestRecord, reply: UpstreamReply
     assert reply.raw is not None
     resp = web.StreamResponse(status=reply.status, headers=sse_headers(reply.headers))
     chunks: list[bytes] = []
+    keep = request.app[STATE].config.logs.max_message_bytes * 4  # what the log keeps of it, as for chat
+    kept = 0
     await resp.prepare(request)
     request[STARTED] = resp
     rec.status = reply.status
     try:
         async for chunk in reply.raw:
-            if not chunks:
+            if rec.ttfb_ms is None:
                 rec.first_byte()
-            chunks.append(chunk)
+            if kept + len(chunk) <= keep:
+                chunks.append(chunk)
+                kept += len(chunk)
+            else:
+                rec.stream_cut += len(chunk)
             await resp.write(chunk)
     except asyncio.CancelledError:
         if not await _shutdown_error(request, resp, rec):
@@ -161,6 +170,6 @@ async def not_found(request: web.Request) -> web.Response:
 
 def setup(app: web.Application) -> None:
     """Route the endpoints of this module (chat and models are routed by `app.py`)."""
-    app.router.add_post("/v1/responses", endpoint("/responses", streams=True))
+    app.router.add_post("/v1/responses", endpoint("/responses", streams=True, reply_format="responses"))
     app.router.add_post("/v1/embeddings", endpoint("/embeddings", streams=False, summarise=embeddings_summary))
-    app.router.add_post("/v1/completions", endpoint("/completions", streams=True))
+    app.router.add_post("/v1/completions", endpoint("/completions", streams=True, reply_format="text_completion"))

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import aiosqlite
 import orjson
 
+from ..api.assemble import reply_text
 from ..history import message_text
 from ..messages import content_text
 from .records import iso
@@ -165,6 +166,9 @@ _LISTED = (
 )
 
 
+_OTHER_ENDPOINTS = ("/v1/responses", "/v1/completions")
+
+
 def _text_of(body: str | None) -> str | None:
     if body is None:
         return None
@@ -181,6 +185,8 @@ def _listed(row: dict[str, Any]) -> dict[str, Any]:
     row["prompt_text"] = _text_of(row.pop("_prompt"))
     reply = row.pop("_reply")
     row["response_text"] = _text_of(reply)
+    if reply is None and row.get("response") and row.get("path") in _OTHER_ENDPOINTS:
+        row["response_text"] = reply_text(_json_or_text(row["response"]))
     m = orjson.loads(reply) if reply else {}
     row["reasoning_text"] = (m.get("reasoning_content") or m.get("reasoning")) if isinstance(m, dict) else None
     for col in ("attempts",):
@@ -328,7 +334,7 @@ async def get_request(conn: aiosqlite.Connection, id_prefix: str) -> dict[str, A
     choices = response.get("choices") if isinstance(response, dict) else None
     first = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
     first = first if isinstance(first, dict) else None
-    row["response_text"] = _text_of(orjson.dumps(first).decode()) if first else None
+    row["response_text"] = _text_of(orjson.dumps(first).decode()) if first else reply_text(response)
     row["reasoning_text"] = (first.get("reasoning_content") or first.get("reasoning")) if first else None
     row["request"] = request
     row["response"] = response

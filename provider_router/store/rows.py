@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import orjson
 
-from ..api.assemble import assemble_stream, completion
+from ..api.assemble import assemble_stream, completion, responses_reply, text_completion_reply
 from .records import RequestRecord, iso
 from .tree import CUT_MARK, Tree, split_body
 
@@ -107,18 +107,27 @@ class Rows:
             r.chunk_count = reply.pop("_events")
         elif r.reply_format == "completion" and r.response_body:
             reply = completion(r.response_body)
+        elif r.reply_format in ("responses", "text_completion") and r.status == 200:
+            read = responses_reply if r.reply_format == "responses" else text_completion_reply
+            data = r.stream_body if r.stream_body is not None else r.response_body
+            reply = read(data, r.stream_body is not None) if data is not None else None
+            if reply is not None and "_events" in reply:
+                r.chunk_count = reply.pop("_events")
         if r.stream_cut:
             cut.append(f"response stream ({r.stream_cut} bytes not kept)")
         usage = reply.get("usage") if reply else None
         if isinstance(usage, dict):
-            r.prompt_tokens = _count(usage.get("prompt_tokens"))
-            r.completion_tokens = _count(usage.get("completion_tokens"))
+            # Chat and completions say prompt/completion tokens; the Responses API input/output.
+            r.prompt_tokens = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
+            r.completion_tokens = _count(usage.get("completion_tokens", usage.get("output_tokens")))
             r.total_tokens = _count(usage.get("total_tokens"))
-            details = usage.get("prompt_tokens_details")
+            details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
             r.cached_tokens = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
         choices = [c for c in (reply or {}).get("choices") or () if isinstance(c, dict)]
         if choices and r.finish_reason is None:
             r.finish_reason = _str(choices[0].get("finish_reason"))
+        if reply is not None and r.reply_format == "responses" and r.finish_reason is None:
+            r.finish_reason = _str(reply.get("status"))  # completed, incomplete, failed
         if reply and r.reply_id is None:
             r.reply_id = _str(reply.get("id"))
 
