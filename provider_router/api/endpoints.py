@@ -9,19 +9,16 @@ conversation store for every upstream would start here.)
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, Awaitable, Callable
 
 import orjson
 from aiohttp import web
 
 from ..errors import ApiError
-from ..providers import UpstreamReply
 from ..routing import NoRoute
-from ..state import RECORD, STARTED, STATE
-from ..store.records import RequestRecord
+from ..state import RECORD, STATE
 from . import attempts
-from .openai import _shutdown_error, _stream_error, _encode, read_body, retryable_error, sse_headers
+from .openai import _encode, read_body, relay_answer
 from .validate import bad, strip_steering
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -78,74 +75,13 @@ def endpoint(
             reply = await state.providers[route.provider.name].call("POST", path, data, stream)  # type: ignore[attr-defined]
             a.queue_ms = reply.queue_ms
             try:
-                return await relay(request, rec, reply, stream, a.last, summarise)
+                return await relay_answer(request, rec, reply, stream, a.last, summarise)
             finally:
                 reply.close()
 
         return await attempts.run(rec, served, attempt)
 
     return handle
-
-
-async def relay(
-    request: web.Request, rec: RequestRecord, reply: UpstreamReply, stream: bool, last: bool,
-    summarise: Callable[[bytes], bytes] | None = None,
-) -> web.StreamResponse:  # fmt: skip
-    """The upstream's answer to the client as it is: a stream as its pieces arrive, anything
-    else whole. Raises `ApiError` only while nothing has reached the client."""
-    assert reply.raw is not None and reply.read is not None
-    status = reply.status
-    if stream and status == 200 and reply.headers.get("content-type", "").startswith("text/event-stream"):
-        return await _stream(request, rec, reply)
-    if 300 <= status < 400:
-        raise ApiError(502, f"upstream answered with a redirect (HTTP {status}), which is not followed", code="upstream_redirect")
-    data = await reply.read()
-    if (status == 429 or status >= 500) and not last:
-        raise retryable_error(request, status, data, reply)
-    if status >= 400:
-        data = request.app[STATE].redactor.bytes(data)
-        rec.outcome = "upstream_error"
-        rec.error = f"upstream returned HTTP {status}: {data[:2000].decode('utf-8', 'replace')}"
-        rec.response_body = data
-    else:
-        rec.response_body = summarise(data) if summarise is not None else data
-    rec.first_byte()
-    return web.Response(status=status, body=data, headers=reply.headers)
-
-
-async def _stream(request: web.Request, rec: RequestRecord, reply: UpstreamReply) -> web.StreamResponse:
-    """An event stream relayed piece by piece until the upstream ends it."""
-    assert reply.raw is not None
-    resp = web.StreamResponse(status=reply.status, headers=sse_headers(reply.headers))
-    chunks: list[bytes] = []
-    keep = request.app[STATE].config.logs.max_message_bytes * 4  # what the log keeps of it, as for chat
-    kept = 0
-    await resp.prepare(request)
-    request[STARTED] = resp
-    rec.status = reply.status
-    try:
-        async for chunk in reply.raw:
-            if rec.ttfb_ms is None:
-                rec.first_byte()
-            if kept + len(chunk) <= keep:
-                chunks.append(chunk)
-                kept += len(chunk)
-            else:
-                rec.stream_cut += len(chunk)
-            await resp.write(chunk)
-    except asyncio.CancelledError:
-        if not await _shutdown_error(request, resp, rec):
-            raise
-        return resp
-    except ConnectionResetError:  # the client left: the middleware records it
-        raise
-    except Exception as e:
-        await _stream_error(request, resp, rec, e)
-        return resp
-    finally:
-        rec.stream_body = b"".join(chunks)
-    await resp.write_eof()
-    return resp
 
 
 def embeddings_summary(data: bytes) -> bytes:

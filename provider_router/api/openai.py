@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import re
 import time
-from typing import Any, Awaitable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 import orjson
 import structlog
@@ -122,24 +122,28 @@ async def _relay(
     a.queue_ms = reply.queue_ms
     try:
         if reply.raw is not None:
-            return await _passthrough(request, rec, reply, call, a.last)
+            rec.reply_format = "chat"  # the log writer reads the reply (a stream's events) from it
+            return await relay_answer(request, rec, reply, call.stream, a.last)
         return await _render(request, rec, reply, call)
     finally:
         reply.close()
 
 
 # -- pass-through (openai) ---------------------------------------------------------------
-async def _passthrough(
-    request: web.Request, rec: RequestRecord, reply: UpstreamReply, call: ChatCall, last: bool
-) -> web.StreamResponse:
-    assert reply.raw is not None
+async def relay_answer(
+    request: web.Request, rec: RequestRecord, reply: UpstreamReply, stream: bool, last: bool,
+    summarise: Callable[[bytes], bytes] | None = None,
+) -> web.StreamResponse:  # fmt: skip
+    """An upstream's answer to the client as it is (every pass-through endpoint): an event
+    stream as its pieces arrive, anything else whole; `summarise`: what of a successful
+    answer the log keeps, if not all of it. Raises `ApiError` only while nothing has
+    reached the client."""
+    assert reply.raw is not None and reply.read is not None
     status = reply.status
-    is_sse = reply.headers.get("content-type", "").startswith("text/event-stream")
-    if call.stream and status == 200 and is_sse:
-        return await _passthrough_stream(request, rec, reply)
+    if stream and status == 200 and reply.headers.get("content-type", "").startswith("text/event-stream"):
+        return await relay_stream(request, rec, reply)
     if 300 <= status < 400:
         raise ApiError(502, f"upstream answered with a redirect (HTTP {status}), which is not followed", code="upstream_redirect")
-    assert reply.read is not None
     data = await reply.read()
     if (status == 429 or status >= 500) and not last:
         raise retryable_error(request, status, data, reply)
@@ -147,9 +151,9 @@ async def _passthrough(
         data = request.app[STATE].redactor.bytes(data)
         rec.outcome = "upstream_error"
         rec.error = f"upstream returned HTTP {status}: {data[:2000].decode('utf-8', 'replace')}"
+        rec.response_body = data
     else:
-        rec.reply_format = "completion"  # the log writer reads text and usage from it
-    rec.response_body = data
+        rec.response_body = summarise(data) if summarise is not None else data
     rec.first_byte()
     return web.Response(status=status, body=data, headers=reply.headers)
 
@@ -168,23 +172,24 @@ def sse_headers(upstream: Mapping[str, str]) -> dict[str, str]:
     return {**{k: v for k, v in SSE_HEADERS.items() if k.lower() not in upstream}, **upstream}
 
 
-_FINISH = re.compile(rb'"finish_reason"\s*:\s*"')
+# How the end of a complete stream reads (besides `[DONE]`): a chat or text completion's
+# finish reason; the Responses API's final event.
+FINISHED = re.compile(rb'"finish_reason"\s*:\s*"|"type"\s*:\s*"response\.(?:completed|incomplete|failed)"')
 _DONE_LINE = b"\ndata: [DONE]"
 
 
-async def _passthrough_stream(request: web.Request, rec: RequestRecord, reply: UpstreamReply) -> web.StreamResponse:
+async def relay_stream(request: web.Request, rec: RequestRecord, reply: UpstreamReply) -> web.StreamResponse:
     """Forward an upstream's event stream as it arrives. What is kept for the log is bounded
     (`logs.max_message_bytes` x 4; the rest is counted as cut). Once `data: [DONE]` has gone
     out the reply is complete: the proxy ends the response there, whatever the upstream
     does next (some linger before closing, and the SDK closes its side at once). A stream
-    the upstream ends with neither `[DONE]` nor a finish reason was cut short: the client
-    gets an error event and the row says `upstream_error`."""
+    the upstream ends with neither `[DONE]` nor a final event (`FINISHED`) was cut short:
+    the client gets an error event and the row says `upstream_error`."""
     assert reply.raw is not None
     resp = web.StreamResponse(status=reply.status, headers=sse_headers(reply.headers))
     chunks: list[bytes] = []
     keep = request.app[STATE].config.logs.max_message_bytes * 4
     kept = 0
-    rec.reply_format = "stream"  # the log writer reads the reply from the events
     await resp.prepare(request)
     request[STARTED] = resp
     rec.status = reply.status
@@ -216,9 +221,9 @@ async def _passthrough_stream(request: web.Request, rec: RequestRecord, reply: U
         return resp
     finally:
         rec.stream_body = b"".join(chunks)
-    if not done and not _FINISH.search(rec.stream_body[-65536:]):
+    if not done and not FINISHED.search(rec.stream_body[-65536:]):
         await _stream_error(request, resp, rec, ApiError(
-            502, "The upstream stream ended before the reply finished (no finish reason, no [DONE]).",
+            502, "The upstream stream ended before the reply finished (no final event, no [DONE]).",
             code="upstream_truncated", outcome="upstream_error",
         ))  # fmt: skip
         return resp
@@ -357,7 +362,7 @@ async def _render(request: web.Request, rec: RequestRecord, reply: UpstreamReply
     cid = f"chatcmpl-{rec.id}"
     created = int(time.time())
     model = call.body.get("model", call.upstream_model)
-    rec.reply_format = "completion"  # the log reads the reply from `response_body`
+    rec.reply_format = "chat"  # the log reads the reply from `response_body`
     if not call.stream:
         try:
             async for ev in events:

@@ -72,10 +72,10 @@ def _record(row: sqlite3.Row) -> RequestRecord:
                 "total_tokens": row["total_tokens"],
             }
         r.response_body = orjson.dumps(reply)
-        r.reply_format = "completion"
+        r.reply_format = "chat"
     elif body is not None:
         r.response_body = body.encode()
-        r.reply_format = "completion" if r.status == 200 else None
+        r.reply_format = "chat" if r.status == 200 else None
     return r
 
 

@@ -23,6 +23,7 @@ COLUMNS = (
     "reply_message", "replies", "params", "params_blobs", "overrides", "body_blob", "response", "cut",
     "attempts",
 )  # fmt: skip
+CHAT_FORMATS = ("chat", "stream", "completion")
 ATTACH = "UPDATE requests SET session_id = ?1, chat_id = ?1 WHERE id = ?2 AND session_id IS NULL"
 INSERT_REQUEST = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
@@ -102,10 +103,12 @@ class Rows:
         tree = self.tree
         cut: list[str] = []
         reply: dict[str, Any] | None = None
-        if r.reply_format == "stream" and r.stream_body is not None:
+        # "chat" (also "stream", "completion": the names of the first release of this schema):
+        # a chat reply, its events if it was streamed through, else its JSON.
+        if r.reply_format in CHAT_FORMATS and r.stream_body is not None:
             reply = assemble_stream(r.stream_body)
             r.chunk_count = reply.pop("_events")
-        elif r.reply_format == "completion" and r.response_body:
+        elif r.reply_format in CHAT_FORMATS and r.response_body and (r.status is None or r.status < 400):
             reply = completion(r.response_body)
         elif r.reply_format in ("responses", "text_completion") and r.status == 200:
             read = responses_reply if r.reply_format == "responses" else text_completion_reply
