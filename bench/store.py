@@ -482,17 +482,16 @@ def cli_times(db: Path, config: Path, session_id: str, runs: int) -> dict[str, f
 def admin_stats_ms(tmp: Path, db: Path, runs: int) -> float:
     with Daemon(tmp, db) as daemon:
         request = urllib.request.Request(daemon.base + "/admin/stats", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-        wait_http(request.full_url, daemon.proc, ADMIN_KEY)
 
         def get() -> None:
-            with urllib.request.urlopen(request, timeout=60) as resp:
+            with urllib.request.urlopen(request, timeout=120) as resp:
                 resp.read()
 
         return median_ms(get, runs)
 
 
-def phase_scale(tmp: Path, n: int, runs: int) -> dict[str, Any]:
-    db = tmp / "scale.db"
+def phase_scale(tmp: Path, n: int, runs: int, reuse: Path | None) -> dict[str, Any]:
+    db = reuse or tmp / "scale.db"
 
     async def build() -> dict[str, float]:
         conn, writer = await start_writer(db, tmp / "writer.log")
@@ -502,7 +501,7 @@ def phase_scale(tmp: Path, n: int, runs: int) -> dict[str, Any]:
             await writer.stop()
             await conn.close()
 
-    built = asyncio.run(build())
+    built = asyncio.run(build()) if reuse is None else {"records": n, "fill_s": float("nan")}
     size = file_bytes(db)
     times, found, session_id = asyncio.run(query_times(db, runs))
     out: dict[str, Any] = {**built, "db_bytes": size, "query_ms": times, "rows_found": found}
@@ -538,7 +537,8 @@ def agent_records(n: int, repo: SessionRepo, history_bytes: int, at_once: int, s
     slots: list[tuple[Session, list[dict[str, str]], int]] = []
     started = 0
     now = time.time()
-    while len([x for x in out if isinstance(x, RequestRecord)]) < n:
+    made = 0
+    while made < n:
         for k in range(at_once):
             if k >= len(slots) or slots[k][2] >= history_bytes:
                 sid = f"agent{started:06d}"
@@ -559,6 +559,7 @@ def agent_records(n: int, repo: SessionRepo, history_bytes: int, at_once: int, s
             r.stream, r.response_body, r.reply_format = False, completion_body(rng, "gpt-4o", answer, len(body) // 4), "completion"
             finish(r, 200, "ok", 300.0, 2500.0)
             out.append(r)
+            made += 1
             history.append({"role": "assistant", "content": answer})
             slots[k] = (s, history, len(body))
     return out
@@ -573,6 +574,7 @@ def phase_agent(tmp: Path, n: int, history_kb: int, old_commit: str | None) -> d
             items = agent_records(n, SessionRepo(conn, writer), history_kb * 1024, at_once=32)
             records = [r for r in items if isinstance(r, RequestRecord)]
             body_bytes = sum(len(r.request_body or b"") for r in records)
+            await writer.drained()  # the writer process has started and opened the database
             assert writer._proc is not None
             pid = writer._proc.pid
             t0, c0, w0 = time.perf_counter(), time.process_time(), cpu_s(pid)
@@ -624,6 +626,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, help="oneshot: default 200000; scale: default 1000000; agent: 20000")
     ap.add_argument("--minimal", action="store_true", help="oneshot: replies with only the core fields")
     ap.add_argument("--runs", type=int, default=5, help="scale: timed runs per query (default: %(default)s)")
+    ap.add_argument("--reuse-db", type=Path, help="scale: time the queries on this database, built before")
     ap.add_argument("--history-kb", type=int, default=60, help="agent: history size a conversation grows to")
     ap.add_argument("--old-commit", help="agent: also run this commit's bench/log_writer.py --history-kb")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (databases, logs)")
@@ -635,7 +638,7 @@ def main() -> None:
         elif a.phase == "oneshot":
             out = phase_oneshot(tmp, a.requests or 200_000, a.minimal)
         elif a.phase == "scale":
-            out = phase_scale(tmp, a.requests or 1_000_000, a.runs)
+            out = phase_scale(tmp, a.requests or 1_000_000, a.runs, a.reuse_db)
         else:
             out = phase_agent(tmp, a.requests or 20_000, a.history_kb, a.old_commit)
     finally:

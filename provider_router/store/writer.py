@@ -274,6 +274,8 @@ class LogWriter:
             if records:
                 self._batches.append((self._sent, sum(map(_size, records))))
             proc.stdin.write(frame(("batch", groups, records)))
+            for r in records:  # in the frame now: a session may hold the record, not its bodies
+                r.request_body = r.response_body = r.stream_body = None
             groups = []
             if not self._records:
                 return
