@@ -458,6 +458,11 @@ def query_plans(db: Path, session_id: str) -> dict[str, list[str]]:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
         for name, (flt, _) in logs_filters(session_id).items():
             where, params = flt.where()
+            where += (" AND " if where else " WHERE ") + "r.rowid <= ?"
+            params.append(1 << 62)
+            if flt.since:
+                where += " AND r.rowid >= ?"
+                params.append(1)
             sql = f"{q._LISTED}{where} ORDER BY r.rowid DESC LIMIT 20"
             plans[f"logs {name}"] = [row[-1] for row in c.execute("EXPLAIN QUERY PLAN " + sql, params)]
         sums = ", ".join(f"sum({col})" for col in ROLLUP_SUMS)

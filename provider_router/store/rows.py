@@ -144,7 +144,7 @@ class Rows:
             except ValueError:
                 placed = None
         if placed is not None and split is not None:
-            params, blobs = tree.params(split[0])
+            params, blobs = tree.params(split[0], r.session_id)
             tip, prompt = placed.tip, placed.prompt
             if r.turn is None:
                 r.turn = placed.turn

@@ -45,6 +45,7 @@ class _Path:
     assistants: list[int]  # assistant messages up to and including i
     last_user: list[int]  # the id of the last user message up to i (0: none)
     overrides: dict[int, Any]
+    fields: dict[str, tuple[bytes, int]] = field(default_factory=dict)  # large fields -> blob ids
 
 
 @dataclass(slots=True)
@@ -159,11 +160,13 @@ class Tree:
         return hit[0], key, hit[1] == hash(exact)
 
     # -- requests --------------------------------------------------------------------------
-    def params(self, top: dict[str, msgspec.Raw]) -> tuple[str, str | None]:
+    def params(self, top: dict[str, msgspec.Raw], conversation: str | None = None) -> tuple[str, str | None]:
         """The body's fields but `messages`: (small ones as a JSON object, large ones as a
-        JSON object of field -> blob id)."""
+        JSON object of field -> blob id). A large field the conversation's previous request
+        sent byte for byte the same (its tool list, say) is not hashed again."""
         small: list[bytes] = []
         blobs: dict[str, int] = {}
+        prev = self._paths.get(conversation) if conversation else None
         for k, raw in top.items():
             if k == "messages":
                 continue
@@ -171,7 +174,14 @@ class Tree:
             if len(data) < BLOB_MIN_BYTES:
                 small.append(orjson.dumps(k) + b":" + data)
                 continue
-            blobs[k] = self.blob(data)
+            same = prev.fields.get(k) if prev is not None else None
+            if same is not None and same[0] == data:
+                blobs[k] = same[1]
+                self.blob_refs[same[1]] = self.blob_refs.get(same[1], 0) + 1
+            else:
+                blobs[k] = self.blob(data)
+            if prev is not None:
+                prev.fields[k] = (data, blobs[k])
         text = self.redact((b"{" + b",".join(small) + b"}").decode("utf-8", "replace"))
         return text, (orjson.dumps(blobs).decode() if blobs else None)
 
@@ -244,7 +254,7 @@ class Tree:
         if conversation:
             old = self._paths.pop(conversation, None)
             self._path_bytes += len(array) - (len(old.array) * 2 if old else 0)
-            self._paths[conversation] = _Path(array, raws, keys, ids, assistants, last_user, overrides)
+            self._paths[conversation] = _Path(array, raws, keys, ids, assistants, last_user, overrides, old.fields if old else {})
             self._path_bytes += len(array)
             while self._path_bytes > CONVERSATION_CACHE_BYTES and self._paths:
                 _, gone = self._paths.popitem(last=False)
