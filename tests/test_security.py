@@ -385,7 +385,7 @@ async def test_hostile_text_is_stored_exactly_and_tables_survive(proxy: Proxy, o
     assert [r["id"] for r in sessions] == [f"s{i}_--x:y.z" for i in range(len(HOSTILE))]
     tables = {r["name"] for r in await proxy.rows("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"requests", "messages", "sessions", "turns", "_migrations", "messages_fts"} <= tables
-    hits = await proxy.rows("SELECT count(*) AS n FROM messages_fts WHERE messages_fts MATCH ?", '"DROP TABLE"')
+    hits = await proxy.rows("SELECT count(*) AS n FROM messages_fts WHERE messages_fts MATCH ?", '"DROP" "TABLE"')
     assert hits[0]["n"] >= 2
 
 

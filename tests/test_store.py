@@ -330,3 +330,17 @@ def test_log_lines_reach_a_non_blocking_stderr_whole() -> None:
 
 
 _values = st.one_of(st.none(), st.text(max_size=6), st.integers(-(2**63), 2**63 - 1), st.lists(st.dictionaries(st.sampled_from(["type", "text"]), st.text(max_size=4), max_size=2), max_size=2))
+
+
+@given(st.text(max_size=40))
+def test_any_search_text_is_a_valid_query_that_finds_its_own_words(text: str) -> None:
+    """Whatever a user types after `logs -q` is a query the index runs (never a syntax
+    error), and a message made of that text is found by it."""
+    from provider_router.store.queries import fts_query
+
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE VIRTUAL TABLE f USING fts5(text, content='', detail=none)")
+    db.execute("INSERT INTO f (rowid, text) VALUES (1, ?)", (text.replace("*", " "),))
+    query = fts_query(text)
+    if query is not None:
+        assert db.execute("SELECT rowid FROM f WHERE f MATCH ?", (query,)).fetchall() == [(1,)]
