@@ -178,9 +178,10 @@ class Rows:
         if placed is not None and placed.cut:
             cut += placed.cut
 
+        received = iso(r.started)
         row = (
             r.id,
-            iso(r.started),
+            received,
             iso(r.finished) if r.finished else None,
             r.method,
             r.path,
@@ -218,13 +219,13 @@ class Rows:
             ", ".join(cut) if cut else None,
             self._json([{**a, "error": self._text(a.get("error"))} for a in r.attempts]) if r.attempts else None,
         )
-        self._roll(r)
+        self._roll(r, received[:16])
         if r.attach and r.session_id:
             self.attach.append((r.session_id, r.attach))
         return row
 
-    def _roll(self, r: RequestRecord) -> None:
-        key = (iso(r.started)[:16], self._text(r.model) or "", r.provider or "", r.outcome or "", r.client or "")
+    def _roll(self, r: RequestRecord, minute: str) -> None:
+        key = (minute, self._text(r.model) or "", r.provider or "", r.outcome or "", r.client or "")
         v = self.rollups.get(key)
         if v is None:
             v = self.rollups[key] = [0] * len(ROLLUP_SUMS)
