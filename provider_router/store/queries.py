@@ -10,7 +10,7 @@ import re
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
@@ -252,19 +252,53 @@ async def recent_requests(conn: aiosqlite.Connection, flt: RequestFilter, limit:
     # poll, not by both or neither.
     async with conn.execute("SELECT coalesce(max(rowid), 0) FROM requests") as cur:
         (last,) = await cur.fetchone()  # type: ignore[misc]
+    since = await _since_rowid(conn, flt.since) if flt.since else None
+    if limit > 0 and flt.model and _has_glob(flt.model):
+        # Newest first from each model the glob matches (its index is in write order), then
+        # merged: one ordered index range each, instead of sorting every row they match.
+        rows = []
+        for model in await _models_matching(conn, flt.model):
+            rows += await _newest(conn, replace(flt, model=model), last, since, limit)
+        rows = sorted(rows, key=lambda r: r["_rowid"], reverse=True)[:limit]
+    else:
+        rows = await _newest(conn, flt, last, since, limit)
+    rows.reverse()
+    return RequestPage([_listed(r) for r in rows], last)
+
+
+async def _newest(conn: aiosqlite.Connection, flt: RequestFilter, last: int, since: int | None, limit: int) -> list[dict[str, Any]]:
     where, params = flt.where()
     where += (" AND " if where else " WHERE ") + "r.rowid <= ?"
     params.append(last)
-    if flt.since:
+    if since is not None:
         where += " AND r.rowid >= ?"
-        params.append(await _since_rowid(conn, flt.since))
+        params.append(since)
     sql = f"{_LISTED}{where} ORDER BY r.rowid DESC"
     if limit > 0:
         sql += " LIMIT ?"
         params.append(limit)
-    rows = await _fetch(conn, sql, params)
-    rows.reverse()
-    return RequestPage([_listed(r) for r in rows], last)
+    return await _fetch(conn, sql, params)
+
+
+async def _models_matching(conn: aiosqlite.Connection, glob: str) -> list[str]:
+    """The distinct logged models a glob matches: one index seek per model (a loose index
+    scan), however many rows each has."""
+    prefix = re.split(r"[*?\[]", glob, maxsplit=1)[0]
+    out: list[str] = []
+    while len(out) < 1000:
+        # The seek starts past the last model found (as one range with the glob's prefix:
+        # SQLite would otherwise take the prefix's range and step over every row of it).
+        sql = "SELECT model FROM requests WHERE model >= ? AND +model GLOB ?"  # `+`: no range of its own
+        params: list[Any] = [max(prefix, out[-1] + "\x00") if out else prefix, glob]
+        if prefix:  # the glob's own upper bound, which the `+` above gave up
+            sql += " AND model < ?"
+            params.append(prefix[:-1] + chr(ord(prefix[-1]) + 1))
+        async with conn.execute(sql + " ORDER BY model LIMIT 1", params) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            break
+        out.append(row[0])
+    return out
 
 
 async def new_requests(conn: aiosqlite.Connection, flt: RequestFilter, after_rowid: int) -> RequestPage:
