@@ -14,9 +14,10 @@ It also renders each record's canonical log line (`request`) as it writes the ba
 its stderr, which is the daemon's: rendering costs the event loop nothing, and the line and
 the row come from the same record.
 
-Per record it assembles the forwarded reply (text, usage; a stream's events), threads a
-stateless upstream's turn in the log, redacts and truncates, and inserts the row; a batch
-is one transaction, with the full-text index filled by one statement. It yields the CPU
+Per record it assembles the forwarded reply (a stream's events), puts the history and the
+replies in the conversation tree (`rows.Rows`, `tree.Tree`: only what is new), redacts,
+and builds the request row and its roll-up; a batch is one transaction. A database another
+process holds locked delays a batch, never drops it. It yields the CPU
 every 200 us of work (`GiveWay`), so that the requests it logs, served on the same cores,
 do not queue behind it. SIGINT, SIGTERM and SIGHUP are ignored: the process ends when the
 daemon closes its input (or dies), after committing everything it was sent.
@@ -133,6 +134,9 @@ class Sink:
         self.failed = 0
         self._failures: dict[str, int] = {}  # event -> count since the last report
         self._reported = 0.0
+        self._busy_since: float | None = None  # when the database was first found locked
+        self._busy_pause = 0.05
+        self._busy_warned = 0.0
         self.give_way = GiveWay()
         conn.set_progress_handler(self.give_way, GIVE_WAY_STEPS)
 
@@ -205,7 +209,9 @@ class Sink:
         self.records_done += n
 
     def _wait_busy(self, e: BaseException) -> None:
-        waited = getattr(self, "_busy_since", None)
+        """Another process holds the database: wait (longer each time, up to a second) and
+        let the caller try the same batch again; say so once per interval."""
+        waited = self._busy_since
         now = time.monotonic()
         if waited is None:
             self._busy_since = waited = now
