@@ -322,7 +322,8 @@ class Threads:
         s.message_count = len(messages) + 1
         self.repo.save(s)
         self.repo.add_turn(s.id, t, rec.id, now)
-        await self.repo.durable()
+        if not await self.repo.durable():
+            log.warning("turn_not_yet_durable", session=s.id, request_id=rec.id)
 
     # -- lifecycle ------------------------------------------------------------------------
     def refresh(self, session_id: str, now: float | None = None) -> Session | None:

@@ -477,3 +477,18 @@ async def test_sessions_that_ran_out_while_no_daemon_ran_are_expired_at_start(ma
     await p2.drained()
     [after] = await p2.rows("SELECT state, metadata FROM sessions")
     assert after["state"] == "expired" and json.loads(after["metadata"])["ended"] == "expired"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_threaded_turn_is_committed_before_the_client_has_its_reply(qproxy: Proxy, qwen_fake: QwenFake, stream: bool) -> None:
+    """The turn a reply completes is in the database (not only in the daemon's memory)
+    by the time the client has the whole reply: a daemon that restarts, or another
+    instance, continues from it."""
+    conv = Conversation(qproxy.sdk())
+    await conv.say("remember me", stream=stream)
+    db = sqlite3.connect(f"file:{qproxy.db_path}?mode=ro", uri=True)  # no wait for the writer: read at once
+    try:
+        [(chat_id, reply_id)] = db.execute("SELECT chat_id, reply_id FROM turns").fetchall()
+    finally:
+        db.close()
+    assert (chat_id, reply_id) == (qwen_fake.turns[-1].chat_id, qwen_fake.turns[-1].response_id)

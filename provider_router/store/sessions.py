@@ -6,6 +6,7 @@ statement queue, so session state and request records commit in the order they h
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -156,9 +157,16 @@ class SessionRepo:
     def add_turn(self, session_id: str, t: Turn, request_id: str, now: float) -> None:
         self._writer.execute(INSERT_TURN, (session_id, t.message_hash, t.turn, t.chat_id, t.reply_id, request_id, iso(now)))
 
-    async def durable(self) -> None:
-        """Wait until every change queued so far is committed."""
-        await self._writer.drained()
+    async def durable(self, wait: float = 5.0) -> bool:
+        """Wait until every change queued so far is committed, `wait` seconds at most (a
+        database another process holds locked must not hold a reply back for long: the
+        change stays queued and lands later); whether it was committed in time."""
+        try:
+            async with asyncio.timeout(wait):
+                await self._writer.drained()
+        except TimeoutError:
+            return False
+        return True
 
     def forget_chat(self, session_id: str, chat_id: str) -> None:
         self._writer.execute("DELETE FROM turns WHERE session_id = ? AND chat_id = ?", (session_id, chat_id), barrier=True)
