@@ -100,8 +100,10 @@ class Writes:
             return f"log records are failing to be written since {iso(self.since or time.time())}"
         if self.state == "stalled":
             return f"the log writer has committed nothing for {STALL_SECONDS:g}s with {self.writer.depth} waiting"
-        if self.writer.depth >= self.bound or self.dropped_lately:
+        if self.dropped_lately:
             return f"the log queue is full: records are being dropped ({self.dropped_lately} in the last check)"
+        if self.writer.depth >= self.bound:
+            return f"the log queue is full ({self.writer.depth} records): new requests wait for room"
         return None
 
 
