@@ -1,30 +1,23 @@
-"""A client's message history as the thread sees it: canonical messages, the chained
-hashes of its prefixes, and where it continues a recorded reply.
+"""A client's message history as the conversation tree sees it: each message's canonical
+form and its chained key (`node_key`), the session fingerprint of its opening, and the text
+search indexes of it.
 
-Pure functions (hashlib and orjson only): the request path uses them to decide what a
-threaded upstream is sent, and the log writer process uses them to thread the log of
-stateless upstreams after the fact.
+Pure functions (hashlib and orjson only): the request path keys a threaded turn's history
+with them, and the log writer process keys every message it stores.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Sequence
 
 import orjson
 
-T = TypeVar("T")
-ASSISTANT = b"assistant\x1f"
-
 
 def canon(m: dict[str, Any]) -> bytes:
-    """A message as the thread sees it: role and content. Other fields (name, refusal,
-    reasoning) vary between clients that resend the same message, so they are left out."""
-    return canon_of(m.get("role"), m.get("content"))
-
-
-def canon_of(role: Any, content: Any) -> bytes:
-    """`canon` of a message with this role and content."""
+    """A message of a session's opening, for its fingerprint: role and content (other
+    fields vary between clients that resend the same message)."""
+    role, content = m.get("role"), m.get("content")
     if isinstance(content, str):
         body = content.strip().encode()
     elif content is None:
@@ -32,30 +25,6 @@ def canon_of(role: Any, content: Any) -> bytes:
     else:
         body = orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
     return str(role).encode() + b"\x1f" + body
-
-
-def _h(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def prefix_hashes(canons: Sequence[bytes]) -> list[bytes]:
-    """`out[i]` identifies `messages[: i + 1]`: a chain, so equal prefixes hash equal."""
-    out: list[bytes] = []
-    h = b""
-    for c in canons:
-        h = _h(h + c)
-        out.append(h)
-    return out
-
-
-def reply_hash(prefix: bytes, text: str) -> bytes:
-    """The hash the client's next request will have for its history plus this reply."""
-    return _h(prefix + canon({"role": "assistant", "content": text}))
-
-
-def turn_number(canons: Sequence[bytes]) -> int:
-    """1 + the assistant messages already in the history."""
-    return sum(c.startswith(ASSISTANT) for c in canons) + 1
 
 
 def fingerprint(client: str, provider: str, upstream_model: str, messages: Sequence[dict[str, Any]]) -> str:
@@ -68,19 +37,8 @@ def fingerprint(client: str, provider: str, upstream_model: str, messages: Seque
     return hashlib.blake2b(b"\x1e".join(parts), digest_size=16).hexdigest()
 
 
-def place(canons: Sequence[bytes], hashes: Sequence[bytes], lookup: Callable[[str], T | None]) -> tuple[int, T | None]:
-    """The longest prefix of the history that ends at a recorded reply: (its length, the turn).
-    `lookup` maps a prefix hash (hex) to the recorded turn, if any."""
-    for k in range(len(canons) - 1, 0, -1):
-        if canons[k - 1].startswith(ASSISTANT):
-            t = lookup(hashes[k - 1].hex())
-            if t is not None:
-                return k, t
-    return 0, None
-
-
 # -- the conversation tree ---------------------------------------------------------------------
-# A message's node in the tree is keyed by blake2b(parent key + its canonical form). The
+# A message's node in the tree is keyed by SHA-256(parent key + its canonical form). The
 # canonical form is what identifies a message when a client resends it: role, content,
 # tool calls, tool call id, name. Reasoning and refusal are kept in the node's body but not
 # in its key: clients routinely drop reasoning when they resend a reply (some APIs require

@@ -15,11 +15,3 @@ def content_text(content: Any) -> str:
     if isinstance(content, list):
         return "\n".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     return ""
-
-
-def last_user_text(messages: list[dict[str, Any]]) -> str:
-    """The text of the last user message, or ""."""
-    for m in reversed(messages):
-        if m.get("role") == "user":
-            return content_text(m.get("content"))
-    return ""
