@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import sqlite3
+import tempfile
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 import structlog
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from provider_router import history
@@ -344,3 +345,37 @@ def test_any_search_text_is_a_valid_query_that_finds_its_own_words(text: str) ->
     query = fts_query(text)
     if query is not None:
         assert db.execute("SELECT rowid FROM f WHERE f MATCH ?", (query,)).fetchall() == [(1,)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.floats(0, 4 * 86400), min_size=1, max_size=40), st.floats(0, 4 * 86400))
+def test_stats_since_any_time_count_each_request_once(offsets: list[float], cut: float) -> None:
+    """Stats since any moment read whole days, then hours, then minutes of the roll-ups:
+    they count exactly the requests received since that moment's minute, each once."""
+    import asyncio
+
+    import aiosqlite
+
+    from provider_router.store import queries
+    from provider_router.store.migrations import migrate_file
+
+    base = 1_790_000_000.0
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "s.db"
+        migrate_file(str(path))
+        out = sink.Sink(sink.open_db(str(path)), max_body_bytes=1000, redactor=Redactor([]), emit=lambda _: None)
+        records = []
+        for o in offsets:
+            r = RequestRecord("POST", "/v1/chat/completions", started=base + o)
+            r.model, r.provider = "m", "p"
+            r.finish(200, "ok")
+            records.append(r)
+        out.apply([([], records)])
+        since = iso(base + cut)
+
+        async def read() -> int:
+            async with aiosqlite.connect(path) as conn:
+                return (await queries.stats(conn, since)).total.requests
+
+        expected = sum(iso(r.started)[:16] >= since[:16] for r in records)
+        assert asyncio.run(read()) == expected

@@ -13,6 +13,9 @@ import aiosqlite
 from .migrations import Progress, migrate
 
 PRAGMAS = (
+    # 8 KiB pages for a new file (an existing one keeps its own): a message of a few KB,
+    # the common size, then shares its page instead of taking a 4 KiB page alone.
+    "PRAGMA page_size=8192",
     "PRAGMA journal_mode=WAL",
     "PRAGMA synchronous=NORMAL",
     "PRAGMA busy_timeout=5000",

@@ -165,9 +165,12 @@ CREATE TABLE requests_v3 (
     attempts TEXT                     -- JSON list of upstream attempts (retries, fallbacks)
 );
 
--- Per-minute roll-ups of the requests, written with them: stats over any range read these.
+-- Roll-ups of the requests, written with them, by minute, hour and day (`span` m, h, d;
+-- `at` the period's start, YYYY-MM-DDTHH:MM, YYYY-MM-DDTHH, YYYY-MM-DD, UTC): stats over any
+-- range read the days it covers whole, then hours, then minutes, never the requests.
 CREATE TABLE rollups (
-    minute TEXT NOT NULL,             -- YYYY-MM-DDTHH:MM (UTC)
+    span TEXT NOT NULL,
+    at TEXT NOT NULL,
     model TEXT NOT NULL,
     provider TEXT NOT NULL,
     outcome TEXT NOT NULL,
@@ -188,7 +191,7 @@ CREATE TABLE rollups (
     d4 INTEGER NOT NULL, d5 INTEGER NOT NULL, d6 INTEGER NOT NULL, d7 INTEGER NOT NULL,
     d8 INTEGER NOT NULL, d9 INTEGER NOT NULL, d10 INTEGER NOT NULL, d11 INTEGER NOT NULL,
     d12 INTEGER NOT NULL, d13 INTEGER NOT NULL,
-    PRIMARY KEY (minute, model, provider, outcome, client)
+    PRIMARY KEY (span, at, model, provider, outcome, client)
 ) WITHOUT ROWID;
 
 -- Threaded upstreams' turns: facts about reply nodes of the tree (the upstream's chat and
@@ -282,6 +285,7 @@ def migrate_file(path: str, progress: Progress | None = None) -> list[str]:
     together migrate once: each step re-checks under the write lock."""
     conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
     try:
+        conn.execute("PRAGMA page_size=8192")  # a new file's (see db.PRAGMAS); before WAL fixes it
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA foreign_keys=OFF")  # tables are rebuilt inside a step
         ran: list[str] = []

@@ -11,7 +11,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Sequence
 
 import aiosqlite
@@ -222,7 +222,8 @@ async def _since_rowid(conn: aiosqlite.Connection, since: str) -> int:
     """A rowid below which no row was received at or after `since`: rows are written in
     the order requests finish, so `received_at` rises with the rowid but for requests that
     overlapped; a binary search, less a margin for those."""
-    async with conn.execute("SELECT coalesce(min(rowid), 0), coalesce(max(rowid), 0) FROM requests") as cur:
+    # Two subqueries: SQLite reads a lone min() or max() from the rowid's ends, but not both.
+    async with conn.execute("SELECT coalesce((SELECT min(rowid) FROM requests), 0), coalesce((SELECT max(rowid) FROM requests), 0)") as cur:
         lo, hi = await cur.fetchone()  # type: ignore[misc]
     while lo < hi:
         mid = (lo + hi) // 2
@@ -594,22 +595,28 @@ class Stats:
         }
 
 
-async def stats(conn: aiosqlite.Connection, since: str | None = None, until: str | None = None) -> Stats:
-    """Per (model, provider) counts, token sums and latency percentiles over `[since, until)`
-    (minute resolution), from the roll-ups: no request row is read. An error is any
-    request whose outcome is not `ok`."""
+def _periods(since: str | None) -> tuple[str, list[Any]]:
+    """Roll-up rows that cover `[since, now]` once: the minutes up to `since`'s next whole
+    hour, the hours up to its next whole day, then whole days (all days without `since`)."""
+    if not since:
+        return "span = 'd'", []
+    start = datetime.fromisoformat(since.replace("Z", "+00:00"))
+    hour = start.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    day = start.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+    fmt = "%Y-%m-%dT%H:%M"
+    where = (
+        "(span = 'm' AND at >= ? AND at < ?) OR (span = 'h' AND at >= ? AND at < ?) OR (span = 'd' AND at >= ?)"
+    )
+    return where, [since[:16], hour.strftime(fmt), hour.strftime(fmt)[:13], day.strftime(fmt)[:13], day.strftime(fmt)[:10]]
+
+
+async def stats(conn: aiosqlite.Connection, since: str | None = None) -> Stats:
+    """Per (model, provider) counts, token sums and latency percentiles since `since`
+    (minute resolution), from the roll-ups: no request row is read, and a long range reads
+    days, not minutes. An error is any request whose outcome is not `ok`."""
     sums = ", ".join(f"sum({c})" for c in ROLLUP_SUMS)
-    sql = f"SELECT model, provider, {sums} FROM rollups"
-    clauses, params = [], []
-    if since:
-        clauses.append("minute >= ?")
-        params.append(since[:16])
-    if until:
-        clauses.append("minute < ?")
-        params.append(until[:16])
-    if clauses:
-        sql += " WHERE " + " AND ".join(clauses)
-    sql += " GROUP BY model, provider"
+    where, params = _periods(since)
+    sql = f"SELECT model, provider, {sums} FROM rollups WHERE {where} GROUP BY model, provider"
     groups: list[GroupStats] = []
     total = GroupStats(None, None)
     async with conn.execute(sql, params) as cur:

@@ -30,7 +30,10 @@ INSERT_REQUEST = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.joi
 # Latency histogram bounds (ms) of the roll-ups; the last bucket is everything above.
 BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
 NB = len(BUCKETS_MS) + 1
-ROLLUP_KEY = ("minute", "model", "provider", "outcome", "client")
+ROLLUP_KEY = ("span", "at", "model", "provider", "outcome", "client")
+# Each request counts in its minute, its hour and its day: `at` is the period's start, cut
+# from the ISO time (YYYY-MM-DDTHH:MM, YYYY-MM-DDTHH, YYYY-MM-DD).
+SPANS = (("m", 16), ("h", 13), ("d", 10))
 ROLLUP_SUMS = (
     ("requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "ttfb_count", "ttfb_sum", "duration_sum")
     + tuple(f"t{i}" for i in range(NB))
@@ -90,9 +93,19 @@ class Rows:
         return self.redact(text)
 
     def take_rollups(self) -> list[tuple[Any, ...]]:
-        out = [key + tuple(v) for key, v in self.rollups.items()]
+        """The batch's roll-up rows: each minute's sums, and added up by hour and by day."""
+        spans: dict[tuple[Any, ...], list[float]] = {}
+        for (minute, *rest), v in self.rollups.items():
+            for span, width in SPANS:
+                key = (span, minute[:width], *rest)
+                acc = spans.get(key)
+                if acc is None:
+                    spans[key] = list(v)
+                else:
+                    for i, x in enumerate(v):
+                        acc[i] += x
         self.rollups = {}
-        return out
+        return [key + tuple(v) for key, v in spans.items()]
 
     def take_attach(self) -> list[tuple[str, str]]:
         out, self.attach = self.attach, []

@@ -61,8 +61,14 @@ _LEN = struct.Struct(">I")
 
 
 def frame(obj: object) -> bytes:
+    return b"".join(frame_parts(obj))
+
+
+def frame_parts(obj: object) -> tuple[bytes, bytes]:
+    """A frame as its length prefix and its pickle: written one after the other, a batch of
+    large records is not copied once more to join them."""
     data = pickle.dumps(obj, protocol=5)
-    return _LEN.pack(len(data)) + data
+    return _LEN.pack(len(data)), data
 
 
 class Frames:

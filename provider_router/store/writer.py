@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import structlog
 
 from .records import RequestRecord
-from .sink import Frames, frame
+from .sink import Frames, frame, frame_parts
 
 log = structlog.get_logger("provider_router.writer")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # where `provider_router` imports from
@@ -273,7 +273,8 @@ class LogWriter:
             self._sent += n
             if records:
                 self._batches.append((self._sent, sum(map(_size, records))))
-            proc.stdin.write(frame(("batch", groups, records)))
+            for part in frame_parts(("batch", groups, records)):
+                proc.stdin.write(part)
             for r in records:  # in the frame now: a session may hold the record, not its bodies
                 r.request_body = r.response_body = r.stream_body = None
             groups = []
