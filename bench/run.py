@@ -832,12 +832,20 @@ def measure_inspection(ctx: Context) -> list[Row]:
     for name in INSPECTION:
         ms, cli = r["query_ms"].get(name), r["cli_ms"].get(name)
         wall = "" if cli is None else f" (CLI {cli:,.0f} ms)" if name != "/admin/stats" else ""
-        command = name if name.startswith("/") else f"`{name}" + (" -n 20`" if name.startswith("logs") else "`")
-        rows.append(Row(f"{label} requests: {command} query time, ms (CLI wall time with start-up)", "—", "—",
+        if name.startswith("/"):
+            metric = f"{label} requests: `GET {name}` over HTTP, ms"
+        else:
+            command = f"`{name}" + (" -n 20`" if name.startswith("logs") else "`")
+            metric = f"{label} requests: {command} query time, ms (CLI wall time with start-up)"
+        rows.append(Row(metric, "—", "—",
                         "n/a" if ms is None else f"{ms:,.1f}{wall}", "—", "—", "≤ 100 ms",
                         verdict(None if ms is None else ms <= 100)))
-    for name, plan in r.get("plans", {}).items():
+    plans = dict(r.get("plans", {}))
+    rollups = plans.pop("rollups rows", None)
+    for name, plan in plans.items():
         ctx.notes.append(f"query plan of {name} (over 100 ms): " + " / ".join(plan))
+    if rollups:
+        ctx.notes.append(f"roll-up rows for the {label} requests: {int(rollups[0]):,}.")
     return rows
 
 
@@ -1047,7 +1055,7 @@ def run_measurement(ctx: Context, name: str) -> list[Row]:
     try:
         return MEASUREMENTS[name](ctx)
     except (RuntimeError, OSError, subprocess.SubprocessError, aiohttp.ClientError, asyncio.TimeoutError,
-            sqlite3.Error, KeyError) as e:
+            sqlite3.Error, KeyError, ValueError) as e:
         ctx.notes.append(f"{name} failed: {type(e).__name__}: {e}")
         return [Row(f"{name}: failed (see notes)")]
 

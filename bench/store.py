@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import orjson
+import structlog
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -579,6 +580,7 @@ def phase_agent(tmp: Path, n: int, history_kb: int, old_commit: str | None) -> d
             items = agent_records(n, SessionRepo(conn, writer), history_kb * 1024, at_once=32)
             records = [r for r in items if isinstance(r, RequestRecord)]
             body_bytes = sum(len(r.request_body or b"") for r in records)
+            body_max = max(len(r.request_body or b"") for r in records)  # bodies are let go once handed over
             await writer.drained()  # the writer process has started and opened the database
             assert writer._proc is not None
             pid = writer._proc.pid
@@ -592,7 +594,7 @@ def phase_agent(tmp: Path, n: int, history_kb: int, old_commit: str | None) -> d
                     "cpu_us_per_record": 1e6 * (cpu + wcpu) / len(records),
                     "writer_cpu_us_per_record": 1e6 * wcpu / len(records),
                     "request_body_bytes_mean": body_bytes / len(records),
-                    "request_body_bytes_max": max(len(r.request_body or b"") for r in records), "lost": lost}
+                    "request_body_bytes_max": body_max, "lost": lost}
         finally:
             await writer.stop()
             await conn.close()
@@ -613,8 +615,8 @@ def old_writer(tmp: Path, commit: str, history_kb: int) -> dict[str, Any] | None
         return None
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
     done = subprocess.run([sys.executable, str(src / "bench" / "log_writer.py"), "--records", "5000",
-                           "--history-kb", str(history_kb)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(src)})
+                           "--history-kb", str(history_kb)], capture_output=True, text=True, timeout=300,
+                          cwd=src, env={**os.environ, "PYTHONPATH": str(src)})
     if done.returncode != 0:
         return None
     return {"commit": commit, **orjson.loads(done.stdout)}
@@ -624,6 +626,9 @@ def old_writer(tmp: Path, commit: str, history_kb: int) -> dict[str, Any] | None
 
 
 def main() -> None:
+    # The daemon's side of the writer logs (e.g. a full queue) with structlog: to stderr,
+    # so that stdout carries only this script's JSON.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--phase", required=True, choices=["conversation", "oneshot", "scale", "agent"])
     ap.add_argument("--turns", type=int, default=200, help="conversation: turns (default: %(default)s)")
