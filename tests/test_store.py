@@ -379,3 +379,25 @@ def test_stats_since_any_time_count_each_request_once(offsets: list[float], cut:
 
         expected = sum(iso(r.started)[:16] >= since[:16] for r in records)
         assert asyncio.run(read()) == expected
+
+
+async def test_stopping_while_a_killed_writer_awaits_its_replacement_loses_nothing(tmp_path: Path) -> None:
+    """The writer process dies and the daemon stops before the replacement has started:
+    the records queued meanwhile are still handed to a writer process and committed."""
+    import os
+    import signal
+
+    conn = await connect(tmp_path / "x.db")
+    writer = LogWriter(str(tmp_path / "x.db"))
+    await writer.start()
+    first = writer._proc
+    assert first is not None
+    os.kill(first.pid, signal.SIGKILL)
+    await first.wait()
+    for _ in range(5):
+        rec = RequestRecord("GET", "/v1/models")
+        rec.finish(200, "ok")
+        writer.submit(rec)
+    await writer.stop()
+    await conn.close()
+    assert sqlite3.connect(tmp_path / "x.db").execute("SELECT count(*) FROM requests").fetchone()[0] == 5
