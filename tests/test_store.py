@@ -401,3 +401,46 @@ async def test_stopping_while_a_killed_writer_awaits_its_replacement_loses_nothi
     await writer.stop()
     await conn.close()
     assert sqlite3.connect(tmp_path / "x.db").execute("SELECT count(*) FROM requests").fetchone()[0] == 5
+
+
+def test_a_prune_by_another_connection_is_not_undone_by_the_writers_memory(tmp_path: Path) -> None:
+    """Retention (or `db prune`) deletes a conversation's old messages through its own
+    connection while the writer runs: the writer's next request of that conversation stores
+    its history again rather than pointing at messages that are gone."""
+    import asyncio
+
+    import aiosqlite
+
+    from provider_router.store import queries
+    from provider_router.store.migrations import migrate_file
+
+    path = tmp_path / "p.db"
+    migrate_file(str(path))
+    out = sink.Sink(sink.open_db(str(path)), max_body_bytes=1000, redactor=Redactor([]), emit=lambda _: None)
+    messages = [{"role": "user", "content": "old question"}]
+
+    def record(started: float) -> RequestRecord:
+        r = RequestRecord("POST", "/v1/chat/completions", started=started)
+        r.session_id = "s"
+        r.request_body = orjson.dumps({"model": "m", "messages": messages})
+        r.response_body = orjson.dumps({"id": "c", "choices": [{"index": 0, "message": {"role": "assistant", "content": "old answer"}, "finish_reason": "stop"}]})
+        r.reply_format = "chat"
+        r.finish(200, "ok")
+        return r
+
+    out.apply([([], [record(1_000_000.0)])])
+
+    async def prune() -> int:
+        async with aiosqlite.connect(path) as conn:
+            return (await queries.prune(conn, iso(2_000_000.0))).messages
+
+    assert asyncio.run(prune()) == 2
+    again = record(3_000_000.0)
+    out.apply([([], [again])])
+
+    async def read() -> dict[str, object]:
+        async with aiosqlite.connect(path) as conn:
+            return await queries.get_request(conn, again.id)  # type: ignore[return-value]
+
+    got = asyncio.run(read())
+    assert got["request"]["messages"] == messages and got["response_text"] == "old answer"  # type: ignore[index]

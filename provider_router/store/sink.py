@@ -140,6 +140,7 @@ class Sink:
         self.failed = 0
         self._failures: dict[str, int] = {}  # event -> count since the last report
         self._reported = 0.0
+        (self._data_version,) = conn.execute("PRAGMA data_version").fetchone()
         self._busy_since: float | None = None  # when the database was first found locked
         self._busy_pause = 0.05
         self._busy_warned = 0.0
@@ -192,6 +193,12 @@ class Sink:
         steps: list[Group] = [g for groups, _ in batches for g in groups]
         records = [r for _, records in batches for r in records]
         n = len(records)
+        (version,) = self.conn.execute("PRAGMA data_version").fetchone()
+        if version != self._data_version:
+            # Another connection committed (retention, `db prune`, a CLI edit): a message
+            # the tree remembers may be gone, so it reads them from the file again.
+            self._data_version = version
+            self.tree.reset()
         if self.lines is not None:
             # Before the write: a database another process holds locked delays the rows,
             # and a crash mid-write loses them, but not these lines.
