@@ -193,6 +193,9 @@ class LogWriter:
         """Hand over everything queued, then wait for the writer process to commit and exit."""
         self._stopped = True
         proc = self._proc
+        if proc is not None and proc.returncode is not None and self._reader is not None:
+            await self._reader  # it has died: its reader counts what it took down first
+            proc = self._proc
         if proc is None and self._started_at and (self._records or self._statements):
             # The process died and its replacement is not started yet: start one to hand
             # what is queued to, rather than lose it at shutdown.
