@@ -90,16 +90,24 @@ class OpenAIFake:
         last = messages[-1].get("content")
         return f"upstream saw {len(messages)} messages; last: {last}"
 
-    async def chat(self, request: web.Request) -> web.StreamResponse:
+    async def _read(self, request: web.Request) -> tuple[Any, bytes] | web.Response:
+        """The request's JSON body and bytes, if its key, type and JSON pass as the real
+        API checks them; else the error response to send."""
         raw = await request.read()
         if request.headers.get("Authorization") != f"Bearer {self.key}":
             return _err(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
         if request.content_type != "application/json":
             return _err(400, "Content-Type must be application/json")
         try:
-            body = orjson.loads(raw)
+            return orjson.loads(raw), raw
         except orjson.JSONDecodeError:
             return _err(400, "We could not parse the JSON body of your request.")
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        read = await self._read(request)
+        if isinstance(read, web.Response):
+            return read
+        body, raw = read
         model, messages = body.get("model"), body.get("messages")
         if not isinstance(model, str) or not isinstance(messages, list) or not messages:
             return _err(400, "model and messages are required")
@@ -201,15 +209,10 @@ class OpenAIFake:
     async def _accept(self, request: web.Request, required: str) -> dict[str, Any] | web.Response:
         """The body, if it passes the checks the real API makes (key, JSON, `model` and
         `required`), recorded; else the error response to send."""
-        raw = await request.read()
-        if request.headers.get("Authorization") != f"Bearer {self.key}":
-            return _err(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
-        if request.content_type != "application/json":
-            return _err(400, "Content-Type must be application/json")
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return _err(400, "We could not parse the JSON body of your request.")
+        read = await self._read(request)
+        if isinstance(read, web.Response):
+            return read
+        body, raw = read
         if not isinstance(body, dict) or not isinstance(body.get("model"), str) or body.get(required) in (None, "", []):
             return _err(400, f"Missing required parameter: '{required if isinstance(body, dict) and 'model' in body else 'model'}'.")
         self.seen.append(Seen(dict(request.headers), body, raw))
