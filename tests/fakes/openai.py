@@ -128,13 +128,9 @@ class OpenAIFake:
     ) -> web.StreamResponse:
         if self.stall_head is not None:
             await self.stall_head.wait()
-        if self.fail_next is not None:
-            status, data = self.fail_next
-            self.fail_next = None
-            return web.Response(status=status, body=data, content_type="application/json", headers=self.reply_headers)
-        if self.echo_headers_next is not None:
-            status, self.echo_headers_next = self.echo_headers_next, None
-            return _err(status, f"request rejected; headers were {dict(request.headers)}", "upstream_debug")
+        scripted = self._scripted(request)
+        if scripted is not None:
+            return scripted
         text = self.reply_for(messages)
         words = text.split(" ")
         usage = {"prompt_tokens": 3 * len(messages), "completion_tokens": len(words), "total_tokens": 3 * len(messages) + len(words)}
@@ -218,6 +214,11 @@ class OpenAIFake:
         self.seen.append(Seen(dict(request.headers), body, raw))
         self.seen_at.append(asyncio.get_running_loop().time())
         self.received.set()
+        scripted = self._scripted(request)
+        return body if scripted is None else scripted
+
+    def _scripted(self, request: web.Request) -> web.Response | None:
+        """The failure a test scripted for the next request, if any (taken once)."""
         if self.fail_next is not None:
             status, data = self.fail_next
             self.fail_next = None
@@ -225,7 +226,7 @@ class OpenAIFake:
         if self.echo_headers_next is not None:
             status, self.echo_headers_next = self.echo_headers_next, None
             return _err(status, f"request rejected; headers were {dict(request.headers)}", "upstream_debug")
-        return body
+        return None
 
     async def _sse(self, request: web.Request, events: list[tuple[str | None, dict[str, Any]]], done: bool) -> web.StreamResponse:
         resp = web.StreamResponse(headers={**self.reply_headers, "Content-Type": "text/event-stream; charset=utf-8"})
