@@ -16,7 +16,7 @@ import pytest
 
 from provider_router import history
 from provider_router.cli import main
-from provider_router.store import connect, queries
+from provider_router.store import Redactor, RequestRecord, connect, queries, sink
 from provider_router.store.migrations import MIGRATIONS
 
 DATA = Path(__file__).parent / "data"
@@ -88,3 +88,50 @@ def test_the_cli_migrates_a_previous_release_database_it_is_pointed_at(tmp_path:
     assert "The model `nope` does not exist" in out and "turn 3 of qwen3-max" in out
     assert main(["logs", "-n", "1", "--db", str(path)]) == 0
     assert "migrating" not in capsys.readouterr().err
+
+
+async def test_a_conversation_tree_database_migrates_in_place_and_continues(tmp_path: Path) -> None:
+    """`tests/data/log-003.db` was written by the conversation tree's first release (schema
+    003, commit 4ebf139): a conversation whose replies were resent without their reply-only
+    fields, kept per request then. It migrates in place, reads back exactly, and the same
+    conversation continues on it with the new writer: every request still reads back as
+    sent, and a reply first carried now is kept once on its node."""
+    path = tmp_path / "tree.db"
+    shutil.copy(DATA / "log-003.db", path)
+    sent = json.loads((DATA / "log-003.sent.json").read_text())
+    conn = await connect(path)
+    await conn.close()
+    out = sink.Sink(sink.open_db(str(path)), max_body_bytes=1 << 20, redactor=Redactor([]), emit=lambda _: None)
+    conv = [*sent[-1]["request"]["messages"], {"role": "assistant", "content": "answer 5"}]
+    for i in (6, 7):
+        conv.append({"role": "user", "content": f"question {i}"})
+        reply = {"role": "assistant", "content": f"answer {i}", "refusal": None, "annotations": []}
+        r = RequestRecord("POST", "/v1/chat/completions")
+        r.session_id, r.reply_format = "conv1", "completion"
+        r.request_body = orjson.dumps({"model": "gpt-4o-mini", "messages": conv})
+        r.response_body = orjson.dumps({"id": f"chatcmpl-{i}", "object": "chat.completion", "created": 1764000000 + i,
+                                        "model": "gpt-4o-mini", "choices": [{"index": 0, "message": reply, "finish_reason": "stop"}]})  # fmt: skip
+        r.finish(200, "ok")
+        out.apply([([], [r])])
+        sent.append({"id": r.id, "request": orjson.loads(r.request_body), "response": orjson.loads(r.response_body)})
+        conv = [*conv, {"role": "assistant", "content": f"answer {i}"}]
+    assert out.written == 2 and out.failed == 0
+    out.conn.close()
+    conn = await aiosqlite.connect(path)
+    try:
+        names = [r[0] for r in await (await conn.execute("SELECT name FROM _migrations ORDER BY name")).fetchall()]
+        assert names == [n for n, _ in MIGRATIONS]
+        for want in sent:
+            got = await queries.get_request(conn, want["id"])
+            assert got is not None
+            assert got["request"] == want["request"]
+            assert got["response"] == want["response"]
+    finally:
+        await conn.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    # The reply of the first request after the migration is carried by the next one: kept
+    # once on its node, so the next request keeps no copy of it.
+    last = db.execute("SELECT overrides FROM requests ORDER BY rowid DESC LIMIT 1").fetchone()[0]
+    assert "answer 6" not in (last or "")
+    db.close()

@@ -100,3 +100,37 @@ def test_random_traces_store_each_message_once_and_reconstruct_exactly(trace: li
         db = sqlite3.connect(path)
         assert db.execute("SELECT count(*), count(DISTINCT hash) FROM messages").fetchone() == (len(positions), len(positions))
         db.close()
+
+
+def test_a_reply_resent_without_its_reply_only_fields_is_kept_once_not_per_request(tmp_path: Path) -> None:
+    """Clients resend a reply without the fields only a reply has (`refusal`,
+    `annotations`): that form is kept once, on the reply's node, so a long conversation's
+    requests keep nothing of their own; a client that later writes the reply another way
+    still reads back exactly."""
+    path = tmp_path / "t.db"
+    migrate_file(str(path))
+    out = sink.Sink(sink.open_db(str(path)), max_body_bytes=1 << 20, redactor=Redactor([]), emit=lambda _: None)
+    conv: list[dict[str, Any]] = [{"role": "system", "content": "sys"}]
+    records, replies = [], []
+    for i in range(30):
+        conv.append({"role": "user", "content": f"question {i}"})
+        reply = {"role": "assistant", "content": f"answer {i}", "refusal": None, "annotations": []}
+        records.append(_record(1, conv, reply, i))
+        replies.append(reply)
+        conv = [*conv, {"role": "assistant", "content": f"answer {i}"}]
+    # Another client goes back to turn 10 and resends the reply whole, then with a name.
+    other = [*conv[:20], replies[9], {"role": "user", "content": "and then?"}]
+    records.append(_record(2, other, {"role": "assistant", "content": "then this"}, 30))
+    records.append(_record(2, [*other[:-2], {**replies[9], "refusal": "no"}, other[-1]], {"role": "assistant", "content": "x"}, 31))
+    sent = [(orjson.loads(r.request_body), orjson.loads(r.response_body)) for r in records]  # type: ignore[arg-type]
+    for start in range(0, len(records), 7):
+        out.apply([([], records[start : start + 7])])
+    assert out.written == len(records) and out.failed == 0
+    for got, (request, response) in zip(asyncio.run(_read(path, [r.id for r in records])), sent):
+        assert got["request"] == request
+        assert got["response"] == response
+    db = sqlite3.connect(path)
+    kept = [row[0] for row in db.execute("SELECT overrides FROM requests ORDER BY rowid")]
+    db.close()
+    assert kept[:30] == [None] * 30  # the conversation's requests keep nothing of their own
+    assert kept[30] is not None and kept[31] is not None  # the other client's forms, kept by its requests

@@ -249,8 +249,24 @@ def m003_conversation_tree(conn: sqlite3.Connection, progress: Progress | None) 
     from .legacy import convert_requests  # the old rows' reading lives with the old shape
 
     run_script(conn, M003_TREE)
+    m004_resent_replies(conn, progress)  # the tree code that converts writes 004's columns
     convert_requests(conn, progress)
     run_script(conn, M003_SWAP)
+
+
+def m004_resent_replies(conn: sqlite3.Connection, progress: Progress | None) -> None:
+    """A reply's node also keeps the form in which requests carry it, once.
+
+    Clients resend a reply without its reply-only fields (`refusal`, `annotations`, ...):
+    keeping that form per request made every request of a conversation repeat all its
+    earlier replies. The first request to carry a reply decides, once, how requests carry
+    it: `resent` when that differs from `body`; `carried` 0 marks a reply no request has
+    carried yet. Earlier rows keep their per-request overrides, which stay right."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+    if "resent" not in have:
+        conn.execute("ALTER TABLE messages ADD COLUMN resent TEXT")
+    if "carried" not in have:
+        conn.execute("ALTER TABLE messages ADD COLUMN carried INTEGER NOT NULL DEFAULT 1")
 
 
 # (name, SQL or a function of a connection inside the migration's transaction). Append only.
@@ -258,6 +274,7 @@ MIGRATIONS: list[tuple[str, str | Callable[[sqlite3.Connection, Progress | None]
     ("001_requests", M001_REQUESTS),
     ("002_sessions", M002_SESSIONS),
     ("003_conversation_tree", m003_conversation_tree),
+    ("004_resent_replies", m004_resent_replies),
 ]
 
 

@@ -312,18 +312,19 @@ async def new_requests(conn: aiosqlite.Connection, flt: RequestFilter, after_row
     return RequestPage([_listed(r) for r in rows], last)
 
 
+# Each message as requests carry it: a reply's `resent` form where it has one.
 _PATH = """
 WITH RECURSIVE path(id, parent_id, body, depth) AS (
-    SELECT id, parent_id, body, 0 FROM messages WHERE id = ?
+    SELECT id, parent_id, coalesce(resent, body), 0 FROM messages WHERE id = ?
     UNION ALL
-    SELECT m.id, m.parent_id, m.body, p.depth + 1 FROM messages m JOIN path p ON m.id = p.parent_id
+    SELECT m.id, m.parent_id, coalesce(m.resent, m.body), p.depth + 1 FROM messages m JOIN path p ON m.id = p.parent_id
 )
 SELECT id, body FROM path ORDER BY depth DESC
 """
 
 
 async def message_path(conn: aiosqlite.Connection, tip: int) -> list[tuple[int, Any]]:
-    """The messages from the root of the tree down to `tip`: (id, message)."""
+    """The messages from the root of the tree down to `tip`, as requests carry them: (id, message)."""
     async with conn.execute(_PATH, (tip,)) as cur:
         return [(i, orjson.loads(body)) for i, body in await cur.fetchall()]
 

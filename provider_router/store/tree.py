@@ -26,7 +26,7 @@ BLOB_MIN_BYTES = 128
 CUT_MARK = "…[cut {n} bytes]"
 _RAW_OBJECT = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _RAW_LIST = msgspec.json.Decoder(list[msgspec.Raw])
-NODE_CACHE = 200_000  # tree keys -> (id, hash of the stored body): about 150 bytes each
+NODE_CACHE = 200_000  # tree keys -> (id, body hash, carried-form hash): about 150 bytes each
 CONVERSATION_CACHE_BYTES = 64 << 20  # the previous request of recent conversations
 
 
@@ -73,7 +73,9 @@ class Tree:
         self.conn = conn
         self.max_message = max_message_bytes
         self.redact = redact
-        self._nodes: OrderedDict[bytes, tuple[int, bytes]] = OrderedDict()
+        # tree key -> (id, hash of its body, hash of the form requests carry it in; None: a
+        # reply no request has carried yet)
+        self._nodes: OrderedDict[bytes, tuple[int, int, int | None]] = OrderedDict()
         self._blobs: OrderedDict[bytes, int] = OrderedDict()
         self._paths: OrderedDict[str, _Path] = OrderedDict()
         self._path_bytes = 0
@@ -88,6 +90,7 @@ class Tree:
         self._paths.clear()
         self._path_bytes = 0
         self.new_nodes: list[tuple[Any, ...]] = []
+        self.carried: list[tuple[str | None, int]] = []  # replies a request carried first: (resent, id)
         self._fresh: set[int] = set()  # nodes created in this batch: none has a child stored yet
         self.new_text: list[tuple[int, str]] = []
         self.blob_rows: list[tuple[Any, ...]] = []
@@ -107,10 +110,12 @@ class Tree:
         if self.blob_refs:
             out.append(("UPDATE blobs SET refs = refs + ? WHERE id = ?", [(n, i) for i, n in self.blob_refs.items()]))
         if self.new_nodes:
-            out.append(("INSERT INTO messages (id, hash, parent_id, role, body) VALUES (?, ?, ?, ?, ?)", self.new_nodes))
+            out.append(("INSERT INTO messages (id, hash, parent_id, role, body, carried) VALUES (?, ?, ?, ?, ?, ?)", self.new_nodes))
+        if self.carried:
+            out.append(("UPDATE messages SET resent = ?, carried = 1 WHERE id = ?", self.carried))
         if self.new_text:
             out.append(("INSERT INTO messages_fts (rowid, text) VALUES (?, ?)", self.new_text))
-        self.new_nodes, self.new_text, self.blob_rows, self.blob_refs = [], [], [], {}
+        self.new_nodes, self.new_text, self.blob_rows, self.blob_refs, self.carried = [], [], [], {}, []
         self._fresh = set()
         return out
 
@@ -129,17 +134,25 @@ class Tree:
         placed.cut.append(where)
         return orjson.dumps(m, option=orjson.OPT_SORT_KEYS)
 
-    def node(self, parent_id: int | None, parent_key: bytes, m: dict[str, Any], placed: Placed, where: str) -> tuple[int, bytes, bool]:
+    def node(
+        self, parent_id: int | None, parent_key: bytes, m: dict[str, Any], placed: Placed, where: str, reply: bool = False
+    ) -> tuple[int, bytes, bool]:
         """The node of message `m` under `parent_key` (created if new): (id, key, whether
-        its stored body is `m` itself). A body differing from the stored one is kept by
-        the request as an override."""
+        the request or reply keeps nothing of its own for it).
+
+        A reply is compared with the node's body. A request is compared with the form in
+        which requests carry the node: its body, or for a reply, the form the first request
+        to carry it used (`resent`, decided once). A message differing from that is kept
+        by the request as an override."""
         key = history.node_key(parent_key, m)
         exact = orjson.dumps(m, option=orjson.OPT_SORT_KEYS)
+        mine = hash(exact)
         hit = self._nodes.get(key)
         if hit is None and parent_id not in self._fresh:  # a new parent has no stored child
-            row = self.conn.execute("SELECT id, body FROM messages WHERE hash = ?", (key,)).fetchone()
+            row = self.conn.execute("SELECT id, body, resent, carried FROM messages WHERE hash = ?", (key,)).fetchone()
             if row is not None:
-                hit = (row[0], hash(row[1].encode()))
+                body = hash(row[1].encode())
+                hit = (row[0], body, (hash(row[2].encode()) if row[2] is not None else body) if row[3] else None)
         if hit is None:
             capped = self._cap(m, exact, placed, where)
             decoded = capped.decode()
@@ -147,17 +160,26 @@ class Tree:
             nid = self.next_node
             self.next_node += 1
             self._fresh.add(nid)
-            self.new_nodes.append((nid, key, parent_id, str(m.get("role")), text))
+            self.new_nodes.append((nid, key, parent_id, str(m.get("role")), text, 0 if reply else 1))
             # Derived from the stored (redacted) body alone, so that retention can delete
             # exactly these terms again from the body.
             stored = m if capped is exact and text == decoded else orjson.loads(text)
             self.new_text.append((nid, history.message_text(stored)))
-            hit = (nid, hash(text.encode()) if stored is not m else hash(exact))
+            body = hash(text.encode()) if stored is not m else mine
+            hit = (nid, body, None if reply else body)
+        elif hit[2] is None and not reply:
+            # The first request to carry this reply: how requests carry it, decided once.
+            resent = None
+            if mine != hit[1] and len(exact) <= self.max_message:
+                decoded = exact.decode()
+                resent = self.redact(decoded)
+            self.carried.append((resent, hit[0]))
+            hit = (hit[0], hit[1], hit[1] if resent is None else hash(resent.encode()))
         self._nodes[key] = hit
         self._nodes.move_to_end(key)
         if len(self._nodes) > NODE_CACHE:
             self._nodes.popitem(last=False)
-        return hit[0], key, hit[1] == hash(exact)
+        return hit[0], key, (hit[1] if reply else hit[2]) == mine
 
     # -- requests --------------------------------------------------------------------------
     def params(self, top: dict[str, msgspec.Raw], conversation: str | None = None) -> tuple[str, str | None]:
@@ -264,7 +286,7 @@ class Tree:
     def reply(self, placed: Placed, message: dict[str, Any], where: str) -> tuple[int, bool]:
         """The reply's node under the request's tip, and whether its stored body is this
         message exactly (if not, the response keeps the message itself)."""
-        nid, _, same = self.node(placed.tip, placed.tip_key, message, placed, where)
+        nid, _, same = self.node(placed.tip, placed.tip_key, message, placed, where, reply=True)
         return nid, same
 
 

@@ -28,6 +28,8 @@ log = structlog.get_logger("provider_router.writer")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # where `provider_router` imports from
 
 Params = Callable[[], Sequence[Any]]
+FRAME_BYTES = 1 << 20  # records' bodies per frame to the writer process (one record at least)
+PIPE_BUFFER_BYTES = 8 << 20  # handed over but not yet read by the process: stop pickling more
 
 
 def _size(r: RequestRecord) -> int:
@@ -61,7 +63,6 @@ class LogWriter:
         max_body_bytes: int = 8 << 20,
         max_message_bytes: int = 8 << 20,
         secrets: Sequence[str] = (),
-        batch_size: int = 1000,
         linger: float = 0.01,
     ) -> None:
         self._config = {
@@ -78,12 +79,12 @@ class LogWriter:
         self._statements: deque[_Pending] = deque()
         self._latest: dict[str, _Pending] = {}
         self._max_queue = max_queue
-        self._batch = batch_size
         self._linger = linger
         self._proc: asyncio.subprocess.Process | None = None
         self._started_at = 0.0
         self._reader: asyncio.Task[None] | None = None
         self._scheduled = False
+        self._resume: asyncio.Future[None] | None = None
         self._sent = 0  # records handed to the process
         self._done = 0  # records it has finished with (written or failed)
         self._syncs: dict[int, asyncio.Future[bool]] = {}  # True: synced; False: the process died
@@ -183,6 +184,8 @@ class LogWriter:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": path},
         )  # fmt: skip
         assert self._proc.stdin is not None
+        # Past this, the hand-over waits for the process to read a quarter of it.
+        self._proc.stdin.transport.set_write_buffer_limits(high=PIPE_BUFFER_BYTES, low=PIPE_BUFFER_BYTES // 4)
         self._proc.stdin.write(frame(self._config))
         self._reader = asyncio.create_task(self._read_replies(self._proc), name="log-writer-replies")
         self._running.set()
@@ -204,7 +207,7 @@ class LogWriter:
             proc = self._proc
         if proc is None:
             return
-        self._flush()
+        await self._hand_over_all(proc)
         self._proc = None
         self._running.clear()
         assert proc.stdin is not None
@@ -226,12 +229,15 @@ class LogWriter:
         meanwhile, lost (tests, CLI, shutdown). Returns at once before `start()`."""
         while not self._stopped and (self._proc is not None or self._reader is not None):
             await self._running.wait()  # a writer process that died is being replaced
-            if self._proc is None or self._proc.stdin is None:
+            proc = self._proc
+            if proc is None or proc.stdin is None:
                 return
-            self._flush()
+            await self._hand_over_all(proc)
+            if self._proc is not proc or proc.stdin is None:
+                continue  # it died meanwhile: wait for its replacement
             self._sync_seq += 1
             fut = self._syncs[self._sync_seq] = asyncio.get_running_loop().create_future()
-            self._proc.stdin.write(frame(("sync", self._sync_seq)))
+            proc.stdin.write(frame(("sync", self._sync_seq)))
             if await fut:
                 return
 
@@ -269,25 +275,59 @@ class LogWriter:
         return groups
 
     def _flush(self) -> None:
+        """Hand what is queued to the writer process, a frame of at most `FRAME_BYTES` of
+        records at a time, until the pipe's buffer holds `PIPE_BUFFER_BYTES`; the rest
+        follows as the process reads. Small frames are cheap to pickle (a large one is
+        slow to allocate and copy), and a bounded buffer lets the process start writing
+        the first records while later ones are pickled, and keeps the memory a burst
+        takes bounded."""
         self._scheduled = False
         proc = self._proc
-        if proc is None or proc.stdin is None or not (self._records or self._statements):
+        if proc is None or proc.stdin is None:
             return
         groups = self._take_statements()
-        while True:
-            n = min(len(self._records), self._batch)
-            records = [self._records.popleft() for _ in range(n)]
-            for r in records:
+        while self._records or groups:
+            records, size = [], 0
+            while self._records and (not records or size + _size(self._records[0]) <= FRAME_BYTES):
+                r = self._records.popleft()
                 r.handed = True
-            self._sent += n
+                records.append(r)
+                size += _size(r)
+            self._sent += len(records)
             if records:
-                self._batches.append((self._sent, sum(map(_size, records))))
+                self._batches.append((self._sent, size))
             for part in frame_parts(("batch", groups, records)):
                 proc.stdin.write(part)
             for r in records:  # in the frame now: a session may hold the record, not its bodies
                 r.request_body = r.response_body = r.stream_body = None
             groups = []
-            if not self._records:
+            if self._records and proc.stdin.transport.get_write_buffer_size() > PIPE_BUFFER_BYTES:
+                self._scheduled = True  # no timer meanwhile: the resume hands over the rest
+                self._resume = asyncio.ensure_future(self._resume_after_drain(proc))
+                return
+
+    async def _resume_after_drain(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdin is not None
+        try:
+            await proc.stdin.drain()
+        except ConnectionError:  # the process died: its reader accounts for what it took down
+            self._scheduled = False
+            return
+        if self._proc is proc:
+            self._flush()
+        else:
+            self._scheduled = False
+
+    async def _hand_over_all(self, proc: asyncio.subprocess.Process) -> None:
+        """Everything queued so far into the pipe (a sync or the end of input follows)."""
+        assert proc.stdin is not None
+        while self._records or self._statements:
+            self._flush()
+            try:
+                await proc.stdin.drain()
+            except ConnectionError:
+                return
+            if self._proc is not proc:
                 return
 
     async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
