@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
+
+from msgspec.structs import replace
 
 from .config import LOG_LEVELS, Config, ConfigError, ModelConfig, ProviderConfig, is_loopback, load_config
 

@@ -6,11 +6,10 @@ One registry per app, so several apps in one process (tests) never share series.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from typing import TYPE_CHECKING, Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -23,9 +22,15 @@ _BUCKETS_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_MODELS = 200
 
+# Without this every counter and histogram series gains a `_created` twin: twice the lines
+# per scrape, which no dashboard here reads. The switch is the library's own and process-wide.
+disable_created_metrics()
+
 
 class _Live(Collector):
-    """Gauges computed from the app's state when scraped."""
+    """Series read when scraped from what keeps them: the threads, the log writer (its counts
+    come from its own process) and the database watch. Their counters are totals kept there,
+    which prometheus_client's Counter (it only increments) cannot mirror."""
 
     def __init__(self, state: State) -> None:
         self._state = state
@@ -74,95 +79,24 @@ class _Live(Collector):
             )
 
 
-class _Tally:
-    """One (model, provider, outcome) series: a request count and two latency histograms
-    kept as plain per-bucket counts (made cumulative when scraped)."""
-
-    __slots__ = ("requests", "ttfb", "ttfb_sum", "duration", "duration_sum")
-
-    def __init__(self) -> None:
-        self.requests = 0
-        self.ttfb = [0] * (len(_BUCKETS_MS) + 1)  # the last one is +Inf
-        self.ttfb_sum = 0.0
-        self.duration = [0] * (len(_BUCKETS_MS) + 1)
-        self.duration_sum = 0.0
-
-
-def _buckets(counts: list[int]) -> list[tuple[str, float]]:
-    out, total = [], 0
-    for bound, n in zip((*map(str, _BUCKETS_MS), "+Inf"), counts):
-        total += n
-        out.append((bound, float(total)))
-    return out
-
-
-class _Requests(Collector):
-    """The per-request series, from the tallies, when scraped."""
-
-    def __init__(self, tallies: dict[tuple[str, str, str], _Tally]) -> None:
-        self._tallies = tallies
-
-    def collect(self) -> Iterator[Metric]:
-        requests = CounterMetricFamily(
-            "provider_router_requests", "Requests to /v1, by model, provider and outcome.", labels=("model", "provider", "outcome")
-        )
-        ttfb = HistogramMetricFamily("provider_router_ttfb_ms", "Time to first byte to the client (ms).", labels=("provider",))
-        duration = HistogramMetricFamily("provider_router_duration_ms", "Request duration (ms).", labels=("provider",))
-        by_provider: dict[str, _Tally] = {}
-        for (model, provider, outcome), t in self._tallies.items():
-            requests.add_metric((model, provider, outcome), t.requests)
-            p = by_provider.setdefault(provider, _Tally())
-            p.ttfb = [a + b for a, b in zip(p.ttfb, t.ttfb)]
-            p.duration = [a + b for a, b in zip(p.duration, t.duration)]
-            p.ttfb_sum += t.ttfb_sum
-            p.duration_sum += t.duration_sum
-        for provider, p in by_provider.items():
-            ttfb.add_metric((provider,), _buckets(p.ttfb), p.ttfb_sum)
-            duration.add_metric((provider,), _buckets(p.duration), p.duration_sum)
-        yield from (requests, ttfb, duration)
-
-
-class _Queue(Collector):
-    """Time upstream calls waited for a connection slot (`max_connections`), per provider."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, list[int]] = {}
-        self.sums: dict[str, float] = {}
-
-    def observe(self, provider: str, ms: float) -> None:
-        counts = self.counts.get(provider)
-        if counts is None:
-            counts = self.counts[provider] = [0] * (len(_BUCKETS_MS) + 1)
-            self.sums[provider] = 0.0
-        counts[bisect_left(_BUCKETS_MS, ms) if ms > 0 else 0] += 1
-        self.sums[provider] += ms
-
-    def collect(self) -> Iterator[Metric]:
-        h = HistogramMetricFamily(
-            "provider_router_upstream_queue_ms", "Time upstream calls waited for a connection slot (ms).", labels=("provider",)
-        )
-        for provider, counts in self.counts.items():
-            h.add_metric((provider,), _buckets(counts), self.sums[provider])
-        yield h
-
-
 class Metrics:
-    """`observe(record)` once per finished /v1 request; `render()` for `GET /metrics`.
-
-    prometheus-client's own Counter and Histogram take a lock, walk the buckets in Python
-    and resolve label children on every observation (~25 us a request here); this keeps
-    plain counts per series and lets the library build and format them only when scraped.
-    """
+    """`observe(record)` once per finished /v1 request, `observe_queue(provider, ms)` once per
+    upstream call; `render()` for `GET /metrics`."""
 
     def __init__(self, state: State) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self._tallies: dict[tuple[str, str, str], _Tally] = {}
-        self._labels: dict[tuple[str | None, str | None, str | None], tuple[str, str, str]] = {}
-        self.registry.register(_Requests(self._tallies))
-        self.registry.register(_Live(state))
-        self._queue = _Queue()
-        self.registry.register(self._queue)
-        self.observe_queue = self._queue.observe  # (provider, ms), once per upstream call
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self._requests = Counter(
+            "provider_router_requests", "Requests to /v1, by model, provider and outcome.", ("model", "provider", "outcome"), registry=r
+        )
+        self._ttfb = Histogram("provider_router_ttfb_ms", "Time to first byte to the client (ms).", ("provider",), buckets=_BUCKETS_MS, registry=r)
+        self._duration = Histogram("provider_router_duration_ms", "Request duration (ms).", ("provider",), buckets=_BUCKETS_MS, registry=r)
+        self._queue = Histogram(
+            "provider_router_upstream_queue_ms", "Time upstream calls waited for a connection slot (ms).", ("provider",), buckets=_BUCKETS_MS, registry=r
+        )
+        r.register(_Live(state))
+        # Resolving a label child takes the metric's lock and checks the label values: once
+        # per distinct (model, provider, outcome) a record carries, not once per request.
+        self._series: dict[tuple[str | None, str | None, str | None], tuple[Counter, Histogram, Histogram]] = {}
         self._models: set[str] = set()
 
     def _model_label(self, rec: RequestRecord) -> str:
@@ -178,21 +112,25 @@ class Metrics:
 
     def observe(self, rec: RequestRecord) -> None:
         raw = (rec.model, rec.provider, rec.outcome)
-        key = self._labels.get(raw)
-        if key is None:
-            key = (self._model_label(rec), rec.provider or "none", rec.outcome or "none")
-            if len(self._labels) < 4 * MAX_MODELS:
-                self._labels[raw] = key
-        t = self._tallies.get(key)
-        if t is None:
-            t = self._tallies[key] = _Tally()
-        t.requests += 1
+        series = self._series.get(raw)
+        if series is None:
+            provider = rec.provider or "none"
+            series = (
+                self._requests.labels(self._model_label(rec), provider, rec.outcome or "none"),
+                self._ttfb.labels(provider),
+                self._duration.labels(provider),
+            )
+            if len(self._series) < 4 * MAX_MODELS:
+                self._series[raw] = series
+        requests, ttfb, duration = series
+        requests.inc()
         if rec.ttfb_ms is not None:
-            t.ttfb[bisect_left(_BUCKETS_MS, rec.ttfb_ms)] += 1
-            t.ttfb_sum += rec.ttfb_ms
+            ttfb.observe(rec.ttfb_ms)
         if rec.duration_ms is not None:
-            t.duration[bisect_left(_BUCKETS_MS, rec.duration_ms)] += 1
-            t.duration_sum += rec.duration_ms
+            duration.observe(rec.duration_ms)
+
+    def observe_queue(self, provider: str, ms: float) -> None:
+        self._queue.labels(provider).observe(ms)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -195,3 +195,16 @@ async def test_metrics_can_be_public(make_proxy: ProxyFactory) -> None:
     p = await make_proxy(admin_config(metrics_public=True))
     assert (await get(p, "/metrics"))[0] == 200
     assert (await get(p, "/admin/stats"))[0] == 401
+
+
+async def test_each_app_counts_only_its_own_requests(make_proxy: ProxyFactory) -> None:
+    """Two apps in one process (as in these tests) keep separate series: a request to one
+    counts on its /metrics and not on the other's."""
+    one, other = await make_proxy(admin_config()), await make_proxy(admin_config())
+    await one.sdk().chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi"}])
+
+    async def counted(p: Proxy) -> float:
+        families = text_string_to_metric_families((await get(p, "/metrics", AUTH))[1])
+        return sum(s.value for f in families if f.name == "provider_router_requests" for s in f.samples if s.name.endswith("_total"))
+
+    assert (await counted(one), await counted(other)) == (1, 0)

@@ -130,3 +130,52 @@ def test_duplicate_model_names_and_unknown_providers_are_refused() -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(MIN + "models: [{name: m, provider: sk-looks-like-a-key}]\n", env={})
     assert str(e.value).startswith("models[0].provider:") and "sk-looks" not in str(e.value)
+
+
+SECRET = "sk-live-0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (MIN + "server: {port: '${K}'}\n", "server.port"),
+        (MIN + "auth: {metrics_public: '${K}'}\n", "auth.metrics_public"),
+        (MIN + "logs: {level: '${K}'}\n", "logs.level"),
+        ("providers: [{name: e, type: '${K}'}]\n", "providers[0].type"),
+        ("providers: [{name: e, type: echo, timeouts: {idle: '${K}'}}]\n", "providers[0].timeouts.idle"),
+        ("providers: [{name: e, type: echo, headers: {X-Key: ['${K}']}}]\n", "providers[0].headers"),
+        ("providers: [{name: e, type: echo, api_key: {'${K}': 1}}]\n", "providers[0].api_key"),
+        ("providers: [{name: e, type: echo}]\nmodels: [{name: m, provider: e, fallbacks: ['${K}']}]\n", "models[0].fallbacks"),
+        (f"providers: [{{name: e, type: echo, api_key: {SECRET}: x}}]\n", "YAML"),
+    ],
+)
+def test_a_secret_in_a_bad_value_never_reaches_the_error(text: str, key: str) -> None:
+    """Whatever is wrong with a value (type, range, choice, shape, YAML syntax), the one-line
+    error names where it is and never quotes it: the value may be a pasted API key."""
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, env={"K": SECRET})
+    message = str(e.value)
+    assert key in message and "\n" not in message
+    assert SECRET not in message and SECRET[:10] not in message
+
+
+def test_unknown_keys_are_listed_with_the_known_ones() -> None:
+    """A misspelt key is refused (it must not silently fall back to a default), and the
+    message says which keys that place takes."""
+    with pytest.raises(ConfigError) as e:
+        parse_config("providers: [{name: e, type: echo, timeout: {idle: 5}}]\n", env={})
+    assert "providers[0].timeout " in str(e.value) and "timeouts" in str(e.value)
+
+
+def test_empty_keys_take_defaults_and_bare_numbers_read_as_text() -> None:
+    """A key left empty (`server:`) takes its defaults; a bare number where text is expected
+    (a header value, a model name) is that number's text; numbers from the environment fill
+    numeric keys."""
+    cfg = parse_config(
+        "server:\nproviders: [{name: e, type: echo, headers: {X-Version: 2}, timeouts: {idle: '${T}'}}]\n"
+        "models: [{name: 4, provider: e, upstream_model: null}]\n",
+        env={"T": "2.5"},
+    )
+    assert cfg.server.port == 8080 and cfg.providers[0].headers == {"X-Version": "2"}
+    assert cfg.providers[0].timeouts.idle == 2.5
+    assert cfg.models[0].name == "4" and cfg.models[0].upstream_model is None
