@@ -382,6 +382,33 @@ def test_every_command_has_useful_help() -> None:
         assert result.exit_code == 0 and "example" in result.stdout, path
 
 
+async def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, cli: Any) -> None:
+    """A bad option value, a missing argument or an unknown command: one line naming it, exit 2."""
+    db = str(tmp_path / "none.db")
+    for args, says in (
+        (["logs", "--since", "yesterdayish"], "--since"),
+        (["logs", "-n", "-1"], "--limit"),
+        (["db", "prune", "--older-than", "1d", "--batch", "0"], "--batch"),
+        (["db", "prune"], "--older-than"),
+        (["logs", "show"], "ID"),
+        (["sessions", "show", "x", "--json", "--tree"], "--tree"),
+        (["nope"], "nope"),
+    ):
+        code, out, err = await cli(*args, "--db", db)
+        assert (code, out) == (2, ""), args
+        assert err.startswith("provider-router") and says in err and err.count("\n") == 1, (args, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_shared_options_count_before_or_after_the_subcommand(filled: Filled, tmp_path: Path, cli: Any) -> None:
+    """`--db` and `--json` given to `logs` carry over to `logs show`; given to both, the later wins."""
+    b2 = filled.row("b2")["id"]
+    code, out, _ = await cli("logs", "--db", filled.db, "--json", "show", b2)
+    assert code == 0 and json.loads(out)["id"] == b2
+    code, out, _ = await cli("logs", "--db", str(tmp_path / "none.db"), "show", b2, "--db", filled.db)
+    assert code == 0 and out.startswith(f"request {b2}")
+
+
 # -- sessions --------------------------------------------------------------------------
 async def converse(
     proxy: Proxy, model: str, *turns: str, history: list[dict[str, Any]] | None = None, key: str = "no-key"
