@@ -14,8 +14,8 @@ import orjson
 
 from ..config import ConfigError
 from ..store.presence import mark_path, serving
-from . import database
 from .common import CliError, Settings
+from .database import run_db
 
 
 class Admin:
@@ -100,6 +100,6 @@ def edit_sessions(
     db = settings.db_path()
     admin = daemon_admin(settings, db)
     if admin is None:
-        database.run(db, offline, write=True)
+        run_db(db, offline, write=True)
     else:
-        database.run(db, lambda conn: online(conn, admin))
+        run_db(db, lambda conn: online(conn, admin))

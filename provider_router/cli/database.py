@@ -20,7 +20,7 @@ from .common import CliError
 Body = Callable[[aiosqlite.Connection], Awaitable[None]]
 
 
-def run(path: Path, body: Body, *, write: bool = False) -> None:
+def run_db(path: Path, body: Body, *, write: bool = False) -> None:
     """Open the database at `path`, run `body` on it, close it."""
 
     async def main() -> None:

@@ -10,8 +10,8 @@ import aiosqlite
 import click
 
 from ..store import queries as q
-from . import database
 from .common import POSITIVE, Group, Settings, When, examples, with_settings
+from .database import run_db
 from .output import human_size
 
 
@@ -72,7 +72,7 @@ def prune(settings: Settings, older_than: str, batch: int) -> None:
         if res.requests or res.sessions:
             click.echo("(the file keeps its size until `provider-router db vacuum`)", err=True)
 
-    database.run(settings.db_path(), body, write=True)
+    run_db(settings.db_path(), body, write=True)
 
 
 def _sizes(path: Path) -> str:
@@ -100,4 +100,4 @@ def vacuum(settings: Settings) -> None:
         if busy:
             click.echo("note: a reader kept the WAL busy; it is truncated at the next checkpoint", err=True)
 
-    database.run(path, body, write=True)
+    run_db(path, body, write=True)

@@ -11,8 +11,8 @@ import aiosqlite
 import click
 
 from ..store import queries as q
-from . import database
 from .common import COUNT, SINCE_HELP, CliError, Group, Settings, When, config_options, examples, json_option, with_settings
+from .database import run_db
 from .log_table import LogTable
 from .output import json_doc, json_line, public_row
 from .transcript import render_request
@@ -64,7 +64,7 @@ def logs(ctx: click.Context, limit: int, follow: bool, **filters: Any) -> None:
     settings = ctx.ensure_object(Settings)
     table = not settings.json
     try:
-        database.run(settings.db_path(), lambda conn: _list(conn, q.RequestFilter(**filters), limit, table, follow))
+        run_db(settings.db_path(), lambda conn: _list(conn, q.RequestFilter(**filters), limit, table, follow))
     except KeyboardInterrupt:
         if not follow:
             raise
@@ -115,4 +115,4 @@ def show(settings: Settings, request_id: str) -> None:
             raise CliError(f"no request with id {request_id!r}")
         click.echo(json_doc(row) if settings.json else "\n".join(render_request(row)))
 
-    database.run(settings.db_path(), body)
+    run_db(settings.db_path(), body)

@@ -13,9 +13,9 @@ import click
 
 from ..store import queries as q
 from ..store import tree_view as tv
-from . import database
 from .admin import Admin, edit_sessions
 from .common import COUNT, CliError, Group, Settings, examples, json_option, with_settings
+from .database import run_db
 from .output import PIPE_WIDTH, json_doc, json_line, local_time, public_row, table
 from .session_view import render_session, render_tree
 
@@ -54,7 +54,7 @@ def list_(settings: Settings, active: bool, limit: int) -> None:
         else:
             click.echo("\n".join(_session_table(rows)))
 
-    database.run(settings.db_path(), body)
+    run_db(settings.db_path(), body)
 
 
 def _session_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -112,7 +112,7 @@ def show(settings: Settings, session_id: str, tree: bool) -> None:
         else:
             click.echo("\n".join(render_session(s, requests)))
 
-    database.run(settings.db_path(), body)
+    run_db(settings.db_path(), body)
 
 
 async def _tree_lines(conn: aiosqlite.Connection, s: dict[str, Any]) -> list[str]:

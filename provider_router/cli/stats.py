@@ -8,8 +8,8 @@ import aiosqlite
 import click
 
 from ..store import queries as q
-from . import database
 from .common import SINCE_HELP, Settings, When, examples, json_option, with_settings
+from .database import run_db
 from .output import full_time, json_doc, ms, table
 
 HEADERS = ("MODEL", "PROVIDER", "REQS", "ERRORS", "TOK IN", "TOK OUT", "CACHED", "TTFB p50", "TTFB p95", "DUR p50", "DUR p95")
@@ -33,7 +33,7 @@ def stats(settings: Settings, since: str | None) -> None:
         st = await q.stats(conn, since)
         click.echo(json_doc(st.as_dict()) if settings.json else "\n".join(_render(st, since)))
 
-    database.run(settings.db_path(), body)
+    run_db(settings.db_path(), body)
 
 
 def _cells(g: q.GroupStats, model: str, provider: str) -> list[str]:
