@@ -41,7 +41,7 @@ def test_cli_help_and_config_errors(tmp_path: Path) -> None:
     """`--help` works through both entry points; a bad config exits 2 naming the key."""
     for cmd in ([sys.executable, "-m", "provider_router", "serve", "--help"], [str(Path(sys.executable).parent / "provider-router"), "--help"]):
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0 and "usage:" in out.stdout
+        assert out.returncode == 0 and "usage:" in out.stdout.lower()
     bad = tmp_path / "bad.yaml"
     bad.write_text("providers: [{name: e, type: echo, colour: red}]\n")
     out = subprocess.run(

@@ -1,5 +1,5 @@
 """The inspection commands (`logs`, `sessions`, `stats`, `db`) on a database filled by real
-requests through the proxy, run in-process through `cli.main` or as a real subprocess.
+requests through the proxy, run through click's runner or as a real subprocess.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+import click
 import openai
 import pytest
 from aiohttp import web
+from click.testing import CliRunner
 
-from provider_router.cli import main
+from provider_router.cli import cli as root
 from provider_router.store.records import iso
 from provider_router.store.rows import BUCKETS_MS, bucket
 from tests.conftest import UPSTREAM_KEY, Proxy, ProxyFactory, base_config, qwen_config
@@ -82,17 +84,18 @@ async def filled(make_proxy: ProxyFactory) -> Filled:
 
 
 @pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Any:
-    """Run `provider-router ARGS...` in-process; returns (exit status, stdout, stderr).
+def cli() -> Any:
+    """Run `provider-router ARGS...` through click's runner; returns (exit status, stdout, stderr).
 
     In a thread: the commands run their own event loop, and the test's loop is running.
     """
+    runner = CliRunner()
 
     async def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = await asyncio.to_thread(main, list(args))
-        out, err = capsys.readouterr()
-        return code, out, err
+        result = await asyncio.to_thread(runner.invoke, root, list(args))
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception  # a bug, not a failure the command reports
+        return result.exit_code, result.stdout, result.stderr
 
     return run
 
@@ -356,31 +359,54 @@ async def test_vacuum_keeps_the_data(filled: Filled, cli: Any) -> None:
     assert len(await filled.proxy.rows()) == 6
 
 
-def test_every_command_has_useful_help(capsys: pytest.CaptureFixture[str]) -> None:
-    """Every inspection command describes itself and each option, with an example epilog."""
-    import argparse
+def test_every_command_has_useful_help() -> None:
+    """Every inspection command describes itself, its arguments and each option, with an example epilog."""
 
-    from provider_router.cli import build_parser
-
-    def leaves(parser: argparse.ArgumentParser, path: list[str]) -> list[tuple[list[str], argparse.ArgumentParser]]:
-        out = [(path, parser)]
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for name, sub in action.choices.items():
-                    out += leaves(sub, path + [name])
+    def leaves(command: click.Command, path: list[str]) -> list[tuple[list[str], click.Command]]:
+        out = [(path, command)]
+        for name, sub in getattr(command, "commands", {}).items():
+            out += leaves(sub, path + [name])
         return out
 
-    commands = [(p, sp) for p, sp in leaves(build_parser(), []) if p and p[0] in ("logs", "sessions", "stats", "db")]
+    commands = [(p, c) for p, c in leaves(root, []) if p and p[0] in ("logs", "sessions", "stats", "db")]
     assert len(commands) == 12
-    for path, parser in commands:
-        assert parser.description and "example" in (parser.epilog or ""), path
-        for action in parser._actions:
-            if not isinstance(action, argparse._SubParsersAction):
-                assert action.help, (path, action.dest)
-        with pytest.raises(SystemExit) as exc:
-            main([*path, "--help"])
-        assert exc.value.code == 0
-        assert "example" in capsys.readouterr().out, path
+    runner = CliRunner()
+    for path, command in commands:
+        assert command.help and "example" in (command.epilog or ""), path
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, (path, param.name)
+            else:  # an argument: the description says what it takes
+                assert param.human_readable_name in command.help, (path, param.name)
+        result = runner.invoke(root, [*path, "--help"])
+        assert result.exit_code == 0 and "example" in result.stdout, path
+
+
+async def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, cli: Any) -> None:
+    """A bad option value, a missing argument or an unknown command: one line naming it, exit 2."""
+    db = str(tmp_path / "none.db")
+    for args, says in (
+        (["logs", "--since", "yesterdayish"], "--since"),
+        (["logs", "-n", "-1"], "--limit"),
+        (["db", "prune", "--older-than", "1d", "--batch", "0"], "--batch"),
+        (["db", "prune"], "--older-than"),
+        (["logs", "show"], "ID"),
+        (["sessions", "show", "x", "--json", "--tree"], "--tree"),
+        (["nope"], "nope"),
+    ):
+        code, out, err = await cli(*args, "--db", db)
+        assert (code, out) == (2, ""), args
+        assert err.startswith("provider-router") and says in err and err.count("\n") == 1, (args, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_shared_options_count_before_or_after_the_subcommand(filled: Filled, tmp_path: Path, cli: Any) -> None:
+    """`--db` and `--json` given to `logs` carry over to `logs show`; given to both, the later wins."""
+    b2 = filled.row("b2")["id"]
+    code, out, _ = await cli("logs", "--db", filled.db, "--json", "show", b2)
+    assert code == 0 and json.loads(out)["id"] == b2
+    code, out, _ = await cli("logs", "--db", str(tmp_path / "none.db"), "show", b2, "--db", filled.db)
+    assert code == 0 and out.startswith(f"request {b2}")
 
 
 # -- sessions --------------------------------------------------------------------------

@@ -18,6 +18,8 @@ import aiohttp
 import pytest
 import yaml
 
+from provider_router.cli.admin import Admin, daemon_admin
+from provider_router.cli.common import CliError, Settings
 from provider_router.serve import local_url
 from provider_router.store.presence import Presence, hold, mark_path, serving
 from provider_router.store.records import iso
@@ -89,21 +91,23 @@ def test_missing_or_garbled_marks_never_raise(tmp_path: Path) -> None:
     mark.release()
 
 
-def test_the_admin_key_goes_only_to_a_mark_of_our_own(tmp_path: Path, monkeypatch: Any) -> None:
-    """A mark another user could have planted (its owner is not us) gets no admin key."""
-    import argparse
-
-    from provider_router import inspect_cli
-
+def test_the_admin_key_goes_only_to_a_mark_of_our_own(tmp_path: Path) -> None:
+    """A mark of our own daemon is asked with auth.admin_key of --config; a mark another user
+    could have planted (its owner is not us) gets no admin key."""
     cfg = tmp_path / "config.yaml"
     cfg.write_text(yaml.safe_dump({"auth": {"admin_key": ADMIN}}))
-    args = argparse.Namespace(config=str(cfg), db=str(tmp_path / "x.db"))
-    mine = {"pid": 1, "url": URL, "uid": os.getuid()}
-    monkeypatch.setattr(inspect_cli, "serving", lambda _: mine)
-    assert inspect_cli.Admin.find(args, tmp_path / "x.db").key == ADMIN  # type: ignore[union-attr]
-    monkeypatch.setattr(inspect_cli, "serving", lambda _: mine | {"uid": os.getuid() + 1})
-    with pytest.raises(inspect_cli.CliError, match="another user"):
-        inspect_cli.Admin.find(args, tmp_path / "x.db")
+    db = tmp_path / "x.db"
+    mark = held(db, URL)
+    assert mark is not None
+    try:
+        admin = daemon_admin(Settings(config=str(cfg)), db)
+        assert admin is not None and (admin.url, admin.key) == (URL, ADMIN)
+    finally:
+        mark.release()
+    assert daemon_admin(Settings(config=str(cfg)), db) is None
+    theirs = {"pid": 1, "url": URL, "uid": os.getuid() + 1}
+    with pytest.raises(CliError, match="another user"):
+        Admin.of(theirs, db, ADMIN)
 
 
 def test_local_url() -> None:

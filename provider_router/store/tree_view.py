@@ -1,6 +1,6 @@
 """Read-side queries for drawing a session's conversation tree: the union of the paths of
 all its requests (what each sent and the replies it got), each node once, with the requests
-and threaded-upstream turns that annotate the nodes. No rendering here: `inspect_cli` draws.
+and threaded-upstream turns that annotate the nodes. No rendering here: `cli.session_view` draws.
 """
 
 from __future__ import annotations

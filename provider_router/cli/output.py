@@ -1,0 +1,134 @@
+"""What every command's output is made of: JSON lines and documents, local times, text cut
+to a width, aligned tables, `name  value` fields and section rules.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Iterable, Sequence
+
+import orjson
+
+# Columns of a request row that hold the tree's internals (node ids, parameters and
+# response without the reply messages): `logs show ID` rebuilds the bodies from them.
+INTERNAL_COLUMNS = ("params", "params_blobs", "overrides", "body_blob", "response", "replies")
+# Piped output has no terminal: be generous rather than cut at the 80-column fallback.
+PIPE_WIDTH = 160
+
+
+def json_line(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def json_doc(obj: Any) -> str:
+    return orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode()
+
+
+def public_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A listed request row as `--json` prints it: every column but the internal ones."""
+    for col in INTERNAL_COLUMNS:
+        row.pop(col, None)
+    return row
+
+
+def _parse_ts(ts: str | None) -> datetime | None:
+    if not ts:
+        return None
+    try:
+        return datetime.fromisoformat(ts).astimezone()
+    except ValueError:
+        return None
+
+
+def local_time(ts: str | None, *, today: datetime | None = None) -> str:
+    """`HH:MM:SS` local time if `ts` is today, else `YYYY-MM-DD HH:MM:SS`; `-` when unset."""
+    when = _parse_ts(ts)
+    if when is None:
+        return ts or "-"
+    today = today or datetime.now().astimezone()
+    return when.strftime("%H:%M:%S" if when.date() == today.date() else "%Y-%m-%d %H:%M:%S")
+
+
+def full_time(ts: str | None) -> str:
+    """Local date and time with milliseconds, and the stored UTC value."""
+    when = _parse_ts(ts)
+    if when is None:
+        return ts or "-"
+    local = when.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    zone = when.strftime("%Z")
+    return f"{local} {zone} ({ts})" if zone else f"{local} ({ts})"
+
+
+def first_line(text: str | None) -> str:
+    """The first non-blank line, with tabs and control characters made spaces."""
+    if not text:
+        return ""
+    for line in text.splitlines():
+        if line.strip():
+            return "".join(c if c.isprintable() else " " for c in line.strip())
+    return ""
+
+
+def fit(text: str, width: int) -> str:
+    """`text` cut to `width` characters, marking the cut with an ellipsis."""
+    if width <= 0:
+        return ""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def or_dash(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if value < 10 else f"{value:.0f}"  # sub-10 ms (local) still tells apart
+
+
+def tokens(row: dict[str, Any]) -> str:
+    """`in/out` tokens of a request row, `?` for a side the upstream did not report."""
+    p, c = row.get("prompt_tokens"), row.get("completion_tokens")
+    if p is None and c is None:
+        return or_dash(row.get("total_tokens"))
+    return f"{p if p is not None else '?'}/{c if c is not None else '?'}"
+
+
+def status(row: dict[str, Any]) -> str:
+    """The HTTP status, with the outcome when it is not `ok` (`404 rejected`)."""
+    code = or_dash(row.get("status"))
+    outcome = row.get("outcome")
+    return code if outcome in (None, "ok") else f"{code} {outcome}"
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: Iterable[int] = ()) -> list[str]:
+    """Plain aligned columns (two spaces apart); column indexes in `right` align right."""
+    rows = [list(r) for r in rows]
+    right = set(right)
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  ".join(out).rstrip()
+
+    return [line(headers)] + [line(r) for r in rows]
+
+
+def section(title: str) -> str:
+    return f"\n-- {title} " + "-" * max(0, 60 - len(title))
+
+
+def fields(pairs: Iterable[tuple[str, Any]]) -> list[str]:
+    """`name  value` lines, names padded to one width; an unset value shows as `-`."""
+    pairs = list(pairs)
+    width = max(len(k) for k, _ in pairs)
+    return [f"{k:<{width}}  {'-' if v is None or v == '' else v}" for k, v in pairs]

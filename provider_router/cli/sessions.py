@@ -1,0 +1,185 @@
+"""`sessions list`, `show`, `delete` and `cleanup`: conversation sessions, read from the
+database; edited in the file, or through the daemon while one serves it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime
+from typing import Any
+
+import aiosqlite
+import click
+
+from ..store import queries as q
+from ..store import tree_view as tv
+from .admin import Admin, edit_sessions
+from .common import COUNT, CliError, Group, Settings, examples, json_option, with_settings
+from .database import run_db
+from .output import PIPE_WIDTH, json_doc, json_line, local_time, public_row, table
+from .session_view import render_session, render_tree
+
+
+@click.group(
+    "sessions", cls=Group,
+    short_help="list, show, delete or expire conversation sessions",
+    help="Conversation sessions: a conversation's requests grouped, and on threaded upstreams the "
+    "upstream chat it continues. A one-shot request to a stateless upstream has no session; a "
+    "conversation gets one with its second request.",
+    epilog=examples("provider-router sessions list --active", "provider-router sessions show 3f9a"),
+)
+def sessions() -> None:
+    pass
+
+
+@sessions.command(
+    "list",
+    short_help="list sessions, most recently used last",
+    help="List the most recently used sessions: id, state, client, provider/model, requests "
+    "(turns), messages, created, last access, expiry.",
+    epilog=examples("provider-router sessions list", "provider-router sessions list --active -n 0 --json"),
+)
+@click.option("--active", is_flag=True, help="only active sessions")
+@click.option("-n", "--limit", type=COUNT, default=20, metavar="N", help="how many (default: 20; 0 = all)")
+@json_option("one JSON object per line")
+@with_settings
+def list_(settings: Settings, active: bool, limit: int) -> None:
+    async def body(conn: aiosqlite.Connection) -> None:
+        rows = await q.list_sessions(conn, active_only=active, limit=limit)
+        if settings.json:
+            if rows:
+                click.echo("\n".join(json_line(r) for r in rows))
+        elif not rows:
+            click.echo("no sessions" + (" active" if active else ""), err=True)
+        else:
+            click.echo("\n".join(_session_table(rows)))
+
+    run_db(settings.db_path(), body)
+
+
+def _session_table(rows: list[dict[str, Any]]) -> list[str]:
+    today = datetime.now().astimezone()
+    cells = [
+        [
+            r["id"], r["state"], r["client"], f"{r['provider']}/{r['upstream_model']}",
+            str(r["request_count"]), str(r["message_count"]),
+            local_time(r["created_at"], today=today), local_time(r["last_accessed_at"], today=today),
+            local_time(r["expires_at"], today=today),
+        ]
+        for r in rows
+    ]
+    headers = ("ID", "STATE", "CLIENT", "PROVIDER/MODEL", "TURNS", "MSGS", "CREATED", "LAST ACCESS", "EXPIRES")
+    return table(headers, cells, right={4, 5})
+
+
+async def _session(conn: aiosqlite.Connection, prefix: str) -> dict[str, Any]:
+    s = await q.get_session(conn, prefix)
+    if s is None:
+        raise CliError(f"no session with id {prefix!r}")
+    return s
+
+
+@sessions.command(
+    "show",
+    short_help="one session and its conversation",
+    help="Show a session (ID: its id, or a unique prefix of it): its fields and its conversation, "
+    "request by request: turn, the user's last message, the reply, and the upstream lineage "
+    "(chat_id, parent_id -> reply_id). With --tree, draw the conversation as a tree instead: where "
+    "the client regenerated a reply, edited a message or went back, the branches appear side by side.",
+    epilog=examples("provider-router sessions show 3f9a", "provider-router sessions show 3f9a --tree"),
+)
+@click.argument("session_id", metavar="ID")
+@json_option('one JSON document: {"session": ..., "requests": [...]}')
+@click.option(
+    "--tree", is_flag=True,
+    help="draw the conversation tree instead: every message once, branches (regenerate, edit, go "
+    "back) side by side, each reply with its turn and request id, and ⇢ where a threaded upstream "
+    "continues (its chat and reply ids)",
+)
+@with_settings
+def show(settings: Settings, session_id: str, tree: bool) -> None:
+    if tree and settings.json:
+        raise click.UsageError("--json and --tree do not go together: pick one", click.get_current_context())
+
+    async def body(conn: aiosqlite.Connection) -> None:
+        s = await _session(conn, session_id)
+        if tree:
+            click.echo("\n".join(await _tree_lines(conn, s)))
+            return
+        requests = [public_row(r) for r in await q.session_requests(conn, s["id"])]
+        if settings.json:
+            click.echo(json_doc({"session": s, "requests": requests}))
+        else:
+            click.echo("\n".join(render_session(s, requests)))
+
+    run_db(settings.db_path(), body)
+
+
+async def _tree_lines(conn: aiosqlite.Connection, s: dict[str, Any]) -> list[str]:
+    tree = await tv.session_tree(conn, s["id"])
+    out = [
+        f"session {s['id']}  {s.get('provider')}/{s.get('upstream_model')}  {s.get('state')}  "
+        f"{len(tree.requests)} request(s), {len(tree.nodes)} message(s), {tree.branch_points()} branch point(s)"
+    ]
+    if not tree.nodes:
+        out.append("(no messages: the session's requests may have been pruned)")
+    width = shutil.get_terminal_size((PIPE_WIDTH, 24)).columns
+    return out + render_tree(tree, width, s.get("parent_id"))
+
+
+@sessions.command(
+    "delete",
+    short_help="delete a session (its request rows stay)",
+    help="Delete a session (ID: its id, or a unique prefix of it) and its thread turns. Its request "
+    "rows stay in the log. The next request of that conversation starts a new upstream chat. The "
+    "upstream's own copy of the chat is not deleted. While a daemon serves the database, the delete "
+    "goes through its admin API (auth.admin_key of --config), since the daemon would otherwise "
+    "write the session back; without that key the command refuses.",
+    epilog=examples("provider-router sessions delete 3f9a"),
+)
+@click.argument("session_id", metavar="ID")
+@with_settings
+def delete(settings: Settings, session_id: str) -> None:
+    async def offline(conn: aiosqlite.Connection) -> None:
+        s = await _session(conn, session_id)
+        gone = await q.delete_session(conn, s["id"])
+        if gone is None:  # the daemon deleted it between the lookup and the delete
+            raise CliError(f"no session with id {session_id!r}")
+        click.echo(
+            f"deleted session {gone.id} ({s['provider']}/{s['upstream_model']}, {s['state']}) "
+            f"and its {gone.turns} thread turn(s); its {gone.requests_kept} request row(s) are kept"
+        )
+
+    async def online(conn: aiosqlite.Connection, admin: Admin) -> None:
+        s = await _session(conn, session_id)
+        kept = await q.count_session_requests(conn, s["id"])
+        status, _ = await admin.call("DELETE", f"/admin/sessions/{s['id']}")
+        if status == 404:  # gone between the lookup and the call
+            raise CliError(f"no session with id {session_id!r}")
+        click.echo(
+            f"deleted session {s['id']} ({s['provider']}/{s['upstream_model']}, {s['state']}) "
+            f"and its thread turns {admin.via}; its {kept} request row(s) are kept"
+        )
+
+    edit_sessions(settings, offline, online)
+
+
+@sessions.command(
+    "cleanup",
+    short_help="mark sessions past their expiry as expired",
+    help="Mark active sessions whose expiry time has passed as expired (the daemon does this itself "
+    "every sessions.cleanup_interval_minutes). With no daemon running it edits the file and deletes "
+    "no upstream chats; while a daemon serves the database it asks the daemon through its admin API "
+    "(auth.admin_key of --config), and refuses without that key.",
+    epilog=examples("provider-router sessions cleanup"),
+)
+@with_settings
+def cleanup(settings: Settings) -> None:
+    async def offline(conn: aiosqlite.Connection) -> None:
+        click.echo(f"marked {await q.expire_sessions(conn)} session(s) expired")
+
+    async def online(_: aiosqlite.Connection, admin: Admin) -> None:
+        _, body = await admin.call("POST", "/admin/sessions/cleanup")
+        click.echo(f"marked {body.get('expired', 0)} session(s) expired {admin.via}")
+
+    edit_sessions(settings, offline, online)

@@ -1,0 +1,56 @@
+"""`stats`: requests, errors, tokens and latency per (model, provider), and sessions by
+state, from the per-minute roll-ups written with the log.
+"""
+
+from __future__ import annotations
+
+import aiosqlite
+import click
+
+from ..store import queries as q
+from .common import SINCE_HELP, Settings, When, examples, json_option, with_settings
+from .database import run_db
+from .output import full_time, json_doc, ms, table
+
+HEADERS = ("MODEL", "PROVIDER", "REQS", "ERRORS", "TOK IN", "TOK OUT", "CACHED", "TTFB p50", "TTFB p95", "DUR p50", "DUR p95")
+
+
+@click.command(
+    "stats",
+    short_help="request counts, errors, tokens and latency per model",
+    help="Per (model, provider): requests, errors (outcome other than ok), tokens in, out and "
+    "cached, p50/p95 time to first byte and total duration; then session counts by state. Read "
+    "from per-minute roll-ups written with the log, so it answers fast for any range (--since has "
+    "minute resolution) and the percentiles are estimates from latency histogram buckets; --json "
+    "adds the exact means.",
+    epilog=examples("provider-router stats", "provider-router stats --since 1d --json"),
+)
+@click.option("--since", type=When(), metavar="WHEN", help=SINCE_HELP + " (sessions: used since then)")
+@json_option("one JSON document")
+@with_settings
+def stats(settings: Settings, since: str | None) -> None:
+    async def body(conn: aiosqlite.Connection) -> None:
+        st = await q.stats(conn, since)
+        click.echo(json_doc(st.as_dict()) if settings.json else "\n".join(_render(st, since)))
+
+    run_db(settings.db_path(), body)
+
+
+def _cells(g: q.GroupStats, model: str, provider: str) -> list[str]:
+    return [
+        model, provider, str(g.requests), str(g.errors), str(g.prompt_tokens), str(g.completion_tokens),
+        str(g.cached_tokens), ms(g.ttfb_p50_ms), ms(g.ttfb_p95_ms), ms(g.duration_p50_ms), ms(g.duration_p95_ms),
+    ]
+
+
+def _render(st: q.Stats, since: str | None) -> list[str]:
+    rows = [_cells(g, g.model or "-", g.provider or "-") for g in st.groups]
+    rows.append(_cells(st.total, "TOTAL", ""))
+    s = st.sessions
+    return [
+        *([f"since {full_time(since)}"] if since else []),
+        *table(HEADERS, rows, right=range(2, 11)),
+        f"\nsessions: {s['active']} active, {s['expired']} expired, {s['total']} total",
+        # The roll-ups keep latencies as histogram buckets, so percentiles are estimates.
+        "latencies in ms; percentiles estimated from histogram buckets (--json has means too)",
+    ]
