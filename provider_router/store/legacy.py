@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import orjson
 
@@ -18,8 +18,8 @@ from .records import RequestRecord
 from .rows import INSERT_REQUEST, UPSERT_ROLLUP, Rows
 from .tree import Tree
 
-if TYPE_CHECKING:
-    from .migrations import Progress
+# Called with (what, done, total) as rows are converted (`migrations.Progress`).
+Progress = Callable[[str, int, int], None]
 
 BATCH = 2_000
 
