@@ -93,8 +93,8 @@ class Frames:
 class GiveWay:
     """Yields the CPU after every `every_s` of work. The requests this process logs are
     served on the same few cores: a proxy or upstream process woken while we write would
-    otherwise wait for our time slice to end (2-5 ms at c=1 under `make bench`, once per
-    batch; see bench/README.md). When nothing else wants the core, a yield returns at once.
+    otherwise wait for our time slice to end (milliseconds, once per batch; see
+    bench/README.md). When nothing else wants the core, a yield returns at once.
     Unlike a lower priority (`nice` made no difference), the writer keeps its fair share
     on a busy machine, so a saturated box slows logging but does not starve it."""
 
