@@ -101,7 +101,7 @@ async def measure(n: int, stream_every: int = 4, body: bytes = BODY) -> dict[str
         for k in range(SESSIONS):
             repo.create(Session(f"s{k}", f"fp{k}", "bench", "fake", "gpt-4o-mini", now, now, now + 1800, chat_id=f"s{k}"))
         await writer.drained()
-        pid = writer._proc.pid  # type: ignore[union-attr]
+        pid = writer.process.pid  # type: ignore[union-attr]
         records = make_records(n, stream_every, body)
         t0, c0, w0 = time.perf_counter(), time.process_time(), _cpu_s(pid)
         for r in records:

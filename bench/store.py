@@ -582,8 +582,8 @@ def phase_agent(tmp: Path, n: int, history_kb: int, old_commit: str | None) -> d
             body_bytes = sum(len(r.request_body or b"") for r in records)
             body_max = max(len(r.request_body or b"") for r in records)  # bodies are let go once handed over
             await writer.drained()  # the writer process has started and opened the database
-            assert writer._proc is not None
-            pid = writer._proc.pid
+            assert writer.process is not None
+            pid = writer.process.pid
             t0, c0, w0 = time.perf_counter(), time.process_time(), cpu_s(pid)
             for item in items:
                 item() if callable(item) else writer.submit(item)

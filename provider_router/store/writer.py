@@ -169,6 +169,11 @@ class LogWriter:
             asyncio.get_running_loop().call_later(self._linger, self._flush)
 
     @property
+    def process(self) -> asyncio.subprocess.Process | None:
+        """The writer process now running (None while stopped or being replaced)."""
+        return self._proc
+
+    @property
     def depth(self) -> int:
         """Records and state changes queued or in the writer process, not yet committed."""
         return len(self._records) + len(self._statements) + self._sent - self._done
