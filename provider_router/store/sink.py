@@ -33,7 +33,7 @@ import sqlite3
 import struct
 import sys
 import time
-from typing import Any, BinaryIO, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 from .db import PRAGMAS
 from .records import RequestRecord, request_line
@@ -203,22 +203,18 @@ class Sink:
             # Before the write: a database another process holds locked delays the rows,
             # and a crash mid-write loses them, but not these lines.
             self.lines([r for r in records if r.log_line], self.give_way)
-        groups, rows, records = self.prepare(records)
-        while True:
-            try:
-                self._write(steps + groups)
-                self.written += rows
-                break
-            except Exception as e:
-                self._rollback()
-                self._discard()
-                if _busy(e):
-                    self._wait_busy(e)
-                    groups, rows, records = self.prepare(records)
-                    continue
-                self.log("warning", "log_batch_failed", error=repr(e), records=len(records), statements=len(steps))
-                self._one_by_one(steps, records)
-                break
+        batch = records
+
+        def whole() -> None:
+            nonlocal batch
+            groups, rows, batch = self.prepare(batch)  # leaves out a record it cannot build
+            self._write(steps + groups)
+            self.written += rows
+
+        error = self._retrying(whole)
+        if error is not None:
+            self.log("warning", "log_batch_failed", error=repr(error), records=len(batch), statements=len(steps))
+            self._one_by_one(steps, batch)
         self.records_done += n
 
     def _wait_busy(self, e: BaseException) -> None:
@@ -239,27 +235,31 @@ class Sink:
     def _one_by_one(self, steps: list[Group], records: list[RequestRecord]) -> None:
         for sql, many in steps:
             for params in many:
-                self._retrying(lambda: self._write([(sql, [params])]), "log_statement_failed")
+                error = self._retrying(lambda: self._write([(sql, [params])]))
+                if error is not None:
+                    self._fail("log_statement_failed", error)
         for r in records:
             def one(r: RequestRecord = r) -> None:
                 groups, rows, _ = self.prepare([r])
                 self._write(groups)
                 self.written += rows
-            self._retrying(one, "log_record_failed")
+            error = self._retrying(one)
+            if error is not None:
+                self._fail("log_record_failed", error)
 
-    def _retrying(self, write: Any, event: str) -> None:
+    def _retrying(self, write: Callable[[], None]) -> Exception | None:
+        """Run `write` until it goes through or fails for another reason than a database
+        another process holds locked: that error, rolled back (None if written)."""
         while True:
             try:
                 write()
-                return
+                return None
             except Exception as e:
                 self._rollback()
                 self._discard()
-                if _busy(e):
-                    self._wait_busy(e)
-                    continue
-                self._fail(event, e)
-                return
+                if not _busy(e):
+                    return e
+                self._wait_busy(e)
 
     def _write(self, steps: list[Group]) -> None:
         conn = self.conn
