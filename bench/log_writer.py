@@ -28,7 +28,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from provider_router.api.assemble import assemble_stream  # noqa: E402
+from provider_router.replies import assemble_stream  # noqa: E402
 from provider_router.store import LogWriter, RequestRecord, connect  # noqa: E402
 from provider_router.store.sessions import Session, SessionRepo  # noqa: E402
 
