@@ -16,9 +16,9 @@ import structlog
 from aiohttp import web
 
 from .api import admin as admin_api
+from .api import chat as chat_api
 from .api import endpoints as endpoints_api
 from .api import models as models_api
-from .api import openai as openai_api
 from .config import Config
 from .metrics import Metrics
 from .middleware import edge, key_digest, stamp_headers
@@ -56,7 +56,7 @@ def create_app(cfg: Config, *, db_path: str | None = None) -> web.Application:
     app.cleanup_ctx.append(_threads)
     app.on_response_prepare.append(stamp_headers)
     app.on_shutdown.append(_mark_shutting_down)
-    app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
+    app.router.add_post("/v1/chat/completions", chat_api.chat_completions)
     app[models_api.CATALOG] = models_api.Catalog()
     app.router.add_get("/v1/models", models_api.list_models)
     app.router.add_get("/v1/models/{model:.+}", models_api.get_model)

@@ -127,13 +127,8 @@ def assemble_stream(data: bytes) -> dict[str, Any]:
 
 def completion(body: bytes) -> dict[str, Any] | None:
     """A non-stream `chat.completion` body, if it is one."""
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
-        return None
-    return obj
+    obj = completion_like(body)
+    return obj if obj is not None and isinstance(obj.get("choices"), list) else None
 
 
 def finished(choices: list[dict[str, Any]]) -> bool:
@@ -192,6 +187,7 @@ def text_completion_reply(data: bytes, stream: bool) -> dict[str, Any] | None:
 
 
 def completion_like(body: bytes) -> dict[str, Any] | None:
+    """A body that is a JSON object, as one."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
