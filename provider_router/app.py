@@ -221,7 +221,6 @@ async def _threads(app: web.Application) -> AsyncIterator[None]:
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     http = new_session()
-    state.http = http
     on_queue = state.metrics.observe_queue if state.metrics is not None else None
     state.providers = {p.name: build_provider(p, http, on_queue) for p in state.config.providers}
     try:
