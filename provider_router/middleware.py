@@ -13,7 +13,7 @@ from aiohttp import web
 
 from .api.outcome import settle
 from .errors import ApiError, shown
-from .state import RECORD, REQUEST_ID, STARTED, STATE
+from .state import RECORD, REQUEST_ID, STARTED, STATE, State
 from .store.records import RequestRecord, new_id, request_line
 
 log = structlog.get_logger("provider_router.request")
@@ -74,6 +74,35 @@ def _from_http_exception(e: web.HTTPException) -> ApiError:
     return ApiError(e.status, e.reason or "error", code="http_error", outcome="rejected")
 
 
+async def _admit(request: web.Request, state: State, rec: RequestRecord | None) -> None:
+    """Headers checked; on /v1, the record started, the client named by its key, and room
+    in the log's queue waited for (the log is behind: wait rather than lose records)."""
+    if rec is not None:
+        request[RECORD] = rec
+        ua = request.headers.get("User-Agent")
+        if ua is not None and not _is_utf8(ua):
+            ua = ua.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        rec.user_agent = ua
+    _check_headers(request)
+    if rec is not None:
+        if state.client_keys:
+            rec.client = _client_name(request, state.client_keys)
+        if state.writer is not None:
+            await state.writer.room()
+
+
+def _hand_over(state: State, rec: RequestRecord) -> None:
+    """The finished record to the metrics and the log writer."""
+    if state.metrics is not None:
+        state.metrics.observe(rec)
+    # The canonical line is rendered from the record by the log writer process, off the
+    # event loop; here only if the record could not be queued.
+    rec.log_line = log.is_enabled_for(logging.INFO)
+    queued = state.writer is not None and state.writer.submit(rec)
+    if rec.log_line and not queued:
+        log.info("request", **request_line(rec))
+
+
 @web.middleware
 async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse:
     state = request.app[STATE]
@@ -88,18 +117,7 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
     if rec is not None and task is not None:
         state.inflight.add(task)
     try:
-        if rec is not None:
-            request[RECORD] = rec
-            ua = request.headers.get("User-Agent")
-            if ua is not None and not _is_utf8(ua):
-                ua = ua.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-            rec.user_agent = ua
-        _check_headers(request)
-        if rec is not None:
-            if state.client_keys:
-                rec.client = _client_name(request, state.client_keys)
-            if state.writer is not None:
-                await state.writer.room()  # the log is behind: wait rather than lose records
+        await _admit(request, state, rec)
         resp = await handler(request)
         answered = resp.status
         return resp
@@ -127,14 +145,7 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
         state.inflight.discard(task)  # type: ignore[arg-type]
         if rec is not None:
             settle(request, rec, answered, failure)
-            if state.metrics is not None:
-                state.metrics.observe(rec)
-            # The canonical line is rendered from the record by the log writer process,
-            # off the event loop; here only if the record could not be queued.
-            rec.log_line = log.is_enabled_for(logging.INFO)
-            queued = state.writer is not None and state.writer.submit(rec)
-            if rec.log_line and not queued:
-                log.info("request", **request_line(rec))
+            _hand_over(state, rec)
         structlog.contextvars.unbind_contextvars("request_id")
 
 
