@@ -1,4 +1,15 @@
-"""provider-router: a local OpenAI-compatible proxy with conversation threading and a SQLite log."""
+"""provider-router: a local OpenAI-compatible proxy with conversation threading and a SQLite log.
+
+Layers, each importing only those before it (tests/test_layers.py): `config`; the domain
+(`errors`, `messages`, `history`, `sse`, `replies`, `routing`); `store/`; `providers/`;
+`threads`; the HTTP API (`api/`, `middleware`, `state`, `metrics`); `app`, `serve`, the CLI.
+
+A chat request: `middleware.edge` (id, client key, the record) -> `api/chat.py` (intake,
+then attempts over the routes) -> `threads.place` (the session, what to send) ->
+`providers/*` (the upstream call) -> `api/relay.py` or `api/render.py` (to the client as it
+arrives) -> `threads.record` (the completed reply) -> `api/outcome.settle` (the row's
+status and outcome) -> the log writer.
+"""
 
 from __future__ import annotations
 

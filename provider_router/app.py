@@ -16,9 +16,9 @@ import structlog
 from aiohttp import web
 
 from .api import admin as admin_api
+from .api import chat as chat_api
 from .api import endpoints as endpoints_api
 from .api import models as models_api
-from .api import openai as openai_api
 from .config import Config
 from .metrics import Metrics
 from .middleware import edge, key_digest, stamp_headers
@@ -56,7 +56,7 @@ def create_app(cfg: Config, *, db_path: str | None = None) -> web.Application:
     app.cleanup_ctx.append(_threads)
     app.on_response_prepare.append(stamp_headers)
     app.on_shutdown.append(_mark_shutting_down)
-    app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
+    app.router.add_post("/v1/chat/completions", chat_api.chat_completions)
     app[models_api.CATALOG] = models_api.Catalog()
     app.router.add_get("/v1/models", models_api.list_models)
     app.router.add_get("/v1/models/{model:.+}", models_api.get_model)
@@ -221,7 +221,6 @@ async def _threads(app: web.Application) -> AsyncIterator[None]:
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     http = new_session()
-    state.http = http
     on_queue = state.metrics.observe_queue if state.metrics is not None else None
     state.providers = {p.name: build_provider(p, http, on_queue) for p in state.config.providers}
     try:

@@ -11,8 +11,9 @@ import logging
 import structlog
 from aiohttp import web
 
+from .api.outcome import settle
 from .errors import ApiError, shown
-from .state import RECORD, REQUEST_ID, STARTED, STATE
+from .state import RECORD, REQUEST_ID, STARTED, STATE, State
 from .store.records import RequestRecord, new_id, request_line
 
 log = structlog.get_logger("provider_router.request")
@@ -70,7 +71,36 @@ def _from_http_exception(e: web.HTTPException) -> ApiError:
         return ApiError(413, "The request body is too large.", code="body_too_large")
     if e.status == 405:
         return ApiError(405, f"Method not allowed; allowed: {e.headers.get('Allow', '')}", code="method_not_allowed")
-    return ApiError(e.status, e.reason or "error", code="http_error")
+    return ApiError(e.status, e.reason or "error", code="http_error", outcome="rejected")
+
+
+async def _admit(request: web.Request, state: State, rec: RequestRecord | None) -> None:
+    """Headers checked; on /v1, the record started, the client named by its key, and room
+    in the log's queue waited for (the log is behind: wait rather than lose records)."""
+    if rec is not None:
+        request[RECORD] = rec
+        ua = request.headers.get("User-Agent")
+        if ua is not None and not _is_utf8(ua):
+            ua = ua.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        rec.user_agent = ua
+    _check_headers(request)
+    if rec is not None:
+        if state.client_keys:
+            rec.client = _client_name(request, state.client_keys)
+        if state.writer is not None:
+            await state.writer.room()
+
+
+def _hand_over(state: State, rec: RequestRecord) -> None:
+    """The finished record to the metrics and the log writer."""
+    if state.metrics is not None:
+        state.metrics.observe(rec)
+    # The canonical line is rendered from the record by the log writer process, off the
+    # event loop; here only if the record could not be queued.
+    rec.log_line = log.is_enabled_for(logging.INFO)
+    queued = state.writer is not None and state.writer.submit(rec)
+    if rec.log_line and not queued:
+        log.info("request", **request_line(rec))
 
 
 @web.middleware
@@ -81,63 +111,41 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
     rid = rec.id if rec is not None else new_id()
     request[REQUEST_ID] = rid
     structlog.contextvars.bind_contextvars(request_id=rid)
-    status, outcome, error = 500, "error", None
+    answered: int | None = None
+    failure: ApiError | None = None  # how the handler ended, if not with a response
     task = asyncio.current_task()
     if rec is not None and task is not None:
         state.inflight.add(task)
     try:
-        if rec is not None:
-            request[RECORD] = rec
-            ua = request.headers.get("User-Agent")
-            if ua is not None and not _is_utf8(ua):
-                ua = ua.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-            rec.user_agent = ua
-        _check_headers(request)
-        if rec is not None:
-            if state.client_keys:
-                rec.client = _client_name(request, state.client_keys)
-            if state.writer is not None:
-                await state.writer.room()  # the log is behind: wait rather than lose records
+        await _admit(request, state, rec)
         resp = await handler(request)
-        status = resp.status
-        outcome = "ok" if status < 400 else "rejected"
+        answered = resp.status
         return resp
     except ApiError as e:
         e.message = shown(state.redactor, e.message)
-        status, outcome, error = e.status, e.outcome, e.message
+        failure = e
         return _unless_started(request, _error_response(e))
     except web.HTTPException as e:
-        err = _from_http_exception(e)
-        status, outcome, error = err.status, "rejected", err.message
-        return _error_response(err)
+        failure = _from_http_exception(e)
+        return _error_response(failure)
     except (asyncio.CancelledError, ConnectionResetError):
         if state.ending and task is not None and task.cancelling():
             # Our own shutdown cancelled it (see app._mark_shutting_down): answer, don't vanish.
             task.uncancel()
-            err = ApiError(503, "The proxy is shutting down.", code="proxy_shutdown", outcome="shutdown")
-            status, outcome, error = err.status, err.outcome, err.message
-            return _error_response(err)
+            failure = ApiError(503, "The proxy is shutting down.", code="proxy_shutdown", outcome="shutdown")
+            return _error_response(failure)
         # The client went away (aiohttp cancels the handler, or a write found the socket gone).
-        status, outcome, error = 499, "client_disconnected", "client disconnected"
+        failure = ApiError(499, "client disconnected", outcome="client_disconnected")
         raise
     except Exception as e:
         log.exception("internal_error")
-        status, outcome, error = 500, "error", f"internal error: {type(e).__name__}"
+        failure = ApiError(500, f"internal error: {type(e).__name__}", outcome="error")
         return _unless_started(request, _error_response(ApiError(500, "Internal proxy error.", code="internal_error", type="server_error")))
     finally:
         state.inflight.discard(task)  # type: ignore[arg-type]
         if rec is not None:
-            if rec.status is not None and (status == 499 or request.get(STARTED) is not None):
-                status = rec.status  # a stream that had started keeps its status
-            rec.finish(status, outcome, error)
-            if state.metrics is not None:
-                state.metrics.observe(rec)
-            # The canonical line is rendered from the record by the log writer process,
-            # off the event loop; here only if the record could not be queued.
-            rec.log_line = log.is_enabled_for(logging.INFO)
-            queued = state.writer is not None and state.writer.submit(rec)
-            if rec.log_line and not queued:
-                log.info("request", **request_line(rec))
+            settle(request, rec, answered, failure)
+            _hand_over(state, rec)
         structlog.contextvars.unbind_contextvars("request_id")
 
 

@@ -74,6 +74,3 @@ class Router:
             if r not in routes:
                 routes.append(r)
         return routes
-
-    def by_name(self, name: str) -> ModelConfig | None:
-        return next((m for m in self._models if m.name == name), None)

@@ -9,7 +9,6 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import aiosqlite
 from aiohttp import web
 
@@ -32,7 +31,6 @@ class State:
     redactor: Redactor
     client_keys: dict[str, str] = field(default_factory=dict)  # sha256(key) -> name
     providers: dict[str, Provider] = field(default_factory=dict)
-    http: aiohttp.ClientSession | None = None  # the one upstream client (providers/http.py)
     db: aiosqlite.Connection | None = None  # migrations and session reads; writes go through `writer`
     reader: aiosqlite.Connection | None = None  # read-only: operator queries never queue behind writes
     writer: LogWriter | None = None

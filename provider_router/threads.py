@@ -1,6 +1,8 @@
 """Conversation threading: which session a request belongs to, where in its thread the
 client's history continues, what a threaded upstream must be sent, and when the thread
-advances. Knows no wire format: providers translate, this module decides.
+advances. Knows no wire format: providers translate, this module decides. The API calls
+it: `place` a turn, `hold` its chat while the API relays the reply, `record` the reply once
+it completed (`chat_gone` when the upstream lost the chat meanwhile).
 
 A session is found by a fingerprint of the request's opening (client, route, system
 messages, first user message), or named by `X-Session-Id`. Its thread is the conversation
@@ -11,11 +13,12 @@ nodes of that tree (the upstream's chat and reply ids).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections import OrderedDict
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, AsyncContextManager, AsyncIterator
 
 import structlog
 from aiohttp import web
@@ -23,7 +26,7 @@ from aiohttp import web
 from .config import SessionsConfig
 from .errors import ApiError
 from .history import fingerprint, node_key, node_keys
-from .providers import ChatCall, ChatGone, Provider
+from .providers import Provider, is_threaded
 from .routing import Route
 from .store.records import RequestRecord, new_id
 from .store.sessions import Session, SessionRepo, Turn
@@ -32,7 +35,6 @@ JOINED = web.RequestKey("joined_session", Session)  # a request's session, acros
 log = structlog.get_logger("provider_router.threads")
 
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-Relay = Callable[[], Awaitable[web.StreamResponse]]
 
 
 # -- per-chat serialisation -----------------------------------------------------------------
@@ -42,7 +44,7 @@ class ChatLocks:
     def __init__(self) -> None:
         self._locks: dict[str, list[Any]] = {}  # chat_id -> [Lock, users]
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def hold(self, chat_id: str, wait: float) -> AsyncIterator[None]:
         entry = self._locks.setdefault(chat_id, [asyncio.Lock(), 0])
         entry[1] += 1
@@ -63,8 +65,24 @@ class ChatLocks:
             if entry[1] == 0:
                 del self._locks[chat_id]
 
-    def __len__(self) -> int:
-        return len(self._locks)
+    def waiting(self, chat_id: str) -> int:
+        """How many turns hold the chat or wait for it."""
+        entry = self._locks.get(chat_id)
+        return 0 if entry is None else int(entry[1])
+
+
+@dataclass(slots=True)
+class Placement:
+    """Where a turn continues in its session's thread, and what its upstream must be sent:
+    the messages after the reply it continues (`parent_id` in `chat_id`), or the whole
+    history in a new chat (`chat_id` None)."""
+
+    session: Session
+    chat_id: str | None
+    parent_id: str | None
+    messages: list[dict[str, Any]]  # to send
+    history: list[dict[str, Any]]  # as the client sent it
+    keys: list[bytes]  # `history`'s node keys
 
 
 def _place(messages: list[dict[str, Any]], keys: list[bytes], turns: dict[bytes, Turn]) -> tuple[int, Turn | None]:
@@ -122,7 +140,7 @@ class Threads:
         else:
             self.expired_total += 1
         provider = self.providers.get(s.provider)
-        if provider is not None and provider.threaded and getattr(provider, "delete_chats", False):
+        if is_threaded(provider) and provider.delete_chats:
             chats = {t.chat_id for t in (turns or {}).values() if t.chat_id} | ({s.chat_id} if s.chat_id else set())
             self._doomed_chats += [(s.provider, c) for c in chats]
 
@@ -206,7 +224,7 @@ class Threads:
         return turns
 
     # -- the request path ---------------------------------------------------------------
-    async def join(self, request: web.Request, rec: RequestRecord, route: Route, call: ChatCall) -> Session:
+    async def join(self, request: web.Request, rec: RequestRecord, route: Route, messages: list[dict[str, Any]]) -> Session:
         """Find or start the request's session and count the request in it.
 
         On a stateless upstream this is all the request path does: the full history
@@ -216,7 +234,7 @@ class Threads:
         Each attempt of a request joins (retries, fallbacks): a request counts once, in
         the session that holds it last, as its log row does."""
         now = time.time()
-        s = await self._session(request, rec.client or "anonymous", route, call.body["messages"], now)
+        s = await self._session(request, rec.client or "anonymous", route, messages, now)
         s.last_access = now
         s.expires = now + self.timeout
         before = request.get(JOINED)  # the session an earlier attempt joined, if any
@@ -246,7 +264,7 @@ class Threads:
         rec.log_session = s.stored or s.first is not rec
         if not self.providers[route.provider.name].threaded:
             rec.chat_id = s.id
-            s.message_count = len(call.body["messages"])
+            s.message_count = len(messages)
         self.repo.save(s)
         return s
 
@@ -261,47 +279,33 @@ class Threads:
             else:
                 first.log_session = True
 
-    async def handle(self, request: web.Request, rec: RequestRecord, route: Route, call: ChatCall, relay: Relay) -> web.StreamResponse:
-        """A turn on a threaded upstream: place the history in the thread, send only what
-        the upstream has not seen, and record the reply as a turn once it completes."""
-        s = await self.join(request, rec, route, call)
-        messages: list[dict[str, Any]] = call.body["messages"]
-        try:
-            keys = node_keys(messages)  # each message keyed once per request
-            rec.turn = sum(m.get("role") == "assistant" for m in messages) + 1
-            turns = await self._turns(s)
-            k, node = _place(messages, keys, turns)
+    async def place(self, request: web.Request, rec: RequestRecord, route: Route, messages: list[dict[str, Any]]) -> Placement:
+        """A turn on a threaded upstream: join its session and find where the history
+        continues, so that only what the upstream has not seen is sent."""
+        s = await self.join(request, rec, route, messages)
+        keys = node_keys(messages)  # each message keyed once per request
+        rec.turn = sum(m.get("role") == "assistant" for m in messages) + 1
+        k, node = _place(messages, keys, await self._turns(s))
+        if node is None:  # never seen: a new chat with the whole history
+            return Placement(s, None, None, messages, messages, keys)
+        return Placement(s, node.chat_id, node.reply_id, messages[k:], messages, keys)
 
-            async def completed() -> None:
-                await self._advance(s, rec, messages, keys, s.last_access)
+    def hold(self, p: Placement) -> AsyncContextManager[None]:
+        """Held while the turn is upstream: a turn continuing a chat waits for the chat's
+        turn in flight (429 after `lock_wait_seconds`); a new chat waits for nothing."""
+        if p.chat_id is None:
+            return contextlib.nullcontext()
+        return self.locks.hold(p.chat_id, self.cfg.lock_wait_seconds)
 
-            call.on_complete = completed
-            resp, node = await self._threaded(s, rec, call, relay, messages, k, node)
-            return resp
-        finally:
-            self.repo.save(s)
-
-    async def _threaded(
-        self, s: Session, rec: RequestRecord, call: ChatCall, relay: Relay, messages: list[dict[str, Any]], k: int, node: Turn | None
-    ) -> tuple[web.StreamResponse, Turn | None]:
-        for attempt in (1, 2):
-            if node is None:  # never seen, or its chat is gone: a new chat with the whole history
-                call.chat_id, call.parent_id, call.messages = None, None, messages
-            else:
-                call.chat_id, call.parent_id, call.messages = node.chat_id, node.reply_id, messages[k:]
-            rec.chat_id, rec.parent_id = call.chat_id, call.parent_id
-            try:
-                if call.chat_id is None:
-                    return await relay(), node
-                async with self.locks.hold(call.chat_id, self.cfg.lock_wait_seconds):
-                    return await relay(), node
-            except ChatGone as e:
-                if attempt == 2 or call.chat_id is None:
-                    raise ApiError(502, f"upstream lost the chat: {e}", code="upstream_error") from None
-                log.info("chat_gone", session=s.id, chat_id=call.chat_id)
-                self._forget_chat(s, call.chat_id)
-                k, node = 0, None
-        raise AssertionError("unreachable")
+    def chat_gone(self, p: Placement, reason: str) -> Placement:
+        """The upstream no longer knows the chat the turn continued: forget its turns and
+        place the turn again, in a new chat carrying the whole history. A new chat lost
+        at once is the upstream's failure (502)."""
+        if p.chat_id is None:
+            raise ApiError(502, f"upstream lost the chat: {reason}", code="upstream_error")
+        log.info("chat_gone", session=p.session.id, chat_id=p.chat_id)
+        self._forget_chat(p.session, p.chat_id)
+        return Placement(p.session, None, None, p.history, p.history, p.keys)
 
     def _forget_chat(self, s: Session, chat_id: str) -> None:
         turns = self.turns.get(s.id, {})
@@ -309,19 +313,22 @@ class Threads:
             del turns[h]
         self.repo.forget_chat(s.id, chat_id)
 
-    async def _advance(self, s: Session, rec: RequestRecord, messages: list[dict[str, Any]], keys: list[bytes], now: float) -> None:
-        """The reply completed: record it as a turn the next request can continue from,
-        committed before the client gets the end of the reply."""
-        if s.state == "deleted" or not keys:
+    async def record(self, p: Placement, rec: RequestRecord) -> None:
+        """The turn's reply completed (`rec` holds it, with the upstream's chat and reply
+        ids): the thread advances to it, so the next request continues from there. Awaited
+        before the client gets the end of the reply: the turn is committed by then (or, if
+        the database is held elsewhere, queued to land later)."""
+        s = p.session
+        if s.state == "deleted" or not p.keys:
             return
-        h = node_key(keys[-1], {"role": "assistant", "content": rec.response_text or ""})
+        h = node_key(p.keys[-1], {"role": "assistant", "content": rec.response_text or ""})
         t = Turn(message_hash=h, turn=rec.turn or 1, chat_id=rec.chat_id, reply_id=rec.reply_id)
         if s.id in self.sessions:  # an evicted session keeps no turns in memory
             self.turns.setdefault(s.id, {})[h] = t
         s.chat_id, s.parent_id = rec.chat_id, rec.reply_id
-        s.message_count = len(messages) + 1
+        s.message_count = len(p.history) + 1
         self.repo.save(s)
-        self.repo.add_turn(s.id, t, rec.id, now)
+        self.repo.add_turn(s.id, t, rec.id, s.last_access)
         if not await self.repo.durable():
             log.warning("turn_not_yet_durable", session=s.id, request_id=rec.id)
 
@@ -362,7 +369,8 @@ class Threads:
         for provider_name, chat_id in doomed:
             provider = self.providers.get(provider_name)
             try:
-                await provider.delete_chat(chat_id)  # type: ignore[union-attr]
+                if is_threaded(provider):
+                    await provider.delete_chat(chat_id)
             except Exception as e:  # best effort: the upstream expires chats itself too
                 log.warning("chat_delete_failed", chat_id=chat_id, error=str(e))
 

@@ -205,7 +205,7 @@ async def test_same_session_hit_concurrently_queues(qproxy: Proxy, qwen_fake: Qw
     assert threads is not None
     chat = qwen_fake.turns[0].chat_id
     async with asyncio.timeout(10):  # wait until both requests are at the chat's lock
-        while threads.locks._locks.get(chat, [None, 0])[1] < 2:  # noqa: SLF001 - observing, not patching
+        while threads.locks.waiting(chat) < 2:
             await asyncio.sleep(0.01)
     release.set()
     await asyncio.gather(first, second)

@@ -38,6 +38,7 @@ async def run(rec: RequestRecord, routes: list[Route], attempt: Callable[[Attemp
     try:
         for i, (route, n) in enumerate(plan):
             a = Attempt(route, last=i == len(plan) - 1)
+            rec.provider, rec.upstream_model = route.provider.name, route.upstream_model
             t0 = time.perf_counter()
             try:
                 resp = await attempt(a)
@@ -55,6 +56,13 @@ async def run(rec: RequestRecord, routes: list[Route], attempt: Callable[[Attemp
     finally:
         if len(entries) > 1 or any(e["queue_ms"] for e in entries):
             rec.attempts = entries
+
+
+def retryable(status: int, message: str, headers: Mapping[str, str]) -> ApiError:
+    """An upstream's 429 or 5xx that another attempt may get past, paced by its Retry-After."""
+    e = ApiError(status if status == 429 else 502, message, retryable=True)
+    e.retry_after = retry_after(headers)
+    return e
 
 
 def pause(n: int, retry_after: float | None, cap: float) -> float:

@@ -15,10 +15,11 @@ import orjson
 from aiohttp import web
 
 from ..errors import ApiError
-from ..routing import NoRoute
+from ..providers import forwards
+from ..replies import completion_like
 from ..state import RECORD, STATE
-from . import attempts
-from .openai import _encode, read_body, relay_answer
+from . import attempts, intake
+from .relay import relay_answer
 from .validate import bad, strip_steering
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -45,18 +46,15 @@ def endpoint(
         state = request.app[STATE]
         rec = request[RECORD]
         rec.reply_format = reply_format  # None: the log writer keeps the body as it is
-        raw, body = await read_body(request, rec)
+        raw, body = await intake.read_body(request, rec)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise bad("`model` is required: a non-empty string.", param="model")
         rec.model = model
         stream = streams and bool(body.get("stream", False))
         rec.stream = stream
-        try:
-            routes = state.router.chain(model)
-        except NoRoute as e:
-            raise ApiError(404, str(e), param="model", code="model_not_found") from None
-        served = [r for r in routes if hasattr(state.providers[r.provider.name], "call")]
+        routes = intake.routes(request, model)
+        served = [r for r in routes if forwards(state.providers[r.provider.name])]
         if not served:
             p = routes[0].provider
             raise ApiError(
@@ -66,13 +64,10 @@ def endpoint(
         stripped = strip_steering(raw, body)
 
         async def attempt(a: attempts.Attempt) -> web.StreamResponse:
-            route = a.route
-            rec.provider = route.provider.name
-            rec.upstream_model = route.upstream_model
-            data = raw
-            if stripped or route.upstream_model != model:
-                data = _encode({**body, "model": route.upstream_model})
-            reply = await state.providers[route.provider.name].call("POST", path, data, stream)  # type: ignore[attr-defined]
+            _, data = intake.for_route(raw, body, stripped, a.route)
+            provider = state.providers[a.route.provider.name]
+            assert forwards(provider)  # `served` holds only such routes
+            reply = await provider.call("POST", path, data, stream)
             a.queue_ms = reply.queue_ms
             try:
                 return await relay_answer(request, rec, reply, stream, a.last, summarise)
@@ -87,11 +82,8 @@ def endpoint(
 def embeddings_summary(data: bytes) -> bytes:
     """An embeddings answer as the log keeps it: model, usage and how many vectors, not the
     vectors (they are most of its size and no use in a log)."""
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return data
-    if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
+    obj = completion_like(data)
+    if obj is None or not isinstance(obj.get("data"), list):
         return data
     summary: dict[str, Any] = {k: v for k, v in obj.items() if k != "data"}
     summary["data_count"] = len(obj["data"])

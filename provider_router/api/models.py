@@ -18,6 +18,7 @@ from aiohttp import web
 
 from ..config import ModelConfig
 from ..errors import ApiError
+from ..providers import forwards
 from ..routing import NoRoute
 from ..state import RECORD, STATE, State
 
@@ -58,13 +59,13 @@ class Catalog:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _fetch(self, state: State, provider: str) -> list[str]:
-        call = getattr(state.providers.get(provider), "call", None)
+        forwarder = state.providers.get(provider)
         ids: list[str] = []
         fresh = RETRY_SECONDS
-        if call is not None:
+        if forwards(forwarder):
             try:
                 async with asyncio.timeout(FETCH_TIMEOUT):
-                    reply = await call("GET", "/models")
+                    reply = await forwarder.call("GET", "/models")
                     try:
                         data = await reply.read() if reply.read is not None else b""
                     finally:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import aiohttp
 
 from ..config import ProviderConfig
-from .base import ChatCall, ChatGone, Delta, Event, Finish, Provider, Started, UpstreamReply, Usage
+from .base import (
+    ChatCall, ChatGone, Delta, Event, Finish, Forwarder, Provider, Started, ThreadedProvider, UpstreamReply, Usage, forwards,
+    is_threaded,
+)  # fmt: skip
 from .echo import EchoProvider
 from .http import QueueObserver, Upstream
 from .openai import OpenAIProvider
@@ -26,5 +29,6 @@ def build_provider(cfg: ProviderConfig, session: aiohttp.ClientSession, on_queue
 
 
 __all__ = [
-    "ChatCall", "ChatGone", "Delta", "Event", "Finish", "Provider", "Started", "UpstreamReply", "Usage", "build_provider",
+    "ChatCall", "ChatGone", "Delta", "Event", "Finish", "Forwarder", "Provider", "Started", "ThreadedProvider",
+    "UpstreamReply", "Usage", "build_provider", "forwards", "is_threaded",
 ]

@@ -7,7 +7,7 @@ upstream's bytes to forward verbatim; a translating one returns a stream of `Eve
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol, TypeGuard, Union
 
 
 @dataclass(slots=True)
@@ -18,13 +18,10 @@ class ChatCall:
     raw: bytes  # `body` encoded: what a pass-through provider sends
     stream: bool
     upstream_model: str
-    # Threaded upstreams only (decided by threads.py): where the turn continues from.
+    # Threaded upstreams only (placed by threads.py): where the turn continues from.
     chat_id: str | None = None
     parent_id: str | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)  # the messages not yet upstream
-    # Set by the threads: awaited once the upstream's reply is complete, before the client
-    # gets its end (the thread records the reply durably there).
-    on_complete: Callable[[], Awaitable[None]] | None = None
 
 
 class ChatGone(Exception):
@@ -81,7 +78,8 @@ class UpstreamReply:
 
 class Provider(Protocol):
     name: str
-    threaded: bool  # True: the upstream keeps the thread; send only new messages
+    threaded: bool  # True: the upstream keeps the thread; send only new messages (a `ThreadedProvider`)
+    forwards: bool  # True: it serves any OpenAI endpoint by forwarding it (a `Forwarder`)
 
     async def chat(self, call: ChatCall) -> UpstreamReply:
         """Start the upstream call. Raise `ApiError` for failures before anything was received."""
@@ -96,3 +94,17 @@ class ThreadedProvider(Provider, Protocol):
     async def delete_chat(self, chat_id: str) -> None:
         """Delete an upstream chat (used when sessions expire, if configured)."""
         ...
+
+
+class Forwarder(Provider, Protocol):
+    async def call(self, method: str, path: str, body: bytes | None = None, stream: bool = False) -> UpstreamReply:
+        """Any endpoint under the provider's base URL (`path` starts with `/`), forwarded as it is."""
+        ...
+
+
+def is_threaded(p: Provider | None) -> TypeGuard[ThreadedProvider]:
+    return p is not None and p.threaded
+
+
+def forwards(p: Provider | None) -> TypeGuard[Forwarder]:
+    return p is not None and p.forwards

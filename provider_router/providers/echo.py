@@ -23,6 +23,7 @@ def echo_reply(messages: list[dict[str, Any]]) -> str:
 
 class EchoProvider:
     threaded = False
+    forwards = False
 
     def __init__(self, cfg: ProviderConfig) -> None:
         self.name = cfg.name

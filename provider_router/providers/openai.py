@@ -45,6 +45,7 @@ def reply_of(up: Upstream, ex: Exchange) -> UpstreamReply:
 
 class OpenAIProvider:
     threaded = False
+    forwards = True
 
     def __init__(self, cfg: ProviderConfig, up: Upstream) -> None:
         self.name = cfg.name

@@ -57,6 +57,7 @@ def _error(data: dict[str, Any], status: int) -> Exception:
 
 class QwenProvider:
     threaded = True
+    forwards = False
 
     def __init__(self, cfg: ProviderConfig, up: Upstream) -> None:
         self.name = cfg.name

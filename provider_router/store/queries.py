@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import aiosqlite
 import orjson
 
-from ..api.assemble import reply_text
+from ..replies import reply_text
 from ..history import message_text
 from ..messages import content_text
 from .records import iso

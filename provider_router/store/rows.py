@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import orjson
 
-from ..api.assemble import assemble_stream, completion, responses_reply, text_completion_reply
+from ..replies import assemble_stream, completion, responses_reply, text_completion_reply
 from .records import RequestRecord, iso
 from .tree import CUT_MARK, Tree, split_body
 

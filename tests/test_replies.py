@@ -9,7 +9,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from provider_router.api.assemble import assemble_stream, completion, stream_events
+from provider_router.replies import assemble_stream, completion, stream_events
 from provider_router.sse import SSEParser
 
 words = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)

@@ -2,8 +2,10 @@
 (choices with their messages: text, reasoning, refusal, tool calls with their assembled
 arguments; finish reasons; usage), read from a non-stream body or a complete SSE body.
 
-Runs in the log writer process, never on the request path. One reading of a stream: its
-events are parsed in one call when framed the usual way, else through the SSE parser.
+Domain, below the store: the log writer process assembles replies with it, the readers
+show their text; never on the request path. One reading of a stream, the SSE parser's: a
+body framed as OpenAI-compatible servers frame it is read in one orjson call, which gives
+the same events (a property test holds them to it) at a third of the cost (bench/README).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from ..sse import SSEParser
+from .sse import SSEParser
 
 _STRING_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
 
@@ -125,13 +127,8 @@ def assemble_stream(data: bytes) -> dict[str, Any]:
 
 def completion(body: bytes) -> dict[str, Any] | None:
     """A non-stream `chat.completion` body, if it is one."""
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
-        return None
-    return obj
+    obj = completion_like(body)
+    return obj if obj is not None and isinstance(obj.get("choices"), list) else None
 
 
 def finished(choices: list[dict[str, Any]]) -> bool:
@@ -190,6 +187,7 @@ def text_completion_reply(data: bytes, stream: bool) -> dict[str, Any] | None:
 
 
 def completion_like(body: bytes) -> dict[str, Any] | None:
+    """A body that is a JSON object, as one."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:

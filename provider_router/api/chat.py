@@ -1,0 +1,85 @@
+"""`POST /v1/chat/completions`: the body validated, then on each route in turn (attempts.py)
+the threads place the history and the provider is called; a pass-through answer is relayed
+(relay.py), a translated one rendered (render.py). On a threaded upstream the threads record
+the reply once it completed, before the client gets its end.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from aiohttp import web
+
+from ..providers import ChatCall, ChatGone, Provider
+from ..state import RECORD, STATE
+from ..store.records import RequestRecord
+from ..threads import Placement, Threads
+from . import attempts, intake
+from .relay import relay_answer
+from .render import BeforeEnd, render
+from .validate import strip_steering, validate_chat
+
+MAX_MESSAGES = 10_000
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    rec = request[RECORD]
+    raw, body = await intake.read_body(request, rec)
+    if isinstance(body.get("model"), str):
+        rec.model = body["model"]  # logged even if the body is refused
+    validate_chat(body, max_messages=MAX_MESSAGES)
+    stream = bool(body.get("stream", False))
+    rec.stream = stream
+    routes = intake.routes(request, body["model"])
+    stripped = strip_steering(raw, body)
+
+    async def attempt(a: attempts.Attempt) -> web.StreamResponse:
+        sent, data = intake.for_route(raw, body, stripped, a.route)
+        call = ChatCall(body=sent, raw=data, stream=stream, upstream_model=a.route.upstream_model)
+        provider = request.app[STATE].providers[a.route.provider.name]
+        threads = request.app[STATE].threads
+        if threads is None:
+            return await _answer(request, rec, provider, call, a)
+        if provider.threaded:
+            return await _turn(request, rec, threads, provider, call, a)
+        # A stateless upstream gets the whole history; the session is the log's business.
+        await threads.join(request, rec, a.route, body["messages"])
+        return await _answer(request, rec, provider, call, a)
+
+    return await attempts.run(rec, routes, attempt)
+
+
+async def _turn(
+    request: web.Request, rec: RequestRecord, threads: Threads, provider: Provider, call: ChatCall, a: attempts.Attempt
+) -> web.StreamResponse:
+    """A turn on a threaded upstream: sent where the threads placed it, and recorded by
+    them once its reply completed. A chat the upstream lost is placed again, once."""
+    p = await threads.place(request, rec, a.route, call.body["messages"])
+    while True:
+        _send_at(call, rec, p)
+        try:
+            async with threads.hold(p):
+                return await _answer(request, rec, provider, call, a, partial(threads.record, p, rec))
+        except ChatGone as e:
+            p = threads.chat_gone(p, str(e))
+
+
+def _send_at(call: ChatCall, rec: RequestRecord, p: Placement) -> None:
+    call.chat_id, call.parent_id, call.messages = p.chat_id, p.parent_id, p.messages
+    rec.chat_id, rec.parent_id = p.chat_id, p.parent_id
+
+
+async def _answer(
+    request: web.Request, rec: RequestRecord, provider: Provider, call: ChatCall, a: attempts.Attempt,
+    before_end: BeforeEnd | None = None,
+) -> web.StreamResponse:  # fmt: skip
+    reply = await provider.chat(call)
+    a.queue_ms = reply.queue_ms
+    try:
+        if reply.raw is not None:
+            rec.reply_format = "chat"  # the log writer reads the reply (a stream's events) from it
+            return await relay_answer(request, rec, reply, call.stream, a.last)
+        return await render(request, rec, reply, call, before_end)
+    finally:
+        reply.close()
+
