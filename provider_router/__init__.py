@@ -1,8 +1,9 @@
 """provider-router: a local OpenAI-compatible proxy with conversation threading and a SQLite log.
 
 Layers, each importing only those before it (tests/test_layers.py): `config`; the domain
-(`errors`, `messages`, `history`, `sse`, `replies`, `routing`); `store/`; `providers/`;
-`threads`; the HTTP API (`api/`, `middleware`, `state`, `metrics`); `app`, `serve`, the CLI.
+(`errors`, `messages`, `history`, `sse`, `replies`, `routing`, `records`, `redact`,
+`logsetup`); `store/` (the SQLite log, its writer process, sessions' rows); `providers/`;
+`threads`; the HTTP API (`api/`, `middleware`, `state`, `metrics`); `app`, `serve`, `cli/`.
 
 A chat request: `middleware.edge` (id, client key, the record) -> `api/chat.py` (intake,
 then attempts over the routes) -> `threads.place` (the session, what to send) ->

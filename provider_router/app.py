@@ -30,7 +30,7 @@ from .startup import StartupError, database_error
 from .state import STATE, State
 from .store import LogWriter, Redactor, connect, queries
 from .store.db import Reopenable
-from .store.records import iso
+from .records import iso
 from .store.sessions import SessionRepo
 from .store.watch import DbWatch
 from .threads import Threads

@@ -16,8 +16,8 @@ from typing import Any, Callable, TextIO
 import orjson
 import structlog
 
-from .store.records import iso
-from .store.redact import Redactor
+from .records import iso
+from .redact import Redactor
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 # Per-row failures of the log writer: on a full disk one each per record. One line of each

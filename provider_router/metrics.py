@@ -6,15 +6,17 @@ One registry per app, so several apps in one process (tests) never share series.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from .state import State
-    from .store.records import RequestRecord
+    from .records import RequestRecord
+    from .store.watch import DbWatch
+    from .store.writer import LogWriter
+    from .threads import Threads
 
 # Milliseconds: proxies are judged on single-digit ms overhead, LLM replies take seconds.
 _BUCKETS_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000)
@@ -27,12 +29,26 @@ MAX_MODELS = 200
 disable_created_metrics()
 
 
+class Sources(Protocol):
+    """What the live series are read from when scraped (the app's state): read anew each
+    time, since the writer and the watch are replaced when the database is reopened."""
+
+    @property
+    def threads(self) -> Threads | None: ...
+    @property
+    def writer(self) -> LogWriter | None: ...
+    @property
+    def watch(self) -> DbWatch | None: ...
+    @property
+    def providers(self) -> Mapping[str, Any]: ...
+
+
 class _Live(Collector):
     """Series read when scraped from what keeps them: the threads, the log writer (its counts
     come from its own process) and the database watch. Their counters are totals kept there,
     which prometheus_client's Counter (it only increments) cannot mirror."""
 
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: Sources) -> None:
         self._state = state
 
     def collect(self) -> Iterator[Metric]:
@@ -83,7 +99,7 @@ class Metrics:
     """`observe(record)` once per finished /v1 request, `observe_queue(provider, ms)` once per
     upstream call; `render()` for `GET /metrics`."""
 
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: Sources) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self._requests = Counter(
             "provider_router_requests", "Requests to /v1, by model, provider and outcome.", ("model", "provider", "outcome"), registry=r

@@ -14,7 +14,7 @@ from aiohttp import web
 from .api.outcome import settle
 from .errors import ApiError, shown
 from .state import RECORD, REQUEST_ID, STARTED, STATE, State
-from .store.records import RequestRecord, new_id, request_line
+from .records import RequestRecord, new_id, request_line
 
 log = structlog.get_logger("provider_router.request")
 

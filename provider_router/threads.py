@@ -28,7 +28,7 @@ from .errors import ApiError
 from .history import fingerprint, node_key, node_keys
 from .providers import Provider, is_threaded
 from .routing import Route
-from .store.records import RequestRecord, new_id
+from .records import RequestRecord, new_id
 from .store.sessions import Session, SessionRepo, Turn
 
 JOINED = web.RequestKey("joined_session", Session)  # a request's session, across its attempts

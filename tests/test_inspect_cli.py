@@ -23,7 +23,7 @@ from aiohttp import web
 from click.testing import CliRunner
 
 from provider_router.cli import cli as root
-from provider_router.store.records import iso
+from provider_router.records import iso
 from provider_router.store.rows import BUCKETS_MS, bucket
 from tests.conftest import UPSTREAM_KEY, Proxy, ProxyFactory, base_config, qwen_config
 from tests.fakes.qwen import QwenFake

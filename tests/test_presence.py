@@ -22,7 +22,7 @@ from provider_router.cli.admin import Admin, daemon_admin
 from provider_router.cli.common import CliError, Settings
 from provider_router.serve import local_url
 from provider_router.store.presence import Presence, hold, mark_path, serving
-from provider_router.store.records import iso
+from provider_router.records import iso
 from tests.daemon import WAIT, Daemon, Spawn, ro_query
 
 ADMIN = "admin-key-for-the-cli-test"

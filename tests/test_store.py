@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from provider_router import history
 from provider_router.logsetup import line_renderer, setup_logging
 from provider_router.store import LogWriter, Redactor, RequestRecord, connect, sink
-from provider_router.store.records import iso, request_line
+from provider_router.records import iso, request_line
 from provider_router.store.migrations import MIGRATIONS, migrate
 
 

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from provider_router.providers.qwen import fold_messages
-from provider_router.store.records import iso
+from provider_router.records import iso
 from tests.conftest import Proxy, ProxyFactory, base_config, qwen_config
 from tests.fakes.openai import OpenAIFake
 from tests.fakes.qwen import QwenFake

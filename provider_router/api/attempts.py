@@ -16,7 +16,7 @@ from aiohttp import web
 
 from ..errors import ApiError
 from ..routing import Route
-from ..store.records import RequestRecord
+from ..records import RequestRecord
 
 log = structlog.get_logger("provider_router.api")
 

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from ..providers import ChatCall, ChatGone, Provider
 from ..state import RECORD, STATE
-from ..store.records import RequestRecord
+from ..records import RequestRecord
 from ..threads import Placement, Threads
 from . import attempts, intake
 from .relay import relay_answer

@@ -13,7 +13,7 @@ from aiohttp import web
 from ..errors import ApiError
 from ..routing import NoRoute, Route
 from ..state import STATE
-from ..store.records import RequestRecord
+from ..records import RequestRecord
 from .validate import JSON_TYPES, bad, has_nul, parse_body
 
 

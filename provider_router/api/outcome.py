@@ -10,7 +10,7 @@ from aiohttp import web
 
 from ..errors import ApiError
 from ..state import STARTED
-from ..store.records import RequestRecord
+from ..records import RequestRecord
 
 # A failure the client was told inside a response rather than by one: an upstream's error
 # answer passed on as it is, or an error event that ended a stream.

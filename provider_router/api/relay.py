@@ -14,7 +14,7 @@ from aiohttp import web
 from ..errors import ApiError
 from ..providers import UpstreamReply
 from ..state import STATE
-from ..store.records import RequestRecord
+from ..records import RequestRecord
 from . import attempts, streams
 from .outcome import tell
 

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from ..providers import ChatCall, Delta, Finish, Started, UpstreamReply, Usage
 from ..sse import DONE, encode_event
-from ..store.records import RequestRecord
+from ..records import RequestRecord
 from . import streams
 
 # Awaited once the upstream's reply is complete, before the client gets its end.

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .db import connect
-    from .records import RequestRecord, new_id
-    from .redact import Redactor
+    from ..records import RequestRecord, new_id
+    from ..redact import Redactor
     from .writer import LogWriter
 
 __all__ = ["LogWriter", "Redactor", "RequestRecord", "connect", "new_id"]
-_HOME = {"connect": "db", "RequestRecord": "records", "new_id": "records", "Redactor": "redact", "LogWriter": "writer"}
+_HOME = {"connect": ".store.db", "RequestRecord": ".records", "new_id": ".records", "Redactor": ".redact", "LogWriter": ".store.writer"}
 
 
 def __getattr__(name: str) -> Any:
@@ -23,4 +23,4 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(name)
     from importlib import import_module
 
-    return getattr(import_module(f"{__name__}.{_HOME[name]}"), name)
+    return getattr(import_module(_HOME[name], "provider_router"), name)

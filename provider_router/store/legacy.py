@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import orjson
 
-from .records import RequestRecord
+from ..records import RequestRecord
 from .rows import INSERT_REQUEST, UPSERT_ROLLUP, Rows
 from .tree import Tree
 

@@ -20,7 +20,7 @@ import orjson
 from ..replies import reply_text
 from ..history import message_text
 from ..messages import content_text
-from .records import iso
+from ..records import iso
 from .rows import BUCKETS_MS, NB, ROLLUP_SUMS
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import orjson
 
 from ..replies import assemble_stream, completion, responses_reply, text_completion_reply
-from .records import RequestRecord, iso
+from ..records import RequestRecord, iso
 from .tree import CUT_MARK, Tree, split_body
 
 COLUMNS = (

@@ -15,7 +15,7 @@ import aiosqlite
 import orjson
 
 from .queries import EXPIRE_SESSIONS
-from .records import RequestRecord, iso
+from ..records import RequestRecord, iso
 from .writer import LogWriter
 
 # Only for a session that still exists: one deleted while its request was in flight keeps

@@ -36,8 +36,8 @@ import time
 from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 from .db import PRAGMAS
-from .records import RequestRecord, request_line
-from .redact import Redactor
+from ..records import RequestRecord, request_line
+from ..redact import Redactor
 from .rows import ATTACH, INSERT_REQUEST, UPSERT_ROLLUP, Rows
 from .tree import Tree
 

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import structlog
 
-from .records import iso
+from ..records import iso
 
 log = structlog.get_logger("provider_router.watch")
 

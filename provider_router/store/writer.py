@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import structlog
 
-from .records import RequestRecord
+from ..records import RequestRecord
 from .sink import Frames, frame, frame_parts
 
 log = structlog.get_logger("provider_router.writer")
