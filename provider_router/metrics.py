@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from .providers import Provider
     from .records import RequestRecord
     from .store.watch import DbWatch
     from .store.writer import LogWriter
@@ -40,7 +41,7 @@ class Sources(Protocol):
     @property
     def watch(self) -> DbWatch | None: ...
     @property
-    def providers(self) -> Mapping[str, Any]: ...
+    def providers(self) -> Mapping[str, Provider]: ...
 
 
 class _Live(Collector):
@@ -62,7 +63,7 @@ class _Live(Collector):
             yield GaugeMetricFamily(
                 "provider_router_session_oldest_age_seconds", "Age of the oldest active session.", value=st["oldest_age_seconds"] or 0
             )
-        ups = [(name, up) for name, p in self._state.providers.items() if (up := getattr(p, "upstream", None)) is not None]
+        ups = [(name, p.upstream) for name, p in self._state.providers.items() if p.upstream is not None]
         if ups:
             in_use = GaugeMetricFamily(
                 "provider_router_upstream_slots_in_use", "Upstream calls holding a connection slot (max_connections).", labels=("provider",)

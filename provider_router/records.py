@@ -73,7 +73,6 @@ class RequestRecord:
     response_body: bytes | None = None
     # A translated reply's text, for the threads (the log reads `response_body`).
     response_text: str | None = None
-    reasoning_text: str | None = None
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None

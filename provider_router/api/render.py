@@ -50,7 +50,6 @@ class _Reply:
 
     def fill(self, rec: RequestRecord) -> None:
         rec.response_text = "".join(self.text)
-        rec.reasoning_text = "".join(self.reasoning) or None
         rec.finish_reason = self.finish
         rec.reply_id = self.reply_id or rec.reply_id
         rec.chat_id = self.chat_id or rec.chat_id

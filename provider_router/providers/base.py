@@ -7,7 +7,10 @@ upstream's bytes to forward verbatim; a translating one returns a stream of `Eve
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol, TypeGuard, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol, TypeGuard, Union
+
+if TYPE_CHECKING:
+    from .http import Upstream
 
 
 @dataclass(slots=True)
@@ -80,6 +83,7 @@ class Provider(Protocol):
     name: str
     threaded: bool  # True: the upstream keeps the thread; send only new messages (a `ThreadedProvider`)
     forwards: bool  # True: it serves any OpenAI endpoint by forwarding it (a `Forwarder`)
+    upstream: Upstream | None  # its HTTP client (connection slots, for /metrics); None: no network
 
     async def chat(self, call: ChatCall) -> UpstreamReply:
         """Start the upstream call. Raise `ApiError` for failures before anything was received."""

@@ -24,6 +24,7 @@ def echo_reply(messages: list[dict[str, Any]]) -> str:
 class EchoProvider:
     threaded = False
     forwards = False
+    upstream = None
 
     def __init__(self, cfg: ProviderConfig) -> None:
         self.name = cfg.name

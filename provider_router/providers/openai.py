@@ -51,7 +51,6 @@ class OpenAIProvider:
         self.name = cfg.name
         self.upstream = up
         self._base = cfg.base_url.rstrip("/")
-        self._url = self._base + "/chat/completions"
         headers = {**cfg.headers, "Content-Type": "application/json"}
         if cfg.api_key:
             headers["Authorization"] = f"Bearer {cfg.api_key}"

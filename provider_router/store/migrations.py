@@ -15,8 +15,9 @@ import aiosqlite
 # Called with (what, done, total) during long steps.
 Progress = Callable[[str, int, int], None]
 
-M001_REQUESTS = """
-CREATE TABLE requests (
+# The first columns of every version of the requests table: the texts of released steps
+# below are exactly what they were.
+_REQUEST_HEAD = """\
     id TEXT PRIMARY KEY,              -- sortable: time-ordered, see records.new_id()
     received_at TEXT NOT NULL,        -- ISO 8601 UTC
     finished_at TEXT,
@@ -28,6 +29,11 @@ CREATE TABLE requests (
     provider TEXT,
     upstream_model TEXT,
     stream INTEGER,
+"""
+
+M001_REQUESTS = """
+CREATE TABLE requests (
+""" + _REQUEST_HEAD + """\
     request_body TEXT,
     response_body TEXT,               -- full JSON for non-stream responses
     prompt_text TEXT,                 -- the request's last user message, for search
@@ -123,17 +129,7 @@ CREATE TABLE blobs (
 );
 
 CREATE TABLE requests_v3 (
-    id TEXT PRIMARY KEY,              -- sortable: time-ordered, see records.new_id()
-    received_at TEXT NOT NULL,        -- ISO 8601 UTC
-    finished_at TEXT,
-    method TEXT NOT NULL,
-    path TEXT NOT NULL,
-    client TEXT,                      -- the client key's name, never the key
-    user_agent TEXT,
-    model TEXT,                       -- what the client asked for
-    provider TEXT,
-    upstream_model TEXT,
-    stream INTEGER,
+""" + _REQUEST_HEAD + """\
     status INTEGER,
     outcome TEXT,                     -- ok | rejected | upstream_error | timeout | client_disconnected | shutdown
     error TEXT,
@@ -328,14 +324,6 @@ def migrate_file(path: str, progress: Progress | None = None) -> list[str]:
         return ran
     finally:
         conn.close()
-
-
-async def applied(conn: aiosqlite.Connection) -> list[str]:
-    await conn.execute(
-        "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
-    )
-    async with conn.execute("SELECT name FROM _migrations ORDER BY name") as cur:
-        return [row[0] for row in await cur.fetchall()]
 
 
 async def migrate(conn: aiosqlite.Connection, progress: Progress | None = None) -> list[str]:

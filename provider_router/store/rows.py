@@ -113,84 +113,20 @@ class Rows:
 
     def build(self, r: RequestRecord) -> tuple[Any, ...]:
         """The request row of `r` (its tree statements gather in `self.tree`)."""
-        tree = self.tree
         cut: list[str] = []
-        reply: dict[str, Any] | None = None
-        # "chat" (also "stream", "completion": the names of the first release of this schema):
-        # a chat reply, its events if it was streamed through, else its JSON.
-        if r.reply_format in CHAT_FORMATS and r.stream_body is not None:
-            reply = assemble_stream(r.stream_body)
-            r.chunk_count = reply.pop("_events")
-        elif r.reply_format in CHAT_FORMATS and r.response_body and (r.status is None or r.status < 400):
-            reply = completion(r.response_body)
-        elif r.reply_format in ("responses", "text_completion") and r.status == 200:
-            read = responses_reply if r.reply_format == "responses" else text_completion_reply
-            data = r.stream_body if r.stream_body is not None else r.response_body
-            reply = read(data, r.stream_body is not None) if data is not None else None
-            if reply is not None and "_events" in reply:
-                r.chunk_count = reply.pop("_events")
-        if r.stream_cut:
-            cut.append(f"response stream ({r.stream_cut} bytes not kept)")
-        usage = reply.get("usage") if reply else None
-        if isinstance(usage, dict):
-            # Chat and completions say prompt/completion tokens; the Responses API input/output.
-            r.prompt_tokens = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
-            r.completion_tokens = _count(usage.get("completion_tokens", usage.get("output_tokens")))
-            r.total_tokens = _count(usage.get("total_tokens"))
-            details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
-            r.cached_tokens = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
+        reply = self._reply(r, cut)
         choices = [c for c in (reply or {}).get("choices") or () if isinstance(c, dict)]
-        if choices and r.finish_reason is None:
-            r.finish_reason = _str(choices[0].get("finish_reason"))
-        if reply is not None and r.reply_format == "responses" and r.finish_reason is None:
-            r.finish_reason = _str(reply.get("status"))  # completed, incomplete, failed
-        if reply and r.reply_id is None:
-            r.reply_id = _str(reply.get("id"))
-
-        params = blobs = overrides = None
-        body_blob = tip = prompt = reply_message = replies = None
-        placed = None
-        split = split_body(r.request_body) if r.request_body else None
-        if split is not None:
-            try:
-                placed = tree.place(split[1], r.session_id)
-            except ValueError:
-                placed = None
-        if placed is not None and split is not None:
-            params, blobs = tree.params(split[0], r.session_id)
-            tip, prompt = placed.tip, placed.prompt
-            if r.turn is None:
-                r.turn = placed.turn
-            if placed.overrides:
-                overrides = self._json({str(i): m for i, m in placed.overrides.items()})
-        elif r.request_body is not None:
-            body_blob = tree.blob(r.request_body[: self.max_body])
-            if len(r.request_body) > self.max_body:
-                cut.append("request body")
-
-        response: str | None = None
-        if reply is not None and placed is not None and placed.tip is not None:
-            ids = []
-            meta_choices = []
-            for c in choices:
-                msg = c.get("message")
-                nid, same = None, False
-                if isinstance(msg, dict):
-                    nid, same = tree.reply(placed, msg, f"choices[{c.get('index', 0)}]")
-                ids.append(nid)  # one per choice, in order (None: a choice with no message)
-                # The message is its node's body: kept here only where it differs.
-                meta_choices.append({k: v for k, v in c.items() if k != "message" or not same})
-            if ids:
-                reply_message = ids[0]
-                replies = orjson.dumps(ids).decode() if len(ids) > 1 or ids[0] is None else None
-            response = self._json({**reply, "choices": meta_choices})
+        placed, request = self._request(r, cut)
+        tip = placed.tip if placed is not None else None
+        reply_message = replies = response = None
+        if reply is not None and placed is not None and tip is not None:
+            reply_message, replies, response = self._replies(placed, reply, choices)
         elif reply is not None:
             response = self._json(reply)
         elif r.response_body is not None:
             response = self._capped(r.response_body, cut, "response body")
-        if placed is not None and placed.cut:
+        if placed is not None:
             cut += placed.cut
-
         received = iso(r.started)
         row = (
             r.id,
@@ -221,13 +157,10 @@ class Rows:
             r.parent_id,
             r.reply_id,
             tip,
-            prompt,
+            placed.prompt if placed is not None else None,
             reply_message,
             replies,
-            params,
-            blobs,
-            overrides,
-            body_blob,
+            *request,
             response,
             ", ".join(cut) if cut else None,
             self._json([{**a, "error": self._text(a.get("error"))} for a in r.attempts]) if r.attempts else None,
@@ -236,6 +169,89 @@ class Rows:
         if r.attach and r.session_id:
             self.attach.append((r.session_id, r.attach))
         return row
+
+    def _reply(self, r: RequestRecord, cut: list[str]) -> dict[str, Any] | None:
+        """The reply `r` got, read as its format says ("chat", also "stream" and
+        "completion", the names of this schema's first release: a chat reply, its events if
+        it was streamed through, else its JSON; "responses"; "text_completion"); the
+        record's tokens, finish reason and reply id taken from it."""
+        reply: dict[str, Any] | None = None
+        if r.reply_format in CHAT_FORMATS and r.stream_body is not None:
+            reply = assemble_stream(r.stream_body)
+            r.chunk_count = reply.pop("_events")
+        elif r.reply_format in CHAT_FORMATS and r.response_body and (r.status is None or r.status < 400):
+            reply = completion(r.response_body)
+        elif r.reply_format in ("responses", "text_completion") and r.status == 200:
+            read = responses_reply if r.reply_format == "responses" else text_completion_reply
+            data = r.stream_body if r.stream_body is not None else r.response_body
+            reply = read(data, r.stream_body is not None) if data is not None else None
+            if reply is not None and "_events" in reply:
+                r.chunk_count = reply.pop("_events")
+        if r.stream_cut:
+            cut.append(f"response stream ({r.stream_cut} bytes not kept)")
+        if reply is None:
+            return None
+        usage = reply.get("usage")
+        if isinstance(usage, dict):
+            # Chat and completions say prompt/completion tokens; the Responses API input/output.
+            r.prompt_tokens = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
+            r.completion_tokens = _count(usage.get("completion_tokens", usage.get("output_tokens")))
+            r.total_tokens = _count(usage.get("total_tokens"))
+            details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
+            r.cached_tokens = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
+        choices = [c for c in reply.get("choices") or () if isinstance(c, dict)]
+        if choices and r.finish_reason is None:
+            r.finish_reason = _str(choices[0].get("finish_reason"))
+        if r.reply_format == "responses" and r.finish_reason is None:
+            r.finish_reason = _str(reply.get("status"))  # completed, incomplete, failed
+        if r.reply_id is None:
+            r.reply_id = _str(reply.get("id"))
+        return reply
+
+    def _request(self, r: RequestRecord, cut: list[str]) -> tuple[Any, tuple[Any, ...]]:
+        """The request body in the tree: (where its history was placed, or None; its
+        columns params, params_blobs, overrides, body_blob). A body that is not a chat
+        request is kept whole as a blob (cut at the body cap)."""
+        tree = self.tree
+        split = split_body(r.request_body) if r.request_body else None
+        placed = None
+        if split is not None:
+            try:
+                placed = tree.place(split[1], r.session_id)
+            except ValueError:
+                placed = None
+        if placed is not None and split is not None:
+            params, blobs = tree.params(split[0], r.session_id)
+            if r.turn is None:
+                r.turn = placed.turn
+            overrides = self._json({str(i): m for i, m in placed.overrides.items()}) if placed.overrides else None
+            return placed, (params, blobs, overrides, None)
+        if r.request_body is None:
+            return None, (None, None, None, None)
+        body_blob = tree.blob(r.request_body[: self.max_body])
+        if len(r.request_body) > self.max_body:
+            cut.append("request body")
+        return None, (None, None, None, body_blob)
+
+    def _replies(self, placed: Any, reply: dict[str, Any], choices: list[dict[str, Any]]) -> tuple[Any, Any, str | None]:
+        """Each choice's message as a node under the request's tip: (the first choice's
+        node, the JSON list of every choice's node when there are several, the response
+        without the messages its nodes hold)."""
+        ids = []
+        meta_choices = []
+        for c in choices:
+            msg = c.get("message")
+            nid, same = None, False
+            if isinstance(msg, dict):
+                nid, same = self.tree.reply(placed, msg, f"choices[{c.get('index', 0)}]")
+            ids.append(nid)  # one per choice, in order (None: a choice with no message)
+            # The message is its node's body: kept here only where it differs.
+            meta_choices.append({k: v for k, v in c.items() if k != "message" or not same})
+        reply_message = replies = None
+        if ids:
+            reply_message = ids[0]
+            replies = orjson.dumps(ids).decode() if len(ids) > 1 or ids[0] is None else None
+        return reply_message, replies, self._json({**reply, "choices": meta_choices})
 
     def _roll(self, r: RequestRecord, minute: str) -> None:
         key = (minute, self._text(r.model) or "", r.provider or "", r.outcome or "", r.client or "")

@@ -84,7 +84,7 @@ class LogWriter:
         self._started_at = 0.0
         self._reader: asyncio.Task[None] | None = None
         self._scheduled = False
-        self._resume: asyncio.Future[None] | None = None
+        self._resume: asyncio.Future[None] | None = None  # held: the loop keeps only weak references to tasks
         self._sent = 0  # records handed to the process
         self._done = 0  # records it has finished with (written or failed)
         self._syncs: dict[int, asyncio.Future[bool]] = {}  # True: synced; False: the process died
@@ -122,10 +122,6 @@ class LogWriter:
     @property
     def full(self) -> bool:
         return len(self._records) + self._sent - self._done >= self._max_queue or self._bytes >= self._max_bytes
-
-    @property
-    def queued_bytes(self) -> int:
-        return self._bytes
 
     async def room(self) -> None:
         """Wait until the queue is below its bounds (at once when it is, or when records
