@@ -3,10 +3,10 @@
 Layers, each importing only those before it (tests/test_layers.py): `config`; the domain
 (`errors`, `messages`, `history`, `sse`, `replies`, `routing`, `records`, `redact`,
 `logsetup`); `store/` (the SQLite log, its writer process, sessions' rows); `providers/`;
-`threads`; the HTTP API (`api/`, `middleware`, `state`, `metrics`); `app`, `serve`, `cli/`.
+`sessions` and `threads`; the HTTP API (`api/`, `middleware`, `state`, `metrics`); `app`, `serve`, `cli/`.
 
 A chat request: `middleware.edge` (id, client key, the record) -> `api/chat.py` (intake,
-then attempts over the routes) -> `threads.place` (the session, what to send) ->
+then attempts over the routes) -> `threads.place` (the session from `sessions.join`, what to send) ->
 `providers/*` (the upstream call) -> `api/relay.py` or `api/render.py` (to the client as it
 arrives) -> `threads.record` (the completed reply) -> `api/outcome.settle` (the row's
 status and outcome) -> the log writer.

@@ -33,6 +33,7 @@ from .store.db import Reopenable
 from .records import iso
 from .store.sessions import SessionRepo
 from .store.watch import DbWatch
+from .sessions import Sessions
 from .threads import Threads
 
 log = structlog.get_logger("provider_router")
@@ -205,17 +206,17 @@ async def _retention(db_path: str, days: int, interval: float = 3600.0) -> None:
 async def _threads(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     assert state.db is not None and state.writer is not None
-    threads = Threads(state.config.sessions, SessionRepo(state.db, state.writer), state.providers)
-    await threads.start()
-    state.threads = threads
-    cleanup = asyncio.create_task(threads.run_cleanup(), name="session-cleanup")
+    sessions = Sessions(state.config.sessions, SessionRepo(state.db, state.writer), state.providers)
+    await sessions.start()
+    state.sessions, state.threads = sessions, Threads(sessions)
+    cleanup = asyncio.create_task(sessions.run_cleanup(), name="session-cleanup")
     try:
         yield
     finally:
         cleanup.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await cleanup
-        state.threads = None
+        state.sessions = state.threads = None
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .records import RequestRecord
     from .store.watch import DbWatch
     from .store.writer import LogWriter
-    from .threads import Threads
+    from .sessions import Sessions
 
 # Milliseconds: proxies are judged on single-digit ms overhead, LLM replies take seconds.
 _BUCKETS_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000)
@@ -35,7 +35,7 @@ class Sources(Protocol):
     time, since the writer and the watch are replaced when the database is reopened."""
 
     @property
-    def threads(self) -> Threads | None: ...
+    def sessions(self) -> Sessions | None: ...
     @property
     def writer(self) -> LogWriter | None: ...
     @property
@@ -45,7 +45,7 @@ class Sources(Protocol):
 
 
 class _Live(Collector):
-    """Series read when scraped from what keeps them: the threads, the log writer (its counts
+    """Series read when scraped from what keeps them: the sessions, the log writer (its counts
     come from its own process) and the database watch. Their counters are totals kept there,
     which prometheus_client's Counter (it only increments) cannot mirror."""
 
@@ -53,9 +53,9 @@ class _Live(Collector):
         self._state = state
 
     def collect(self) -> Iterator[Metric]:
-        threads, writer = self._state.threads, self._state.writer
-        if threads is not None:
-            st = threads.stats()
+        sessions, writer = self._state.sessions, self._state.writer
+        if sessions is not None:
+            st = sessions.stats()
             yield GaugeMetricFamily("provider_router_sessions_active", "Active sessions.", value=st["active"])
             yield CounterMetricFamily("provider_router_sessions_created", "Sessions created.", value=st["created_total"])
             yield CounterMetricFamily("provider_router_sessions_expired", "Sessions expired.", value=st["expired_total"])

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .metrics import Metrics
     from .store import LogWriter, Redactor
     from .store.watch import DbWatch
+    from .sessions import Sessions
     from .threads import Threads
 
 
@@ -35,6 +36,7 @@ class State:
     reader: aiosqlite.Connection | None = None  # read-only: operator queries never queue behind writes
     writer: LogWriter | None = None
     watch: DbWatch | None = None  # the log's health, the database file's identity (store/watch.py)
+    sessions: Sessions | None = None
     threads: Threads | None = None
     metrics: Metrics | None = None
     shutting_down: bool = False  # set by on_shutdown, before in-flight requests get their grace

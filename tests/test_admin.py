@@ -110,14 +110,14 @@ async def test_admin_sessions_list_get_refresh_delete(make_proxy: ProxyFactory) 
     alpha = next(s for s in everything["data"] if s["id"] == opening["session_id"])
     status, one = await get(p, f"/admin/sessions/{alpha['id']}", AUTH)
     assert status == 200 and [t["prompt_text"] for t in one["turns"]] == ["alpha question", "alpha question again"]
-    before = p.state.threads.sessions[alpha["id"]].expires  # type: ignore[union-attr]
+    before = p.state.sessions.active[alpha["id"]].expires  # type: ignore[union-attr]
     status, refreshed = await get(p, f"/admin/sessions/{alpha['id']}/refresh", AUTH, method="POST")
-    assert status == 200 and p.state.threads.sessions[alpha["id"]].expires >= before  # type: ignore[union-attr]
+    assert status == 200 and p.state.sessions.active[alpha["id"]].expires >= before  # type: ignore[union-attr]
     status, _ = await get(p, f"/admin/sessions/{alpha['id']}", AUTH, method="DELETE")
     assert status == 200
     await p.drained()
     assert (await get(p, f"/admin/sessions/{alpha['id']}", AUTH))[0] == 404
-    assert alpha["id"] not in p.state.threads.sessions  # type: ignore[union-attr]
+    assert alpha["id"] not in p.state.sessions.active  # type: ignore[union-attr]
     assert (await get(p, "/admin/sessions/nope", AUTH, method="DELETE"))[0] == 404
 
 
@@ -127,9 +127,9 @@ async def test_admin_cleanup_expires_sessions(make_proxy: ProxyFactory) -> None:
     cfg["sessions"] = {"timeout_minutes": 0.0005}  # 30 ms
     p = await make_proxy(cfg)
     await fill(p)
-    threads = p.state.threads
-    assert threads is not None
-    deadline = max(s.expires for s in threads.sessions.values())
+    sessions = p.state.sessions
+    assert sessions is not None
+    deadline = max(s.expires for s in sessions.active.values())
     async with asyncio.timeout(10):
         while time.time() <= deadline:  # wait for the condition: every session past its expiry
             await asyncio.sleep(0.01)

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "messages", "history", "sse", "replies", "routing", "records", "redact", "logsetup"),
     ("store",),
     ("providers",),
-    ("threads",),
+    ("sessions", "threads"),
     ("api", "middleware", "state", "metrics"),
     ("app", "serve", "startup", "stopping", "cli", "__main__", ""),
 ]

@@ -111,7 +111,7 @@ async def test_a_request_moved_by_a_fallback_counts_in_the_session_that_answered
     await p.sdk().chat.completions.create(model="gpt-4o", messages=HELLO)
     await p.drained()
     assert await p.rows("SELECT * FROM sessions") == []
-    assert p.state.threads.stats()["active"] == 1
+    assert p.state.sessions.stats()["active"] == 1
     await p.sdk().chat.completions.create(model="gpt-4o", messages=HELLO)  # the same conversation again
     await p.drained()
     [session] = await p.rows("SELECT * FROM sessions")

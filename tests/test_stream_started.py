@@ -73,4 +73,4 @@ async def test_concurrent_first_requests_naming_one_new_session_count_in_it(qpro
     await asyncio.gather(*(one(i) for i in range(5)))
     await qproxy.drained()
     assert await qproxy.rows("SELECT id, request_count FROM sessions") == [{"id": "race-1", "request_count": 5}]
-    assert qproxy.state.threads.sessions["race-1"].request_count == 5
+    assert qproxy.state.sessions.active["race-1"].request_count == 5

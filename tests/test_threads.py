@@ -238,10 +238,10 @@ async def test_expired_session_starts_over_with_the_whole_history(qproxy: Proxy,
     conv = Conversation(qproxy.sdk())
     await conv.say("one")
     old = conv.session_id
-    threads = qproxy.state.threads
-    assert threads is not None
-    assert threads.expire(now=10**12) == 1
-    assert threads.stats()["expired_total"] == 1 and threads.stats()["active"] == 0
+    sessions = qproxy.state.sessions
+    assert sessions is not None
+    assert sessions.expire(now=10**12) == 1
+    assert sessions.stats()["expired_total"] == 1 and sessions.stats()["active"] == 0
     await conv.say("two")
     assert conv.session_id != old
     assert qwen_fake.created_chats == 2 and qwen_fake.turns[-1].parent_id is None
@@ -360,10 +360,10 @@ async def test_max_sessions_evicts_least_recently_used(make_proxy: ProxyFactory,
     await convs[1].say("b")
     await convs[0].say("a again")  # 0 is now more recent than 1
     await convs[2].say("c")
-    threads = p.state.threads
-    assert threads is not None
-    assert set(threads.sessions) == {convs[0].session_id, convs[2].session_id}
-    assert threads.stats()["evicted_total"] == 1
+    sessions = p.state.sessions
+    assert sessions is not None
+    assert set(sessions.active) == {convs[0].session_id, convs[2].session_id}
+    assert sessions.stats()["evicted_total"] == 1
 
 
 async def test_expiry_can_delete_the_upstream_chats(make_proxy: ProxyFactory, qwen_fake: QwenFake) -> None:
@@ -375,10 +375,10 @@ async def test_expiry_can_delete_the_upstream_chats(make_proxy: ProxyFactory, qw
     await conv.say("one")
     chat = qwen_fake.turns[-1].chat_id
     assert chat in qwen_fake.chats
-    threads = p.state.threads
-    assert threads is not None
-    assert threads.expire(now=10**12) == 1
-    await threads.delete_doomed_chats()
+    sessions = p.state.sessions
+    assert sessions is not None
+    assert sessions.expire(now=10**12) == 1
+    await sessions.delete_doomed_chats()
     assert chat not in qwen_fake.chats
 
 
@@ -388,15 +388,15 @@ async def test_a_session_deleted_while_its_request_is_in_flight_stays_deleted(qp
     starts a new session and a new upstream chat."""
     conv = Conversation(qproxy.sdk())
     await conv.say("one")
-    threads = qproxy.state.threads
-    assert threads is not None
+    sessions = qproxy.state.sessions
+    assert sessions is not None
     sid = conv.session_id
     release = qwen_fake.stall_next()
     second = asyncio.create_task(conv.say("two"))
     async with asyncio.timeout(10):  # until the second turn is at the upstream
         while len(qwen_fake.turns) < 2:
             await asyncio.sleep(0.01)
-    threads.delete(sid)  # type: ignore[arg-type]
+    sessions.delete(sid)  # type: ignore[arg-type]
     release.set()
     assert await second
     await qproxy.drained()
@@ -422,10 +422,10 @@ async def test_a_stateless_session_deleted_in_flight_keeps_no_turn(make_proxy: P
     task = asyncio.create_task(p.sdk().chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hello"}]))
     await _until(lambda: len(openai_fake.seen) == 1)
     await p.drained()  # the session row is in the file
-    threads = p.state.threads
-    assert threads is not None
-    [sid] = list(threads.sessions)
-    threads.delete(sid)
+    sessions = p.state.sessions
+    assert sessions is not None
+    [sid] = list(sessions.active)
+    sessions.delete(sid)
     openai_fake.stall_head.set()
     await task
     await p.drained()
@@ -444,9 +444,9 @@ async def test_a_session_evicted_then_deleted_in_flight_stays_deleted(make_proxy
     second = asyncio.create_task(conv.say("two"))
     await _until(lambda: len(qwen_fake.turns) == 2)
     await p.sdk().chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi"}])  # evicts it
-    threads = p.state.threads
-    assert threads is not None and sid not in threads.sessions
-    threads.delete(sid)  # type: ignore[arg-type]
+    sessions = p.state.sessions
+    assert sessions is not None and sid not in sessions.active
+    sessions.delete(sid)  # type: ignore[arg-type]
     release.set()
     await second
     await p.drained()

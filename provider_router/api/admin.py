@@ -122,8 +122,8 @@ async def session_get(request: web.Request) -> web.Response:
 
 async def session_refresh(request: web.Request) -> web.Response:
     state = _require_admin(request)
-    assert state.threads is not None
-    s = state.threads.refresh(request.match_info["id"])
+    assert state.sessions is not None
+    s = state.sessions.refresh(request.match_info["id"])
     if s is None:
         raise ApiError(404, "No such active session.", code="session_not_found")
     return _json({"id": s.id, "state": s.state, "expires_in_seconds": round(s.expires - time.time(), 3)})
@@ -131,22 +131,22 @@ async def session_refresh(request: web.Request) -> web.Response:
 
 async def session_delete(request: web.Request) -> web.Response:
     state = _require_admin(request)
-    assert state.threads is not None
+    assert state.sessions is not None
     sid = request.match_info["id"]
-    live = sid in state.threads.sessions
+    live = sid in state.sessions.active
     stored = live or await queries.get_session(_reader(state), sid) is not None
     if not stored:
         raise ApiError(404, "No such session.", code="session_not_found")
-    state.threads.delete(sid)
+    state.sessions.delete(sid)
     return _json({"id": sid, "deleted": True})
 
 
 async def sessions_cleanup(request: web.Request) -> web.Response:
     state = _require_admin(request)
-    assert state.threads is not None
-    expired = state.threads.expire()
-    await state.threads.delete_doomed_chats()
-    return _json({"expired": expired, "active": len(state.threads.sessions)})
+    assert state.sessions is not None
+    expired = state.sessions.expire()
+    await state.sessions.delete_doomed_chats()
+    return _json({"expired": expired, "active": len(state.sessions.active)})
 
 
 # -- admin: stats and requests -----------------------------------------------------------
@@ -162,7 +162,7 @@ async def stats(request: web.Request) -> web.Response:
     return _json(
         {
             **figures.as_dict(),
-            "sessions_live": state.threads.stats() if state.threads else None,
+            "sessions_live": state.sessions.stats() if state.sessions else None,
             "log_writer": None if writer is None else {"queue_depth": writer.depth, "written": writer.written, "dropped": writer.dropped, "failed": writer.failed},
         }
     )

@@ -43,7 +43,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if provider.threaded:
             return await _turn(request, rec, threads, provider, call, a)
         # A stateless upstream gets the whole history; the session is the log's business.
-        await threads.join(request, rec, a.route, body["messages"])
+        await threads.sessions.join(request, rec, a.route, body["messages"])
         return await _answer(request, rec, provider, call, a)
 
     return await attempts.run(rec, routes, attempt)

@@ -1,0 +1,291 @@
+"""Sessions: which conversation a request belongs to, and each session's life: created
+from its first request (or named by `X-Session-Id`), joined by the requests that continue
+it, refreshed by each, ended when idle past its timeout, evicted past `max_sessions`,
+deleted on demand, recovered at start. Threads (threads.py) place turns in them.
+
+A session is found by a fingerprint of the request's opening (client, route, system
+messages, first user message), or named by `X-Session-Id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import OrderedDict
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from .config import SessionsConfig
+from .errors import ApiError
+from .history import fingerprint
+from .providers import Provider, is_threaded
+from .records import RequestRecord, new_id
+from .routing import Route
+from .store.sessions import Session, SessionRepo, Turn
+
+JOINED = web.RequestKey("joined_session", Session)  # a request's session, across its attempts
+log = structlog.get_logger("provider_router.sessions")
+
+_SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class Sessions:
+    def __init__(self, cfg: SessionsConfig, repo: SessionRepo, providers: dict[str, Provider]) -> None:
+        self.cfg = cfg
+        self.repo = repo
+        self.providers = providers
+        self.timeout = cfg.timeout_minutes * 60.0
+        self.active: OrderedDict[str, Session] = OrderedDict()  # least recently used first
+        self.by_fingerprint: dict[str, str] = {}
+        self._turns: dict[str, dict[bytes, Turn]] = {}  # per active session, loaded lazily
+        self.created_total = 0
+        self.expired_total = 0
+        self.evicted_total = 0
+        self._doomed_chats: list[tuple[str, str]] = []  # (provider, chat_id) to delete upstream
+
+    async def start(self) -> None:
+        """Load the active sessions a previous run left, so their upstream chats continue,
+        and mark expired the ones whose time ran out while no daemon ran: from now on the
+        active rows are the sessions in memory, which `expire` ends in time."""
+        now = time.time()
+        for s in await self.repo.load_active(now):
+            self._remember(s)
+        self.repo.expire_stored(now)
+
+    def _remember(self, s: Session) -> None:
+        self.active[s.id] = s
+        self.active.move_to_end(s.id)
+        if not s.metadata.get("explicit"):  # a named session is joined only by its name
+            self.by_fingerprint[s.fingerprint] = s.id
+
+    def _end(self, s: Session, reason: str) -> None:
+        s.state = "expired"
+        s.metadata = {**s.metadata, "ended": reason}
+        self.active.pop(s.id, None)
+        if self.by_fingerprint.get(s.fingerprint) == s.id:
+            del self.by_fingerprint[s.fingerprint]
+        turns = self._turns.pop(s.id, None)
+        self.repo.save(s)
+        if reason == "evicted":
+            self.evicted_total += 1
+        else:
+            self.expired_total += 1
+        provider = self.providers.get(s.provider)
+        if is_threaded(provider) and provider.delete_chats:
+            chats = {t.chat_id for t in (turns or {}).values() if t.chat_id} | ({s.chat_id} if s.chat_id else set())
+            self._doomed_chats += [(s.provider, c) for c in chats]
+
+    def _new(
+        self, sid: str, fp: str, client: str, route: Route, request: web.Request, now: float, explicit: bool = False
+    ) -> Session:
+        while len(self.active) >= self.cfg.max_sessions:
+            _, oldest = next(iter(self.active.items()))
+            self._end(oldest, "evicted")
+        s = Session(
+            id=sid,
+            fingerprint=fp,
+            client=client,
+            provider=route.provider.name,
+            upstream_model=route.upstream_model,
+            created=now,
+            last_access=now,
+            expires=now + self.timeout,
+            metadata={"user_agent": request.headers.get("User-Agent"), "client": client},
+            stored=False,
+        )
+        if explicit:
+            s.metadata["explicit"] = True
+        threaded = self.providers[route.provider.name].threaded
+        if not threaded:
+            s.chat_id = sid  # stateless upstreams: the conversation's id is our own
+        self._turns[sid] = {}
+        self._remember(s)
+        if explicit or threaded:
+            self.repo.create(s)
+        # else: a one-shot request pays for no session row; a second request stores it.
+        self.created_total += 1
+        return s
+
+    async def _find(
+        self, request: web.Request, client: str, route: Route, messages: list[dict[str, Any]], now: float
+    ) -> Session:
+        fp = fingerprint(client, route.provider.name, route.upstream_model, messages)
+        explicit = request.headers.get("X-Session-Id")
+        if explicit is not None:
+            if not _SESSION_ID.match(explicit):
+                raise ApiError(400, "X-Session-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -", param="X-Session-Id")
+            s = self.active.get(explicit)
+            if s is None:
+                s = await self.repo.load(explicit)
+                s = self.active.get(explicit) or s  # a concurrent request may have started it
+            if s is not None and s.client != client:
+                # Never reveal, or join, another client's session.
+                raise ApiError(404, f"No session {explicit}.", code="session_not_found", param="X-Session-Id")
+            if s is None:
+                return self._new(explicit, fp, client, route, request, now, explicit=True)
+            if (s.provider, s.upstream_model) == (route.provider.name, route.upstream_model):
+                if s.id not in self.active:  # an expired session named again comes back
+                    s.state = "active"
+                    self._remember(s)
+                return s
+            joined = request.get(JOINED)
+            if joined is None or joined.id != s.id:
+                raise ApiError(
+                    409,
+                    f"Session {explicit} belongs to {s.provider}/{s.upstream_model}, not {route.provider.name}/{route.upstream_model}.",
+                    code="session_route_mismatch",
+                    param="X-Session-Id",
+                )
+            # This request's own fallback left the named session's route: the fallback route
+            # holds it in a session of its own, as it would without the header.
+        sid = self.by_fingerprint.get(fp)
+        s = self.active.get(sid) if sid else None
+        if s is not None and s.expires <= now:
+            self._end(s, "expired")
+            s = None
+        if s is None:
+            s = self._new(new_id(), fp, client, route, request, now)
+        return s
+
+    async def turns(self, s: Session) -> dict[bytes, Turn]:
+        """The session's recorded turns by reply node (loaded once)."""
+        turns = self._turns.get(s.id)
+        if turns is None:
+            turns = {t.message_hash: t for t in await self.repo.load_turns(s.id)}
+            self._turns[s.id] = turns
+        return turns
+
+    def add_turn(self, s: Session, t: Turn, request_id: str) -> None:
+        if s.id in self.active:  # an evicted session keeps no turns in memory
+            self._turns.setdefault(s.id, {})[t.message_hash] = t
+        self.repo.add_turn(s.id, t, request_id, s.last_access)
+
+    def forget_chat(self, s: Session, chat_id: str) -> None:
+        """The upstream lost `chat_id`: the session's turns in it are gone too."""
+        turns = self._turns.get(s.id, {})
+        for h in [h for h, t in turns.items() if t.chat_id == chat_id]:
+            del turns[h]
+        self.repo.forget_chat(s.id, chat_id)
+
+    # -- the request path ---------------------------------------------------------------
+    async def join(self, request: web.Request, rec: RequestRecord, route: Route, messages: list[dict[str, Any]]) -> Session:
+        """Find or start the request's session and count the request in it.
+
+        On a stateless upstream this is all the request path does: the full history
+        travels, and where it continues matters only to the log, so the log writer
+        process threads it once it has assembled the reply (`rec.log_turn`).
+
+        Each attempt of a request joins (retries, fallbacks): a request counts once, in
+        the session that holds it last, as its log row does."""
+        now = time.time()
+        s = await self._find(request, rec.client or "anonymous", route, messages, now)
+        s.last_access = now
+        s.expires = now + self.timeout
+        before = request.get(JOINED)  # the session an earlier attempt joined, if any
+        if before is not s:
+            s.request_count += 1
+            if not s.stored:
+                if s.first is None:
+                    s.first = rec
+                elif s.first is not rec:
+                    self._store(s, rec)
+            if before is not None:  # a fallback moved it (or the first was evicted meanwhile)
+                before.request_count -= 1
+                if (
+                    before.request_count <= 0
+                    and not before.metadata.get("explicit")
+                    and self.active.get(before.id, before) is before  # not a copy loaded since
+                ):
+                    # It holds no request, past or in flight: this one started it, then left
+                    # for another route. Kept, it would list as an empty session and take a
+                    # `max_sessions` slot; the next request of the conversation starts anew.
+                    self.delete(before.id)
+                else:
+                    self.repo.save(before)
+            request[JOINED] = s
+        self.active.move_to_end(s.id)
+        rec.session_id = s.id
+        rec.log_session = s.stored or s.first is not rec
+        if not self.providers[route.provider.name].threaded:
+            rec.chat_id = s.id
+            s.message_count = len(messages)
+        self.repo.save(s)
+        return s
+
+    def _store(self, s: Session, rec: RequestRecord) -> None:
+        """A second request continues a conversation: from now on it is a stored session,
+        and the request that started it joins it in the log."""
+        self.repo.create(s)
+        first, s.first = s.first, None
+        if first is not None:
+            if first.handed:
+                rec.attach = first.id  # its row is written: the writer links it
+            else:
+                first.log_session = True
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def refresh(self, session_id: str, now: float | None = None) -> Session | None:
+        """Extend an active session's sliding timeout from now."""
+        s = self.active.get(session_id)
+        if s is None:
+            return None
+        now = time.time() if now is None else now
+        s.last_access, s.expires = now, now + self.timeout
+        self.active.move_to_end(session_id)
+        self.repo.save(s)
+        return s
+
+    def delete(self, session_id: str) -> None:
+        """Forget a session everywhere (its turns go with it; its request rows stay). A
+        request of it still in flight finishes for its client but records nothing more."""
+        s = self.active.pop(session_id, None)
+        if s is not None:
+            s.state = "deleted"  # never stored: saves and turns of it are skipped from now on
+            if self.by_fingerprint.get(s.fingerprint) == session_id:
+                del self.by_fingerprint[s.fingerprint]
+        self._turns.pop(session_id, None)
+        self.repo.delete(session_id)
+
+    def expire(self, now: float | None = None) -> int:
+        """End every session whose sliding timeout has passed; returns how many."""
+        now = time.time() if now is None else now
+        ended = [s for s in self.active.values() if s.expires <= now]
+        for s in ended:
+            self._end(s, "expired")
+        return len(ended)
+
+    async def delete_doomed_chats(self) -> None:
+        """Delete upstream chats of ended sessions (when the provider is configured to)."""
+        doomed, self._doomed_chats = self._doomed_chats, []
+        for provider_name, chat_id in doomed:
+            provider = self.providers.get(provider_name)
+            try:
+                if is_threaded(provider):
+                    await provider.delete_chat(chat_id)
+            except Exception as e:  # best effort: the upstream expires chats itself too
+                log.warning("chat_delete_failed", chat_id=chat_id, error=str(e))
+
+    def stats(self, now: float | None = None) -> dict[str, Any]:
+        now = time.time() if now is None else now
+        ages = [now - s.created for s in self.active.values()]
+        return {
+            "active": len(self.active),
+            "created_total": self.created_total,
+            "expired_total": self.expired_total,
+            "evicted_total": self.evicted_total,
+            "oldest_age_seconds": round(max(ages), 3) if ages else None,
+            "newest_age_seconds": round(min(ages), 3) if ages else None,
+        }
+
+    async def run_cleanup(self) -> None:
+        """The periodic cleanup loop: owned by the app, cancelled on shutdown."""
+        interval = self.cfg.cleanup_interval_minutes * 60.0
+        while True:
+            await asyncio.sleep(interval)
+            n = self.expire()
+            if n:
+                log.info("sessions_expired", count=n, active=len(self.active))
+            await self.delete_doomed_chats()
