@@ -53,6 +53,8 @@ sys.path.insert(0, str(REPO))
 
 from provider_router.store import LogWriter, RequestRecord, connect  # noqa: E402
 from provider_router.store import queries as q  # noqa: E402
+from provider_router.store import session_reads  # noqa: E402
+from provider_router.store import stats as stats_q  # noqa: E402
 from provider_router.store.rows import ROLLUP_SUMS  # noqa: E402
 from provider_router.store.sessions import Session, SessionRepo  # noqa: E402
 
@@ -424,7 +426,7 @@ async def query_times(db: Path, runs: int) -> tuple[dict[str, float], dict[str, 
     opens it; how many rows each listing returned; a session id to filter on."""
     conn = await connect(db, readonly=True, migrate_schema=False)
     try:
-        sessions = await q.list_sessions(conn, limit=20)
+        sessions = await session_reads.list_sessions(conn, limit=20)
         session_id = sessions[0]["id"] if sessions else "none"
         loop = asyncio.get_running_loop()
         times: dict[str, float] = {}
@@ -443,10 +445,10 @@ async def query_times(db: Path, runs: int) -> tuple[dict[str, float], dict[str, 
             elif isinstance(result, list):
                 found[name] = len(result)
 
-        await timed("stats", lambda: q.stats(conn))
+        await timed("stats", lambda: stats_q.stats(conn))
         for name, (flt, _) in logs_filters(session_id).items():
             await timed(f"logs {name}", lambda flt=flt: q.recent_requests(conn, flt, 20))
-        await timed("sessions list", lambda: q.list_sessions(conn, limit=20))
+        await timed("sessions list", lambda: session_reads.list_sessions(conn, limit=20))
         return times, found, session_id
     finally:
         await conn.close()

@@ -28,7 +28,7 @@ from .providers.proxies import proxy_secrets
 from .routing import Router
 from .startup import StartupError, database_error
 from .state import STATE, State
-from .store import LogWriter, Redactor, connect, queries
+from .store import LogWriter, Redactor, connect, retention
 from .store.db import Reopenable
 from .records import iso
 from .store.sessions import SessionRepo
@@ -192,7 +192,7 @@ async def _retention(db_path: str, days: int, interval: float = 3600.0) -> None:
         conn = await connect(db_path)
         try:
             cut = iso(time.time() - days * 86400)
-            result = await queries.prune(conn, cut)
+            result = await retention.prune(conn, cut)
         finally:
             await conn.close()
         if result.requests or result.sessions:

@@ -17,6 +17,7 @@ import pytest
 from provider_router import history
 from provider_router.cli import main
 from provider_router.store import Redactor, RequestRecord, connect, queries, sink
+from provider_router.store import stats as stats_q
 from provider_router.store.migrations import MIGRATIONS
 
 DATA = Path(__file__).parent / "data"
@@ -54,7 +55,7 @@ async def test_a_previous_release_database_migrates_in_place(tmp_path: Path) -> 
                 assert got["response_text"] == row["response_text"]
             elif row["response_body"] is not None:
                 assert got["response"] == json.loads(row["response_body"])
-        stats = await queries.stats(conn)
+        stats = await stats_q.stats(conn)
         assert stats.total.requests == len(before)
         assert stats.total.errors == sum(r["outcome"] != "ok" for r in before)
     finally:

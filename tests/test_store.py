@@ -17,7 +17,6 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from provider_router import history
 from provider_router.logsetup import line_renderer, setup_logging
 from provider_router.store import LogWriter, Redactor, RequestRecord, connect, sink
 from provider_router.records import iso, request_line
@@ -331,7 +330,7 @@ def test_stats_since_any_time_count_each_request_once(offsets: list[float], cut:
 
     import aiosqlite
 
-    from provider_router.store import queries
+    from provider_router.store import stats as stats_q
     from provider_router.store.migrations import migrate_file
 
     base = 1_790_000_000.0
@@ -350,7 +349,7 @@ def test_stats_since_any_time_count_each_request_once(offsets: list[float], cut:
 
         async def read() -> int:
             async with aiosqlite.connect(path) as conn:
-                return (await queries.stats(conn, since)).total.requests
+                return (await stats_q.stats(conn, since)).total.requests
 
         expected = sum(iso(r.started)[:16] >= since[:16] for r in records)
         assert asyncio.run(read()) == expected
@@ -402,7 +401,7 @@ def test_a_prune_by_another_connection_is_not_undone_by_the_writers_memory(tmp_p
 
     import aiosqlite
 
-    from provider_router.store import queries
+    from provider_router.store import queries, retention
     from provider_router.store.migrations import migrate_file
 
     path = tmp_path / "p.db"
@@ -423,7 +422,7 @@ def test_a_prune_by_another_connection_is_not_undone_by_the_writers_memory(tmp_p
 
     async def prune() -> int:
         async with aiosqlite.connect(path) as conn:
-            return (await queries.prune(conn, iso(2_000_000.0))).messages
+            return (await retention.prune(conn, iso(2_000_000.0))).messages
 
     assert asyncio.run(prune()) == 2
     again = record(3_000_000.0)

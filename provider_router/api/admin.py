@@ -16,7 +16,8 @@ from aiohttp import web
 from ..errors import ApiError
 from ..metrics import CONTENT_TYPE
 from ..state import STATE, State
-from ..store import queries
+from ..store import queries, session_reads
+from ..store import stats as stats_q
 
 MAX_PAGE = 500
 
@@ -103,7 +104,7 @@ async def sessions_list(request: web.Request) -> web.Response:
         raise ApiError(400, "`state` must be active or expired.", param="state")
     limit = _int(request, "limit", 50, 1, MAX_PAGE)
     offset = _int(request, "offset", 0, 0, 10**9)
-    rows = await queries.list_sessions(_reader(state), state=which, limit=limit, offset=offset, newest_first=True)
+    rows = await session_reads.list_sessions(_reader(state), state=which, limit=limit, offset=offset, newest_first=True)
     return _json({"object": "list", "data": rows, "limit": limit, "offset": offset, "has_more": len(rows) == limit})
 
 
@@ -111,7 +112,7 @@ async def session_get(request: web.Request) -> web.Response:
     state = _require_admin(request)
     conn = _reader(state)
     try:
-        session = await queries.get_session(conn, request.match_info["id"])
+        session = await session_reads.get_session(conn, request.match_info["id"])
     except queries.AmbiguousId as e:
         raise ApiError(400, str(e), code="ambiguous_id") from None
     if session is None:
@@ -134,7 +135,7 @@ async def session_delete(request: web.Request) -> web.Response:
     assert state.sessions is not None
     sid = request.match_info["id"]
     live = sid in state.sessions.active
-    stored = live or await queries.get_session(_reader(state), sid) is not None
+    stored = live or await session_reads.get_session(_reader(state), sid) is not None
     if not stored:
         raise ApiError(404, "No such session.", code="session_not_found")
     state.sessions.delete(sid)
@@ -157,7 +158,7 @@ async def stats(request: web.Request) -> web.Response:
         cut = queries.cutoff(since) if since else None
     except ValueError as e:
         raise ApiError(400, str(e), param="since") from None
-    figures = await queries.stats(_reader(state), since=cut)
+    figures = await stats_q.stats(_reader(state), since=cut)
     writer = state.writer
     return _json(
         {

@@ -9,7 +9,7 @@ from pathlib import Path
 import aiosqlite
 import click
 
-from ..store import queries as q
+from ..store import retention
 from .common import POSITIVE, Group, Settings, When, examples, with_settings
 from .database import run_db
 from .output import human_size
@@ -62,7 +62,7 @@ def prune(settings: Settings, older_than: str, batch: int) -> None:
         click.echo(f"  deleted {n} {kind} so far", err=True)
 
     async def body(conn: aiosqlite.Connection) -> None:
-        res = await q.prune(conn, older_than, batch=batch, progress=progress)
+        res = await retention.prune(conn, older_than, batch=batch, progress=progress)
         click.echo(
             f"deleted {res.requests} request(s) received before {res.cutoff} and "
             f"{res.sessions} expired session(s) last used before it"
@@ -95,7 +95,7 @@ def vacuum(settings: Settings) -> None:
 
     async def body(conn: aiosqlite.Connection) -> None:
         before = _sizes(path)
-        busy, _, _ = await q.vacuum(conn)
+        busy, _, _ = await retention.vacuum(conn)
         click.echo(f"before: {before}\nafter:  {_sizes(path)}")
         if busy:
             click.echo("note: a reader kept the WAL busy; it is truncated at the next checkpoint", err=True)

@@ -12,6 +12,7 @@ import aiosqlite
 import click
 
 from ..store import queries as q
+from ..store import session_reads
 from ..store import tree_view as tv
 from .admin import Admin, edit_sessions
 from .common import COUNT, CliError, Group, Settings, examples, json_option, with_settings
@@ -45,7 +46,7 @@ def sessions() -> None:
 @with_settings
 def list_(settings: Settings, active: bool, limit: int) -> None:
     async def body(conn: aiosqlite.Connection) -> None:
-        rows = await q.list_sessions(conn, active_only=active, limit=limit)
+        rows = await session_reads.list_sessions(conn, active_only=active, limit=limit)
         if settings.json:
             if rows:
                 click.echo("\n".join(json_line(r) for r in rows))
@@ -73,7 +74,7 @@ def _session_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 async def _session(conn: aiosqlite.Connection, prefix: str) -> dict[str, Any]:
-    s = await q.get_session(conn, prefix)
+    s = await session_reads.get_session(conn, prefix)
     if s is None:
         raise CliError(f"no session with id {prefix!r}")
     return s
@@ -142,7 +143,7 @@ async def _tree_lines(conn: aiosqlite.Connection, s: dict[str, Any]) -> list[str
 def delete(settings: Settings, session_id: str) -> None:
     async def offline(conn: aiosqlite.Connection) -> None:
         s = await _session(conn, session_id)
-        gone = await q.delete_session(conn, s["id"])
+        gone = await session_reads.delete_session(conn, s["id"])
         if gone is None:  # the daemon deleted it between the lookup and the delete
             raise CliError(f"no session with id {session_id!r}")
         click.echo(
@@ -176,7 +177,7 @@ def delete(settings: Settings, session_id: str) -> None:
 @with_settings
 def cleanup(settings: Settings) -> None:
     async def offline(conn: aiosqlite.Connection) -> None:
-        click.echo(f"marked {await q.expire_sessions(conn)} session(s) expired")
+        click.echo(f"marked {await session_reads.expire_sessions(conn)} session(s) expired")
 
     async def online(_: aiosqlite.Connection, admin: Admin) -> None:
         _, body = await admin.call("POST", "/admin/sessions/cleanup")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import aiosqlite
 import click
 
-from ..store import queries as q
+from ..store import stats as stats_q
 from .common import SINCE_HELP, Settings, When, examples, json_option, with_settings
 from .database import run_db
 from .output import full_time, json_doc, ms, table
@@ -30,20 +30,20 @@ HEADERS = ("MODEL", "PROVIDER", "REQS", "ERRORS", "TOK IN", "TOK OUT", "CACHED",
 @with_settings
 def stats(settings: Settings, since: str | None) -> None:
     async def body(conn: aiosqlite.Connection) -> None:
-        st = await q.stats(conn, since)
+        st = await stats_q.stats(conn, since)
         click.echo(json_doc(st.as_dict()) if settings.json else "\n".join(_render(st, since)))
 
     run_db(settings.db_path(), body)
 
 
-def _cells(g: q.GroupStats, model: str, provider: str) -> list[str]:
+def _cells(g: stats_q.GroupStats, model: str, provider: str) -> list[str]:
     return [
         model, provider, str(g.requests), str(g.errors), str(g.prompt_tokens), str(g.completion_tokens),
         str(g.cached_tokens), ms(g.ttfb_p50_ms), ms(g.ttfb_p95_ms), ms(g.duration_p50_ms), ms(g.duration_p95_ms),
     ]
 
 
-def _render(st: q.Stats, since: str | None) -> list[str]:
+def _render(st: stats_q.Stats, since: str | None) -> list[str]:
     rows = [_cells(g, g.model or "-", g.provider or "-") for g in st.groups]
     rows.append(_cells(st.total, "TOTAL", ""))
     s = st.sessions

@@ -1,27 +1,25 @@
-"""The read side of the log database (and the few offline maintenance writes): plain async
-functions over an `aiosqlite.Connection` returning dicts and dataclasses, no rendering, so
-the CLI and the admin HTTP API share them.
+"""The read side of the log: requests listed, searched and read back whole from the tree,
+and the helpers the other readers share (session_reads.py, stats.py, retention.py): plain
+async functions over an `aiosqlite.Connection` returning dicts and dataclasses, no
+rendering, so the CLI and the admin HTTP API share them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any
 
 import aiosqlite
 import orjson
 
 from ..replies import reply_text
-from ..history import message_text
 from ..messages import content_text
 from ..records import iso
-from .rows import BUCKETS_MS, NB, ROLLUP_SUMS
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
@@ -110,15 +108,15 @@ async def has_table(conn: aiosqlite.Connection, name: str) -> bool:
         return await cur.fetchone() is not None
 
 
-async def _fetch(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> list[dict[str, Any]]:
+async def fetch_all(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> list[dict[str, Any]]:
     async with conn.execute(sql, params) as cur:
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, row)) for row in await cur.fetchall()]
 
 
-async def _by_prefix(conn: aiosqlite.Connection, table: str, prefix: str) -> dict[str, Any] | None:
+async def by_prefix(conn: aiosqlite.Connection, table: str, prefix: str) -> dict[str, Any] | None:
     # GLOB 'prefix*' on the primary key is a range scan, not a table scan.
-    rows = await _fetch(conn, f"SELECT * FROM {table} WHERE id GLOB ? ORDER BY id LIMIT 5", (_glob_literal(prefix) + "*",))
+    rows = await fetch_all(conn, f"SELECT * FROM {table} WHERE id GLOB ? ORDER BY id LIMIT 5", (_glob_literal(prefix) + "*",))
     if not rows:
         return None
     exact = [r for r in rows if r["id"] == prefix]
@@ -278,7 +276,7 @@ async def _newest(conn: aiosqlite.Connection, flt: RequestFilter, last: int, sin
     if limit > 0:
         sql += " LIMIT ?"
         params.append(limit)
-    return await _fetch(conn, sql, params)
+    return await fetch_all(conn, sql, params)
 
 
 async def _models_matching(conn: aiosqlite.Connection, glob: str) -> list[str]:
@@ -307,7 +305,7 @@ async def new_requests(conn: aiosqlite.Connection, flt: RequestFilter, after_row
     where, params = flt.where()
     where += (" AND " if where else " WHERE ") + "r.rowid > ?"
     params.append(after_rowid)
-    rows = await _fetch(conn, f"{_LISTED}{where} ORDER BY r.rowid", params)
+    rows = await fetch_all(conn, f"{_LISTED}{where} ORDER BY r.rowid", params)
     last = rows[-1]["_rowid"] if rows else after_rowid
     return RequestPage([_listed(r) for r in rows], last)
 
@@ -379,7 +377,7 @@ async def reconstruct(conn: aiosqlite.Connection, row: dict[str, Any]) -> tuple[
 async def get_request(conn: aiosqlite.Connection, id_prefix: str) -> dict[str, Any] | None:
     """One request by id or unique id prefix (AmbiguousId otherwise): its row, and its
     `request` and `response` as the client sent and got them, rebuilt from the tree."""
-    row = await _by_prefix(conn, "requests", id_prefix.strip().lower())
+    row = await by_prefix(conn, "requests", id_prefix.strip().lower())
     if row is None:
         return None
     request, response, replies = await reconstruct(conn, row)
@@ -400,60 +398,9 @@ async def get_request(conn: aiosqlite.Connection, id_prefix: str) -> dict[str, A
     return row
 
 
-# -- sessions --------------------------------------------------------------------------
-async def list_sessions(
-    conn: aiosqlite.Connection,
-    *,
-    active_only: bool = False,
-    state: str | None = None,
-    limit: int = 20,
-    offset: int = 0,
-    newest_first: bool = False,
-) -> list[dict[str, Any]]:
-    """The `limit` most recently used sessions (0: all) after skipping `offset`, least
-    recent first unless `newest_first`. `state` filters on active / expired."""
-    if not await has_table(conn, "sessions"):
-        return []
-    state = "active" if active_only else state
-    sql = "SELECT * FROM sessions"
-    params: list[Any] = []
-    if state:
-        sql += " WHERE state = ?"
-        params.append(state)
-    sql += " ORDER BY last_accessed_at DESC, id DESC"
-    if limit > 0 or offset:
-        sql += " LIMIT ? OFFSET ?"
-        params += [limit if limit > 0 else -1, offset]
-    rows = await _fetch(conn, sql, params)
-    if not newest_first:
-        rows.reverse()
-    return [_parse_metadata(r) for r in rows]
-
-
-def _parse_metadata(row: dict[str, Any]) -> dict[str, Any]:
-    if isinstance(row.get("metadata"), str):
-        try:
-            row["metadata"] = orjson.loads(row["metadata"])
-        except orjson.JSONDecodeError:
-            pass
-    return row
-
-
-async def get_session(conn: aiosqlite.Connection, id_prefix: str) -> dict[str, Any] | None:
-    """One session by id or unique prefix (AmbiguousId otherwise), with its turn count."""
-    if not await has_table(conn, "sessions"):
-        return None
-    row = await _by_prefix(conn, "sessions", id_prefix.strip())
-    if row is None:
-        return None
-    async with conn.execute("SELECT count(*) FROM turns WHERE session_id = ?", (row["id"],)) as cur:
-        (row["turn_rows"],) = await cur.fetchone()  # type: ignore[misc]
-    return _parse_metadata(row)
-
-
 async def session_requests(conn: aiosqlite.Connection, session_id: str) -> list[dict[str, Any]]:
     """The session's request rows in order: its conversation, turn by turn."""
-    rows = await _fetch(conn, f"{_LISTED} WHERE r.session_id = ? ORDER BY r.id", (session_id,))
+    rows = await fetch_all(conn, f"{_LISTED} WHERE r.session_id = ? ORDER BY r.id", (session_id,))
     return [_listed(r) for r in rows]
 
 
@@ -462,311 +409,3 @@ async def count_session_requests(conn: aiosqlite.Connection, session_id: str) ->
     async with conn.execute("SELECT count(*) FROM requests WHERE session_id = ?", (session_id,)) as cur:
         (n,) = await cur.fetchone()  # type: ignore[misc]
     return int(n)
-
-
-@dataclass(slots=True)
-class DeletedSession:
-    id: str
-    turns: int
-    requests_kept: int
-
-
-async def delete_session(conn: aiosqlite.Connection, session_id: str) -> DeletedSession | None:
-    """Delete one session (exact id) and, by cascade, its turns; its request rows stay.
-
-    The connection must have `PRAGMA foreign_keys=ON` for the cascade.
-    """
-    await conn.execute("BEGIN IMMEDIATE")
-    try:
-        async with conn.execute("SELECT count(*) FROM turns WHERE session_id = ?", (session_id,)) as cur:
-            (turns,) = await cur.fetchone()  # type: ignore[misc]
-        kept = await count_session_requests(conn, session_id)
-        cur = await conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
-        deleted = cur.rowcount
-        await conn.commit()
-    except BaseException:
-        await conn.rollback()
-        raise
-    return DeletedSession(session_id, turns, kept) if deleted else None
-
-
-# Active sessions whose time has run out (at `expires_at` itself too, as the daemon counts
-# it) become expired; `metadata.ended` says why, as when the daemon ends one itself.
-EXPIRE_SESSIONS = (
-    "UPDATE sessions SET state = 'expired', metadata = json_set(coalesce(metadata, '{}'), '$.ended', 'expired') "
-    "WHERE state = 'active' AND expires_at <= ?"
-)
-
-
-async def expire_sessions(conn: aiosqlite.Connection, now: str | None = None) -> int:
-    """Mark active sessions whose `expires_at` is past as expired; return how many."""
-    if not await has_table(conn, "sessions"):
-        return 0
-    cur = await conn.execute(EXPIRE_SESSIONS, (now or iso(time.time()),))
-    await conn.commit()
-    return cur.rowcount
-
-
-async def session_counts(conn: aiosqlite.Connection, since: str | None = None) -> dict[str, int]:
-    """Sessions by state (`active`, `expired`, `total`); with `since`, only those used since."""
-    out = {"active": 0, "expired": 0, "total": 0}
-    if not await has_table(conn, "sessions"):
-        return out
-    sql = "SELECT state, count(*) FROM sessions"
-    params: list[Any] = []
-    if since:
-        sql += " WHERE last_accessed_at >= ?"
-        params.append(since)
-    async with conn.execute(sql + " GROUP BY state", params) as cur:
-        for state, n in await cur.fetchall():
-            out[state] = out.get(state, 0) + n
-            out["total"] += n
-    return out
-
-
-# -- stats -----------------------------------------------------------------------------
-def bucket_percentile(counts: list[int], q: float) -> float | None:
-    """The `q` quantile of a latency histogram of the roll-ups' buckets (`rows.BUCKETS_MS`),
-    interpolated linearly within its bucket; None when empty."""
-    total = sum(counts)
-    if total == 0:
-        return None
-    rank = q * total
-    seen = 0
-    for i, n in enumerate(counts):
-        if n and seen + n >= rank:
-            lo = BUCKETS_MS[i - 1] if i > 0 else 0.0
-            hi = BUCKETS_MS[i] if i < len(BUCKETS_MS) else BUCKETS_MS[-1] * 2
-            return round(lo + (hi - lo) * max(0.0, rank - seen) / n, 3)
-        seen += n
-    return float(BUCKETS_MS[-1] * 2)
-
-
-@dataclass(slots=True)
-class GroupStats:
-    """Request statistics of one (model, provider); latencies in milliseconds, percentiles
-    estimated from the roll-ups' histogram buckets."""
-
-    model: str | None
-    provider: str | None
-    requests: int = 0
-    errors: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    ttfb_p50_ms: float | None = None
-    ttfb_p95_ms: float | None = None
-    duration_p50_ms: float | None = None
-    duration_p95_ms: float | None = None
-    ttfb_mean_ms: float | None = None
-    duration_mean_ms: float | None = None
-    _sums: list[float] = field(default_factory=lambda: [0.0] * len(ROLLUP_SUMS), repr=False)
-
-    def add(self, sums: Sequence[float]) -> None:
-        self._sums = [a + (b or 0) for a, b in zip(self._sums, sums)]
-
-    def finish(self) -> None:
-        v = self._sums
-        self.requests, self.errors = int(v[0]), int(v[1])
-        self.prompt_tokens, self.completion_tokens, self.cached_tokens = int(v[2]), int(v[3]), int(v[4])
-        ttfb = [int(x) for x in v[8 : 8 + NB]]
-        dur = [int(x) for x in v[8 + NB : 8 + 2 * NB]]
-        self.ttfb_p50_ms, self.ttfb_p95_ms = bucket_percentile(ttfb, 0.5), bucket_percentile(ttfb, 0.95)
-        self.duration_p50_ms, self.duration_p95_ms = bucket_percentile(dur, 0.5), bucket_percentile(dur, 0.95)
-        self.ttfb_mean_ms = round(v[6] / v[5], 3) if v[5] else None
-        self.duration_mean_ms = round(v[7] / sum(dur), 3) if sum(dur) else None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__ if not k.startswith("_")}
-
-
-@dataclass(slots=True)
-class Stats:
-    groups: list[GroupStats]
-    total: GroupStats
-    sessions: dict[str, int]
-    since: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "since": self.since,
-            "groups": [g.as_dict() for g in self.groups],
-            "total": self.total.as_dict(),
-            "sessions": self.sessions,
-        }
-
-
-def _periods(since: str | None) -> tuple[str, list[Any]]:
-    """Roll-up rows that cover `[since, now]` once: the minutes up to `since`'s next whole
-    hour, the hours up to its next whole day, then whole days (all days without `since`)."""
-    if not since:
-        return "span = 'd'", []
-    start = datetime.fromisoformat(since.replace("Z", "+00:00"))
-    hour = start.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
-    day = start.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
-    fmt = "%Y-%m-%dT%H:%M"
-    where = (
-        "(span = 'm' AND at >= ? AND at < ?) OR (span = 'h' AND at >= ? AND at < ?) OR (span = 'd' AND at >= ?)"
-    )
-    return where, [since[:16], hour.strftime(fmt), hour.strftime(fmt)[:13], day.strftime(fmt)[:13], day.strftime(fmt)[:10]]
-
-
-async def stats(conn: aiosqlite.Connection, since: str | None = None) -> Stats:
-    """Per (model, provider) counts, token sums and latency percentiles since `since`
-    (minute resolution), from the roll-ups: no request row is read, and a long range reads
-    days, not minutes. An error is any request whose outcome is not `ok`."""
-    sums = ", ".join(f"sum({c})" for c in ROLLUP_SUMS)
-    where, params = _periods(since)
-    sql = f"SELECT model, provider, {sums} FROM rollups WHERE {where} GROUP BY model, provider"
-    groups: list[GroupStats] = []
-    total = GroupStats(None, None)
-    async with conn.execute(sql, params) as cur:
-        for row in await cur.fetchall():
-            g = GroupStats(row[0] or None, row[1] or None)
-            g.add(row[2:])
-            total.add(row[2:])
-            g.finish()
-            groups.append(g)
-    total.finish()
-    groups.sort(key=lambda g: (-g.requests, g.model or "", g.provider or ""))
-    return Stats(groups, total, await session_counts(conn, since), since)
-
-
-# -- maintenance -----------------------------------------------------------------------
-@dataclass(slots=True)
-class PruneResult:
-    cutoff: str
-    requests: int = 0
-    sessions: int = 0
-    messages: int = 0
-    blobs: int = 0
-
-
-async def _one_batch(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...]) -> int:
-    await conn.execute("BEGIN IMMEDIATE")
-    try:
-        cur = await conn.execute(sql, params)
-        n = cur.rowcount
-        await conn.commit()
-    except BaseException:
-        await conn.rollback()
-        raise
-    return n
-
-
-async def _referenced(conn: aiosqlite.Connection, mid: int) -> bool:
-    for sql in (
-        "SELECT 1 FROM messages WHERE parent_id = ? LIMIT 1",
-        "SELECT 1 FROM requests WHERE tip_message = ? LIMIT 1",
-        "SELECT 1 FROM requests WHERE reply_message = ? LIMIT 1",
-        "SELECT 1 FROM requests WHERE prompt_message = ? LIMIT 1",
-        # The replies of choices after the first (n > 1): few rows, behind a partial index.
-        "SELECT 1 FROM requests WHERE replies IS NOT NULL AND ?1 IN (SELECT value FROM json_each(replies)) LIMIT 1",
-        "SELECT 1 FROM turns WHERE message_hash = (SELECT hash FROM messages WHERE id = ?) LIMIT 1",
-    ):
-        async with conn.execute(sql, (mid,)) as cur:
-            if await cur.fetchone() is not None:
-                return True
-    return False
-
-
-async def _prune_batch(conn: aiosqlite.Connection, older_than: str, batch: int, result: PruneResult) -> int:
-    """Delete up to `batch` requests received before `older_than`, then the messages and
-    blobs only they used, in one transaction; returns how many requests."""
-    await conn.execute("BEGIN IMMEDIATE")
-    try:
-        rows = await _fetch(
-            conn,
-            "SELECT rowid, tip_message, prompt_message, reply_message, replies, params_blobs, body_blob "
-            "FROM requests WHERE received_at < ? ORDER BY rowid LIMIT ?",
-            (older_than, batch),
-        )
-        if not rows:
-            await conn.commit()
-            return 0
-        await conn.executemany("DELETE FROM requests WHERE rowid = ?", [(r["rowid"],) for r in rows])
-        blobs: dict[int, int] = {}
-        nodes: set[int] = set()
-        for r in rows:
-            nodes.update(x for x in (r["tip_message"], r["prompt_message"], r["reply_message"]) if x)
-            nodes.update(x for x in (orjson.loads(r["replies"]) if r["replies"] else ()) if x)
-            ids = list(orjson.loads(r["params_blobs"]).values()) if r["params_blobs"] else []
-            for b in ids + ([r["body_blob"]] if r["body_blob"] else []):
-                blobs[b] = blobs.get(b, 0) + 1
-        await conn.executemany("UPDATE blobs SET refs = refs - ? WHERE id = ?", [(n, b) for b, n in blobs.items()])
-        cur = await conn.executemany("DELETE FROM blobs WHERE id = ? AND refs <= 0", [(b,) for b in blobs])
-        result.blobs += max(cur.rowcount, 0)
-        # Walk up from each node the deleted rows used: a node nothing refers to any more
-        # (no request, no child, no turn) goes, and then its parent is looked at.
-        todo = sorted(nodes, reverse=True)
-        while todo:
-            mid = todo.pop()
-            if await _referenced(conn, mid):
-                continue
-            async with conn.execute("SELECT parent_id, body FROM messages WHERE id = ?", (mid,)) as c:
-                found = await c.fetchone()
-            if found is None:
-                continue
-            await conn.execute("DELETE FROM messages WHERE id = ?", (mid,))
-            await conn.execute(
-                "INSERT INTO messages_fts (messages_fts, rowid, text) VALUES ('delete', ?, ?)",
-                (mid, message_text(orjson.loads(found[1]))),
-            )
-            result.messages += 1
-            if found[0] is not None:
-                todo.append(found[0])
-        await conn.commit()
-    except BaseException:
-        await conn.rollback()
-        raise
-    return len(rows)
-
-
-async def prune(
-    conn: aiosqlite.Connection,
-    older_than: str,
-    *,
-    batch: int = 2000,
-    pause: float = 0.05,
-    progress: Callable[[str, int], None] | None = None,
-) -> PruneResult:
-    """Delete requests received before `older_than` (and the messages and blobs nothing
-    else uses), and expired sessions last used before it (their turns by cascade; the
-    connection needs `PRAGMA foreign_keys=ON`). Bounded batches, one short transaction
-    each: a running daemon's writer waits at most one batch, never the whole prune."""
-    result = PruneResult(older_than)
-    while True:
-        n = await _prune_batch(conn, older_than, batch, result)
-        result.requests += n
-        if progress is not None and n:
-            progress("requests", result.requests)
-        if n < batch:
-            break
-        await asyncio.sleep(pause)  # a gap, so a writer sleeping in its busy handler gets the lock
-    if await has_table(conn, "sessions"):
-        while True:
-            n = await _one_batch(
-                conn,
-                "DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions "
-                "WHERE state = 'expired' AND last_accessed_at < ? LIMIT ?)",
-                (older_than, batch),
-            )
-            result.sessions += n
-            if progress is not None and n:
-                progress("sessions", result.sessions)
-            if n < batch:
-                break
-            await asyncio.sleep(pause)
-    return result
-
-
-async def vacuum(conn: aiosqlite.Connection) -> tuple[int, int, int]:
-    """VACUUM, then move the WAL into the main file and truncate it.
-
-    Returns `wal_checkpoint`'s (busy, wal pages, pages checkpointed); busy=1 means a reader
-    (the daemon) kept part of the WAL alive.
-    """
-    await conn.execute("VACUUM")
-    async with conn.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
-        busy, log, done = await cur.fetchone()  # type: ignore[misc]
-    return busy, log, done

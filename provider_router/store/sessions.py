@@ -14,7 +14,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from .queries import EXPIRE_SESSIONS
+from .session_reads import EXPIRE_SESSIONS
 from ..records import RequestRecord, iso
 from .writer import LogWriter
 
@@ -129,7 +129,7 @@ class SessionRepo:
             return [_session(r) for r in await cur.fetchall()]
 
     def expire_stored(self, now: float) -> None:
-        """Mark expired the active rows past their expiry, as `queries.expire_sessions` does."""
+        """Mark expired the active rows past their expiry, as `session_reads.expire_sessions` does."""
         self._writer.execute(EXPIRE_SESSIONS, (iso(now),))
 
     async def load(self, session_id: str) -> Session | None:
