@@ -299,28 +299,52 @@ def open_db(path: str) -> sqlite3.Connection:
 
 
 # -- the process -------------------------------------------------------------------------------
-def serve(inp: int, out: BinaryIO) -> None:
-    """Read frames from `inp` until end of input, writing as they come."""
+class _Input:
+    """The daemon's frames, read from `inp` as they come."""
 
-    def emit(obj: object) -> None:
-        try:
-            out.write(frame(obj))
-            out.flush()
-        except OSError:  # the daemon is gone: what it sent is still committed
-            pass
+    def __init__(self, inp: int) -> None:
+        self.inp = inp
+        self.frames = Frames()
+        self.pending: list[Any] = []
+        self.eof = False
 
-    frames = Frames()
-    pending: list[Any] = []
-    eof = False
-    while not pending:  # the config frame
-        data = os.read(inp, 1 << 16)
-        if not data:
-            return
-        pending += frames.feed(data)
-    cfg = pending.pop(0)
+    def first(self) -> Any:
+        """The first frame (the config); None if the input ended before it."""
+        while not self.pending:
+            data = os.read(self.inp, 1 << 16)
+            if not data:
+                return None
+            self.pending += self.frames.feed(data)
+        return self.pending.pop(0)
+
+    def gather(self) -> list[Any]:
+        """What was sent (the daemon writes while we commit), lingering a little for more
+        unless asked to sync or a batch is full."""
+        deadline = None
+        records = 0
+        while not self.eof:
+            if self.pending:
+                if records >= MAX_BATCH_RECORDS or any(f[0] == "sync" for f in self.pending):
+                    break
+                deadline = deadline or time.monotonic() + LINGER_S
+                wait = deadline - time.monotonic()
+                if wait <= 0 or not select.select([self.inp], [], [], wait)[0]:
+                    break
+            data = os.read(self.inp, 1 << 20)
+            if not data:
+                self.eof = True
+                break
+            new = list(self.frames.feed(data))
+            records += sum(len(f[2]) for f in new if f[0] == "batch")
+            self.pending += new
+        taken, self.pending = self.pending, []
+        return taken
+
+
+def _line_writer(redactor: Redactor) -> Any:
+    """Logging set up as the daemon's, and a writer of a batch's canonical request lines."""
     from ..logsetup import line_renderer, setup_logging  # structlog: only this process's start-up pays it
 
-    redactor = Redactor(cfg["secrets"])
     setup_logging("info", redact=redactor)  # JSON unless stderr (the daemon's) is a terminal
     render = line_renderer(encoding=sys.stderr.encoding)
 
@@ -337,33 +361,32 @@ def serve(inp: int, out: BinaryIO) -> None:
             except OSError:  # nobody reads stderr any more (`serve | head`): the rows still matter
                 pass
 
+    return lines
+
+
+def serve(inp: int, out: BinaryIO) -> None:
+    """Read frames from `inp` until end of input, writing as they come."""
+
+    def emit(obj: object) -> None:
+        try:
+            out.write(frame(obj))
+            out.flush()
+        except OSError:  # the daemon is gone: what it sent is still committed
+            pass
+
+    source = _Input(inp)
+    cfg = source.first()
+    if cfg is None:
+        return
+    redactor = Redactor(cfg["secrets"])
     sink = Sink(
-        open_db(cfg["db"]), max_body_bytes=cfg["max_body_bytes"], redactor=redactor, emit=emit, lines=lines,
-        max_message_bytes=cfg.get("max_message_bytes", 8 << 20),
+        open_db(cfg["db"]), max_body_bytes=cfg["max_body_bytes"], redactor=redactor, emit=emit,
+        lines=_line_writer(redactor), max_message_bytes=cfg.get("max_message_bytes", 8 << 20),
     )  # fmt: skip
-    while not eof or pending:
-        # Take what was sent (the daemon writes while we commit), lingering a little for
-        # more unless asked to sync, then write it.
-        deadline = None
-        records = 0
-        while not eof:
-            if pending:
-                if records >= MAX_BATCH_RECORDS or any(f[0] == "sync" for f in pending):
-                    break
-                deadline = deadline or time.monotonic() + LINGER_S
-                wait = deadline - time.monotonic()
-                if wait <= 0 or not select.select([inp], [], [], wait)[0]:
-                    break
-            data = os.read(inp, 1 << 20)
-            if not data:
-                eof = True
-                break
-            new = list(frames.feed(data))
-            records += sum(len(f[2]) for f in new if f[0] == "batch")
-            pending += new
-        batches = [(f[1], f[2]) for f in pending if f[0] == "batch"]
-        syncs = [f[1] for f in pending if f[0] == "sync"]
-        pending = []
+    while not source.eof or source.pending:
+        taken = source.gather()
+        batches = [(f[1], f[2]) for f in taken if f[0] == "batch"]
+        syncs = [f[1] for f in taken if f[0] == "sync"]
         if batches:
             sink.apply(batches)
         emit(("progress", sink.records_done, sink.written, sink.failed, max(syncs) if syncs else None))
