@@ -59,6 +59,7 @@ class Sessions:
             log.info("session_expired", session_id=sid, client=client, idle_seconds=round(now - last, 3), while_down=True)
             self.expired_total += 1
         self.repo.expire_stored(now)
+        await self.repo.durable()  # committed before the first request, and the figures read it
         for s in await self.repo.load_active(now):
             self._remember(s)
             log.info(

@@ -12,7 +12,7 @@ import aiosqlite
 import orjson
 
 from ..records import iso
-from .queries import AmbiguousId, _glob_literal, by_prefix, count_session_requests, fetch_all, has_table
+from .queries import AmbiguousId, glob_literal, by_prefix, count_session_requests, fetch_all, has_table
 
 STATES = ("active", "expired", "all")
 EVENTS = ("created", "expired", "evicted", "deleted")
@@ -31,7 +31,6 @@ DELETE_SESSION = "DELETE FROM sessions WHERE id = ?"
 async def list_sessions(
     conn: aiosqlite.Connection,
     *,
-    active_only: bool = False,
     state: str | None = None,
     client: str | None = None,
     limit: int = 20,
@@ -43,8 +42,9 @@ async def list_sessions(
     `client` on the client key's name."""
     if not await has_table(conn, "sessions"):
         return []
-    state = "active" if active_only else (None if state == "all" else state)
-    where, params = [], []
+    state = None if state == "all" else state
+    where: list[str] = []
+    params: list[Any] = []
     if state:
         where.append("state = ?")
         params.append(state)
@@ -75,7 +75,7 @@ async def session_ids(conn: aiosqlite.Connection, id_prefix: str, client: str | 
     """Ids of sessions that start with `id_prefix` (of `client` only, if given), at most `limit`."""
     if not await has_table(conn, "sessions"):
         return []
-    sql, params = "SELECT id FROM sessions WHERE id GLOB ?", [_glob_literal(id_prefix) + "*"]
+    sql, params = "SELECT id FROM sessions WHERE id GLOB ?", [glob_literal(id_prefix) + "*"]
     if client is not None:
         sql += " AND client = ?"
         params.append(client)
