@@ -19,6 +19,7 @@ from .api import admin as admin_api
 from .api import chat as chat_api
 from .api import endpoints as endpoints_api
 from .api import models as models_api
+from .api import sessions as sessions_api
 from .config import Config
 from .metrics import Metrics
 from .middleware import edge, key_digest, stamp_headers
@@ -62,6 +63,7 @@ def create_app(cfg: Config, *, db_path: str | None = None) -> web.Application:
     app.router.add_get("/v1/models", models_api.list_models)
     app.router.add_get("/v1/models/{model:.+}", models_api.get_model)
     endpoints_api.setup(app)
+    sessions_api.setup(app)
     app.router.add_route("*", "/v1/{tail:.*}", endpoints_api.not_found)
     admin_api.setup(app)
     state.metrics = Metrics(state)

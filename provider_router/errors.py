@@ -41,8 +41,10 @@ class ApiError(Exception):
         type: str | None = None,
         outcome: str | None = None,
         retryable: bool = False,
+        extra: dict[str, object] | None = None,
     ) -> None:
         super().__init__(message)
+        self.extra = extra  # more fields of the error object (e.g. an ambiguous id's candidates)
         self.status = status
         self.message = message
         self.code = code
@@ -56,7 +58,7 @@ class ApiError(Exception):
         self.retry_after: float | None = None
 
     def payload(self) -> dict[str, object]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code, **(self.extra or {})}}
 
     def body(self) -> bytes:
         return orjson.dumps(self.payload())

@@ -1,12 +1,13 @@
 """Prometheus metrics: request counters and latency histograms observed per request, and
-gauges (sessions, log queue) read from the live state at scrape time.
+gauges (sessions, log queue) read from the live state at scrape time; the sessions' series
+from the database (`session_reads.lifecycle`), so their counters survive restarts.
 
 One registry per app, so several apps in one process (tests) never share series.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -17,7 +18,6 @@ if TYPE_CHECKING:
     from .records import RequestRecord
     from .store.watch import DbWatch
     from .store.writer import LogWriter
-    from .sessions import Sessions
 
 # Milliseconds: proxies are judged on single-digit ms overhead, LLM replies take seconds.
 _BUCKETS_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000)
@@ -35,8 +35,6 @@ class Sources(Protocol):
     time, since the writer and the watch are replaced when the database is reopened."""
 
     @property
-    def sessions(self) -> Sessions | None: ...
-    @property
     def writer(self) -> LogWriter | None: ...
     @property
     def watch(self) -> DbWatch | None: ...
@@ -45,24 +43,29 @@ class Sources(Protocol):
 
 
 class _Live(Collector):
-    """Series read when scraped from what keeps them: the sessions, the log writer (its counts
+    """Series read when scraped from what keeps them: the sessions' figures, the log writer (its counts
     come from its own process) and the database watch. Their counters are totals kept there,
     which prometheus_client's Counter (it only increments) cannot mirror."""
 
     def __init__(self, state: Sources) -> None:
         self._state = state
+        self.sessions: dict[str, Any] | None = None  # set just before each render
 
     def collect(self) -> Iterator[Metric]:
-        sessions, writer = self._state.sessions, self._state.writer
-        if sessions is not None:
-            st = sessions.stats()
+        writer, st = self._state.writer, self.sessions
+        if st is not None:
             yield GaugeMetricFamily("provider_router_sessions_active", "Active sessions.", value=st["active"])
-            yield CounterMetricFamily("provider_router_sessions_created", "Sessions created.", value=st["created_total"])
-            yield CounterMetricFamily("provider_router_sessions_expired", "Sessions expired.", value=st["expired_total"])
-            yield CounterMetricFamily("provider_router_sessions_evicted", "Sessions evicted (max_sessions).", value=st["evicted_total"])
-            yield GaugeMetricFamily(
-                "provider_router_session_oldest_age_seconds", "Age of the oldest active session.", value=st["oldest_age_seconds"] or 0
-            )
+            yield CounterMetricFamily("provider_router_sessions_created", "Sessions created.", value=st["created"])
+            yield CounterMetricFamily("provider_router_sessions_expired", "Sessions expired (idle past their timeout).", value=st["expired"])
+            yield CounterMetricFamily("provider_router_sessions_evicted", "Sessions evicted (max_sessions).", value=st["evicted"])
+            yield CounterMetricFamily("provider_router_sessions_deleted", "Sessions deleted (client, admin, CLI).", value=st["deleted"])
+            for name, key, what in (
+                ("provider_router_session_oldest_age_seconds", "oldest_age_seconds", "Age of the oldest active session."),
+                ("provider_router_session_newest_age_seconds", "newest_age_seconds", "Age of the newest active session."),
+                ("provider_router_session_duration_seconds_average", "average_duration_seconds", "Average session duration, first to last request."),
+                ("provider_router_session_requests_average", "requests_per_session", "Average requests per session."),
+            ):
+                yield GaugeMetricFamily(name, what, value=st[key] or 0)
         ups = [(name, p.upstream) for name, p in self._state.providers.items() if p.upstream is not None]
         if ups:
             in_use = GaugeMetricFamily(
@@ -110,7 +113,8 @@ class Metrics:
         self._queue = Histogram(
             "provider_router_upstream_queue_ms", "Time upstream calls waited for a connection slot (ms).", ("provider",), buckets=_BUCKETS_MS, registry=r
         )
-        r.register(_Live(state))
+        self._live = _Live(state)
+        r.register(self._live)
         # Resolving a label child takes the metric's lock and checks the label values: once
         # per distinct (model, provider, outcome) a record carries, not once per request.
         self._series: dict[tuple[str | None, str | None, str | None], tuple[Counter, Histogram, Histogram]] = {}
@@ -149,5 +153,7 @@ class Metrics:
     def observe_queue(self, provider: str, ms: float) -> None:
         self._queue.labels(provider).observe(ms)
 
-    def render(self) -> bytes:
+    def render(self, sessions: dict[str, Any] | None = None) -> bytes:
+        """The scrape; `sessions` the lifecycle figures read from the database just before."""
+        self._live.sessions = sessions  # no await until rendered: a concurrent scrape cannot interleave
         return generate_latest(self.registry)

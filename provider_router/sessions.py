@@ -4,7 +4,9 @@ it, refreshed by each, ended when idle past its timeout, evicted past `max_sessi
 deleted on demand, recovered at start. Threads (threads.py) place turns in them.
 
 A session is found by a fingerprint of the request's opening (client, route, system
-messages, first user message), or named by `X-Session-Id`.
+messages, first user message), or named by `X-Session-Id`. Each event of its life is one log
+line and one count in the database (`session_tallies`); the upstream chats of ended and
+deleted sessions are deleted where the provider is configured to, each deletion recorded.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from aiohttp import web
 from .config import SessionsConfig
 from .errors import ApiError
 from .history import fingerprint
-from .providers import Provider, is_threaded
+from .providers import ChatGone, Provider, ThreadedProvider, is_threaded
 from .records import RequestRecord, new_id
 from .routing import Route
+from .store.session_reads import EVENTS, pick
 from .store.sessions import Session, SessionRepo, Turn
 
 JOINED = web.RequestKey("joined_session", Session)  # a request's session, across its attempts
@@ -41,19 +44,28 @@ class Sessions:
         self.active: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self.by_fingerprint: dict[str, str] = {}
         self._turns: dict[str, dict[bytes, Turn]] = {}  # per active session, loaded lazily
-        self.created_total = 0
-        self.expired_total = 0
-        self.evicted_total = 0
-        self._doomed_chats: list[tuple[str, str]] = []  # (provider, chat_id) to delete upstream
+        # Event counts, as the database's tallies had them at start, kept in step since.
+        self.created_total = self.expired_total = self.evicted_total = self.deleted_total = 0
+        self._sweeping = asyncio.Lock()  # one pass over the chats to delete at a time
 
     async def start(self) -> None:
         """Load the active sessions a previous run left, so their upstream chats continue,
         and mark expired the ones whose time ran out while no daemon ran: from now on the
         active rows are the sessions in memory, which `expire` ends in time."""
         now = time.time()
+        counts = await self.repo.tallies()
+        self.created_total, self.expired_total, self.evicted_total, self.deleted_total = (counts[e] for e in EVENTS)
+        for sid, client, last in await self.repo.expiring(now):
+            log.info("session_expired", session_id=sid, client=client, idle_seconds=round(now - last, 3), while_down=True)
+            self.expired_total += 1
+        self.repo.expire_stored(now)
+        await self.repo.durable()  # committed before the first request, and the figures read it
         for s in await self.repo.load_active(now):
             self._remember(s)
-        self.repo.expire_stored(now)
+            log.info(
+                "session_recovered", session_id=s.id, client=s.client, provider=s.provider, requests=s.request_count,
+                expires_in_seconds=round(s.expires - now, 3),
+            )  # fmt: skip
 
     def _remember(self, s: Session) -> None:
         self.active[s.id] = s
@@ -61,29 +73,51 @@ class Sessions:
         if not s.metadata.get("explicit"):  # a named session is joined only by its name
             self.by_fingerprint[s.fingerprint] = s.id
 
-    def _end(self, s: Session, reason: str) -> None:
+    def _end(self, s: Session, reason: str, now: float) -> None:
+        """End `s` (`reason`: expired or evicted); its upstream chats are deleted by the next
+        sweep (`delete_doomed_chats`) where its provider is configured to."""
         s.state = "expired"
         s.metadata = {**s.metadata, "ended": reason}
         self.active.pop(s.id, None)
         if self.by_fingerprint.get(s.fingerprint) == s.id:
             del self.by_fingerprint[s.fingerprint]
-        turns = self._turns.pop(s.id, None)
-        self.repo.save(s)
+        self._turns.pop(s.id, None)
+        self.repo.end(s, reason)
+        if not s.stored:  # a one-shot request on a stateless upstream: no session to speak of
+            return
         if reason == "evicted":
             self.evicted_total += 1
         else:
             self.expired_total += 1
-        provider = self.providers.get(s.provider)
-        if is_threaded(provider) and provider.delete_chats:
-            chats = {t.chat_id for t in (turns or {}).values() if t.chat_id} | ({s.chat_id} if s.chat_id else set())
-            self._doomed_chats += [(s.provider, c) for c in chats]
+        log.info(f"session_{reason}", session_id=s.id, client=s.client, idle_seconds=round(now - s.last_access, 3), requests=s.request_count)
+
+    def _make_room(self, now: float) -> None:
+        while len(self.active) >= self.cfg.max_sessions:
+            _, oldest = next(iter(self.active.items()))
+            self._end(oldest, "evicted", now)
+
+    def _create(self, s: Session) -> None:
+        """Store a new session's row: from now on it counts as created."""
+        self.repo.create(s)
+        self.created_total += 1
+        log.info(
+            "session_created", session_id=s.id, client=s.client, provider=s.provider, model=s.upstream_model,
+            named=bool(s.metadata.get("explicit")),
+        )  # fmt: skip
+
+    def _revive(self, s: Session, now: float) -> None:
+        """An ended session named again (by a request or a refresh) is active again; its
+        `ended` reason goes."""
+        self._make_room(now)
+        s.state = "active"
+        s.metadata = {k: v for k, v in s.metadata.items() if k != "ended"}
+        self._remember(s)
+        log.info("session_revived", session_id=s.id, client=s.client)
 
     def _new(
         self, sid: str, fp: str, client: str, route: Route, request: web.Request, now: float, explicit: bool = False
     ) -> Session:
-        while len(self.active) >= self.cfg.max_sessions:
-            _, oldest = next(iter(self.active.items()))
-            self._end(oldest, "evicted")
+        self._make_room(now)
         s = Session(
             id=sid,
             fingerprint=fp,
@@ -104,9 +138,8 @@ class Sessions:
         self._turns[sid] = {}
         self._remember(s)
         if explicit or threaded:
-            self.repo.create(s)
+            self._create(s)
         # else: a one-shot request pays for no session row; a second request stores it.
-        self.created_total += 1
         return s
 
     async def _find(
@@ -128,8 +161,7 @@ class Sessions:
                 return self._new(explicit, fp, client, route, request, now, explicit=True)
             if (s.provider, s.upstream_model) == (route.provider.name, route.upstream_model):
                 if s.id not in self.active:  # an expired session named again comes back
-                    s.state = "active"
-                    self._remember(s)
+                    self._revive(s, now)
                 return s
             joined = request.get(JOINED)
             if joined is None or joined.id != s.id:
@@ -144,7 +176,7 @@ class Sessions:
         sid = self.by_fingerprint.get(fp)
         s = self.active.get(sid) if sid else None
         if s is not None and s.expires <= now:
-            self._end(s, "expired")
+            self._end(s, "expired", now)
             s = None
         if s is None:
             s = self._new(new_id(), fp, client, route, request, now)
@@ -202,7 +234,7 @@ class Sessions:
                     # It holds no request, past or in flight: this one started it, then left
                     # for another route. Kept, it would list as an empty session and take a
                     # `max_sessions` slot; the next request of the conversation starts anew.
-                    self.delete(before.id)
+                    self.delete(before.id, by="fallback")
                 else:
                     self.repo.save(before)
             request[JOINED] = s
@@ -218,7 +250,7 @@ class Sessions:
     def _store(self, s: Session, rec: RequestRecord) -> None:
         """A second request continues a conversation: from now on it is a stored session,
         and the request that started it joins it in the log."""
-        self.repo.create(s)
+        self._create(s)
         first, s.first = s.first, None
         if first is not None:
             if first.handed:
@@ -227,20 +259,41 @@ class Sessions:
                 first.log_session = True
 
     # -- lifecycle ------------------------------------------------------------------------
-    def refresh(self, session_id: str, now: float | None = None) -> Session | None:
-        """Extend an active session's sliding timeout from now."""
+    async def resolve(self, prefix: str, client: str | None = None) -> str | None:
+        """The session `prefix` names (its id, or the only id that starts with it), of
+        `client` only if given; None if none; `AmbiguousId` if several."""
+        prefix = prefix.strip()
+        if not prefix:
+            return None
+        await self.repo.durable()  # a change queued just before is seen
+        live = {sid for sid, s in self.active.items() if sid.startswith(prefix) and client in (None, s.client)}
+        return pick(prefix, live | set(await self.repo.ids(prefix, client)))
+
+    async def get(self, session_id: str) -> Session | None:
+        """The session as the daemon has it: in memory if active, else its stored row."""
+        return self.active.get(session_id) or await self.repo.load(session_id)
+
+    async def refresh(self, session_id: str, now: float | None = None) -> Session | None:
+        """Extend a session's sliding timeout from now; an ended one is revived."""
+        now = time.time() if now is None else now
         s = self.active.get(session_id)
         if s is None:
-            return None
-        now = time.time() if now is None else now
+            loaded = await self.repo.load(session_id)
+            s = self.active.get(session_id) or loaded  # a request may have revived it meanwhile
+            if s is None:
+                return None
+            if s.id not in self.active:
+                self._revive(s, now)
         s.last_access, s.expires = now, now + self.timeout
         self.active.move_to_end(session_id)
         self.repo.save(s)
         return s
 
-    def delete(self, session_id: str) -> None:
-        """Forget a session everywhere (its turns go with it; its request rows stay). A
-        request of it still in flight finishes for its client but records nothing more."""
+    def delete(self, session_id: str, by: str = "admin") -> None:
+        """Forget a session everywhere (its turns go with it; its request rows stay; its
+        upstream chats are kept for the next sweep). A request of it still in flight
+        finishes for its client but records nothing more. `by` says who asked (client,
+        admin, fallback: a request that left it for another route), for the log line."""
         s = self.active.pop(session_id, None)
         if s is not None:
             s.state = "deleted"  # never stored: saves and turns of it are skipped from now on
@@ -248,25 +301,50 @@ class Sessions:
                 del self.by_fingerprint[s.fingerprint]
         self._turns.pop(session_id, None)
         self.repo.delete(session_id)
+        if s is None or s.stored:
+            self.deleted_total += 1
+            log.info("session_deleted", session_id=session_id, by=by, client=s.client if s else None)
 
     def expire(self, now: float | None = None) -> int:
         """End every session whose sliding timeout has passed; returns how many."""
         now = time.time() if now is None else now
         ended = [s for s in self.active.values() if s.expires <= now]
         for s in ended:
-            self._end(s, "expired")
+            self._end(s, "expired", now)
         return len(ended)
 
-    async def delete_doomed_chats(self) -> None:
-        """Delete upstream chats of ended sessions (when the provider is configured to)."""
-        doomed, self._doomed_chats = self._doomed_chats, []
-        for provider_name, chat_id in doomed:
-            provider = self.providers.get(provider_name)
-            try:
-                if is_threaded(provider):
-                    await provider.delete_chat(chat_id)
-            except Exception as e:  # best effort: the upstream expires chats itself too
-                log.warning("chat_delete_failed", chat_id=chat_id, error=str(e))
+    def _deleting_chats(self) -> dict[str, ThreadedProvider]:
+        return {name: p for name, p in self.providers.items() if is_threaded(p) and p.delete_chats}
+
+    async def delete_doomed_chats(self, session_id: str | None = None) -> int:
+        """Delete upstream the chats of ended and deleted sessions (of one, if given) where
+        the provider is configured to (`delete_chats_on_expiry`), whenever they ended: at
+        start this covers sessions that ended while no daemon ran, or were deleted by hand.
+        Each attempt is recorded, so a chat is deleted once and a failing one is retried a
+        bounded number of times. Returns how many were deleted."""
+        providers = self._deleting_chats()
+        if not providers:
+            return 0
+        async with self._sweeping:
+            await self.repo.durable()  # the ends and deletes queued so far are in the rows
+            done = 0
+            for name, chat_id, sid in await self.repo.chats_to_delete(sorted(providers), session_id):
+                if sid in self.active:  # revived, or a new session under that name: in use
+                    continue
+                try:
+                    await providers[name].delete_chat(chat_id)
+                except ChatGone:
+                    pass  # the upstream forgot it already: nothing left to delete
+                except Exception as e:  # best effort: the upstream expires chats itself too
+                    # The class and status only: an upstream's message may echo credentials.
+                    error = f"{type(e).__name__} {getattr(e, 'status', '')} {getattr(e, 'code', '') or ''}".strip()
+                    self.repo.chat_deleted(name, chat_id, sid, time.time(), error=error)
+                    log.warning("chat_delete_failed", session_id=sid, chat_id=chat_id, provider=name, error=error)
+                    continue
+                self.repo.chat_deleted(name, chat_id, sid, time.time())
+                log.info("upstream_chat_deleted", session_id=sid, chat_id=chat_id, provider=name)
+                done += 1
+            return done
 
     def stats(self, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now
@@ -276,6 +354,7 @@ class Sessions:
             "created_total": self.created_total,
             "expired_total": self.expired_total,
             "evicted_total": self.evicted_total,
+            "deleted_total": self.deleted_total,
             "oldest_age_seconds": round(max(ages), 3) if ages else None,
             "newest_age_seconds": round(min(ages), 3) if ages else None,
         }
@@ -283,9 +362,10 @@ class Sessions:
     async def run_cleanup(self) -> None:
         """The periodic cleanup loop: owned by the app, cancelled on shutdown."""
         interval = self.cfg.cleanup_interval_minutes * 60.0
-        while True:
+        while True:  # a pass at start too: chats of sessions that ended while no daemon ran
+            self.expire()
+            try:
+                await self.delete_doomed_chats()
+            except Exception as e:  # the database is being reopened, say: the next pass retries
+                log.warning("chat_sweep_failed", error=repr(e))
             await asyncio.sleep(interval)
-            n = self.expire()
-            if n:
-                log.info("sessions_expired", count=n, active=len(self.active))
-            await self.delete_doomed_chats()

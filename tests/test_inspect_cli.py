@@ -369,7 +369,7 @@ def test_every_command_has_useful_help() -> None:
         return out
 
     commands = [(p, c) for p, c in leaves(root, []) if p and p[0] in ("logs", "sessions", "stats", "db")]
-    assert len(commands) == 12
+    assert len(commands) == 13  # sessions refresh joined in issue 17
     runner = CliRunner()
     for path, command in commands:
         assert command.help and "example" in (command.epilog or ""), path

@@ -93,30 +93,45 @@ async def metrics(request: web.Request) -> web.Response:
     if not state.config.auth.metrics_public:
         _require_admin(request)
     assert state.metrics is not None
-    return web.Response(body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+    figures = await session_reads.lifecycle(state.reader) if state.reader is not None else None
+    return web.Response(body=state.metrics.render(figures), headers={"Content-Type": CONTENT_TYPE})
 
 
 # -- admin: sessions -----------------------------------------------------------------------
 async def sessions_list(request: web.Request) -> web.Response:
     state = _require_admin(request)
-    which = request.query.get("state")
-    if which not in (None, "active", "expired"):
-        raise ApiError(400, "`state` must be active or expired.", param="state")
+    which = request.query.get("state", "all")
+    if which not in session_reads.STATES:
+        raise ApiError(400, "`state` must be active, expired or all.", param="state")
     limit = _int(request, "limit", 50, 1, MAX_PAGE)
     offset = _int(request, "offset", 0, 0, 10**9)
-    rows = await session_reads.list_sessions(_reader(state), state=which, limit=limit, offset=offset, newest_first=True)
-    return _json({"object": "list", "data": rows, "limit": limit, "offset": offset, "has_more": len(rows) == limit})
+    rows = await session_reads.list_sessions(
+        _reader(state), state=which, client=request.query.get("client"), limit=limit + 1, offset=offset, newest_first=True
+    )  # one more than the page: whether there is a next one
+    page = {"object": "list", "data": rows[:limit], "limit": limit, "offset": offset, "has_more": len(rows) > limit}
+    return _json(page)
+
+
+async def _session_id(request: web.Request, state: State) -> str:
+    """The session the path's id or unique prefix names: 404 if none, 409 if several."""
+    assert state.sessions is not None
+    prefix = request.match_info["id"]
+    try:
+        sid = await state.sessions.resolve(prefix)
+    except queries.AmbiguousId as e:
+        raise ApiError(409, str(e), code="ambiguous_id", param="id", extra={"candidates": e.candidates}) from None
+    if sid is None:
+        raise ApiError(404, "No such session.", code="session_not_found", param="id")
+    return sid
 
 
 async def session_get(request: web.Request) -> web.Response:
     state = _require_admin(request)
     conn = _reader(state)
-    try:
-        session = await session_reads.get_session(conn, request.match_info["id"])
-    except queries.AmbiguousId as e:
-        raise ApiError(400, str(e), code="ambiguous_id") from None
+    sid = await _session_id(request, state)
+    session = await session_reads.get_session(conn, sid)
     if session is None:
-        raise ApiError(404, "No such session.", code="session_not_found")
+        raise ApiError(404, "No such session.", code="session_not_found", param="id")
     session["turns"] = await queries.session_requests(conn, session["id"])
     return _json(session)
 
@@ -124,22 +139,20 @@ async def session_get(request: web.Request) -> web.Response:
 async def session_refresh(request: web.Request) -> web.Response:
     state = _require_admin(request)
     assert state.sessions is not None
-    s = state.sessions.refresh(request.match_info["id"])
+    s = await state.sessions.refresh(await _session_id(request, state))
     if s is None:
-        raise ApiError(404, "No such active session.", code="session_not_found")
+        raise ApiError(404, "No such session.", code="session_not_found", param="id")
     return _json({"id": s.id, "state": s.state, "expires_in_seconds": round(s.expires - time.time(), 3)})
 
 
 async def session_delete(request: web.Request) -> web.Response:
     state = _require_admin(request)
     assert state.sessions is not None
-    sid = request.match_info["id"]
-    live = sid in state.sessions.active
-    stored = live or await session_reads.get_session(_reader(state), sid) is not None
-    if not stored:
-        raise ApiError(404, "No such session.", code="session_not_found")
-    state.sessions.delete(sid)
-    return _json({"id": sid, "deleted": True})
+    sid = await _session_id(request, state)
+    # `?by=cli`: the command line asks on an operator's behalf (the log line says so).
+    state.sessions.delete(sid, by="cli" if request.query.get("by") == "cli" else "admin")
+    chats = await state.sessions.delete_doomed_chats(sid)
+    return _json({"id": sid, "deleted": True, "chats_deleted": chats})
 
 
 async def sessions_cleanup(request: web.Request) -> web.Response:

@@ -1,10 +1,12 @@
-"""`sessions list`, `show`, `delete` and `cleanup`: conversation sessions, read from the
-database; edited in the file, or through the daemon while one serves it.
+"""`sessions list`, `show`, `refresh`, `delete` and `cleanup`: conversation sessions, read
+from the database; edited in the file, or through the daemon while one serves it. An ID is a
+session's id or a unique prefix of it (an ambiguous one fails, naming the candidates).
 """
 
 from __future__ import annotations
 
 import shutil
+import time
 from datetime import datetime
 from typing import Any
 
@@ -23,7 +25,7 @@ from .session_view import render_session, render_tree
 
 @click.group(
     "sessions", cls=Group,
-    short_help="list, show, delete or expire conversation sessions",
+    short_help="list, show, refresh, delete or expire conversation sessions",
     help="Conversation sessions: a conversation's requests grouped, and on threaded upstreams the "
     "upstream chat it continues. A one-shot request to a stateless upstream has no session; a "
     "conversation gets one with its second request.",
@@ -38,20 +40,30 @@ def sessions() -> None:
     short_help="list sessions, most recently used last",
     help="List the most recently used sessions: id, state, client, provider/model, requests "
     "(turns), messages, created, last access, expiry.",
-    epilog=examples("provider-router sessions list", "provider-router sessions list --active -n 0 --json"),
+    epilog=examples(
+        "provider-router sessions list", "provider-router sessions list --state expired --client alice",
+        "provider-router sessions list --active -n 0 --json",
+    ),
 )
-@click.option("--active", is_flag=True, help="only active sessions")
+@click.option(
+    "--state", type=click.Choice(session_reads.STATES), default="all", show_default=True, help="only sessions in this state"
+)
+@click.option("--active", is_flag=True, help="only active sessions (--state active)")
+@click.option("--client", metavar="NAME", help="only the sessions of this client key's name")
 @click.option("-n", "--limit", type=COUNT, default=20, metavar="N", help="how many (default: 20; 0 = all)")
 @json_option("one JSON object per line")
 @with_settings
-def list_(settings: Settings, active: bool, limit: int) -> None:
+def list_(settings: Settings, state: str, active: bool, client: str | None, limit: int) -> None:
+    state = "active" if active else state
+
     async def body(conn: aiosqlite.Connection) -> None:
-        rows = await session_reads.list_sessions(conn, active_only=active, limit=limit)
+        rows = await session_reads.list_sessions(conn, state=state, client=client, limit=limit)
         if settings.json:
             if rows:
                 click.echo("\n".join(json_line(r) for r in rows))
         elif not rows:
-            click.echo("no sessions" + (" active" if active else ""), err=True)
+            which = "" if state == "all" else f" {state}"
+            click.echo(f"no{which} sessions" + (f" of client {client}" if client else ""), err=True)
         else:
             click.echo("\n".join(_session_table(rows)))
 
@@ -129,11 +141,48 @@ async def _tree_lines(conn: aiosqlite.Connection, s: dict[str, Any]) -> list[str
 
 
 @sessions.command(
+    "refresh",
+    short_help="extend a session's timeout (revives an ended one)",
+    help="Extend a session's sliding timeout (ID: its id, or a unique prefix of it) by "
+    "sessions.timeout_minutes from now; an expired or evicted session becomes active again. While "
+    "a daemon serves the database, the refresh goes through its admin API (auth.admin_key of --config).",
+    epilog=examples("provider-router sessions refresh 3f9a"),
+)
+@click.argument("session_id", metavar="ID")
+@with_settings
+def refresh(settings: Settings, session_id: str) -> None:
+    async def offline(conn: aiosqlite.Connection) -> None:
+        s = await _session(conn, session_id)
+        timeout = settings.load().sessions.timeout_minutes * 60.0
+        if not await session_reads.refresh_session(conn, s["id"], time.time(), timeout):
+            raise CliError(f"no session with id {session_id!r}")
+        click.echo(f"refreshed session {s['id']}: active for {_minutes(timeout)}" + _revived(s))
+
+    async def online(conn: aiosqlite.Connection, admin: Admin) -> None:
+        s = await _session(conn, session_id)
+        status, body = await admin.call("POST", f"/admin/sessions/{s['id']}/refresh")
+        if status == 404:
+            raise CliError(f"no session with id {session_id!r}")
+        click.echo(f"refreshed session {s['id']}: active for {_minutes(body['expires_in_seconds'])} {admin.via}" + _revived(s))
+
+    edit_sessions(settings, offline, online)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min"
+
+
+def _revived(s: dict[str, Any]) -> str:
+    return f" (revived: it was {s['state']})" if s["state"] != "active" else ""
+
+
+@sessions.command(
     "delete",
     short_help="delete a session (its request rows stay)",
     help="Delete a session (ID: its id, or a unique prefix of it) and its thread turns. Its request "
-    "rows stay in the log. The next request of that conversation starts a new upstream chat. The "
-    "upstream's own copy of the chat is not deleted. While a daemon serves the database, the delete "
+    "rows stay in the log. The next request of that conversation starts a new upstream chat. Its "
+    "upstream chats are deleted where the provider sets delete_chats_on_expiry: at once through a "
+    "running daemon, else when the daemon next starts. While a daemon serves the database, the delete "
     "goes through its admin API (auth.admin_key of --config), since the daemon would otherwise "
     "write the session back; without that key the command refuses.",
     epilog=examples("provider-router sessions delete 3f9a"),
@@ -154,7 +203,7 @@ def delete(settings: Settings, session_id: str) -> None:
     async def online(conn: aiosqlite.Connection, admin: Admin) -> None:
         s = await _session(conn, session_id)
         kept = await q.count_session_requests(conn, s["id"])
-        status, _ = await admin.call("DELETE", f"/admin/sessions/{s['id']}")
+        status, _ = await admin.call("DELETE", f"/admin/sessions/{s['id']}?by=cli")
         if status == 404:  # gone between the lookup and the call
             raise CliError(f"no session with id {session_id!r}")
         click.echo(

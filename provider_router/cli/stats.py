@@ -4,6 +4,8 @@ state, from the per-minute roll-ups written with the log.
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiosqlite
 import click
 
@@ -19,7 +21,9 @@ HEADERS = ("MODEL", "PROVIDER", "REQS", "ERRORS", "TOK IN", "TOK OUT", "CACHED",
     "stats",
     short_help="request counts, errors, tokens and latency per model",
     help="Per (model, provider): requests, errors (outcome other than ok), tokens in, out and "
-    "cached, p50/p95 time to first byte and total duration; then session counts by state. Read "
+    "cached, p50/p95 time to first byte and total duration; then session counts by state and the "
+    "sessions' lifecycle (created, expired, evicted, deleted since the database began; the oldest and "
+    "newest active session's age; average duration and requests per session; sessions per client). Read "
     "from per-minute roll-ups written with the log, so it answers fast for any range (--since has "
     "minute resolution) and the percentiles are estimates from latency histogram buckets; --json "
     "adds the exact means.",
@@ -51,6 +55,29 @@ def _render(st: stats_q.Stats, since: str | None) -> list[str]:
         *([f"since {full_time(since)}"] if since else []),
         *table(HEADERS, rows, right=range(2, 11)),
         f"\nsessions: {s['active']} active, {s['expired']} expired, {s['total']} total",
+        *_lifecycle(st.lifecycle),
         # The roll-ups keep latencies as histogram buckets, so percentiles are estimates.
         "latencies in ms; percentiles estimated from histogram buckets (--json has means too)",
     ]
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
+
+
+def _lifecycle(f: dict[str, Any]) -> list[str]:
+    per = f["requests_per_session"]
+    lines = [
+        f"lifecycle: {f['created']} created, {f['expired']} expired, {f['evicted']} evicted, {f['deleted']} deleted",
+        f"active ages: oldest {_age(f['oldest_age_seconds'])}, newest {_age(f['newest_age_seconds'])}; "
+        f"average duration {_age(f['average_duration_seconds'])}, {'-' if per is None else f'{per:.1f}'} requests per session",
+    ]
+    clients = f["by_client"]
+    if clients:
+        lines.append("by client: " + ", ".join(f"{c} {n['active']} active/{n['total']}" for c, n in clients.items()))
+    return lines

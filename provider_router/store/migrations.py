@@ -265,12 +265,58 @@ def m004_resent_replies(conn: sqlite3.Connection, progress: Progress | None) -> 
         conn.execute("ALTER TABLE messages ADD COLUMN carried INTEGER NOT NULL DEFAULT 1")
 
 
+M005_SESSION_LIFECYCLE = """
+-- The sessions list's order (most recently used first, id breaking ties), whole, by state
+-- or by client: an index walk backwards, not a sort. `sessions_order` covers `sessions_recent`.
+CREATE INDEX sessions_order ON sessions(last_accessed_at, id);
+CREATE INDEX sessions_state_order ON sessions(state, last_accessed_at, id);
+CREATE INDEX sessions_client_order ON sessions(client, last_accessed_at, id);
+DROP INDEX IF EXISTS sessions_recent;
+
+-- Lifecycle counters (created, expired, evicted, deleted): each event adds one in the same
+-- transaction as the change itself, so they survive restarts, deletes and retention (a
+-- counter read from the rows would go down when rows go). Seeded from the rows an earlier
+-- release left, which say how each session ended.
+CREATE TABLE session_tallies (event TEXT PRIMARY KEY, n INTEGER NOT NULL);
+INSERT INTO session_tallies (event, n)
+SELECT 'created', count(*) FROM sessions
+UNION ALL SELECT 'expired', count(*) FROM sessions WHERE state = 'expired'
+    AND coalesce(json_extract(metadata, '$.ended'), 'expired') = 'expired'
+UNION ALL SELECT 'evicted', count(*) FROM sessions WHERE state = 'expired' AND json_extract(metadata, '$.ended') = 'evicted'
+UNION ALL SELECT 'deleted', 0;
+
+-- Upstream chats of ended or deleted sessions, each deleted upstream once (where its
+-- provider is configured to): `deleted_at` set when done (or the upstream had already
+-- forgotten it), `attempts` and `error` while it fails, up to a bound.
+CREATE TABLE chat_deletions (
+    provider TEXT NOT NULL,
+    chat_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    deleted_at TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    PRIMARY KEY (provider, chat_id)
+) WITHOUT ROWID;
+CREATE INDEX chat_deletions_pending ON chat_deletions(provider) WHERE deleted_at IS NULL;
+
+-- A session's row and turns go when it is deleted (by the daemon, the CLI, retention or by
+-- hand): its upstream chats are kept here first, so they can still be deleted. A stateless
+-- upstream's chat id is the session's own id: no upstream chat.
+CREATE TRIGGER sessions_chats_kept BEFORE DELETE ON sessions BEGIN
+    INSERT OR IGNORE INTO chat_deletions (provider, chat_id, session_id)
+    SELECT old.provider, chat_id, old.id FROM turns WHERE session_id = old.id AND chat_id IS NOT NULL
+    UNION SELECT old.provider, old.chat_id, old.id WHERE old.chat_id IS NOT NULL AND old.chat_id <> old.id;
+END;
+"""
+
+
 # (name, SQL or a function of a connection inside the migration's transaction). Append only.
 MIGRATIONS: list[tuple[str, str | Callable[[sqlite3.Connection, Progress | None], None]]] = [
     ("001_requests", M001_REQUESTS),
     ("002_sessions", M002_SESSIONS),
     ("003_conversation_tree", m003_conversation_tree),
     ("004_resent_replies", m004_resent_replies),
+    ("005_session_lifecycle", M005_SESSION_LIFECYCLE),
 ]
 
 

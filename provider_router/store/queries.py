@@ -93,7 +93,7 @@ def fts_query(text: str) -> str | None:
     return " ".join(terms) or None
 
 
-def _glob_literal(text: str) -> str:
+def glob_literal(text: str) -> str:
     """`text` with GLOB's special characters matched literally (GLOB has no ESCAPE clause)."""
     return re.sub(r"([*?\[])", r"[\1]", text)
 
@@ -116,7 +116,7 @@ async def fetch_all(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...
 
 async def by_prefix(conn: aiosqlite.Connection, table: str, prefix: str) -> dict[str, Any] | None:
     # GLOB 'prefix*' on the primary key is a range scan, not a table scan.
-    rows = await fetch_all(conn, f"SELECT * FROM {table} WHERE id GLOB ? ORDER BY id LIMIT 5", (_glob_literal(prefix) + "*",))
+    rows = await fetch_all(conn, f"SELECT * FROM {table} WHERE id GLOB ? ORDER BY id LIMIT 5", (glob_literal(prefix) + "*",))
     if not rows:
         return None
     exact = [r for r in rows if r["id"] == prefix]
@@ -154,7 +154,7 @@ class RequestFilter:
         params: list[Any] = []
         if self.session:
             clauses.append("r.session_id GLOB ?")
-            params.append(_glob_literal(self.session) + "*")
+            params.append(glob_literal(self.session) + "*")
         if self.model:
             clauses.append("r.model GLOB ?" if _has_glob(self.model) else "r.model = ?")
             params.append(self.model)

@@ -1,37 +1,57 @@
-"""Sessions' rows read (and the few edits an operator makes offline: delete, expire)."""
+"""Sessions' rows read (and the few edits an operator makes offline: delete, expire); the
+lifecycle's figures (tallies, ages, averages) and the upstream chats still to delete."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import aiosqlite
 import orjson
 
 from ..records import iso
-from .queries import by_prefix, count_session_requests, fetch_all, has_table
+from .queries import AmbiguousId, glob_literal, by_prefix, count_session_requests, fetch_all, has_table
+
+STATES = ("active", "expired", "all")
+EVENTS = ("created", "expired", "evicted", "deleted")
+
+# Lifecycle tallies (migration 005): one event counted by the statement queued with it.
+TALLY = "UPDATE session_tallies SET n = n + ? WHERE event = ?"
+# Counted before the change they count, from the rows it will change.
+TALLY_EXPIRING = (
+    "UPDATE session_tallies SET n = n + (SELECT count(*) FROM sessions WHERE state = 'active' AND expires_at <= ?) "
+    "WHERE event = 'expired'"
+)
+TALLY_DELETING = "UPDATE session_tallies SET n = n + (SELECT count(*) FROM sessions WHERE id = ?) WHERE event = 'deleted'"
+DELETE_SESSION = "DELETE FROM sessions WHERE id = ?"
 
 
 async def list_sessions(
     conn: aiosqlite.Connection,
     *,
-    active_only: bool = False,
     state: str | None = None,
+    client: str | None = None,
     limit: int = 20,
     offset: int = 0,
     newest_first: bool = False,
 ) -> list[dict[str, Any]]:
     """The `limit` most recently used sessions (0: all) after skipping `offset`, least
-    recent first unless `newest_first`. `state` filters on active / expired."""
+    recent first unless `newest_first`. `state` filters on active / expired (all: None),
+    `client` on the client key's name."""
     if not await has_table(conn, "sessions"):
         return []
-    state = "active" if active_only else state
-    sql = "SELECT * FROM sessions"
+    state = None if state == "all" else state
+    where: list[str] = []
     params: list[Any] = []
     if state:
-        sql += " WHERE state = ?"
+        where.append("state = ?")
         params.append(state)
+    if client is not None:
+        where.append("client = ?")
+        params.append(client)
+    sql = "SELECT * FROM sessions" + (" WHERE " + " AND ".join(where) if where else "")
     sql += " ORDER BY last_accessed_at DESC, id DESC"
     if limit > 0 or offset:
         sql += " LIMIT ? OFFSET ?"
@@ -49,6 +69,29 @@ def _parse_metadata(row: dict[str, Any]) -> dict[str, Any]:
         except orjson.JSONDecodeError:
             pass
     return row
+
+
+async def session_ids(conn: aiosqlite.Connection, id_prefix: str, client: str | None = None, limit: int = 6) -> list[str]:
+    """Ids of sessions that start with `id_prefix` (of `client` only, if given), at most `limit`."""
+    if not await has_table(conn, "sessions"):
+        return []
+    sql, params = "SELECT id FROM sessions WHERE id GLOB ?", [glob_literal(id_prefix) + "*"]
+    if client is not None:
+        sql += " AND client = ?"
+        params.append(client)
+    async with conn.execute(sql + " ORDER BY id LIMIT ?", (*params, limit)) as cur:
+        return [r[0] for r in await cur.fetchall()]
+
+
+def pick(id_prefix: str, candidates: set[str] | list[str]) -> str | None:
+    """The one id `id_prefix` names among `candidates` (ids that start with it): itself,
+    else the only one; None for none; AmbiguousId for several."""
+    found = sorted(set(candidates))
+    if id_prefix in found:
+        return id_prefix
+    if len(found) > 1:
+        raise AmbiguousId(id_prefix, found[:5])
+    return found[0] if found else None
 
 
 async def get_session(conn: aiosqlite.Connection, id_prefix: str) -> dict[str, Any] | None:
@@ -80,7 +123,8 @@ async def delete_session(conn: aiosqlite.Connection, session_id: str) -> Deleted
         async with conn.execute("SELECT count(*) FROM turns WHERE session_id = ?", (session_id,)) as cur:
             (turns,) = await cur.fetchone()  # type: ignore[misc]
         kept = await count_session_requests(conn, session_id)
-        cur = await conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+        await conn.execute(TALLY_DELETING, (session_id,))
+        cur = await conn.execute(DELETE_SESSION, (session_id,))
         deleted = cur.rowcount
         await conn.commit()
     except BaseException:
@@ -89,20 +133,41 @@ async def delete_session(conn: aiosqlite.Connection, session_id: str) -> Deleted
     return DeletedSession(session_id, turns, kept) if deleted else None
 
 
+async def refresh_session(conn: aiosqlite.Connection, session_id: str, now: float, timeout: float) -> bool:
+    """Extend a session's timeout by `timeout` seconds from `now`, reviving it (and dropping
+    its `ended` reason) if it had ended; whether it exists."""
+    cur = await conn.execute(
+        "UPDATE sessions SET state = 'active', metadata = json_remove(coalesce(metadata, '{}'), '$.ended'), "
+        "last_accessed_at = ?, expires_at = ? WHERE id = ?",
+        (iso(now), iso(now + timeout), session_id),
+    )
+    await conn.commit()
+    return cur.rowcount > 0
+
+
 # Active sessions whose time has run out (at `expires_at` itself too, as the daemon counts
 # it) become expired; `metadata.ended` says why, as when the daemon ends one itself.
 EXPIRE_SESSIONS = (
     "UPDATE sessions SET state = 'expired', metadata = json_set(coalesce(metadata, '{}'), '$.ended', 'expired') "
     "WHERE state = 'active' AND expires_at <= ?"
 )
+# The sessions `EXPIRE_SESSIONS` is about to end, for their log lines.
+EXPIRING = "SELECT id, client, last_accessed_at FROM sessions WHERE state = 'active' AND expires_at <= ? ORDER BY id"
 
 
 async def expire_sessions(conn: aiosqlite.Connection, now: str | None = None) -> int:
     """Mark active sessions whose `expires_at` is past as expired; return how many."""
     if not await has_table(conn, "sessions"):
         return 0
-    cur = await conn.execute(EXPIRE_SESSIONS, (now or iso(time.time()),))
-    await conn.commit()
+    now = now or iso(time.time())
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        await conn.execute(TALLY_EXPIRING, (now,))
+        cur = await conn.execute(EXPIRE_SESSIONS, (now,))
+        await conn.commit()
+    except BaseException:
+        await conn.rollback()
+        raise
     return cur.rowcount
 
 
@@ -121,3 +186,85 @@ async def session_counts(conn: aiosqlite.Connection, since: str | None = None) -
             out[state] = out.get(state, 0) + n
             out["total"] += n
     return out
+
+
+async def tallies(conn: aiosqlite.Connection) -> dict[str, int]:
+    """The lifecycle's event counts (created, expired, evicted, deleted) since the database began."""
+    out = dict.fromkeys(EVENTS, 0)
+    if await has_table(conn, "session_tallies"):
+        async with conn.execute("SELECT event, n FROM session_tallies") as cur:
+            out.update({event: int(n) for event, n in await cur.fetchall()})
+    return out
+
+
+def _age(now: float, text: str | None) -> float | None:
+    return None if text is None else round(now - datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp(), 3)
+
+
+async def lifecycle(conn: aiosqlite.Connection, now: float | None = None) -> dict[str, Any]:
+    """The sessions' lifecycle as the database has it: active rows and the ages of the oldest
+    and newest of them; the event tallies; the average duration (first to last request) and
+    requests per session over the stored sessions; per client, sessions by state."""
+    now = time.time() if now is None else now
+    out: dict[str, Any] = {"active": 0, **await tallies(conn), "oldest_age_seconds": None, "newest_age_seconds": None}
+    out |= {"average_duration_seconds": None, "requests_per_session": None, "by_client": {}}
+    if not await has_table(conn, "sessions"):
+        return out
+    sql = "SELECT count(*), min(created_at), max(created_at) FROM sessions WHERE state = 'active'"
+    async with conn.execute(sql) as cur:
+        active, oldest, newest = await cur.fetchone()  # type: ignore[misc]
+    out |= {"active": active, "oldest_age_seconds": _age(now, oldest), "newest_age_seconds": _age(now, newest)}
+    sql = "SELECT avg((julianday(last_accessed_at) - julianday(created_at)) * 86400.0), avg(request_count) FROM sessions"
+    async with conn.execute(sql) as cur:
+        duration, requests = await cur.fetchone()  # type: ignore[misc]
+    out["average_duration_seconds"] = None if duration is None else round(duration, 3)
+    out["requests_per_session"] = None if requests is None else round(requests, 3)
+    async with conn.execute("SELECT client, state, count(*) FROM sessions GROUP BY client, state ORDER BY client") as cur:
+        for client, state, n in await cur.fetchall():
+            counts = out["by_client"].setdefault(client, {"active": 0, "expired": 0, "total": 0})
+            counts[state] = counts.get(state, 0) + n
+            counts["total"] += n
+    return out
+
+
+# The upstream chats of ended sessions (their turns' and their own), and those a deleted
+# session left (migration 005's trigger kept them), on the given providers.
+_ENDED_CHATS = """
+SELECT s.provider AS provider, t.chat_id AS chat_id, s.id AS session_id FROM sessions s
+JOIN turns t ON t.session_id = s.id
+WHERE s.state = 'expired' AND t.chat_id IS NOT NULL AND s.provider IN ({marks}){one}
+UNION
+SELECT s.provider, s.chat_id, s.id FROM sessions s
+WHERE s.state = 'expired' AND s.chat_id IS NOT NULL AND s.chat_id <> s.id AND s.provider IN ({marks}){one}
+UNION
+SELECT provider, chat_id, session_id FROM chat_deletions s
+WHERE deleted_at IS NULL AND provider IN ({marks}){kept}
+"""
+
+
+async def chats_to_delete(
+    conn: aiosqlite.Connection, providers: list[str], *, session_id: str | None = None, max_attempts: int = 5, limit: int = 500
+) -> list[tuple[str, str, str]]:
+    """(provider, chat_id, session_id) of the upstream chats of ended or deleted sessions on
+    `providers` that are not deleted yet and were tried fewer than `max_attempts` times (of
+    one session, if given)."""
+    if not providers or not await has_table(conn, "chat_deletions"):
+        return []
+    one, kept = (" AND s.id = ?", " AND session_id = ?") if session_id else ("", "")
+    union = _ENDED_CHATS.format(marks=",".join("?" * len(providers)), one=one, kept=kept)
+    sql = (
+        f"SELECT c.provider, c.chat_id, c.session_id FROM ({union}) c "
+        "LEFT JOIN chat_deletions d ON d.provider = c.provider AND d.chat_id = c.chat_id "
+        "WHERE d.deleted_at IS NULL AND coalesce(d.attempts, 0) < ? ORDER BY c.session_id, c.chat_id LIMIT ?"
+    )
+    each = [*providers, *([session_id] if session_id else [])]
+    async with conn.execute(sql, (*each, *each, *each, max_attempts, limit)) as cur:
+        return [(r[0], r[1], r[2]) for r in await cur.fetchall()]
+
+
+# One attempt to delete an upstream chat: done (`deleted_at`), or failed (`error`).
+CHAT_DELETION = """
+INSERT INTO chat_deletions (provider, chat_id, session_id, deleted_at, attempts, error) VALUES (?, ?, ?, ?, 1, ?)
+ON CONFLICT (provider, chat_id) DO UPDATE SET
+    deleted_at = excluded.deleted_at, attempts = chat_deletions.attempts + 1, error = excluded.error
+"""

@@ -14,7 +14,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from .session_reads import EXPIRE_SESSIONS
+from . import session_reads as reads
 from ..records import RequestRecord, iso
 from .writer import LogWriter
 
@@ -128,9 +128,23 @@ class SessionRepo:
         async with self._conn.execute(sql, (iso(now),)) as cur:
             return [_session(r) for r in await cur.fetchall()]
 
+    async def expiring(self, now: float) -> list[tuple[str, str, float]]:
+        """(id, client, last access) of the active rows past their expiry."""
+        async with self._conn.execute(reads.EXPIRING, (iso(now),)) as cur:
+            return [(r[0], r[1], _ts(r[2])) for r in await cur.fetchall()]
+
     def expire_stored(self, now: float) -> None:
-        """Mark expired the active rows past their expiry, as `session_reads.expire_sessions` does."""
-        self._writer.execute(EXPIRE_SESSIONS, (iso(now),))
+        """Mark expired (and count) the active rows past their expiry, as
+        `session_reads.expire_sessions` does."""
+        self._writer.execute(reads.TALLY_EXPIRING, (iso(now),), barrier=True)
+        self._writer.execute(reads.EXPIRE_SESSIONS, (iso(now),), barrier=True)
+
+    async def tallies(self) -> dict[str, int]:
+        return await reads.tallies(self._conn)
+
+    async def ids(self, prefix: str, client: str | None = None) -> list[str]:
+        """Stored session ids that start with `prefix` (of `client` only, if given)."""
+        return await reads.session_ids(self._conn, prefix, client)
 
     async def load(self, session_id: str) -> Session | None:
         async with self._conn.execute(f"SELECT {_COLUMNS} FROM sessions WHERE id = ?", (session_id,)) as cur:
@@ -146,6 +160,13 @@ class SessionRepo:
         """Store a new session (before any of its turns: they reference it)."""
         s.stored = True
         self._writer.latest(f"session:{s.id}", UPSERT, lambda: _params(s))
+        self._writer.execute(reads.TALLY, (1, "created"))
+
+    def end(self, s: Session, reason: str) -> None:
+        """Persist a session's end (`reason`: expired or evicted) and count it."""
+        if s.stored:
+            self.save(s)
+            self._writer.execute(reads.TALLY, (1, reason))
 
     def save(self, s: Session) -> None:
         """Persist the session's state as of the next flush (many saves between flushes: one
@@ -172,4 +193,14 @@ class SessionRepo:
         self._writer.execute("DELETE FROM turns WHERE session_id = ? AND chat_id = ?", (session_id, chat_id), barrier=True)
 
     def delete(self, session_id: str) -> None:
-        self._writer.execute("DELETE FROM sessions WHERE id = ?", (session_id,), barrier=True)
+        """Delete (and count) the session's row; its turns go by cascade, its upstream chats
+        are kept for deletion (migration 005's trigger)."""
+        self._writer.execute(reads.TALLY_DELETING, (session_id,), barrier=True)
+        self._writer.execute(reads.DELETE_SESSION, (session_id,), barrier=True)
+
+    async def chats_to_delete(self, providers: list[str], session_id: str | None = None) -> list[tuple[str, str, str]]:
+        return await reads.chats_to_delete(self._conn, providers, session_id=session_id)
+
+    def chat_deleted(self, provider: str, chat_id: str, session_id: str, now: float, error: str | None = None) -> None:
+        """Record an attempt to delete an upstream chat: done unless `error`."""
+        self._writer.execute(reads.CHAT_DELETION, (provider, chat_id, session_id, None if error else iso(now), error))

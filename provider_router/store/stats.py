@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import aiosqlite
 
 from .rows import BUCKETS_MS, NB, ROLLUP_SUMS
-from .session_reads import session_counts
+from .session_reads import lifecycle, session_counts
 
 
 def bucket_percentile(counts: list[int], q: float) -> float | None:
@@ -73,6 +73,8 @@ class Stats:
     total: GroupStats
     sessions: dict[str, int]
     since: str | None = None
+    # The sessions' lifecycle over the database's life (not `since`): session_reads.lifecycle.
+    lifecycle: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -80,6 +82,8 @@ class Stats:
             "groups": [g.as_dict() for g in self.groups],
             "total": self.total.as_dict(),
             "sessions": self.sessions,
+            "session_lifecycle": {k: v for k, v in self.lifecycle.items() if k != "by_client"},
+            "sessions_by_client": self.lifecycle.get("by_client", {}),
         }
 
 
@@ -116,4 +120,4 @@ async def stats(conn: aiosqlite.Connection, since: str | None = None) -> Stats:
             groups.append(g)
     total.finish()
     groups.sort(key=lambda g: (-g.requests, g.model or "", g.provider or ""))
-    return Stats(groups, total, await session_counts(conn, since), since)
+    return Stats(groups, total, await session_counts(conn, since), since, await lifecycle(conn))
