@@ -55,7 +55,8 @@ async def _turn(
     request: web.Request, rec: RequestRecord, threads: Threads, provider: ThreadedProvider, call: ChatCall, a: attempts.Attempt
 ) -> web.StreamResponse:
     """A turn on a threaded upstream: sent where the threads placed it, and recorded by
-    them once its reply completed. A chat the upstream lost is placed again, once."""
+    them once its reply completed. A chat the upstream lost is placed again (a chat made
+    for this turn and lost at once is a 502)."""
     p = await threads.place(request, rec, a.route, call.body["messages"])
     _joined(request, p.session)
     new_chat = partial(provider.new_chat, call.upstream_model)
