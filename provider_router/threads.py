@@ -1,8 +1,10 @@
 """Conversation threading: where in its session's thread the client's history continues,
 what a threaded upstream must be sent, and when the thread advances. Knows no wire format:
 providers translate, this module decides. The API calls it: `place` a turn, `hold` its chat
-while the API relays the reply, `record` the reply once it completed (`chat_gone` when the
-upstream lost the chat meanwhile).
+while the API relays the reply (to the end of the upstream's body; a busy chat is waited
+out there), `record` the reply once it completed (`chat_gone` when the upstream lost the
+chat meanwhile). A session has one upstream chat: a turn with no reply to continue from is
+a new branch at its root.
 
 A session's thread is the conversation tree of the log (`history.node_key`): a threaded
 upstream's turns are facts about reply nodes of that tree (the upstream's chat and reply
@@ -13,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
-from typing import Any, AsyncContextManager, AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import structlog
 from aiohttp import web
@@ -30,32 +32,43 @@ log = structlog.get_logger("provider_router.threads")
 
 
 # -- per-chat serialisation -----------------------------------------------------------------
+def busy(wait: float) -> ApiError:
+    return ApiError(429, f"This conversation is busy with another request (waited {wait:g}s).", code="conversation_busy")
+
+
 class ChatLocks:
-    """One turn at a time per upstream chat (the upstream refuses overlap); waiters queue."""
+    """One turn at a time per upstream chat (the upstream refuses overlap); waiters queue.
+    A session's first chat is made under a lock of its own (`founding`), so that
+    concurrent first turns share it."""
 
     def __init__(self) -> None:
-        self._locks: dict[str, list[Any]] = {}  # chat_id -> [Lock, users]
+        self._locks: dict[str, list[Any]] = {}  # key -> [Lock, users]
 
-    @contextlib.asynccontextmanager
-    async def hold(self, chat_id: str, wait: float) -> AsyncIterator[None]:
-        entry = self._locks.setdefault(chat_id, [asyncio.Lock(), 0])
+    async def acquire(self, key: str, deadline: float, wait: float) -> Callable[[], None]:
+        """The lock for `key` by `deadline` (the loop's clock), else 429 (`wait`: the
+        seconds the turn was given); returns its release."""
+        entry = self._locks.setdefault(key, [asyncio.Lock(), 0])
         entry[1] += 1
         try:
-            try:
-                async with asyncio.timeout(wait):
-                    await entry[0].acquire()
-            except TimeoutError:
-                raise ApiError(
-                    429, f"This conversation is busy with another request (waited {wait:g}s).", code="conversation_busy"
-                ) from None
-            try:
-                yield
-            finally:
-                entry[0].release()
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._locks[chat_id]
+            async with asyncio.timeout_at(deadline):
+                await entry[0].acquire()
+        except TimeoutError:
+            self._leave(key, entry)
+            raise busy(wait) from None
+        except BaseException:
+            self._leave(key, entry)
+            raise
+
+        def release() -> None:
+            entry[0].release()
+            self._leave(key, entry)
+
+        return release
+
+    def _leave(self, key: str, entry: list[Any]) -> None:
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._locks[key]
 
     def waiting(self, chat_id: str) -> int:
         """How many turns hold the chat or wait for it."""
@@ -63,11 +76,16 @@ class ChatLocks:
         return 0 if entry is None else int(entry[1])
 
 
+def founding(s: Session) -> str:
+    return f"founding:{s.id}"  # never a chat id: those are the upstream's
+
+
 @dataclass(slots=True)
 class Placement:
     """Where a turn continues in its session's thread, and what its upstream must be sent:
     the messages after the reply it continues (`parent_id` in `chat_id`), or the whole
-    history in a new chat (`chat_id` None)."""
+    history as a new branch at the root of the session's chat (`parent_id` None), or of a
+    chat yet to be made (`chat_id` None too)."""
 
     session: Session
     chat_id: str | None
@@ -75,6 +93,27 @@ class Placement:
     messages: list[dict[str, Any]]  # to send
     history: list[dict[str, Any]]  # as the client sent it
     keys: list[bytes]  # `history`'s node keys
+    new: bool = False  # this turn made its chat
+
+
+class Held:
+    """A turn's hold on its chat: where the turn goes, and the time it may still wait there."""
+
+    def __init__(self, placement: Placement, deadline: float, wait: float) -> None:
+        self.placement = placement
+        self._deadline = deadline
+        self._wait = wait
+        self._tries = 0
+
+    async def busy(self) -> None:
+        """The upstream still counts another turn in the chat as running (one it has not
+        ended on its side, or one sent from elsewhere): pause before sending again, with
+        a bounded backoff, or 429 once the turn's `lock_wait_seconds` are spent."""
+        left = self._deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise busy(self._wait)
+        await asyncio.sleep(min(0.05 * 2**self._tries, 1.0, left))
+        self._tries += 1
 
 
 def _place(messages: list[dict[str, Any]], keys: list[bytes], turns: dict[bytes, Turn]) -> tuple[int, Turn | None]:
@@ -100,26 +139,60 @@ class Threads:
         keys = node_keys(messages)  # each message keyed once per request
         rec.turn = sum(m.get("role") == "assistant" for m in messages) + 1
         k, node = _place(messages, keys, await self.sessions.turns(s))
-        if node is None:  # never seen: a new chat with the whole history
-            return Placement(s, None, None, messages, messages, keys)
+        if node is None:  # nothing to continue from: the whole history, at the root
+            return Placement(s, s.chat_id, None, messages, messages, keys)
         return Placement(s, node.chat_id, node.reply_id, messages[k:], messages, keys)
 
-    def hold(self, p: Placement) -> AsyncContextManager[None]:
-        """Held while the turn is upstream: a turn continuing a chat waits for the chat's
-        turn in flight (429 after `lock_wait_seconds`); a new chat waits for nothing."""
+    @contextlib.asynccontextmanager
+    async def hold(self, p: Placement, new_chat: Callable[[], Awaitable[str]]) -> AsyncIterator[Held]:
+        """Held while the turn is upstream, to the end of the upstream's reply body: turns
+        on one chat wait for the one in flight, `lock_wait_seconds` at most (then 429). A
+        session's first chat is made once (`new_chat`); turns that wait for it meanwhile
+        become branches at its root."""
+        wait = self.sessions.cfg.lock_wait_seconds
+        deadline = asyncio.get_running_loop().time() + wait
         if p.chat_id is None:
-            return contextlib.nullcontext()
-        return self.locks.hold(p.chat_id, self.sessions.cfg.lock_wait_seconds)
+            p, release = await self._found(p, new_chat, deadline, wait)
+        else:
+            release = await self.locks.acquire(p.chat_id, deadline, wait)
+        try:
+            yield Held(p, deadline, wait)
+        finally:
+            release()
+
+    async def _found(
+        self, p: Placement, new_chat: Callable[[], Awaitable[str]], deadline: float, wait: float
+    ) -> tuple[Placement, Callable[[], None]]:
+        """The session's chat for a turn placed before it had one, held: made by this turn,
+        or by a turn it waited for."""
+        s = p.session
+        release_founding = await self.locks.acquire(founding(s), deadline, wait)
+        try:
+            if s.chat_id is not None:
+                return replace(p, chat_id=s.chat_id), await self.locks.acquire(s.chat_id, deadline, wait)
+            chat_id = await new_chat()
+            release = await self.locks.acquire(chat_id, deadline, wait)  # free: nobody knows it yet
+            s.chat_id = chat_id
+            self.sessions.repo.save(s)
+            log.info("chat_created", session=s.id, chat_id=chat_id)
+            return replace(p, chat_id=chat_id, new=True), release
+        finally:
+            release_founding()
 
     def chat_gone(self, p: Placement, reason: str) -> Placement:
-        """The upstream no longer knows the chat the turn continued: forget its turns and
-        place the turn again, in a new chat carrying the whole history. A new chat lost
-        at once is the upstream's failure (502)."""
-        if p.chat_id is None:
+        """The upstream no longer knows the chat the turn went to: forget its turns and
+        place the turn again with the whole history, at the root of the session's chat,
+        a new one unless another turn made it meanwhile. A chat lost as soon as this turn
+        made it is the upstream's failure (502)."""
+        s = p.session
+        if p.new or p.chat_id is None:
             raise ApiError(502, f"upstream lost the chat: {reason}", code="upstream_error")
-        log.info("chat_gone", session=p.session.id, chat_id=p.chat_id)
-        self.sessions.forget_chat(p.session, p.chat_id)
-        return Placement(p.session, None, None, p.history, p.history, p.keys)
+        log.info("chat_gone", session=s.id, chat_id=p.chat_id)
+        self.sessions.forget_chat(s, p.chat_id)
+        if s.chat_id == p.chat_id:
+            s.chat_id = None
+            self.sessions.repo.save(s)
+        return Placement(s, s.chat_id, None, p.history, p.history, p.keys)
 
     async def record(self, p: Placement, rec: RequestRecord) -> None:
         """The turn's reply completed (`rec` holds it, with the upstream's chat and reply

@@ -545,3 +545,26 @@ async def test_completion_transport_rules(client: TestClient, fake: QwenFake) ->
                              headers={**AUTH, "Content-Type": "application/json"})
     assert (await error_of(resp))["code"] == "Bad_Request"
     assert fake.turns == [] and len(fake.requests) == 3
+
+
+async def test_a_finished_turn_keeps_its_chat_in_progress_until_its_stream_closed(aiohttp_client: ClientFactory) -> None:
+    """As the real service does: after `finished` the chat stays in progress until the
+    stream has closed (`linger` keeps it open), and a client leaving does not end that."""
+    fake = QwenFake(TOKEN, linger=SAFETY)
+    client = await aiohttp_client(fake.app)
+    chat_id = await new_chat(client)
+    resp = await post_turn(client, body(chat_id, None, "one"))
+    stream = Events(resp)
+    events: list[dict[str, Any]] = []
+    while not finished(events):
+        event = await asyncio.wait_for(stream.next(), SAFETY)
+        assert event is not None, "the stream closed before its linger"
+        events.append(event)
+    assert fake.turns[0].completed
+    data = await error_of(await post_turn(client, body(chat_id, None, "meanwhile")))
+    assert data["details"] == "The chat is in progress!"
+    resp.close()  # the client leaves; the upstream's turn still runs its time
+    await asyncio.wait_for(fake.disconnected.wait(), SAFETY)
+    assert fake.turns[0].completed
+    data = await error_of(await post_turn(client, body(chat_id, None, "still")))
+    assert data["details"] == "The chat is in progress!" and fake.refused_busy == 2

@@ -1,7 +1,8 @@
 """`POST /v1/chat/completions`: the body validated, then on each route in turn (attempts.py)
 the threads place the history and the provider is called; a pass-through answer is relayed
 (relay.py), a translated one rendered (render.py). On a threaded upstream the threads record
-the reply once it completed, before the client gets its end.
+the reply once it completed, before the client gets its end, and hold its chat until the
+upstream's body ended (the provider's events end there).
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from functools import partial
 
 from aiohttp import web
 
-from ..providers import ChatCall, ChatGone, Provider
-from ..state import RECORD, STATE
+from ..providers import ChatBusy, ChatCall, ChatGone, Provider, ThreadedProvider, is_threaded
 from ..records import RequestRecord
-from ..threads import Placement, Threads
+from ..state import RECORD, SESSION_NEW, STATE
+from ..store.sessions import Session
+from ..threads import Held, Placement, Threads
 from . import attempts, intake
 from .relay import relay_answer
 from .render import BeforeEnd, render
@@ -40,28 +42,51 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         threads = request.app[STATE].threads
         if threads is None:
             return await _answer(request, rec, provider, call, a)
-        if provider.threaded:
+        if is_threaded(provider):
             return await _turn(request, rec, threads, provider, call, a)
         # A stateless upstream gets the whole history; the session is the log's business.
-        await threads.sessions.join(request, rec, a.route, body["messages"])
+        _joined(request, await threads.sessions.join(request, rec, a.route, body["messages"]))
         return await _answer(request, rec, provider, call, a)
 
     return await attempts.run(rec, routes, attempt)
 
 
 async def _turn(
-    request: web.Request, rec: RequestRecord, threads: Threads, provider: Provider, call: ChatCall, a: attempts.Attempt
+    request: web.Request, rec: RequestRecord, threads: Threads, provider: ThreadedProvider, call: ChatCall, a: attempts.Attempt
 ) -> web.StreamResponse:
     """A turn on a threaded upstream: sent where the threads placed it, and recorded by
-    them once its reply completed. A chat the upstream lost is placed again, once."""
+    them once its reply completed. A chat the upstream lost is placed again (a chat made
+    for this turn and lost at once is a 502)."""
     p = await threads.place(request, rec, a.route, call.body["messages"])
+    _joined(request, p.session)
+    new_chat = partial(provider.new_chat, call.upstream_model)
     while True:
-        _send_at(call, rec, p)
+        async with threads.hold(p, new_chat) as held:
+            try:
+                return await _send(request, rec, threads, provider, call, a, held)
+            except ChatGone as e:
+                p = threads.chat_gone(held.placement, str(e))
+
+
+async def _send(
+    request: web.Request, rec: RequestRecord, threads: Threads, provider: Provider, call: ChatCall, a: attempts.Attempt, held: Held
+) -> web.StreamResponse:
+    """The turn to its held chat; while the upstream says the chat is still busy, again."""
+    p = held.placement
+    _send_at(call, rec, p)
+    while True:
         try:
-            async with threads.hold(p):
-                return await _answer(request, rec, provider, call, a, partial(threads.record, p, rec))
-        except ChatGone as e:
-            p = threads.chat_gone(p, str(e))
+            return await _answer(request, rec, provider, call, a, partial(threads.record, p, rec))
+        except ChatBusy:
+            await held.busy()
+
+
+def _joined(request: web.Request, s: Session) -> None:
+    """Note whether this request started its session (`X-Session-New`): the first request
+    a session counts. Noted when the request first joins it, not again on a retry."""
+    noted = request.get(SESSION_NEW)
+    if noted is None or noted[0] != s.id:
+        request[SESSION_NEW] = (s.id, s.request_count == 1)
 
 
 def _send_at(call: ChatCall, rec: RequestRecord, p: Placement) -> None:

@@ -6,7 +6,7 @@ import aiohttp
 
 from ..config import ProviderConfig
 from .base import (
-    ChatCall, ChatGone, Delta, Event, Finish, Forwarder, Provider, Started, ThreadedProvider, UpstreamReply, Usage, forwards,
+    ChatBusy, ChatCall, ChatGone, Delta, Event, Finish, Forwarder, Provider, Started, ThreadedProvider, UpstreamReply, Usage, forwards,
     is_threaded,
 )  # fmt: skip
 from .echo import EchoProvider
@@ -29,6 +29,6 @@ def build_provider(cfg: ProviderConfig, session: aiohttp.ClientSession, on_queue
 
 
 __all__ = [
-    "ChatCall", "ChatGone", "Delta", "Event", "Finish", "Forwarder", "Provider", "Started", "ThreadedProvider",
+    "ChatBusy", "ChatCall", "ChatGone", "Delta", "Event", "Finish", "Forwarder", "Provider", "Started", "ThreadedProvider",
     "UpstreamReply", "Usage", "build_provider", "forwards", "is_threaded",
 ]

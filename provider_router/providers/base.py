@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol, TypeGuard, Union
 
+from ..errors import ApiError
+
 if TYPE_CHECKING:
     from .http import Upstream
 
@@ -29,6 +31,14 @@ class ChatCall:
 
 class ChatGone(Exception):
     """The upstream no longer knows the chat (expired, deleted): the thread must be rebuilt."""
+
+
+class ChatBusy(ApiError):
+    """The upstream still counts a turn in the chat as running ("The chat is in progress!"):
+    transient, so the turn waits and is sent again; answered as it is if never caught."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(429, f"upstream chat busy: {details}", code="upstream_chat_busy", outcome="upstream_error", retryable=True)
 
 
 @dataclass(slots=True)
@@ -94,6 +104,10 @@ class Provider(Protocol):
 
 class ThreadedProvider(Provider, Protocol):
     delete_chats: bool  # delete upstream chats when their session ends
+
+    async def new_chat(self, model: str) -> str:
+        """Create an upstream chat; its id."""
+        ...
 
     async def delete_chat(self, chat_id: str) -> None:
         """Delete an upstream chat (used when sessions expire, if configured)."""

@@ -13,13 +13,16 @@ from typing import Any, AsyncIterator
 from urllib.parse import urlencode
 
 import orjson
+import structlog
 
 from ..config import ProviderConfig
 from ..errors import ApiError
 from ..messages import content_text
 from ..sse import SSEParser
-from .base import ChatCall, ChatGone, Delta, Event, Finish, Started, UpstreamReply, Usage
+from .base import ChatBusy, ChatCall, ChatGone, Delta, Event, Finish, Started, UpstreamReply, Usage
 from .http import Exchange, Upstream, request_headers
+
+log = structlog.get_logger("provider_router.providers")
 
 
 def fold_messages(messages: list[dict[str, Any]]) -> str:
@@ -51,7 +54,7 @@ def _error(data: dict[str, Any], status: int) -> Exception:
     if code == "Unauthorized" or status == 401:
         return ApiError(401, f"upstream refused the provider's token: {details}", code="upstream_unauthorized", outcome="upstream_error")
     if "in progress" in details:
-        return ApiError(429, f"upstream chat busy: {details}", code="upstream_chat_busy", outcome="upstream_error", retryable=True)
+        return ChatBusy(details)
     return ApiError(502, f"upstream error {code} (HTTP {status}): {details}", code="upstream_error", retryable=status >= 500)
 
 
@@ -145,9 +148,13 @@ class QwenProvider:
         return UpstreamReply(events=self._events(resp, chat_id), close=resp.close, queue_ms=resp.queue_ms)
 
     async def _events(self, resp: Exchange, chat_id: str) -> AsyncIterator[Event]:
+        """The turn's events; they end when the upstream's body ended, not at `finished`:
+        the upstream counts the turn as running until then, and refuses the chat's next
+        turn meanwhile (the threads hold the chat while these events are read)."""
         parser = SSEParser()
         usage: Usage | None = None
-        async for chunk in self.upstream.chunks(resp):
+        chunks = self.upstream.chunks(resp)
+        async for chunk in chunks:
             for ev in parser.feed(chunk):
                 try:
                     obj = orjson.loads(ev.data)
@@ -176,12 +183,23 @@ class QwenProvider:
                         if usage is not None:
                             yield Usage(usage.prompt_tokens, usage.completion_tokens)
                         yield Finish("stop")
+                        await _to_the_end(chunks)
                         return
         # The upstream closed without `finished`: a truncated reply must not become a parent.
         raise ApiError(502, "upstream stream ended before the reply finished", code="upstream_truncated")
 
     async def close(self) -> None:
         return None
+
+
+async def _to_the_end(chunks: AsyncIterator[bytes]) -> None:
+    """The rest of a finished reply's body, read and dropped. The reply is complete: a body
+    that then breaks or idles past the timeout ends the wait, not the reply."""
+    try:
+        async for _ in chunks:
+            pass
+    except ApiError as e:
+        log.info("upstream_body_after_finish", error=e.message)
 
 
 def _tokens(value: object) -> int:

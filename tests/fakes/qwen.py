@@ -1,7 +1,9 @@
 """A strict in-process fake of the Qwen chat web API v2 (see protocols/qwen-chat-v2.md).
 
 Owns the fake's chat trees, its request validation and its byte-split SSE answers, plus the
-scripting hooks tests use to make the next completion fail, truncate or stall.
+scripting hooks tests use to make the next completion fail, truncate or stall. Like the real
+service, a chat is in progress until its reply stream has closed, not only until `finished`
+(`linger` keeps a finished stream open a while).
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ class Chat:
     chat_type: str
     messages: dict[str, Message] = field(default_factory=dict)
     generating: str | None = None  # response_id of the turn still streaming
+    busy_until: float = 0.0  # (loop time) a finished turn whose client left still runs till then
+
+    def busy(self) -> bool:
+        return self.generating is not None or asyncio.get_running_loop().time() < self.busy_until
 
     def path(self, msg_id: str) -> list[tuple[str, str]]:
         """(role, content) from the root down to `msg_id`, inclusive."""
@@ -109,7 +115,8 @@ class QwenFake:
     """The fake upstream: `app` serves the v2 endpoints; the attributes record what happened.
 
     `fake = QwenFake("tok", seed=1, chunk_words=2)`; `fake.stall_next()` before a request
-    returns the Event that lets that stream finish.
+    returns the Event that lets that stream finish. `linger`: seconds a stream stays open
+    after its `finished` event, the chat still in progress.
     """
 
     def __init__(
@@ -119,20 +126,25 @@ class QwenFake:
         seed: int = 0,
         chunk_words: int = 1,
         max_piece: int = 24,
+        linger: float = 0.0,
     ) -> None:
         if chunk_words < 1 or max_piece < 1:
             raise ValueError("chunk_words and max_piece must be >= 1")
         self.token = token
         self.chunk_words = chunk_words
         self.max_piece = max_piece
+        self.linger = linger
         self.turns: list[Turn] = []
         self.chats: dict[str, Chat] = {}
         self.created_chats = 0
+        self.refused_busy = 0  # turns refused because their chat was in progress
+        self.not_found: list[str] = []  # chat ids of turns refused with NotFound
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []  # request headers, every endpoint, in order
         self.disconnected = asyncio.Event()
         self._rng = random.Random(seed)
         self._scripts: deque[_Script] = deque()
+        self._new_chat_stalls: deque[asyncio.Event] = deque()
         self.app = web.Application()
         self.app.router.add_post("/api/v2/chats/new", self._new_chat)
         self.app.router.add_post("/api/v2/chat/completions", self._completions)
@@ -181,6 +193,12 @@ class QwenFake:
         self._scripts.append(_Script("stall", release=release))
         return release
 
+    def stall_new_chat_next(self) -> asyncio.Event:
+        """The next chat creation answers only once the returned Event is set."""
+        release = asyncio.Event()
+        self._new_chat_stalls.append(release)
+        return release
+
     def forget(self, chat_id: str) -> None:
         """Expire a chat upstream: every later request naming it gets NotFound."""
         del self.chats[chat_id]
@@ -215,6 +233,8 @@ class QwenFake:
                 raise _Rejected("Bad_Request", "chat_type must be a string")
         except _Rejected as exc:
             return _error(exc.code, exc.details)
+        if self._new_chat_stalls:
+            await self._new_chat_stalls.popleft().wait()
         chat = Chat(
             id=str(uuid.uuid4()),
             title=str(body.get("title", "New Chat")),
@@ -285,8 +305,9 @@ class QwenFake:
                     body=script.body,
                     headers={"Content-Type": script.content_type},
                 )
-            chat = self._chat(parsed["chat_id"])
-            if chat.generating is not None:
+            chat = self._chat(parsed["chat_id"], turn=True)
+            if chat.busy():
+                self.refused_busy += 1
                 raise _Rejected("Bad_Request", "The chat is in progress!")
             parent_id = parsed["parent_id"]
             if parent_id is not None:
@@ -321,9 +342,11 @@ class QwenFake:
             raise _Rejected("Bad_Request", "body must be a JSON object")
         return body
 
-    def _chat(self, chat_id: str) -> Chat:
+    def _chat(self, chat_id: str, turn: bool = False) -> Chat:
         chat = self.chats.get(chat_id)
         if chat is None:
+            if turn:
+                self.not_found.append(chat_id)
             raise _Rejected("NotFound", f"chat {chat_id} not found")
         return chat
 
@@ -424,13 +447,20 @@ class QwenFake:
                 turn.usage = usage or turn.usage
             if kind in ("truncate", "error_mid_stream"):
                 assert script is not None
-                chat.generating = None
                 if script.kind == "truncate" and script.abort and request.transport is not None:
                     request.transport.abort()
-                return resp
-            turn.completed = True
-            chat.messages[turn.response_id].done = True
-            chat.generating = None
+                    chat.generating = None
+                    return resp
+            else:
+                turn.completed = True
+                chat.messages[turn.response_id].done = True
+                # The upstream's own time after `finished`, not a test's wait; it runs out
+                # even if the client leaves meanwhile.
+                chat.busy_until = asyncio.get_running_loop().time() + self.linger
+                if self.linger:
+                    await asyncio.sleep(self.linger)
+            await resp.write_eof()
+            chat.generating = None  # only now: the turn runs until its stream has closed
         except ConnectionResetError:  # aiohttp's ClientConnectionResetError included
             self._mark_disconnected(chat, turn)
         except asyncio.CancelledError:
@@ -439,8 +469,9 @@ class QwenFake:
         return resp
 
     def _mark_disconnected(self, chat: Chat, turn: Turn) -> None:
+        """The client left: the turn ends, unfinished unless `finished` went out already."""
         chat.generating = None
-        turn.completed = False
+        turn.completed = chat.messages[turn.response_id].done
         self.disconnected.set()
 
     def _cut(self, data: bytes) -> list[bytes]:
