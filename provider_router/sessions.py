@@ -196,11 +196,15 @@ class Sessions:
         self.repo.add_turn(s.id, t, request_id, s.last_access)
 
     def forget_chat(self, s: Session, chat_id: str) -> None:
-        """The upstream lost `chat_id`: the session's turns in it are gone too."""
+        """The upstream lost `chat_id`: the session's turns in it are gone too, and if it was
+        the session's chat, the session has none until a turn makes one."""
         turns = self._turns.get(s.id, {})
         for h in [h for h, t in turns.items() if t.chat_id == chat_id]:
             del turns[h]
         self.repo.forget_chat(s.id, chat_id)
+        if s.chat_id == chat_id:
+            s.chat_id = None
+            self.repo.save(s)
 
     # -- the request path ---------------------------------------------------------------
     async def join(self, request: web.Request, rec: RequestRecord, route: Route, messages: list[dict[str, Any]]) -> Session:

@@ -189,9 +189,6 @@ class Threads:
             raise ApiError(502, f"upstream lost the chat: {reason}", code="upstream_error")
         log.info("chat_gone", session=s.id, chat_id=p.chat_id)
         self.sessions.forget_chat(s, p.chat_id)
-        if s.chat_id == p.chat_id:
-            s.chat_id = None
-            self.sessions.repo.save(s)
         return Placement(s, s.chat_id, None, p.history, p.history, p.keys)
 
     async def record(self, p: Placement, rec: RequestRecord) -> None:

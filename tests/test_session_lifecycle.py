@@ -155,7 +155,7 @@ async def test_admin_list_pages_and_filters_and_counts_per_client(make_proxy: Pr
     assert await listed("state=expired") == ([], False)
     assert (await call(p.url, "GET", "/admin/sessions?state=ended", ADMIN))[0] == 400
     _, stats = await call(p.url, "GET", "/admin/stats", ADMIN)
-    assert stats["sessions_by_client"] == {"alice": {"active": 2, "expired": 0, "total": 2}, "bob": {"active": 1, "expired": 0, "total": 1}}
+    assert stats["sessions_by_client"] == {"alice": {"active": 2, "created": 2, "ended": 0}, "bob": {"active": 1, "created": 1, "ended": 0}}
 
 
 async def test_lifecycle_figures_in_metrics_admin_stats_and_the_cli(make_proxy: ProxyFactory, cli: Any) -> None:
@@ -175,7 +175,7 @@ async def test_lifecycle_figures_in_metrics_admin_stats_and_the_cli(make_proxy: 
     life = stats["session_lifecycle"]
     want = {"active": 1, "created": 4, "expired": 1, "evicted": 1, "deleted": 1}
     assert {k: life[k] for k in want} == want
-    assert life["requests_per_session"] == round(4 / 3, 3)  # fig-1, fig-3, fig-4 are stored
+    assert life["requests_per_session"] == round(5 / 4, 3)  # fig-1, 2 and 3 ended with one request each, fig-4 has two
     assert life["oldest_age_seconds"] == life["newest_age_seconds"] and life["newest_age_seconds"] >= 0
     assert life["average_duration_seconds"] >= 0
     _, text = await call(p.url, "GET", "/metrics", ADMIN)
@@ -187,7 +187,7 @@ async def test_lifecycle_figures_in_metrics_admin_stats_and_the_cli(make_proxy: 
     same = (*want, "average_duration_seconds", "requests_per_session")  # the ages grow between reads
     assert code == 0 and {k: json.loads(out)["session_lifecycle"][k] for k in same} == {k: life[k] for k in same}
     code, out, _ = await cli("stats", "--db", str(p.db_path))
-    assert "lifecycle: 4 created, 1 expired, 1 evicted, 1 deleted" in out and "by client: alice 1 active/3" in out
+    assert "lifecycle: 4 created, 1 expired, 1 evicted, 1 deleted" in out and "by client: alice 1 active/4" in out  # of 4 created
 
 
 # -- the command line ------------------------------------------------------------------------

@@ -79,5 +79,5 @@ def _lifecycle(f: dict[str, Any]) -> list[str]:
     ]
     clients = f["by_client"]
     if clients:
-        lines.append("by client: " + ", ".join(f"{c} {n['active']} active/{n['total']}" for c, n in clients.items()))
+        lines.append("by client: " + ", ".join(f"{c or '-'} {n['active']} active/{n['created']}" for c, n in clients.items()))
     return lines

@@ -283,7 +283,50 @@ SELECT 'created', count(*) FROM sessions
 UNION ALL SELECT 'expired', count(*) FROM sessions WHERE state = 'expired'
     AND coalesce(json_extract(metadata, '$.ended'), 'expired') = 'expired'
 UNION ALL SELECT 'evicted', count(*) FROM sessions WHERE state = 'expired' AND json_extract(metadata, '$.ended') = 'evicted'
-UNION ALL SELECT 'deleted', 0;
+UNION ALL SELECT 'deleted', 0
+-- Ended sessions (expired, evicted, or deleted while active): how many, their durations
+-- (first to last request, ms) and requests, for the averages without reading every row.
+UNION ALL SELECT 'ended_sessions', count(*) FROM sessions WHERE state = 'expired'
+UNION ALL SELECT 'ended_ms', coalesce(sum(CAST((julianday(last_accessed_at) - julianday(created_at)) * 86400000 AS INTEGER)), 0)
+    FROM sessions WHERE state = 'expired'
+UNION ALL SELECT 'ended_requests', coalesce(sum(request_count), 0) FROM sessions WHERE state = 'expired';
+
+-- Per client: sessions created and ended, kept like the tallies.
+CREATE TABLE session_clients (client TEXT PRIMARY KEY, created INTEGER NOT NULL, ended INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO session_clients (client, created, ended)
+SELECT coalesce(client, ''), count(*), sum(state = 'expired') FROM sessions GROUP BY coalesce(client, '');
+
+-- The triggers keep both in step with the rows, whoever changes them (the daemon, the CLI,
+-- sqlite3): a session ends when its row turns expired or is deleted while active; a revived
+-- one is taken back out. Deleting an ended session (retention) changes no figure.
+CREATE TRIGGER sessions_counted_new AFTER INSERT ON sessions BEGIN
+    INSERT INTO session_clients (client, created, ended) VALUES (coalesce(new.client, ''), 1, new.state = 'expired')
+        ON CONFLICT (client) DO UPDATE SET created = created + 1, ended = ended + (new.state = 'expired');
+    -- A session that ended before its first write (the daemon coalesces a batch's saves)
+    UPDATE session_tallies SET n = n + CASE event WHEN 'ended_sessions' THEN 1 WHEN 'ended_requests' THEN new.request_count
+        ELSE CAST((julianday(new.last_accessed_at) - julianday(new.created_at)) * 86400000 AS INTEGER) END
+        WHERE event IN ('ended_sessions', 'ended_ms', 'ended_requests') AND new.state = 'expired';
+END;
+CREATE TRIGGER sessions_counted_ended AFTER UPDATE OF state ON sessions
+WHEN old.state = 'active' AND new.state = 'expired' BEGIN
+    UPDATE session_tallies SET n = n + CASE event WHEN 'ended_sessions' THEN 1 WHEN 'ended_requests' THEN new.request_count
+        ELSE CAST((julianday(new.last_accessed_at) - julianday(new.created_at)) * 86400000 AS INTEGER) END
+        WHERE event IN ('ended_sessions', 'ended_ms', 'ended_requests');
+    UPDATE session_clients SET ended = ended + 1 WHERE client = coalesce(new.client, '');
+END;
+CREATE TRIGGER sessions_counted_revived AFTER UPDATE OF state ON sessions
+WHEN old.state = 'expired' AND new.state = 'active' BEGIN
+    UPDATE session_tallies SET n = n - CASE event WHEN 'ended_sessions' THEN 1 WHEN 'ended_requests' THEN old.request_count
+        ELSE CAST((julianday(old.last_accessed_at) - julianday(old.created_at)) * 86400000 AS INTEGER) END
+        WHERE event IN ('ended_sessions', 'ended_ms', 'ended_requests');
+    UPDATE session_clients SET ended = ended - 1 WHERE client = coalesce(new.client, '');
+END;
+CREATE TRIGGER sessions_counted_deleted BEFORE DELETE ON sessions WHEN old.state = 'active' BEGIN
+    UPDATE session_tallies SET n = n + CASE event WHEN 'ended_sessions' THEN 1 WHEN 'ended_requests' THEN old.request_count
+        ELSE CAST((julianday(old.last_accessed_at) - julianday(old.created_at)) * 86400000 AS INTEGER) END
+        WHERE event IN ('ended_sessions', 'ended_ms', 'ended_requests');
+    UPDATE session_clients SET ended = ended + 1 WHERE client = coalesce(old.client, '');
+END;
 
 -- Upstream chats of ended or deleted sessions, each deleted upstream once (where its
 -- provider is configured to): `deleted_at` set when done (or the upstream had already
