@@ -26,6 +26,13 @@ UPSTREAM_KEY = "sk-upstream-test"
 QWEN_TOKEN = "qwen-token-test"
 
 
+@pytest.fixture(autouse=True)
+def _terminal_width_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's tables fit `COLUMNS` when it is set; a test worker process (pytest-xdist)
+    inherits one (80). Tests that need a width set it themselves."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+
+
 class Proxy:
     """A running proxy: its URL, an SDK client factory, and its log database."""
 
