@@ -13,7 +13,8 @@ from aiohttp import web
 
 from .api.outcome import settle
 from .errors import ApiError, shown
-from .state import RECORD, REQUEST_ID, SESSION_NEW, STARTED, STATE, State
+from .sessions import JOINED, STARTED_IT
+from .state import RECORD, REQUEST_ID, STARTED, STATE, State
 from .records import RequestRecord, new_id, request_line
 
 log = structlog.get_logger("provider_router.request")
@@ -157,6 +158,6 @@ async def stamp_headers(request: web.Request, response: web.StreamResponse) -> N
     rec = request.get(RECORD)
     if rec is not None and rec.session_id is not None:
         response.headers["X-Session-Id"] = rec.session_id
-        noted = request.get(SESSION_NEW)
-        if noted is not None and noted[0] == rec.session_id:
-            response.headers["X-Session-New"] = "true" if noted[1] else "false"
+        joined = request.get(JOINED)
+        if joined is not None and joined.id == rec.session_id:
+            response.headers["X-Session-New"] = "true" if request[STARTED_IT] else "false"

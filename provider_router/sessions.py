@@ -30,6 +30,9 @@ from .store.session_reads import EVENTS, pick
 from .store.sessions import Session, SessionRepo, Turn
 
 JOINED = web.RequestKey("joined_session", Session)  # a request's session, across its attempts
+# Whether the request started that session (`X-Session-New`): its first request, decided
+# when the request first joins it, not again on a retry.
+STARTED_IT = web.RequestKey("started_session", bool)
 log = structlog.get_logger("provider_router.sessions")
 
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -212,7 +215,7 @@ class Sessions:
 
         On a stateless upstream this is all the request path does: the full history
         travels, and where it continues matters only to the log, so the log writer
-        process threads it once it has assembled the reply (`rec.log_turn`).
+        process puts it in the conversation tree once it has assembled the reply.
 
         Each attempt of a request joins (retries, fallbacks): a request counts once, in
         the session that holds it last, as its log row does."""
@@ -242,6 +245,7 @@ class Sessions:
                 else:
                     self.repo.save(before)
             request[JOINED] = s
+            request[STARTED_IT] = s.request_count == 1
         self.active.move_to_end(s.id)
         rec.session_id = s.id
         rec.log_session = s.stored or s.first is not rec

@@ -50,5 +50,3 @@ REQUEST_ID = web.RequestKey("request_id", str)
 RECORD = web.RequestKey("record", "RequestRecord")
 # A streamed response whose head went out: nothing else may be sent for its request.
 STARTED = web.RequestKey("started", web.StreamResponse)
-# The session a request joined, and whether the request started it (`X-Session-New`).
-SESSION_NEW = web.RequestKey("session_new", tuple)

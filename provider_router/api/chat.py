@@ -13,8 +13,7 @@ from aiohttp import web
 
 from ..providers import ChatBusy, ChatCall, ChatGone, Provider, ThreadedProvider, is_threaded
 from ..records import RequestRecord
-from ..state import RECORD, SESSION_NEW, STATE
-from ..store.sessions import Session
+from ..state import RECORD, STATE
 from ..threads import Held, Placement, Threads
 from . import attempts, intake
 from .relay import relay_answer
@@ -45,7 +44,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if is_threaded(provider):
             return await _turn(request, rec, threads, provider, call, a)
         # A stateless upstream gets the whole history; the session is the log's business.
-        _joined(request, await threads.sessions.join(request, rec, a.route, body["messages"]))
+        await threads.sessions.join(request, rec, a.route, body["messages"])
         return await _answer(request, rec, provider, call, a)
 
     return await attempts.run(rec, routes, attempt)
@@ -58,7 +57,6 @@ async def _turn(
     them once its reply completed. A chat the upstream lost is placed again (a chat made
     for this turn and lost at once is a 502)."""
     p = await threads.place(request, rec, a.route, call.body["messages"])
-    _joined(request, p.session)
     new_chat = partial(provider.new_chat, call.upstream_model)
     while True:
         async with threads.hold(p, new_chat) as held:
@@ -79,14 +77,6 @@ async def _send(
             return await _answer(request, rec, provider, call, a, partial(threads.record, p, rec))
         except ChatBusy:
             await held.busy()
-
-
-def _joined(request: web.Request, s: Session) -> None:
-    """Note whether this request started its session (`X-Session-New`): the first request
-    a session counts. Noted when the request first joins it, not again on a retry."""
-    noted = request.get(SESSION_NEW)
-    if noted is None or noted[0] != s.id:
-        request[SESSION_NEW] = (s.id, s.request_count == 1)
 
 
 def _send_at(call: ChatCall, rec: RequestRecord, p: Placement) -> None:
