@@ -8,6 +8,8 @@ import os
 import sqlite3
 import tempfile
 import threading
+import time
+import asyncio
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -434,3 +436,33 @@ def test_a_prune_by_another_connection_is_not_undone_by_the_writers_memory(tmp_p
 
     got = asyncio.run(read())
     assert got["request"]["messages"] == messages and got["response_text"] == "old answer"  # type: ignore[index]
+
+
+async def test_the_writer_copies_its_wal_into_the_database_file_as_it_goes(tmp_path: Path) -> None:
+    """What the writer commits reaches the database file itself while it runs (its own
+    checkpoints, beside its commits), not only at the daemon's periodic truncation or after
+    SQLite's default 1,000 pages: a few MiB of records are in the main file soon after."""
+    path = tmp_path / "x.db"
+    conn = await connect(path)
+    await conn.close()
+    start = path.stat().st_size
+    writer = LogWriter(str(path))
+    await writer.start()
+    try:
+        for i in range(600):
+            rec = RequestRecord("POST", "/v1/chat/completions")
+            words = " ".join(f"w{i}x{j}" for j in range(700))  # about 5 KB of distinct text
+            rec.request_body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": words}]})
+            rec.finish(200, "ok")
+            writer.submit(rec)
+        await writer.drained()
+        deadline = time.monotonic() + 30
+        while path.stat().st_size < start + (2 << 20) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # polling the file: the checkpoint runs in another process
+        assert path.stat().st_size >= start + (2 << 20)
+    finally:
+        await writer.stop()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT count(*) FROM requests").fetchone()[0] == 600
+    busy, frames, done = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert (busy, frames) == (0, done)  # nothing left behind in the WAL at stop

@@ -21,11 +21,18 @@ from provider_router.store.migrations import migrate_file
 
 texts = st.sampled_from(["hi", " hi", "hi ", "why?", "ok", "tell me more", "", "ünïcode ✓"])
 extras = st.fixed_dictionaries({}, optional={"name": st.sampled_from(["ann", "bob"]), "refusal": st.none()})
+TOOLS = [{"type": "function", "function": {"name": "f", "description": "a tool " * 30, "parameters": {"type": "object"}}}]
+# The body's other fields, and whether `messages` comes first: a client may change them
+# between two calls of one conversation, or not (then only its new messages are read).
+params = st.tuples(
+    st.sampled_from([{"temperature": 0.5}, {"temperature": 0.7}, {"temperature": 0.5, "tools": TOOLS}, {"tools": TOOLS}]),
+    st.booleans(),
+)
 
 
 @st.composite
-def traces(draw: Any) -> list[tuple[int | None, list[dict[str, Any]], dict[str, Any]]]:
-    """(session, history sent, reply message) per request."""
+def traces(draw: Any) -> list[tuple[int | None, list[dict[str, Any]], dict[str, Any], Any]]:
+    """(session, history sent, reply message, (other fields, messages first)) per request."""
     convs: list[list[dict[str, Any]]] = [[{"role": "system", "content": "sys"}] for _ in range(draw(st.integers(1, 3)))]
     out = []
     for _ in range(draw(st.integers(1, 14))):
@@ -45,7 +52,7 @@ def traces(draw: Any) -> list[tuple[int | None, list[dict[str, Any]], dict[str, 
         reply: dict[str, Any] = {"role": "assistant", "content": draw(texts)}
         if draw(st.booleans()):
             reply = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": draw(texts)}}]}
-        out.append((c if draw(st.booleans()) else None, conv, reply))
+        out.append((c if draw(st.booleans()) else None, conv, reply, draw(params)))
         resent = dict(reply, **draw(extras))  # how this client writes the reply back
         if reply.get("tool_calls"):
             resent = [resent, {"role": "tool", "tool_call_id": "c1", "content": draw(texts)}]  # type: ignore[assignment]
@@ -53,10 +60,12 @@ def traces(draw: Any) -> list[tuple[int | None, list[dict[str, Any]], dict[str, 
     return out
 
 
-def _record(session: int | None, messages: list[dict[str, Any]], reply: dict[str, Any], i: int) -> RequestRecord:
+def _record(session: int | None, messages: list[dict[str, Any]], reply: dict[str, Any], fields: Any, i: int) -> RequestRecord:
     r = RequestRecord("POST", "/v1/chat/completions")
     r.session_id = None if session is None else f"s{session}"
-    r.request_body = orjson.dumps({"model": "m", "temperature": 0.5, "messages": messages})
+    other, first = fields
+    body = {"messages": messages, "model": "m", **other} if first else {"model": "m", **other, "messages": messages}
+    r.request_body = orjson.dumps(body)
     r.response_body = orjson.dumps({"id": f"c{i}", "object": "chat.completion", "created": i, "model": "m",
                                     "choices": [{"index": 0, "message": reply, "finish_reason": "stop"}]})  # fmt: skip
     r.reply_format = "completion"
@@ -81,7 +90,7 @@ def test_random_traces_store_each_message_once_and_reconstruct_exactly(trace: li
         path = Path(tmp) / "t.db"
         migrate_file(str(path))
         out = sink.Sink(sink.open_db(str(path)), max_body_bytes=1 << 20, redactor=Redactor([]), emit=lambda _: None)
-        records = [_record(s, m, r, i) for i, (s, m, r) in enumerate(trace)]
+        records = [_record(s, m, r, f, i) for i, (s, m, r, f) in enumerate(trace)]
         bodies = [(orjson.loads(r.request_body), orjson.loads(r.response_body)) for r in records]  # type: ignore[arg-type]
         start = 0
         for n in cuts * len(records):  # batches of random sizes
@@ -94,7 +103,7 @@ def test_random_traces_store_each_message_once_and_reconstruct_exactly(trace: li
             assert got["request"] == request
             assert got["response"] == response
         positions = set()
-        for _, messages, reply in trace:
+        for _, messages, reply, _ in trace:
             keys = history.node_keys(messages)
             positions |= {*keys, history.node_key(keys[-1], reply)}
         db = sqlite3.connect(path)
@@ -115,13 +124,13 @@ def test_a_reply_resent_without_its_reply_only_fields_is_kept_once_not_per_reque
     for i in range(30):
         conv.append({"role": "user", "content": f"question {i}"})
         reply = {"role": "assistant", "content": f"answer {i}", "refusal": None, "annotations": []}
-        records.append(_record(1, conv, reply, i))
+        records.append(_record(1, conv, reply, ({"temperature": 0.5}, False), i))
         replies.append(reply)
         conv = [*conv, {"role": "assistant", "content": f"answer {i}"}]
     # Another client goes back to turn 10 and resends the reply whole, then with a name.
     other = [*conv[:20], replies[9], {"role": "user", "content": "and then?"}]
-    records.append(_record(2, other, {"role": "assistant", "content": "then this"}, 30))
-    records.append(_record(2, [*other[:-2], {**replies[9], "refusal": "no"}, other[-1]], {"role": "assistant", "content": "x"}, 31))
+    records.append(_record(2, other, {"role": "assistant", "content": "then this"}, ({}, False), 30))
+    records.append(_record(2, [*other[:-2], {**replies[9], "refusal": "no"}, other[-1]], {"role": "assistant", "content": "x"}, ({}, False), 31))
     sent = [(orjson.loads(r.request_body), orjson.loads(r.response_body)) for r in records]  # type: ignore[arg-type]
     for start in range(0, len(records), 7):
         out.apply([([], records[start : start + 7])])

@@ -13,7 +13,7 @@ import orjson
 
 from ..replies import assemble_stream, completion, responses_reply, text_completion_reply
 from ..records import RequestRecord, iso
-from .tree import CUT_MARK, Tree, split_body
+from .tree import CUT_MARK, Tree
 
 COLUMNS = (
     "id", "received_at", "finished_at", "method", "path", "client", "user_agent", "model", "provider",
@@ -213,15 +213,14 @@ class Rows:
         columns params, params_blobs, overrides, body_blob). A body that is not a chat
         request is kept whole as a blob (cut at the body cap)."""
         tree = self.tree
-        split = split_body(r.request_body) if r.request_body else None
-        placed = None
-        if split is not None:
+        found = None
+        if r.request_body:
             try:
-                placed = tree.place(split[1], r.session_id)
+                found = tree.request(r.request_body, r.session_id)
             except ValueError:
-                placed = None
-        if placed is not None and split is not None:
-            params, blobs = tree.params(split[0], r.session_id)
+                found = None
+        if found is not None:
+            placed, params, blobs = found
             if r.turn is None:
                 r.turn = placed.turn
             overrides = self._json({str(i): m for i, m in placed.overrides.items()}) if placed.overrides else None

@@ -35,6 +35,7 @@ import sys
 import time
 from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
+from .checkpointer import Checkpointer
 from .db import PRAGMAS
 from ..records import RequestRecord, request_line
 from ..redact import Redactor
@@ -127,9 +128,10 @@ class Sink:
 
     def __init__(
         self, conn: sqlite3.Connection, *, max_body_bytes: int, redactor: Redactor, emit: Any, lines: Any = None,
-        max_message_bytes: int = 8 << 20,
+        max_message_bytes: int = 8 << 20, committed: Callable[[], None] = lambda: None,
     ) -> None:  # fmt: skip
         self.conn = conn
+        self.committed = committed  # told after each commit (the checkpointer)
         self.lines = lines  # writes the canonical log lines of the records given, if set
         self.redact = redactor
         self.emit = emit  # sends a frame to the daemon
@@ -268,6 +270,7 @@ class Sink:
             conn.executemany(sql, many)
         conn.execute("COMMIT")
         self._busy_since = None
+        self.committed()
 
     def _discard(self) -> None:
         """Forget what was gathered for a batch that will not be written as it was."""
@@ -379,9 +382,13 @@ def serve(inp: int, out: BinaryIO) -> None:
     if cfg is None:
         return
     redactor = Redactor(cfg["secrets"])
+    conn = open_db(cfg["db"])
+    conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's thread does it instead
+    checkpointer = Checkpointer(lambda: open_db(cfg["db"])).start()
     sink = Sink(
-        open_db(cfg["db"]), max_body_bytes=cfg["max_body_bytes"], redactor=redactor, emit=emit,
+        conn, max_body_bytes=cfg["max_body_bytes"], redactor=redactor, emit=emit,
         lines=_line_writer(redactor), max_message_bytes=cfg.get("max_message_bytes", 8 << 20),
+        committed=checkpointer.committed,
     )  # fmt: skip
     while not source.eof or source.pending:
         taken = source.gather()
@@ -390,7 +397,8 @@ def serve(inp: int, out: BinaryIO) -> None:
         if batches:
             sink.apply(batches)
         emit(("progress", sink.records_done, sink.written, sink.failed, max(syncs) if syncs else None))
-    sink.conn.close()
+    checkpointer.stop()
+    conn.close()
 
 
 def main() -> None:

@@ -46,6 +46,15 @@ class _Path:
     last_user: list[int]  # the id of the last user message up to i (0: none)
     overrides: dict[int, Any]
     fields: dict[str, tuple[bytes, int]] = field(default_factory=dict)  # large fields -> blob ids
+    # The body around the `messages` array (b"" when not known), and its fields' columns:
+    # a next body that is the same around a longer array is not read again.
+    head: bytes = b""
+    after: bytes = b""
+    params: tuple[str, str | None, tuple[int, ...]] | None = None
+
+    def size(self) -> int:
+        """Bytes held, about: the array twice (as sent, and as its messages)."""
+        return 2 * len(self.array) + len(self.head) + len(self.after)
 
 
 @dataclass(slots=True)
@@ -182,6 +191,45 @@ class Tree:
         return hit[0], key, (hit[1] if reply else hit[2]) == mine
 
     # -- requests --------------------------------------------------------------------------
+    def request(self, body: bytes, conversation: str | None) -> tuple[Placed, str, str | None] | None:
+        """A chat request body in the tree: where its history was placed, and its other
+        fields' columns (`params`, `params_blobs`); None when it is not a chat request
+        (ValueError: a message that cannot be read).
+
+        A client resending its history sends the conversation's previous body again with
+        more messages at the end of the array: such a body is not read again, only the new
+        messages are (and the other fields' columns are the previous request's)."""
+        prev = self._paths.get(conversation) if conversation else None
+        new = _extension(body, prev) if prev is not None else None
+        if new is not None and prev is not None and prev.params is not None:
+            array = body[len(prev.head) : len(body) - len(prev.after)]
+            head, after, params = prev.head, prev.after, prev.params
+            placed = self.place(array, conversation, (len(prev.raws), new))
+            self._around(conversation, head, after, params)
+            for bid in params[2]:
+                self.blob_refs[bid] = self.blob_refs.get(bid, 0) + 1
+            return placed, params[0], params[1]
+        split = split_body(body)
+        if split is None:
+            return None
+        top, array = split
+        placed = self.place(array, conversation)
+        text, blobs = self.params(top, conversation)
+        if conversation and array != b"[]":
+            at = body.rfind(array)  # the array as a value: its bytes cannot occur inside a string
+            if at > 0 and body[:at].rstrip().endswith(b'"messages":'):
+                ids = tuple(orjson.loads(blobs).values()) if blobs else ()
+                self._around(conversation, body[:at], body[at + len(array) :], (text, blobs, ids))
+        return placed, text, blobs
+
+    def _around(self, conversation: str | None, head: bytes, after: bytes, params: tuple[str, str | None, tuple[int, ...]]) -> None:
+        """Remember the body around the conversation's array just placed."""
+        path = self._paths.pop(conversation, None) if conversation else None
+        if path is not None:
+            self._path_bytes -= path.size()
+            path.head, path.after, path.params = head, after, params
+            self._remember(conversation, path)  # type: ignore[arg-type]
+
     def params(self, top: dict[str, msgspec.Raw], conversation: str | None = None) -> tuple[str, str | None]:
         """The body's fields but `messages`: (small ones as a JSON object, large ones as a
         JSON object of field -> blob id). A large field the conversation's previous request
@@ -243,12 +291,14 @@ class Tree:
                 k += 1
         return k, raws[k:]
 
-    def place(self, array: bytes, conversation: str | None) -> Placed:
+    def place(self, array: bytes, conversation: str | None, known: tuple[int, list[bytes]] | None = None) -> Placed:
         """Put a request's `messages` (the array as sent) in the tree; `conversation` (a
-        session id) names where its previous request's resolution is remembered."""
+        session id) names where its previous request's resolution is remembered; `known`:
+        how many of its messages the previous request's start with, and the others, when
+        the caller has found them."""
         placed = Placed()
         prev = self._paths.get(conversation) if conversation else None
-        k, new = self._resend(array, prev)
+        k, new = known if known is not None else self._resend(array, prev)
         if prev is not None and k:
             raws, keys, ids = prev.raws[:k], prev.keys[:k], prev.ids[:k]
             assistants, last_user = prev.assistants[:k], prev.last_user[:k]
@@ -275,19 +325,46 @@ class Tree:
         placed.overrides = overrides
         if conversation:
             old = self._paths.pop(conversation, None)
-            self._path_bytes += len(array) - (len(old.array) * 2 if old else 0)
-            self._paths[conversation] = _Path(array, raws, keys, ids, assistants, last_user, overrides, old.fields if old else {})
-            self._path_bytes += len(array)
-            while self._path_bytes > CONVERSATION_CACHE_BYTES and self._paths:
-                _, gone = self._paths.popitem(last=False)
-                self._path_bytes -= len(gone.array) * 2
+            if old is not None:
+                self._path_bytes -= old.size()
+            path = _Path(array, raws, keys, ids, assistants, last_user, overrides, old.fields if old else {})
+            self._remember(conversation, path)
         return placed
+
+    def _remember(self, conversation: str, path: _Path) -> None:
+        self._paths[conversation] = path
+        self._path_bytes += path.size()
+        while self._path_bytes > CONVERSATION_CACHE_BYTES and self._paths:
+            _, gone = self._paths.popitem(last=False)
+            self._path_bytes -= gone.size()
 
     def reply(self, placed: Placed, message: dict[str, Any], where: str) -> tuple[int, bool]:
         """The reply's node under the request's tip, and whether its stored body is this
         message exactly (if not, the response keeps the message itself)."""
         nid, _, same = self.node(placed.tip, placed.tip_key, message, placed, where, reply=True)
         return nid, same
+
+
+def _extension(body: bytes, prev: _Path) -> list[bytes] | None:
+    """The messages `body` adds at the end of `prev`'s array, when it is `prev`'s body
+    byte for byte around a longer array (None otherwise). Only the new messages are read:
+    `[` + them + `]` decoding as a non-empty list makes the whole body the same valid JSON
+    object with a longer `messages` value."""
+    head, after = prev.head, prev.after
+    if not head or not prev.raws:
+        return None
+    inner = prev.array.rstrip()[:-1].rstrip()  # the array without its closing bracket
+    start, end = len(head) + len(inner), len(body) - len(after)
+    if end <= start or not body.startswith(head) or not body.startswith(inner, len(head)) or not body.endswith(after):
+        return None
+    middle = body[start:end].strip()
+    if not middle.startswith(b",") or not middle.endswith(b"]"):
+        return None
+    try:
+        new = [bytes(r) for r in _RAW_LIST.decode(b"[" + middle[1:])]
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return new or None
 
 
 def split_body(body: bytes) -> tuple[dict[str, msgspec.Raw], bytes] | None:
