@@ -908,11 +908,59 @@ def measure_log_complete(ctx: Context) -> list[Row]:
                 verdict(missing == 0))]
 
 
+CLIENT_CHANGE_BEFORE = "921da0c"  # the daemon with its own httptools client (issue 14's "before")
+
+
+def measure_concurrent_streams(ctx: Context) -> list[Row]:
+    """1,000 streams held open at once, direct and through a proxy daemon (bench/streams.py),
+    and the daemon's CPU per plain request before and after the upstream client change."""
+    n = 200 if ctx.settings.quick else 1000
+    progress(f"streams: {n} at once, now and at {CLIENT_CHANGE_BEFORE} (bench/streams.py)")
+    now = _json_from(ctx, "streams.py", "--json", "--streams", str(n))
+    before = None
+    with tempfile.TemporaryDirectory(prefix="bench-before-") as src:
+        archive = subprocess.run(["git", "archive", CLIENT_CHANGE_BEFORE, "provider_router"],
+                                 cwd=Path(__file__).resolve().parent.parent, capture_output=True)
+        if archive.returncode == 0:
+            subprocess.run(["tar", "-x", "-C", src], input=archive.stdout, check=True)
+            before = _json_from(ctx, "streams.py", "--json", "--streams", str(n), "--src", src)
+        else:
+            ctx.notes.append(f"streams: {CLIENT_CHANGE_BEFORE} is not in this checkout; no 'before' figure")
+    label = f"{n:,} streams at once"
+    if now is None:
+        return [Row(f"{label}: time to first byte (ms)", "—", "—", "n/a")]
+    ctx.raw["streams"] = {"now": now, "before": before}
+    waited, calls = now["waited_over_1ms"], now["upstream_calls"]
+    cpu = fmt(now["cpu_us_per_plain"], 0)
+    if before is not None:
+        cpu = f"{fmt(before['cpu_us_per_plain'], 0)} → {cpu}"
+    added = {"median": now["proxy_median_ms"] - now["direct_median_ms"], "p99": now["proxy_p99_ms"] - now["direct_p99_ms"]}
+    rows = [
+        Row(f"{label}: TTFB median (ms)", fmt(now["direct_median_ms"], 0), "—", fmt(now["proxy_median_ms"], 0),
+            ratio(now["proxy_median_ms"], now["direct_median_ms"])),
+        Row(f"{label}: TTFB p99 (ms)", fmt(now["direct_p99_ms"], 0), "—", fmt(now["proxy_p99_ms"], 0),
+            ratio(now["proxy_p99_ms"], now["direct_p99_ms"])),
+        Row(f"{label}: TTFB added by the proxy, median / p99 (ms)", "—", "—",
+            f"{fmt(added['median'], 0)} / {fmt(added['p99'], 0)}"),
+        Row(f"{label}: upstream calls that waited over 1 ms for a connection", "—", "—",
+            "n/a" if waited is None else f"{waited:,.0f} of {calls:,.0f}", "—", "—", "0",
+            verdict(None if waited is None else waited == 0)),
+        Row(f"daemon CPU per plain request, 32 in flight, µs ({CLIENT_CHANGE_BEFORE} httptools client → now)",
+            "—", "—", cpu),
+    ]
+    if before is not None:
+        b_added = before["proxy_median_ms"] - before["direct_median_ms"]
+        rows.append(Row(f"{label}: TTFB added, median ({CLIENT_CHANGE_BEFORE} → now, ms)", "—", "—",
+                        f"{fmt(b_added, 0)} → {fmt(added['median'], 0)}"))
+    return rows
+
+
 # Adding a measurement = writing one function (Context -> rows) and listing it here.
 MEASUREMENTS: dict[str, Callable[[Context], list[Row]]] = {
     "latency": measure_latency,
     "throughput": measure_throughput,
     "streaming": measure_streaming,
+    "streams": measure_concurrent_streams,
     "memory": measure_memory,
     "threaded": measure_threaded,
     "log_writer": measure_log_writer,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import statistics
@@ -125,6 +126,7 @@ async def main() -> None:
     parser.add_argument("--hold", type=float, default=5.0)
     parser.add_argument("--plain", type=int, default=5000, help="plain requests for the CPU row")
     parser.add_argument("--src", default=str(ROOT), help="the provider_router checkout to run")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (for bench/run.py)")
     args = parser.parse_args()
     up_port, proxy_port = free_port(), free_port()
     up = subprocess.Popen([sys.executable, __file__, "--serve-upstream", str(up_port), str(args.hold)])
@@ -160,6 +162,16 @@ async def main() -> None:
     waited = re.search(r'^provider_router_upstream_queue_ms_sum\{provider="up"\} (\S+)$', metrics, re.M)
     fast = re.search(r'^provider_router_upstream_queue_ms_bucket\{le="1.0",provider="up"\} (\S+)$', metrics, re.M)
     count = re.search(r'^provider_router_upstream_queue_ms_count\{provider="up"\} (\S+)$', metrics, re.M)
+    if args.json:
+        calls = float(count.group(1)) if count else None
+        print(json.dumps({
+            "source": args.src, "streams": args.streams, "cpu_us_per_plain": cpu_us,
+            "direct_median_ms": statistics.median(d) * 1000, "direct_p99_ms": pct(d, 0.99) * 1000,
+            "proxy_median_ms": statistics.median(p) * 1000, "proxy_p99_ms": pct(p, 0.99) * 1000,
+            "upstream_calls": calls,
+            "waited_over_1ms": calls - float(fast.group(1)) if calls is not None and fast else None,
+        }))  # fmt: skip
+        return
     print(f"source: {args.src}")
     print(f"daemon CPU per plain request (32 in flight, {args.plain} requests): {cpu_us:.0f} us")
     for name, v in (("direct", d), ("proxy", p)):
