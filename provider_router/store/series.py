@@ -1,0 +1,127 @@
+"""Request statistics over time, from the roll-ups (no request row is read): per bucket of a
+chosen step and per (model, provider), the counts, tokens and latency histograms that
+`stats.GroupStats` turns into percentiles; and the values the roll-ups hold per column
+(what a dashboard's filters offer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+import aiosqlite
+
+from .rows import ROLLUP_SUMS
+from .stats import GroupStats
+
+# A roll-up's `at` per span: its format, where the unit the buckets count starts in the
+# text (1-based), and how long one unit is.
+_SPANS = {
+    "m": ("%Y-%m-%dT%H:%M", 15, timedelta(minutes=1)),
+    "h": ("%Y-%m-%dT%H", 12, timedelta(hours=1)),
+    "d": ("%Y-%m-%d", 9, timedelta(days=1)),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    """A time range the series covers: its length, the roll-up span it reads and how many
+    of that span's units make one bucket (a divisor of the next larger unit, so a bucket
+    never straddles an hour or a day)."""
+
+    name: str
+    seconds: int
+    span: str
+    per_bucket: int
+
+    @property
+    def step(self) -> timedelta:
+        return _SPANS[self.span][2] * self.per_bucket
+
+
+RANGES = {
+    r.name: r
+    for r in (
+        Range("1h", 3600, "m", 1),
+        Range("6h", 6 * 3600, "m", 5),
+        Range("24h", 86400, "m", 15),
+        Range("7d", 7 * 86400, "h", 2),
+        Range("30d", 30 * 86400, "h", 12),
+        Range("90d", 90 * 86400, "d", 1),
+    )
+}
+
+
+@dataclass(slots=True)
+class TimeSeries:
+    """`starts`: each bucket's start (UTC), oldest first; `groups`: per (model, provider),
+    one finished GroupStats per bucket (None where it had no request); `total`: every group
+    added up, per bucket."""
+
+    range: Range
+    starts: list[datetime]
+    groups: dict[tuple[str | None, str | None], list[GroupStats | None]] = field(default_factory=dict)
+    total: list[GroupStats] = field(default_factory=list)
+
+
+def _first_bucket(rng: Range, now: datetime) -> datetime:
+    """The start of the bucket holding `now - range`: the range's step counted from the
+    start of the unit above the span (the hour for minutes, the day for hours)."""
+    start = now - timedelta(seconds=rng.seconds)
+    if rng.span == "m":
+        return start.replace(minute=start.minute - start.minute % rng.per_bucket, second=0, microsecond=0)
+    if rng.span == "h":
+        return start.replace(hour=start.hour - start.hour % rng.per_bucket, minute=0, second=0, microsecond=0)
+    return start.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+async def series(conn: aiosqlite.Connection, rng: Range, now: float | None = None) -> TimeSeries:
+    """Per bucket of `rng` up to now and per (model, provider): the roll-ups added up in one
+    GROUP BY over the span's rows of the range (a primary-key range read)."""
+    at = datetime.now(timezone.utc) if now is None else datetime.fromtimestamp(now, timezone.utc)
+    fmt, unit_at, _ = _SPANS[rng.span]
+    first = _first_bucket(rng, at)
+    starts: list[datetime] = []
+    t = first
+    while t <= at:
+        starts.append(t)
+        t += rng.step
+    index = {s: i for i, s in enumerate(starts)}
+    sums = ", ".join(f"sum({c})" for c in ROLLUP_SUMS)
+    # The bucket: the text before the counted unit, and that unit divided by the step.
+    prefix, unit = f"substr(at, 1, {unit_at - 1})", f"CAST(substr(at, {unit_at}, 2) AS INTEGER) / ?"
+    sql = (
+        f"SELECT {prefix}, {unit}, model, provider, {sums} FROM rollups WHERE span = ? AND at >= ? "
+        f"GROUP BY {prefix}, {unit}, model, provider"
+    )
+    out = TimeSeries(rng, starts)
+    totals = [GroupStats(None, None) for _ in starts]
+    async with conn.execute(sql, (rng.per_bucket, rng.span, first.strftime(fmt), rng.per_bucket)) as cur:
+        rows = await cur.fetchall()
+    for head, n, model, provider, *values in rows:
+        when = datetime.strptime(f"{head}{n * rng.per_bucket:02d}", fmt).replace(tzinfo=timezone.utc)
+        i = index.get(when)
+        if i is None:  # a roll-up stamped ahead of this clock: not in the range drawn
+            continue
+        key = (model or None, provider or None)
+        points = out.groups.setdefault(key, [None] * len(starts))
+        g = points[i] = GroupStats(*key)
+        g.add(values)
+        g.finish()
+        totals[i].add(values)
+    for g in totals:
+        g.finish()
+    out.total = totals
+    return out
+
+
+async def facets(conn: aiosqlite.Connection) -> dict[str, list[str]]:
+    """The models, providers, outcomes and clients the log has seen, each sorted: read from
+    the daily roll-ups (a row per day and combination, not per request)."""
+    out: dict[str, set[str]] = {"model": set(), "provider": set(), "outcome": set(), "client": set()}
+    async with conn.execute("SELECT DISTINCT model, provider, outcome, client FROM rollups WHERE span = 'd'") as cur:
+        for row in await cur.fetchall():
+            for name, value in zip(out, row):
+                if value:
+                    out[name].add(value)
+    return {k: sorted(v) for k, v in out.items()}
+
