@@ -16,6 +16,8 @@ import aiohttp
 import yaml
 
 from provider_router.store import series
+from provider_router.store import tree_view as tv
+from provider_router.ui.conversation import lanes
 from tests.conftest import Proxy, ProxyFactory, base_config, qwen_config
 from tests.daemon import Spawn
 from tests.fakes.qwen import QwenFake
@@ -261,11 +263,32 @@ async def test_a_session_tree_shows_branches_and_the_upstream_thread(make_proxy:
         ids.append(raw.headers["x-request-id"])
     row = await p.record(ids[0])
     _, _, body = await fetch(p, f"/ui/sessions/{row['session_id']}")
-    assert 'class="fork" data-branches="2"' in body
-    assert body.index("a happy ending") < body.index("a sad ending")
+    assert 'data-lanes="2"' in body
+    [fork] = [tr for tr in body.split("<tr>") if "a happy ending" in tr]
+    assert "a sad ending" in fork and fork.index("a happy ending") < fork.index("a sad ending")  # one row, side by side
     for rid in ids:
         assert f'href="/ui/requests/{rid}"' in body
     assert f"upstream chat {row['chat_id']}" in body and f"reply {row['reply_id']}" in body
+
+
+def test_a_long_conversation_with_many_branches_stays_narrow() -> None:
+    """A 300-turn main line regenerated every 30 turns draws as the main lane plus one lane
+    the short branches take in turn: the width is the branches alive at one depth, not the
+    number of forks, and every message is drawn (nothing folded)."""
+    nodes: dict[int, tv.Node] = {}
+
+    def add(nid: int, parent: int | None) -> None:
+        nodes[nid] = tv.Node(nid, parent, "user" if nid % 2 else "assistant", {"content": str(nid)})
+        if parent is not None:
+            nodes[parent].children.append(nid)
+
+    for nid in range(1, 601):
+        add(nid, nid - 1 if nid > 1 else None)
+    for k, at in enumerate(range(60, 601, 60)):  # a regenerated reply: a sibling of node `at`
+        add(1000 + k, at - 1)
+    drawn, width = lanes(tv.SessionTree(nodes, [1], []))
+    assert width == 2 and len(drawn) == 11
+    assert drawn[0].nodes == list(range(1, 601)) and sum(len(b.nodes) for b in drawn) == len(nodes)
 
 
 async def test_new_rows_arrive_on_the_event_stream(make_proxy: ProxyFactory) -> None:

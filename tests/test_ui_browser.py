@@ -257,13 +257,15 @@ def test_a_branching_session_shows_both_branches_side_by_side(tab: Tab, daemon: 
     """The session's tree forks after the first reply into two branches drawn next to each
     other, each ending at the reply of its own request."""
     page = tab.open(f"/ui/sessions/{daemon.ids['session']}")
-    branches = page.locator(".tree .fork > .branch")
-    assert branches.count() == 2
-    left, right = branches.nth(0), branches.nth(1)
+    fork = page.locator("table.tree tr", has=page.locator("td.lane + td.lane"))
+    assert fork.count() == 2  # the two user messages, then the two replies
+    left, right = fork.first.locator("td.lane").nth(0), fork.first.locator("td.lane").nth(1)
     assert "with a happy ending" in left.inner_text() and "with a sad ending" in right.inner_text()
     a, b = left.bounding_box(), right.bounding_box()
     assert a is not None and b is not None and a["x"] + a["width"] <= b["x"] and abs(a["y"] - b["y"]) < 1
-    assert left.locator(f'a[href="/ui/requests/{daemon.ids["with a happy ending"]}"]').count() == 1
+    replies = fork.nth(1).locator("td.lane")
+    assert replies.nth(0).locator(f'a[href="/ui/requests/{daemon.ids["with a happy ending"]}"]').count() == 1
+    assert replies.nth(1).locator(f'a[href="/ui/requests/{daemon.ids["with a sad ending"]}"]').count() == 1
     tab.shot("session")
 
 

@@ -38,14 +38,17 @@ class Range:
         return _SPANS[self.span][2] * self.per_bucket
 
 
+# The cost is the roll-up rows read (one per minute, hour or day and combination of model,
+# provider, outcome and client), so a range reads the coarsest span that still gives it a
+# few dozen points: a day by minutes would read 1,440 rows per combination.
 RANGES = {
     r.name: r
     for r in (
         Range("1h", 3600, "m", 1),
         Range("6h", 6 * 3600, "m", 5),
-        Range("24h", 86400, "m", 15),
+        Range("24h", 86400, "h", 1),
         Range("7d", 7 * 86400, "h", 2),
-        Range("30d", 30 * 86400, "h", 12),
+        Range("30d", 30 * 86400, "d", 1),
         Range("90d", 90 * 86400, "d", 1),
     )
 }

@@ -1,10 +1,11 @@
 """Conversations as HTML: one request as a chat transcript (tool calls with their arguments,
 tool results, reasoning folded) with its reply, timings and attempts; one session's tree
-with its branches side by side, each node linked to the requests that sent or produced it.
+with its branches side by side in lanes, each node linked to the requests that produced it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ..messages import content_text
@@ -177,9 +178,11 @@ def _node_links(node: tv.Node, tip_reply: str | None) -> list[Markup]:
     return links
 
 
-def _node(node: tv.Node, tip_reply: str | None) -> Markup:
+def _node(node: tv.Node, tip_reply: str | None, fork_of: int | None = None) -> Markup:
     m = node.message if isinstance(node.message, dict) else {}
     head = [el("span", node.role, class_="who")]
+    if fork_of is not None:
+        head.append(el("a", "↱ branch", href=f"#m{fork_of}", class_="tag fork", title="a new branch from this message's parent"))
     if m.get("tool_call_id"):
         head.append(el("span", f"result of {m['tool_call_id']}", class_="tag"))
     reasoning = m.get("reasoning_content") or m.get("reasoning")
@@ -193,41 +196,67 @@ def _node(node: tv.Node, tip_reply: str | None) -> Markup:
     )
 
 
-def tree_html(tree: tv.SessionTree, tip_reply: str | None = None) -> Markup:
-    """The tree as nested columns: a branch is a column of messages down to where it forks;
-    a fork is a row of branches side by side (oldest on the left). Nesting grows with the
-    forks on a path, not with its length, so a long conversation is one flat column. Built
-    with an explicit stack: hundreds of forks nest deeper than Python's recursion allows."""
-    out: list[str] = []
-    # Work items: a branch starting at a node, or markup to emit as it is.
-    stack: list[tuple[str, Any]] = []
+@dataclass(slots=True)
+class Lane:
+    """A branch of the tree as drawn: its messages from `start` (a depth) down, in lane `lane`."""
 
-    def fork(ids: list[int]) -> None:
-        stack.append(("markup", "</div>"))
-        for nid in reversed(ids):
-            stack.append(("branch", nid))
-        stack.append(("markup", f'<div class="fork" data-branches="{len(ids)}">'))
+    nodes: list[int]
+    start: int
+    lane: int = 0
 
-    if len(tree.roots) == 1:
-        stack.append(("branch", tree.roots[0]))
-    elif tree.roots:
-        fork(tree.roots)
-    while stack:
-        kind, item = stack.pop()
-        if kind == "markup":
-            out.append(item)
-            continue
-        out.append('<div class="branch">')
-        node = tree.nodes[item]
+
+def lanes(tree: tv.SessionTree) -> tuple[list[Lane], int]:
+    """The tree cut into branches laid out in lanes, and how many lanes: each branch follows
+    its longest child, so a conversation's main line is one lane; a regenerate, an edit or a
+    go-back starts a branch in the next lane that is free at its depth, beside its siblings.
+    Lanes are reused once a branch has ended, so the width is the most branches alive at
+    one depth, not the number of forks. No recursion: ids rise from parent to child."""
+    height: dict[int, int] = {}
+    for nid in sorted(tree.nodes, reverse=True):
+        height[nid] = 1 + max((height[c] for c in tree.nodes[nid].children), default=0)
+    depth: dict[int, int] = {}
+    for nid in sorted(tree.nodes):
+        parent = tree.nodes[nid].parent_id
+        depth[nid] = depth[parent] + 1 if parent in depth else 0
+    branches: list[Lane] = []
+    starts = list(tree.roots)
+    while starts:
+        nid = starts.pop(0)
+        branch = Lane([], depth[nid])
         while True:
-            out.append(_node(node, tip_reply))
-            if len(node.children) != 1:
+            branch.nodes.append(nid)
+            kids = sorted(tree.nodes[nid].children, key=lambda c: (-height[c], c))
+            if not kids:
                 break
-            node = tree.nodes[node.children[0]]
-        stack.append(("markup", "</div>"))
-        if node.children:
-            fork(node.children)
-    return Markup('<div class="tree">' + "".join(out) + "</div>")
+            starts += kids[1:]
+            nid = kids[0]
+        branches.append(branch)
+    # First fit by start depth: a lane is free once its last branch ended above.
+    ends: list[int] = []
+    for b in sorted(branches, key=lambda b: b.start):
+        free = [i for i, end in enumerate(ends) if end < b.start]
+        b.lane = free[0] if free else len(ends)
+        if not free:
+            ends.append(0)
+        ends[b.lane] = b.start + len(b.nodes) - 1
+    return branches, len(ends)
+
+
+def tree_html(tree: tv.SessionTree, tip_reply: str | None = None) -> Markup:
+    """The tree as a table of lanes (see `lanes`): a row per depth, siblings side by side in
+    one row; a branch's first message names the message it branches from."""
+    branches, width = lanes(tree)
+    rows: list[list[Markup | None]] = []
+    for b in branches:
+        for i, nid in enumerate(b.nodes):
+            d = b.start + i
+            while len(rows) <= d:
+                rows.append([None] * width)
+            parent = tree.nodes[nid].parent_id
+            fork = i == 0 and parent is not None and parent in tree.nodes
+            rows[d][b.lane] = _node(tree.nodes[nid], tip_reply, fork_of=parent if fork else None)
+    body = [el("tr", [el("td", cell, class_="lane" if cell is not None else "empty") for cell in row]) for row in rows]
+    return el("div", el("table", el("tbody", body), class_="tree", data_lanes=width, data_branches=len(branches)), class_="tree-wrap")
 
 
 def session_page(s: dict[str, Any], tree: tv.SessionTree) -> Markup:
