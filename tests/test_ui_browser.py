@@ -21,10 +21,9 @@ from typing import Any, Iterator
 import openai
 import pytest
 import yaml
+from playwright import sync_api as playwright_api
 
 from tests.daemon import WAIT, free_port
-
-playwright_api = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

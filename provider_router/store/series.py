@@ -1,17 +1,18 @@
 """Request statistics over time, from the roll-ups (no request row is read): per bucket of a
-chosen step and per (model, provider), the counts, tokens and latency histograms that
-`stats.GroupStats` turns into percentiles; and the values the roll-ups hold per column
-(what a dashboard's filters offer).
+chosen step and per (model, provider), the counts, tokens and latency histograms (the
+percentiles estimated as `stats` does); and the values the roll-ups hold per column (what
+a dashboard's filters offer).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from typing import Sequence
 import aiosqlite
 
-from .rows import ROLLUP_SUMS
-from .stats import GroupStats
+from .rows import NB, ROLLUP_SUMS
+from .stats import bucket_percentile
 
 # A roll-up's `at` per span: its format, where the unit the buckets count starts in the
 # text (1-based), and how long one unit is.
@@ -45,25 +46,56 @@ RANGES = {
     r.name: r
     for r in (
         Range("1h", 3600, "m", 1),
-        Range("6h", 6 * 3600, "m", 5),
+        Range("3h", 3 * 3600, "m", 5),
         Range("24h", 86400, "h", 1),
-        Range("7d", 7 * 86400, "h", 2),
+        Range("7d", 7 * 86400, "h", 4),
         Range("30d", 30 * 86400, "d", 1),
         Range("90d", 90 * 86400, "d", 1),
     )
 }
 
 
+class Point:
+    """One bucket's roll-up sums (`rows.ROLLUP_SUMS`, in order), read as the charts need
+    them: percentiles are worked out only for the points a chart draws."""
+
+    __slots__ = ("sums",)
+
+    def __init__(self, sums: list[float]) -> None:
+        self.sums = sums
+
+    def add(self, values: Sequence[float]) -> None:
+        self.sums = [a + (b or 0) for a, b in zip(self.sums, values)]
+
+    @property
+    def requests(self) -> int:
+        return int(self.sums[0])
+
+    @property
+    def errors(self) -> int:
+        return int(self.sums[1])
+
+    @property
+    def tokens(self) -> int:
+        """Prompt and completion tokens."""
+        return int(self.sums[2] + self.sums[3])
+
+    def ttfb(self, q: float) -> float | None:
+        return bucket_percentile([int(x) for x in self.sums[8 : 8 + NB]], q)
+
+    def duration(self, q: float) -> float | None:
+        return bucket_percentile([int(x) for x in self.sums[8 + NB : 8 + 2 * NB]], q)
+
+
 @dataclass(slots=True)
 class TimeSeries:
     """`starts`: each bucket's start (UTC), oldest first; `groups`: per (model, provider),
-    one finished GroupStats per bucket (None where it had no request); `total`: every group
-    added up, per bucket."""
+    a Point per bucket (None where it had no request); `total`: every group added up."""
 
     range: Range
     starts: list[datetime]
-    groups: dict[tuple[str | None, str | None], list[GroupStats | None]] = field(default_factory=dict)
-    total: list[GroupStats] = field(default_factory=list)
+    groups: dict[tuple[str | None, str | None], list[Point | None]] = field(default_factory=dict)
+    total: list[Point] = field(default_factory=list)
 
 
 def _first_bucket(rng: Range, now: datetime) -> datetime:
@@ -89,15 +121,20 @@ async def series(conn: aiosqlite.Connection, rng: Range, now: float | None = Non
         starts.append(t)
         t += rng.step
     index = {s: i for i, s in enumerate(starts)}
-    sums = ", ".join(f"sum({c})" for c in ROLLUP_SUMS)
+    # Per period and (model, provider) first, in the primary key's order (no sort: outcomes
+    # and clients are added up as the rows stream by), then per bucket: a fraction of the
+    # time of one GROUP BY of the bucket over every row.
+    inner = ", ".join(f"sum({c}) AS s{i}" for i, c in enumerate(ROLLUP_SUMS))
+    outer = ", ".join(f"sum(s{i})" for i in range(len(ROLLUP_SUMS)))
     # The bucket: the text before the counted unit, and that unit divided by the step.
     prefix, unit = f"substr(at, 1, {unit_at - 1})", f"CAST(substr(at, {unit_at}, 2) AS INTEGER) / ?"
     sql = (
-        f"SELECT {prefix}, {unit}, model, provider, {sums} FROM rollups WHERE span = ? AND at >= ? "
-        f"GROUP BY {prefix}, {unit}, model, provider"
+        f"SELECT {prefix}, {unit}, model, provider, {outer} FROM ("
+        f"SELECT at, model, provider, {inner} FROM rollups WHERE span = ? AND at >= ? GROUP BY at, model, provider"
+        f") GROUP BY {prefix}, {unit}, model, provider"
     )
     out = TimeSeries(rng, starts)
-    totals = [GroupStats(None, None) for _ in starts]
+    totals = [Point([0.0] * len(ROLLUP_SUMS)) for _ in starts]
     async with conn.execute(sql, (rng.per_bucket, rng.span, first.strftime(fmt), rng.per_bucket)) as cur:
         rows = await cur.fetchall()
     for head, n, model, provider, *values in rows:
@@ -107,12 +144,8 @@ async def series(conn: aiosqlite.Connection, rng: Range, now: float | None = Non
             continue
         key = (model or None, provider or None)
         points = out.groups.setdefault(key, [None] * len(starts))
-        g = points[i] = GroupStats(*key)
-        g.add(values)
-        g.finish()
+        points[i] = Point([v or 0 for v in values])
         totals[i].add(values)
-    for g in totals:
-        g.finish()
     out.total = totals
     return out
 

@@ -86,7 +86,7 @@ def row_cells(row: dict[str, Any]) -> list[dict[str, str]]:
         reply = fmt.first_line(str(row["error"]))
     cells = [
         {"text": fmt.local_time(row.get("received_at")), "href": request_href(row["id"]), "title": row["id"], "class": "time"},
-        {"text": row.get("model") or "-"},
+        {"text": row.get("model") or "-", "class": "model", "title": row.get("model")},
         {"text": row.get("provider") or "-"},
         {"text": fmt.status(row), "class": "status" if ok else "status bad"},
         {"text": fmt.ms(row.get("ttfb_ms")), "class": "num"},
@@ -166,7 +166,7 @@ def requests_page(
         data_live=live,
     )
     heading = el("h1", "Requests", el("span", "", id="live", class_="live") if live else None)
-    return page("Requests", heading, _filters(flt, since, facets), table, el("nav", pager, class_="pager"), nav="requests")
+    return page("Requests", heading, _filters(flt, since, facets), el("div", table, class_="scroll"), el("nav", pager, class_="pager"), nav="requests")
 
 
 # -- sessions --------------------------------------------------------------------------
@@ -249,16 +249,16 @@ def stats_page(ts: series_q.TimeSeries, st: Stats) -> Markup:
     figures = [
         charts.line_chart(f"Requests {per}", ts.starts, _summed(ts, lambda g: g.requests), label=label),
         charts.line_chart(f"Errors {per}", ts.starts, _summed(ts, lambda g: g.errors), label=label),
-        charts.line_chart(f"Tokens (in + out) {per}", ts.starts, _summed(ts, lambda g: g.prompt_tokens + g.completion_tokens), label=label),
+        charts.line_chart(f"Tokens (in + out) {per}", ts.starts, _summed(ts, lambda g: g.tokens), label=label),
         charts.line_chart(
             "Time to first byte, all models", ts.starts,
-            [("p50", [g.ttfb_p50_ms for g in total]), ("p95", [g.ttfb_p95_ms for g in total])], unit="ms", label=label,
+            [("p50", [g.ttfb(0.5) for g in total]), ("p95", [g.ttfb(0.95) for g in total])], unit="ms", label=label,
         ),
         charts.line_chart(
             "Duration, all models", ts.starts,
-            [("p50", [g.duration_p50_ms for g in total]), ("p95", [g.duration_p95_ms for g in total])], unit="ms", label=label,
+            [("p50", [g.duration(0.5) for g in total]), ("p95", [g.duration(0.95) for g in total])], unit="ms", label=label,
         ),
-        charts.line_chart("Duration p95 by model", ts.starts, _per_group(ts, lambda g: g.duration_p95_ms), unit="ms", label=label),
+        charts.line_chart("Duration p95 by model", ts.starts, _per_group(ts, lambda g: g.duration(0.95)), unit="ms", label=label),
     ]  # fmt: skip
     now = datetime.now().astimezone()
     note = el(
