@@ -28,7 +28,7 @@ EVIL = '<script>window.pwned=1</script><img src=x onerror="window.pwned=2"> & "q
 TOOL_HISTORY = [
     {"role": "system", "content": "You may call tools."},
     {"role": "user", "content": "weather in Paris?"},
-    {"role": "assistant", "content": None, "tool_calls": [
+    {"role": "assistant", "content": None, "reasoning_content": "The user wants the weather: call the tool.", "tool_calls": [
         {"id": "call_w1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
     ]},
     {"role": "tool", "tool_call_id": "call_w1", "content": "sunny, 21C"},
@@ -229,19 +229,22 @@ async def test_filters_and_full_text_search_narrow_the_list(make_proxy: ProxyFac
     await p.drained()
     _, _, body = await fetch(p, "/ui/?q=aardvark")
     assert re.findall(r'title="([0-9a-f]+)"', body) == [wanted]
+    assert "data-live" not in body  # a search is not followed live
     _, _, body = await fetch(p, "/ui/?outcome=rejected&status=404")
     assert len(re.findall(r'<td class="time"', body)) == 1 and "404 rejected" in body
 
 
 async def test_a_request_page_shows_tool_calls_results_and_the_raw_json(make_proxy: ProxyFactory) -> None:
     """The transcript names the tool call with its arguments and the result with its call
-    id; the raw JSON link gives the request as `logs show --json` has it."""
+    id, with the assistant's reasoning folded; the raw JSON link gives the request as
+    `logs show --json` has it."""
     p = await make_proxy(ui_config())
     rid = await ask(p, "and tomorrow?", history=TOOL_HISTORY)
     await p.drained()
     _, _, body = await fetch(p, f"/ui/requests/{rid}")
     assert "get_weather" in body and "&quot;city&quot;: &quot;Paris&quot;" in body
     assert "result of call_w1" in body and "sunny, 21C" in body
+    assert '<details class="reasoning"><summary>reasoning</summary><div class="text">The user wants the weather' in body
     status, headers, raw = await fetch(p, f"/ui/requests/{rid}/json")
     assert status == 200 and headers["Content-Type"].startswith("application/json")
     assert '"tool_call_id": "call_w1"' in raw

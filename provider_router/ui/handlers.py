@@ -188,7 +188,9 @@ async def requests_page(request: web.Request) -> web.Response:
     found = await queries.recent_requests(conn, flt, limit=limit)
     rows = list(reversed(found.rows))
     live = None
-    if not flt.before:  # the first page follows new rows; older pages stay still
+    # The first page follows new rows; older pages stay still, and so does a search (its
+    # full-text match, polled every second, can be the costly read: see bench/README.md).
+    if not flt.before and not flt.query:
         live = href("/ui/events", after=found.last_rowid, **{k: v for k, v in request.query.items() if k not in ("before", "limit")})
     facets = await series_q.facets(conn)
     return _html(state, views.requests_page(rows, flt, since, limit=limit, facets=facets, live=live))
