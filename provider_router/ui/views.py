@@ -64,7 +64,7 @@ def login_page(next_url: str, failed: bool) -> Markup:
         class_="login",
     )
     note = el("p", "That is not the admin key.", class_="error", role="alert") if failed else None
-    hint = el("p", "The key is `auth.admin_key` in the daemon's config.", class_="muted")
+    hint = el("p", "The key is ", el("code", "auth.admin_key"), " in the daemon's config.", class_="muted")
     return page("Log in", el("h1", "Log in"), note, form, hint, authed=False)
 
 
