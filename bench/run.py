@@ -842,6 +842,9 @@ def measure_inspection(ctx: Context) -> list[Row]:
         rows.append(Row(metric, "—", "—",
                         "n/a" if ms is None else f"{ms:,.1f}{wall}", "—", "—", "≤ 100 ms",
                         verdict(None if ms is None else ms <= 100)))
+    for name, ms in r.get("ui_ms", {}).items():
+        rows.append(Row(f"{label} requests: dashboard `GET {name}` over HTTP, ms", "—", "—", f"{ms:,.1f}", "—", "—",
+                        "≤ 100 ms", verdict(ms <= 100)))
     plans = dict(r.get("plans", {}))
     rollups = plans.pop("rollups rows", None)
     for name, plan in plans.items():

@@ -498,6 +498,39 @@ def admin_stats_ms(tmp: Path, db: Path, runs: int) -> float:
         return median_ms(get, runs)
 
 
+def ui_pages(db: Path, session_id: str) -> dict[str, str]:
+    """The dashboard's pages timed at scale (a row each): the list, filtered, searched (a
+    rare word, and a word in most prompts), one request, one session's tree, the stats."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+        sql = "SELECT id FROM requests WHERE path = '/v1/chat/completions' ORDER BY rowid DESC LIMIT 1"
+        (request_id,) = c.execute(sql).fetchone()  # the newest chat request (a daemon asks /v1/models)
+    return {
+        "/ui/": "/ui/",
+        "/ui/?model=gpt-4o": "/ui/?model=gpt-4o",
+        f"/ui/?q={RARE_WORD}": f"/ui/?q={RARE_WORD}",
+        "/ui/?q=file (a common word)": "/ui/?q=file",
+        "/ui/requests/ID": f"/ui/requests/{request_id}",
+        "/ui/sessions/ID": f"/ui/sessions/{session_id}",
+        **{f"/ui/stats?range={r}": f"/ui/stats?range={r}" for r in ("1h", "24h", "7d", "30d")},
+    }
+
+
+def ui_ms(tmp: Path, db: Path, runs: int, session_id: str) -> dict[str, float]:
+    """Each dashboard page's time over HTTP against a real daemon on the file (median)."""
+    pages = ui_pages(db, session_id)
+    out = {}
+    with Daemon(tmp, db) as daemon:
+        for name, path in pages.items():
+            request = urllib.request.Request(daemon.base + path, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+
+            def get(request: urllib.request.Request = request) -> None:
+                with urllib.request.urlopen(request, timeout=120) as resp:
+                    resp.read()
+
+            out[name] = median_ms(get, runs)
+    return out
+
+
 def phase_scale(tmp: Path, n: int, runs: int, reuse: Path | None) -> dict[str, Any]:
     db = reuse or tmp / "scale.db"
 
@@ -514,6 +547,7 @@ def phase_scale(tmp: Path, n: int, runs: int, reuse: Path | None) -> dict[str, A
     times, found, session_id = asyncio.run(query_times(db, runs))
     out: dict[str, Any] = {**built, "db_bytes": size, "query_ms": times, "rows_found": found}
     out["query_ms"]["/admin/stats"] = admin_stats_ms(tmp, db, runs)
+    out["ui_ms"] = ui_ms(tmp, db, runs, session_id)
     out["cli_ms"] = cli_times(db, tmp / "config.yaml", session_id, max(3, runs // 2))
     slow = {k for k, v in out["query_ms"].items() if v > 100}
     out["plans"] = {k: v for k, v in query_plans(db, session_id).items() if k in slow or k == "rollups rows"}

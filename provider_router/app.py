@@ -36,6 +36,7 @@ from .store.sessions import SessionRepo
 from .store.watch import DbWatch
 from .sessions import Sessions
 from .threads import Threads
+from .ui import handlers as ui
 
 log = structlog.get_logger("provider_router")
 # At start-up, how long to wait for a lock another process holds before saying so.
@@ -66,6 +67,7 @@ def create_app(cfg: Config, *, db_path: str | None = None) -> web.Application:
     sessions_api.setup(app)
     app.router.add_route("*", "/v1/{tail:.*}", endpoints_api.not_found)
     admin_api.setup(app)
+    ui.setup(app)
     state.metrics = Metrics(state)
     return app
 

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("store",),
     ("providers",),
     ("sessions", "threads"),
-    ("api", "middleware", "state", "metrics"),
+    ("api", "middleware", "state", "metrics", "ui"),
     ("app", "serve", "startup", "stopping", "cli", "__main__", ""),
 ]
 KNOWN_UPWARD: set[tuple[str, str]] = set()  # none: keep it so

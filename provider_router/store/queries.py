@@ -300,12 +300,17 @@ async def _models_matching(conn: aiosqlite.Connection, glob: str) -> list[str]:
     return out
 
 
-async def new_requests(conn: aiosqlite.Connection, flt: RequestFilter, after_rowid: int) -> RequestPage:
-    """Matching rows written after `after_rowid`, in the order they were written."""
+async def new_requests(conn: aiosqlite.Connection, flt: RequestFilter, after_rowid: int, limit: int = 0) -> RequestPage:
+    """Matching rows written after `after_rowid`, in the order they were written; with
+    `limit`, only the newest `limit` of them (a reader that fell behind skips the rest)."""
     where, params = flt.where()
     where += (" AND " if where else " WHERE ") + "r.rowid > ?"
     params.append(after_rowid)
-    rows = await fetch_all(conn, f"{_LISTED}{where} ORDER BY r.rowid", params)
+    if limit > 0:
+        rows = await fetch_all(conn, f"{_LISTED}{where} ORDER BY r.rowid DESC LIMIT ?", [*params, limit])
+        rows.reverse()
+    else:
+        rows = await fetch_all(conn, f"{_LISTED}{where} ORDER BY r.rowid", params)
     last = rows[-1]["_rowid"] if rows else after_rowid
     return RequestPage([_listed(r) for r in rows], last)
 
