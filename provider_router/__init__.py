@@ -2,7 +2,7 @@
 
 Layers, each importing only those before it (tests/test_layers.py): `config`; the domain
 (`errors`, `messages`, `history`, `sse`, `replies`, `routing`, `records`, `redact`,
-`logsetup`); `store/` (the SQLite log, its writer process, sessions' rows); `providers/`;
+`logsetup`, `rowtext`); `store/` (the SQLite log, its writer process, sessions' rows); `providers/`;
 `sessions` and `threads`; the HTTP API (`api/`, `middleware`, `state`, `metrics`, the dashboard `ui/`); `app`, `serve`, `cli/`.
 
 A chat request: `middleware.edge` (id, client key, the record) -> `api/chat.py` (intake,

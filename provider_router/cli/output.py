@@ -4,10 +4,11 @@ to a width, aligned tables, `name  value` fields and section rules.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Iterable, Sequence
 
 import orjson
+
+from ..rowtext import first_line, local_time, or_dash, parse_ts, status, tokens  # noqa: F401 (the commands' words for a row)
 
 # Columns of a request row that hold the tree's internals (node ids, parameters and
 # response without the reply messages): `logs show ID` rebuilds the bodies from them.
@@ -31,42 +32,14 @@ def public_row(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _parse_ts(ts: str | None) -> datetime | None:
-    if not ts:
-        return None
-    try:
-        return datetime.fromisoformat(ts).astimezone()
-    except ValueError:
-        return None
-
-
-def local_time(ts: str | None, *, today: datetime | None = None) -> str:
-    """`HH:MM:SS` local time if `ts` is today, else `YYYY-MM-DD HH:MM:SS`; `-` when unset."""
-    when = _parse_ts(ts)
-    if when is None:
-        return ts or "-"
-    today = today or datetime.now().astimezone()
-    return when.strftime("%H:%M:%S" if when.date() == today.date() else "%Y-%m-%d %H:%M:%S")
-
-
 def full_time(ts: str | None) -> str:
     """Local date and time with milliseconds, and the stored UTC value."""
-    when = _parse_ts(ts)
+    when = parse_ts(ts)
     if when is None:
         return ts or "-"
     local = when.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
     zone = when.strftime("%Z")
     return f"{local} {zone} ({ts})" if zone else f"{local} ({ts})"
-
-
-def first_line(text: str | None) -> str:
-    """The first non-blank line, with tabs and control characters made spaces."""
-    if not text:
-        return ""
-    for line in text.splitlines():
-        if line.strip():
-            return "".join(c if c.isprintable() else " " for c in line.strip())
-    return ""
 
 
 def fit(text: str, width: int) -> str:
@@ -76,29 +49,10 @@ def fit(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def or_dash(value: Any) -> str:
-    return "-" if value is None else str(value)
-
-
 def ms(value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value:.1f}" if value < 10 else f"{value:.0f}"  # sub-10 ms (local) still tells apart
-
-
-def tokens(row: dict[str, Any]) -> str:
-    """`in/out` tokens of a request row, `?` for a side the upstream did not report."""
-    p, c = row.get("prompt_tokens"), row.get("completion_tokens")
-    if p is None and c is None:
-        return or_dash(row.get("total_tokens"))
-    return f"{p if p is not None else '?'}/{c if c is not None else '?'}"
-
-
-def status(row: dict[str, Any]) -> str:
-    """The HTTP status, with the outcome when it is not `ok` (`404 rejected`)."""
-    code = or_dash(row.get("status"))
-    outcome = row.get("outcome")
-    return code if outcome in (None, "ok") else f"{code} {outcome}"
 
 
 def human_size(n: int) -> str:

@@ -81,9 +81,9 @@ def row_cells(row: dict[str, Any]) -> list[dict[str, str]]:
     """One listed request as the table's cells (text, class, link, tooltip): the same for
     the page and for the rows the live stream pushes, which the script only places as text."""
     ok = row.get("outcome") in (None, "ok")
-    prompt, reply = fmt.first_line(row.get("prompt_text")), fmt.first_line(row.get("response_text"))
+    prompt, reply = fmt.first_line(row.get("prompt_text"), 160), fmt.first_line(row.get("response_text"), 160)
     if not reply and row.get("error") and not ok:
-        reply = fmt.first_line(str(row["error"]))
+        reply = fmt.first_line(str(row["error"]), 160)
     cells = [
         {"text": fmt.local_time(row.get("received_at")), "href": request_href(row["id"]), "title": row["id"], "class": "time"},
         {"text": row.get("model") or "-", "class": "model", "title": row.get("model")},

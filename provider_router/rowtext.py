@@ -1,0 +1,55 @@
+"""A stored request's values as text, the same in the CLI and the dashboard: its times in
+local time, its status with the outcome, its tokens, a text's first line."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+
+def parse_ts(ts: str | None) -> datetime | None:
+    """A stored ISO time in local time; None when unset or unreadable."""
+    if not ts:
+        return None
+    try:
+        return datetime.fromisoformat(ts).astimezone()
+    except ValueError:
+        return None
+
+
+def local_time(ts: str | None, *, today: datetime | None = None) -> str:
+    """`HH:MM:SS` local time if `ts` is today, else `YYYY-MM-DD HH:MM:SS`; `-` when unset."""
+    when = parse_ts(ts)
+    if when is None:
+        return ts or "-"
+    today = today or datetime.now().astimezone()
+    return when.strftime("%H:%M:%S" if when.date() == today.date() else "%Y-%m-%d %H:%M:%S")
+
+
+def or_dash(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def tokens(row: dict[str, Any]) -> str:
+    """`in/out` tokens of a request row, `?` for a side the upstream did not report."""
+    p, c = row.get("prompt_tokens"), row.get("completion_tokens")
+    if p is None and c is None:
+        return or_dash(row.get("total_tokens"))
+    return f"{p if p is not None else '?'}/{c if c is not None else '?'}"
+
+
+def status(row: dict[str, Any]) -> str:
+    """The HTTP status, with the outcome when it is not `ok` (`404 rejected`)."""
+    code = or_dash(row.get("status"))
+    outcome = row.get("outcome")
+    return code if outcome in (None, "ok") else f"{code} {outcome}"
+
+
+def first_line(text: str | None, limit: int | None = None) -> str:
+    """The first non-blank line, with tabs and control characters made spaces, cut to
+    `limit` characters (an ellipsis marking the cut)."""
+    for line in (text or "").splitlines():
+        if line.strip():
+            line = "".join(c if c.isprintable() else " " for c in line.strip())
+            return line if limit is None or len(line) <= limit else line[: limit - 1] + "…"
+    return ""
