@@ -819,7 +819,7 @@ def measure_oneshot_size(ctx: Context) -> list[Row]:
 
 
 INSPECTION = ("stats", "/admin/stats", "logs --model", "logs --provider", "logs --client", "logs --status",
-              "logs --outcome", "logs --since 1h", "logs --session", "logs -q zyzzogeton", "sessions list")
+              "logs --outcome", "logs --since 1h", "logs --session", "logs -q zyzzogeton", "logs -q file", "sessions list")
 
 
 def measure_inspection(ctx: Context) -> list[Row]:

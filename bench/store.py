@@ -418,6 +418,7 @@ def logs_filters(session_id: str) -> dict[str, tuple[q.RequestFilter, list[str]]
         "--since 1h": (q.RequestFilter(since=q.cutoff("1h")), ["--since", "1h"]),
         "--session": (q.RequestFilter(session=session_id), ["--session", session_id]),
         f"-q {RARE_WORD}": (q.RequestFilter(query=RARE_WORD), ["-q", RARE_WORD]),
+        "-q file": (q.RequestFilter(query="file"), ["-q", "file"]),  # a word in most messages
     }
 
 

@@ -20,6 +20,7 @@ import orjson
 from ..replies import reply_text
 from ..messages import content_text
 from ..records import iso
+from . import search
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
@@ -266,6 +267,19 @@ async def recent_requests(conn: aiosqlite.Connection, flt: RequestFilter, limit:
 
 
 async def _newest(conn: aiosqlite.Connection, flt: RequestFilter, last: int, since: int | None, limit: int) -> list[dict[str, Any]]:
+    match = fts_query(flt.query) if flt.query else None
+    if match and limit > 0 and await search.is_common(conn, match):
+        where, params = replace(flt, query=None).where()
+        where += (" AND " if where else " WHERE ") + "r.rowid <= ?"
+        params.append(last)
+        if since is not None:
+            where += " AND r.rowid >= ?"
+            params.append(since)
+        rowids = await search.newest(conn, match, where, params, limit)
+        if not rowids:
+            return []
+        marks = ",".join("?" * len(rowids))
+        return await fetch_all(conn, f"{_LISTED} WHERE r.rowid IN ({marks}) ORDER BY r.rowid DESC", rowids)
     where, params = flt.where()
     where += (" AND " if where else " WHERE ") + "r.rowid <= ?"
     params.append(last)
