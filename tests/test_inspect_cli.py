@@ -152,7 +152,7 @@ async def test_logs_table_is_newest_n_oldest_first_and_fits(filled: Filled, cli:
 
 
 async def test_logs_filters(filled: Filled, cli: Any) -> None:
-    """--model (exact and glob), --provider, --status, --outcome, --session and --since select rows."""
+    """--model (exact and glob), --provider, --status, --outcome, --session, --since and --until select rows."""
     db, ids = filled.db, [r["id"] for r in filled.rows]
     ok_ids = [r["id"] for r in filled.rows if r["outcome"] == "ok"]
     bad = filled.row("bad")["id"]
@@ -169,6 +169,12 @@ async def test_logs_filters(filled: Filled, cli: Any) -> None:
     assert await ids_for(cli, db, "--since", tomorrow) == []
     # An exact timestamp from the log includes that row and the later ones.
     assert await ids_for(cli, db, "--since", filled.rows[2]["received_at"]) == ids[2:]
+    # --until is the other end: rows received before it; with --since, a window.
+    at = [r["received_at"] for r in filled.rows]
+    assert await ids_for(cli, db, "--until", at[2]) == [i for i, t in zip(ids, at) if t < at[2]]
+    assert await ids_for(cli, db, "--since", at[1], "--until", at[3]) == [i for i, t in zip(ids, at) if at[1] <= t < at[3]]
+    assert await ids_for(cli, db, "--until", "1h") == []
+    assert await ids_for(cli, db, "--until", tomorrow) == ids
 
 
 async def test_logs_filter_text_is_data_not_syntax(filled: Filled, cli: Any) -> None:

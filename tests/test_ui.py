@@ -219,7 +219,7 @@ async def test_the_list_pages_by_keyset_newest_first(make_proxy: ProxyFactory) -
 
 
 async def test_filters_and_full_text_search_narrow_the_list(make_proxy: ProxyFactory) -> None:
-    """`q` finds a request by a word of its prompt; status and outcome filters as the CLI's."""
+    """`q` finds a request by a word of its prompt; status, outcome and time filters as the CLI's."""
     p = await make_proxy(ui_config())
     wanted = await ask(p, "where is the aardvark")
     await ask(p, "something else")
@@ -232,6 +232,13 @@ async def test_filters_and_full_text_search_narrow_the_list(make_proxy: ProxyFac
     assert "data-live" not in body  # a search is not followed live
     _, _, body = await fetch(p, "/ui/?outcome=rejected&status=404")
     assert len(re.findall(r'<td class="time"', body)) == 1 and "404 rejected" in body
+    # A time range: since and until, as durations ago or dates; until one hour ago, nothing.
+    _, _, body = await fetch(p, "/ui/?since=1h&until=2999-01-01")
+    assert len(re.findall(r'<td class="time"', body)) == 3
+    _, _, body = await fetch(p, "/ui/?until=1h")
+    assert len(re.findall(r'<td class="time"', body)) == 0 and 'name="until" value="1h"' in body
+    status, _, body = await fetch(p, "/ui/?until=soonish")
+    assert status == 400 and "until" in body
 
 
 async def test_a_request_page_shows_tool_calls_results_and_the_raw_json(make_proxy: ProxyFactory) -> None:

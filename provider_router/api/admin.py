@@ -184,11 +184,12 @@ async def stats(request: web.Request) -> web.Response:
 
 def _filter(request: web.Request) -> queries.RequestFilter:
     q = request.query
-    since = q.get("since")
-    try:
-        cut = queries.cutoff(since) if since else None
-    except ValueError as e:
-        raise ApiError(400, str(e), param="since") from None
+    cuts: dict[str, str | None] = {}
+    for name in ("since", "until"):
+        try:
+            cuts[name] = queries.cutoff(q[name]) if q.get(name) else None
+        except ValueError as e:
+            raise ApiError(400, str(e), param=name) from None
     return queries.RequestFilter(
         session=q.get("session"),
         model=q.get("model"),
@@ -197,7 +198,8 @@ def _filter(request: web.Request) -> queries.RequestFilter:
         status=_int(request, "status", 0, 0, 999) or None,
         outcome=q.get("outcome"),
         query=q.get("q"),
-        since=cut,
+        since=cuts["since"],
+        until=cuts["until"],
         before=q.get("before"),
     )
 

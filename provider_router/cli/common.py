@@ -18,6 +18,7 @@ DEFAULT_CONFIG = "config.yaml"
 # With no ./config.yaml: the local `echo` model, which needs no key, and default paths.
 BUILT_IN = Config(providers=(ProviderConfig(name="echo", type="echo"),), models=(ModelConfig(name="echo", provider="echo"),))
 SINCE_HELP = "only requests received since then: 30m, 1h, 2d, 1w ago, or an ISO date/time (local unless it has a zone)"
+UNTIL_HELP = "only requests received before then (same forms as --since): --since 2d --until 1d is yesterday's"
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -11,7 +11,7 @@ import aiosqlite
 import click
 
 from ..store import queries as q
-from .common import COUNT, SINCE_HELP, CliError, Group, Settings, When, config_options, examples, json_option, with_settings
+from .common import COUNT, SINCE_HELP, UNTIL_HELP, CliError, Group, Settings, When, config_options, examples, json_option, with_settings
 from .database import run_db
 from .log_table import LogTable
 from .output import json_doc, json_line, public_row
@@ -51,6 +51,7 @@ FOLLOW_INTERVAL = 0.5  # seconds between polls of `logs --follow`
     help="full-text search in prompts and replies; every word must occur (word* for a prefix)",
 )
 @click.option("--since", type=When(), metavar="WHEN", help=SINCE_HELP)
+@click.option("--until", type=When(), metavar="WHEN", help=UNTIL_HELP)
 @json_option(
     "one JSON object per line: every column, with the text of the prompt, reply and reasoning "
     "(the full bodies: `logs show ID --json`)"

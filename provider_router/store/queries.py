@@ -134,7 +134,8 @@ class RequestFilter:
     """Which request rows to show. Every field is optional; set ones must all match.
 
     `model` may be a glob (`gpt-*`); `session` an id prefix; `query` free text searched in
-    prompts and replies; `since` a timestamp in the DB's format (see `cutoff()`).
+    prompts and replies; `since` and `until` timestamps in the DB's format (see `cutoff()`):
+    received at or after `since`, before `until`.
     """
 
     session: str | None = None
@@ -145,6 +146,7 @@ class RequestFilter:
     outcome: str | None = None
     query: str | None = None
     since: str | None = None
+    until: str | None = None
     before: str | None = None  # only rows written before this request's: the next page's cursor
 
     def where(self) -> tuple[str, list[Any]]:
@@ -175,6 +177,9 @@ class RequestFilter:
         if self.since:
             clauses.append("r.received_at >= ?")
             params.append(self.since)
+        if self.until:
+            clauses.append("r.received_at < ?")
+            params.append(self.until)
         if self.before:
             clauses.append("r.rowid < coalesce((SELECT rowid FROM requests WHERE id = ?), 0)")
             params.append(self.before)
@@ -217,10 +222,10 @@ def _listed(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-async def _since_rowid(conn: aiosqlite.Connection, since: str) -> int:
-    """A rowid below which no row was received at or after `since`: rows are written in
-    the order requests finish, so `received_at` rises with the rowid but for requests that
-    overlapped; a binary search, less a margin for those."""
+async def _rowid_at(conn: aiosqlite.Connection, when: str) -> int:
+    """About the first rowid received at or after `when`: rows are written in the order
+    requests finish, so `received_at` rises with the rowid but for requests that overlapped
+    (the callers allow a margin for those); a binary search."""
     # Two subqueries: SQLite reads a lone min() or max() from the rowid's ends, but not both.
     async with conn.execute("SELECT coalesce((SELECT min(rowid) FROM requests), 0), coalesce((SELECT max(rowid) FROM requests), 0)") as cur:
         lo, hi = await cur.fetchone()  # type: ignore[misc]
@@ -228,11 +233,20 @@ async def _since_rowid(conn: aiosqlite.Connection, since: str) -> int:
         mid = (lo + hi) // 2
         async with conn.execute("SELECT received_at FROM requests WHERE rowid >= ? ORDER BY rowid LIMIT 1", (mid,)) as cur:
             row = await cur.fetchone()
-        if row is None or row[0] >= since:
+        if row is None or row[0] >= when:
             hi = mid
         else:
             lo = mid + 1
-    return max(0, lo - SINCE_MARGIN_ROWS)
+    return lo
+
+
+async def _rowid_range(conn: aiosqlite.Connection, flt: RequestFilter, last: int) -> tuple[int, int | None]:
+    """The rowids that can hold `flt`'s time range: (highest, lowest or None); rows outside
+    it were received before `since` or at or after `until` (the row's own time still decides)."""
+    since = max(0, await _rowid_at(conn, flt.since) - SINCE_MARGIN_ROWS) if flt.since else None
+    if flt.until:
+        last = min(last, await _rowid_at(conn, flt.until) + SINCE_MARGIN_ROWS)
+    return last, since
 
 
 SINCE_MARGIN_ROWS = 10_000
@@ -252,16 +266,16 @@ async def recent_requests(conn: aiosqlite.Connection, flt: RequestFilter, limit:
     # poll, not by both or neither.
     async with conn.execute("SELECT coalesce(max(rowid), 0) FROM requests") as cur:
         (last,) = await cur.fetchone()  # type: ignore[misc]
-    since = await _since_rowid(conn, flt.since) if flt.since else None
+    top, since = await _rowid_range(conn, flt, last)
     if limit > 0 and flt.model and _has_glob(flt.model):
         # Newest first from each model the glob matches (its index is in write order), then
         # merged: one ordered index range each, instead of sorting every row they match.
         rows = []
         for model in await _models_matching(conn, flt.model):
-            rows += await _newest(conn, replace(flt, model=model), last, since, limit)
+            rows += await _newest(conn, replace(flt, model=model), top, since, limit)
         rows = sorted(rows, key=lambda r: r["_rowid"], reverse=True)[:limit]
     else:
-        rows = await _newest(conn, flt, last, since, limit)
+        rows = await _newest(conn, flt, top, since, limit)
     rows.reverse()
     return RequestPage([_listed(r) for r in rows], last)
 

@@ -161,29 +161,32 @@ def _int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int
     return min(max(value, lo), hi)
 
 
-def _filter(request: web.Request) -> tuple[queries.RequestFilter, str]:
-    """The list's filter from the query string, and the time range as typed (`1h`, a date)."""
+def _filter(request: web.Request) -> tuple[queries.RequestFilter, dict[str, str]]:
+    """The list's filter from the query string, and its time range as typed (`since`,
+    `until`: `1h` ago, a date)."""
     q = request.query
-    since = q.get("since", "").strip()
-    try:
-        cut = queries.cutoff(since) if since else None
-    except ValueError:
-        raise ApiError(400, "`since` must be a duration (30m, 1h, 2d) or an ISO date/time.", param="since") from None
+    when = {name: q.get(name, "").strip() for name in ("since", "until")}
+    cuts: dict[str, str | None] = {}
+    for name, typed in when.items():
+        try:
+            cuts[name] = queries.cutoff(typed) if typed else None
+        except ValueError:
+            raise ApiError(400, f"`{name}` must be a duration ago (30m, 1h, 2d) or an ISO date/time.", param=name) from None
 
     def text(name: str) -> str | None:
         return q.get(name, "").strip() or None
 
     flt = queries.RequestFilter(
         model=text("model"), provider=text("provider"), client=text("client"), status=_int(request, "status", 0, 0, 999) or None,
-        outcome=text("outcome"), query=text("q"), since=cut, before=text("before"),
+        outcome=text("outcome"), query=text("q"), since=cuts["since"], until=cuts["until"], before=text("before"),
     )  # fmt: skip
-    return flt, since
+    return flt, when
 
 
 async def requests_page(request: web.Request) -> web.Response:
     state = _gate(request)
     conn = _reader(state)
-    flt, since = _filter(request)
+    flt, when = _filter(request)
     limit = _int(request, "limit", PAGE_SIZE, 1, MAX_PAGE)
     found = await queries.recent_requests(conn, flt, limit=limit)
     rows = list(reversed(found.rows))
@@ -193,7 +196,7 @@ async def requests_page(request: web.Request) -> web.Response:
     if not flt.before and not flt.query:
         live = href("/ui/events", after=found.last_rowid, **{k: v for k, v in request.query.items() if k not in ("before", "limit")})
     facets = await series_q.facets(conn)
-    return _html(state, views.requests_page(rows, flt, since, limit=limit, facets=facets, live=live))
+    return _html(state, views.requests_page(rows, flt, when, limit=limit, facets=facets, live=live))
 
 
 async def _one_request(request: web.Request, state: State) -> dict[str, Any] | None:

@@ -109,7 +109,7 @@ def _row(row: dict[str, Any]) -> Markup:
 REQUEST_HEADERS = ("Time", "Model", "Provider", "Status", "TTFB", "Duration", "Tokens", "Prompt", "Reply")
 
 
-def _filters(flt: RequestFilter, since: str, facets: dict[str, list[str]]) -> Markup:
+def _filters(flt: RequestFilter, when: dict[str, str], facets: dict[str, list[str]]) -> Markup:
     def text(name: str, label: str, value: Any, options: Sequence[str] = (), **kw: Any) -> Markup:
         datalist = f"{name}-options" if options else None
         return el(
@@ -122,10 +122,12 @@ def _filters(flt: RequestFilter, since: str, facets: dict[str, list[str]]) -> Ma
         "label", "Outcome",
         el("select", el("option", "any", value=""), [el("option", o, value=o, selected=o == flt.outcome) for o in OUTCOMES], name="outcome"),
     )  # fmt: skip
+    since = when.get("since", "")
     choices = list(SINCE_CHOICES)
     if since and since not in dict(choices):
         choices.append((since, since))
-    when = el("label", "Time", el("select", [el("option", t, value=v, selected=v == since) for v, t in choices], name="since"))
+    start = el("label", "Time", el("select", [el("option", t, value=v, selected=v == since) for v, t in choices], name="since"))
+    until = text("until", "Until", when.get("until") or None, placeholder="now", size=10, title="before then: 1h (ago) or 2026-12-01T12:00")
     return el(
         "form",
         text("q", "Search", flt.query, type="search", placeholder="words in prompts and replies"),
@@ -134,7 +136,8 @@ def _filters(flt: RequestFilter, since: str, facets: dict[str, list[str]]) -> Ma
         text("client", "Client", flt.client, facets.get("client", ())),
         text("status", "Status", flt.status, inputmode="numeric", size=4),
         outcome,
-        when,
+        start,
+        until,
         el("button", "Filter", type="submit"),
         el("a", "Clear", href="/ui/"),
         method="get",
@@ -144,12 +147,12 @@ def _filters(flt: RequestFilter, since: str, facets: dict[str, list[str]]) -> Ma
 
 
 def requests_page(
-    rows: list[dict[str, Any]], flt: RequestFilter, since: str, *, limit: int, facets: dict[str, list[str]], live: str | None
+    rows: list[dict[str, Any]], flt: RequestFilter, when: dict[str, str], *, limit: int, facets: dict[str, list[str]], live: str | None
 ) -> Markup:
     """The request list, newest first; `live`: the event stream's URL on the first page."""
     query = {
         "q": flt.query, "model": flt.model, "provider": flt.provider, "client": flt.client, "status": flt.status,
-        "outcome": flt.outcome, "since": since, "limit": None if limit == PAGE_SIZE else limit,
+        "outcome": flt.outcome, "since": when.get("since"), "until": when.get("until"), "limit": None if limit == PAGE_SIZE else limit,
     }  # fmt: skip
     pager = []
     if flt.before:
@@ -166,7 +169,7 @@ def requests_page(
         data_live=live,
     )
     heading = el("h1", "Requests", el("span", "", id="live", class_="live") if live else None)
-    return page("Requests", heading, _filters(flt, since, facets), el("div", table, class_="scroll"), el("nav", pager, class_="pager"), nav="requests")
+    return page("Requests", heading, _filters(flt, when, facets), el("div", table, class_="scroll"), el("nav", pager, class_="pager"), nav="requests")
 
 
 # -- sessions --------------------------------------------------------------------------
