@@ -134,6 +134,23 @@ async def test_login_sets_a_strict_httponly_cookie_that_is_not_the_key(make_prox
             assert r.status == 200 and "<svg" in await r.text()
 
 
+async def test_guessing_the_key_is_slowed_down(make_proxy: ProxyFactory) -> None:
+    """After ten wrong keys in a minute from one address the form answers 429 with a
+    Retry-After, even to the right key (a guesser learns nothing), while the bearer key
+    still opens every page."""
+    p = await make_proxy(ui_config())
+    async with session() as s:
+        for _ in range(10):
+            async with s.post(f"{p.url}/ui/login", data={"key": "nope"}, allow_redirects=False) as r:
+                assert r.status == 401
+        for key in ("nope", ADMIN):
+            async with s.post(f"{p.url}/ui/login", data={"key": key}, allow_redirects=False) as r:
+                assert r.status == 429 and "Set-Cookie" not in r.headers
+                assert 0 < int(r.headers["Retry-After"]) <= 60 and "try again" in await r.text()
+    status, _, _ = await fetch(p, "/ui/")
+    assert status == 200
+
+
 async def test_login_goes_back_only_to_a_dashboard_page(make_proxy: ProxyFactory) -> None:
     """`next` pointing at another site (or a protocol-relative URL) lands on /ui/ instead."""
     p = await make_proxy(ui_config())

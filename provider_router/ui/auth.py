@@ -50,6 +50,31 @@ class Logins:
             self._expires.pop(_digest(token), None)
 
 
+class Guesses:
+    """Failed logins per client address: past `limit` in `window` seconds, the form answers
+    429 until the window has passed (guessing a key is then 10 a minute, not thousands a
+    second). Bounded: the oldest addresses are forgotten past `bound`."""
+
+    def __init__(self, limit: int = 10, window: float = 60.0, bound: int = 10_000) -> None:
+        self.limit, self.window, self.bound = limit, window, bound
+        self._failed: dict[str, tuple[float, int]] = {}  # address -> (window start, failures)
+
+    def wait(self, address: str) -> float:
+        """Seconds before `address` may try again (0: now)."""
+        start, n = self._failed.get(address, (0.0, 0))
+        left = start + self.window - time.monotonic()
+        return left if n >= self.limit and left > 0 else 0.0
+
+    def failed(self, address: str) -> None:
+        now = time.monotonic()
+        start, n = self._failed.pop(address, (now, 0))
+        if now - start >= self.window:
+            start, n = now, 0
+        self._failed[address] = (start, n + 1)  # re-inserted: the newest is last
+        while len(self._failed) > self.bound:
+            del self._failed[next(iter(self._failed))]
+
+
 def bearer_ok(headers: Mapping[str, str], admin_key: str) -> bool:
     scheme, _, token = headers.get("Authorization", "").partition(" ")
     return bool(admin_key) and scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), admin_key.encode())

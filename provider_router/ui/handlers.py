@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -42,6 +43,7 @@ class Ui:
     (read once from the package), and the signal that ends live streams at shutdown."""
 
     logins: auth.Logins = field(default_factory=auth.Logins)
+    guesses: auth.Guesses = field(default_factory=auth.Guesses)
     static: dict[str, bytes] = field(default_factory=dict)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -131,9 +133,16 @@ async def login(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if not auth.same_origin(request):
         raise ApiError(403, "Cross-site form submission refused.", code="cross_site")
+    guesses, address = request.app[UI].guesses, request.remote or ""
     form = await request.post()
     typed, target = form.get("key"), _safe_next(str(form.get("next") or ""))
+    wait = math.ceil(guesses.wait(address))
+    if wait:  # the right key too: a guesser must not learn when it found it
+        response = _html(state, views.login_page(target, failed=True, wait_s=wait), status=429)
+        response.headers["Retry-After"] = str(wait)
+        return response
     if not isinstance(typed, str) or not auth.key_ok(typed, state.config.auth.admin_key):
+        guesses.failed(address)
         return _html(state, views.login_page(target, failed=True), status=401)
     response = _redirect(target)
     auth.set_cookie(response, request.app[UI].logins.create(), secure=request.secure)

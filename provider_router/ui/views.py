@@ -53,7 +53,7 @@ def error_page(title: str, message: str, authed: bool = True) -> Markup:
     return page(title, el("h1", title), el("p", message), authed=authed)
 
 
-def login_page(next_url: str, failed: bool) -> Markup:
+def login_page(next_url: str, failed: bool, wait_s: int = 0) -> Markup:
     form = el(
         "form",
         el("label", "Admin key", el("input", type="password", name="key", autocomplete="current-password", required=True, autofocus=True)),
@@ -64,6 +64,8 @@ def login_page(next_url: str, failed: bool) -> Markup:
         class_="login",
     )
     note = el("p", "That is not the admin key.", class_="error", role="alert") if failed else None
+    if wait_s:
+        note = el("p", f"Too many wrong keys from here: try again in {wait_s} s.", class_="error", role="alert")
     hint = el("p", "The key is ", el("code", "auth.admin_key"), " in the daemon's config.", class_="muted")
     return page("Log in", el("h1", "Log in"), note, form, hint, authed=False)
 
