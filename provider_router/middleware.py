@@ -98,7 +98,9 @@ def _hand_over(state: State, rec: RequestRecord) -> None:
         state.metrics.observe(rec)
     # The canonical line is rendered from the record by the log writer process, off the
     # event loop; here only if the record could not be queued.
-    rec.log_line = log.is_enabled_for(logging.INFO)
+    # `bind()`: the configured logger itself (cached on first use); an attribute of the lazy
+    # proxy would be looked up, missed and assembled on every call.
+    rec.log_line = log.bind().is_enabled_for(logging.INFO)
     queued = state.writer is not None and state.writer.submit(rec)
     if rec.log_line and not queued:
         log.info("request", **request_line(rec))
