@@ -52,7 +52,7 @@ def _is_utf8(value: str) -> bool:
 
 def _check_headers(request: web.Request) -> None:
     for name, value in request.headers.items():
-        if not _is_utf8(value):
+        if not value.isascii() and not _is_utf8(value):  # most values are ASCII: no call for them
             raise ApiError(400, f"The value of the {name} header is not valid UTF-8.", param=name, code="invalid_header")
 
 
@@ -88,7 +88,7 @@ async def _admit(request: web.Request, state: State, rec: RequestRecord | None) 
     if rec is not None:
         if state.client_keys:
             rec.client = _client_name(request, state.client_keys)
-        if state.writer is not None:
+        if state.writer is not None and state.writer.full:  # `room()` returns at once otherwise
             await state.writer.room()
 
 
