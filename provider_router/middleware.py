@@ -52,7 +52,7 @@ def _is_utf8(value: str) -> bool:
 
 def _check_headers(request: web.Request) -> None:
     for name, value in request.headers.items():
-        if not _is_utf8(value):
+        if not value.isascii() and not _is_utf8(value):  # most values are ASCII: no call for them
             raise ApiError(400, f"The value of the {name} header is not valid UTF-8.", param=name, code="invalid_header")
 
 
@@ -88,7 +88,7 @@ async def _admit(request: web.Request, state: State, rec: RequestRecord | None) 
     if rec is not None:
         if state.client_keys:
             rec.client = _client_name(request, state.client_keys)
-        if state.writer is not None:
+        if state.writer is not None and state.writer.full:  # `room()` returns at once otherwise
             await state.writer.room()
 
 
@@ -98,7 +98,9 @@ def _hand_over(state: State, rec: RequestRecord) -> None:
         state.metrics.observe(rec)
     # The canonical line is rendered from the record by the log writer process, off the
     # event loop; here only if the record could not be queued.
-    rec.log_line = log.is_enabled_for(logging.INFO)
+    # `bind()`: the configured logger itself (cached on first use); an attribute of the lazy
+    # proxy would be looked up, missed and assembled on every call.
+    rec.log_line = log.bind().is_enabled_for(logging.INFO)
     queued = state.writer is not None and state.writer.submit(rec)
     if rec.log_line and not queued:
         log.info("request", **request_line(rec))

@@ -34,7 +34,10 @@ async def run(rec: RequestRecord, routes: list[Route], attempt: Callable[[Attemp
     """`attempt` on each route in turn until one answers. An `ApiError` that is retryable
     moves on (after a pause on the same upstream); any other, or the last, is the answer."""
     plan = [(route, n) for route in routes for n in range(route.provider.retries + 1)]
-    entries: list[dict[str, Any]] = []
+    # What each attempt ended with; made into the record's entries only when it keeps them
+    # (more than one attempt, or one that waited for a connection slot), as most requests
+    # are one attempt that did not wait.
+    tried: list[tuple[Attempt, int, str | None, float, float]] = []
     try:
         for i, (route, n) in enumerate(plan):
             a = Attempt(route, last=i == len(plan) - 1)
@@ -43,19 +46,19 @@ async def run(rec: RequestRecord, routes: list[Route], attempt: Callable[[Attemp
             try:
                 resp = await attempt(a)
             except ApiError as e:
-                entries.append(_entry(a, e.status, e.message, t0))
+                tried.append((a, e.status, e.message, t0, time.perf_counter()))
                 if a.last or not e.retryable:
                     raise
                 log.info("upstream_retry", provider=route.provider.name, status=e.status, error=e.message, attempt=i + 1)
                 if n < route.provider.retries:  # the same upstream again: wait as it asked, or a moment
                     await asyncio.sleep(pause(n, e.retry_after, route.provider.retry_after_max_seconds))
                 continue
-            entries.append(_entry(a, resp.status, None, t0))
+            tried.append((a, resp.status, None, t0, time.perf_counter()))
             return resp
         raise AssertionError("unreachable: the plan always has a last attempt")
     finally:
-        if len(entries) > 1 or any(e["queue_ms"] for e in entries):
-            rec.attempts = entries
+        if len(tried) > 1 or (tried and round(tried[0][0].queue_ms, 3)):
+            rec.attempts = [_entry(*t) for t in tried]
 
 
 def retryable(status: int, message: str, headers: Mapping[str, str]) -> ApiError:
@@ -97,12 +100,12 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _entry(a: Attempt, status: int, error: str | None, t0: float) -> dict[str, Any]:
+def _entry(a: Attempt, status: int, error: str | None, t0: float, t1: float) -> dict[str, Any]:
     return {
         "provider": a.route.provider.name,
         "upstream_model": a.route.upstream_model,
         "status": status,
         "error": error,
-        "ms": round((time.perf_counter() - t0) * 1000, 3),
+        "ms": round((t1 - t0) * 1000, 3),
         "queue_ms": round(a.queue_ms, 3),
     }

@@ -33,12 +33,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     rec.stream = stream
     routes = intake.routes(request, body["model"])
     stripped = strip_steering(raw, body)
+    state = request.app[STATE]
 
     async def attempt(a: attempts.Attempt) -> web.StreamResponse:
         sent, data = intake.for_route(raw, body, stripped, a.route)
         call = ChatCall(body=sent, raw=data, stream=stream, upstream_model=a.route.upstream_model)
-        provider = request.app[STATE].providers[a.route.provider.name]
-        threads = request.app[STATE].threads
+        provider = state.providers[a.route.provider.name]
+        threads = state.threads
         if threads is None:
             return await _answer(request, rec, provider, call, a)
         if is_threaded(provider):

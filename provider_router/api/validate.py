@@ -61,8 +61,14 @@ def _strip_steering(body: dict[str, Any]) -> bool:
 def strip_steering(raw: bytes, body: dict[str, Any]) -> bool:
     """Drop upstream-steering fields; True if any were present. Walks only when the raw
     body names one, or has a `\\u` escape (`"api\\u005fkey"` is `api_key` to any parser)."""
-    if b"\\u" not in raw and not any(k in raw for k in _STEERING_BYTES):
-        return False
+    # `find`, not `in`: on bytes, `in` first tries the needle as an integer and formats a
+    # TypeError for each needle that is not one.
+    if raw.find(b"\\u") == -1:
+        for k in _STEERING_BYTES:
+            if raw.find(k) != -1:
+                break
+        else:
+            return False
     return _strip_steering(body)
 
 

@@ -58,7 +58,7 @@ class Exchange:
     `Upstream.chunks` or `Upstream.read`; `close` (idempotent) ends the call: a body not
     read to its end closes its connection, so the upstream stops generating."""
 
-    __slots__ = ("resp", "status", "headers", "queue_ms", "decoder", "_free")
+    __slots__ = ("resp", "status", "headers", "queue_ms", "decoder", "_free", "_closed")
 
     def __init__(self, resp: aiohttp.ClientResponse, queue_ms: float, free: Callable[[], None] | None) -> None:
         self.resp = resp
@@ -67,8 +67,12 @@ class Exchange:
         self.queue_ms = queue_ms
         self._free = free
         self.decoder: Inflate | None = None
+        self._closed = False
 
     def close(self) -> None:
+        if self._closed:  # closed by the read that ended the body, then by the reply's owner
+            return
+        self._closed = True
         self.resp.close()  # a no-op for a body read to its end: that connection went back to the pool
         free, self._free = self._free, None
         if free is not None:
