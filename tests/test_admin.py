@@ -124,7 +124,7 @@ async def test_admin_sessions_list_get_refresh_delete(make_proxy: ProxyFactory) 
 async def test_admin_cleanup_expires_sessions(make_proxy: ProxyFactory) -> None:
     """POST /admin/sessions/cleanup ends the sessions whose sliding timeout has passed."""
     cfg = admin_config()
-    cfg["sessions"] = {"timeout_minutes": 0.0005}  # 30 ms
+    cfg["sessions"] = {"timeout_minutes": 1 / 60}  # 1 s: long enough for fill() on a loaded machine
     p = await make_proxy(cfg)
     await fill(p)
     sessions = p.state.sessions
