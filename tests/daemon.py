@@ -18,6 +18,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from tests.waiting import until
+
 WAIT = 30.0
 
 
@@ -71,15 +73,15 @@ class Daemon:
         return out
 
     async def wait_log(self, event: str) -> dict[str, Any]:
-        """The first log line with `event`, polling the file (bounded)."""
-        async with asyncio.timeout(WAIT):
-            while True:
-                for line in self.lines():
-                    if line.get("event") == event:
-                        return line
-                if self.proc.returncode is not None:
-                    raise AssertionError(f"daemon exited ({self.proc.returncode}) before {event!r}: {self.log.read_text()[-2000:]}")
-                await asyncio.sleep(0.02)
+        """The first log line with `event`, as the daemon writes it to its log file."""
+
+        def found() -> dict[str, Any] | None:
+            line = next((x for x in self.lines() if x.get("event") == event), None)
+            if line is None and self.proc.returncode is not None:
+                raise AssertionError(f"daemon exited ({self.proc.returncode}) before {event!r}: {self.log.read_text()[-2000:]}")
+            return line
+
+        return await until(found, f"log line {event!r}", WAIT)
 
     async def stop(self) -> int:
         """SIGTERM, then wait for a clean exit (the writer flushes everything queued)."""
@@ -98,16 +100,16 @@ def ro_query(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
 
 
 async def wait_rows(db: Path, n: int) -> int:
-    """Poll the database read-only until `requests` has at least `n` rows (bounded)."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            try:
-                count = ro_query(db, "SELECT count(*) FROM requests")[0][0]
-            except sqlite3.OperationalError:  # not created yet, or busy
-                count = -1
-            if count >= n:
-                return int(count)
-            await asyncio.sleep(0.02)
+    """The count of `requests` rows once it is at least `n` (the log writer process writes them)."""
+
+    def count() -> int | None:
+        try:
+            found = int(ro_query(db, "SELECT count(*) FROM requests")[0][0])
+        except sqlite3.OperationalError:  # not created yet, or busy
+            return None
+        return found if found >= n else None
+
+    return await until(count, f"{n} request rows", WAIT)
 
 
 Spawn = Callable[..., Awaitable[Daemon]]

@@ -4,7 +4,6 @@ requests through the proxy; admin needs its key and never leaks data without it.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -13,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Proxy, ProxyFactory, base_config
+from tests.waiting import until
 
 ADMIN = "admin-key-canary-42"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -130,9 +130,7 @@ async def test_admin_cleanup_expires_sessions(make_proxy: ProxyFactory) -> None:
     sessions = p.state.sessions
     assert sessions is not None
     deadline = max(s.expires for s in sessions.active.values())
-    async with asyncio.timeout(10):
-        while time.time() <= deadline:  # wait for the condition: every session past its expiry
-            await asyncio.sleep(0.01)
+    await until(lambda: time.time() > deadline, "every session past its expiry")
     status, body = await get(p, "/admin/sessions/cleanup", AUTH, method="POST")
     assert status == 200 and body == {"expired": 2, "active": 0}
     await p.drained()

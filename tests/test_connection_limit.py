@@ -11,6 +11,7 @@ import aiohttp
 
 from tests.conftest import Proxy, ProxyFactory, base_config
 from tests.fakes.openai import OpenAIFake
+from tests import waiting
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -24,9 +25,10 @@ async def metric(p: Proxy, name: str) -> float:
 
 
 async def until(p: Proxy, name: str, value: float) -> None:
-    async with asyncio.timeout(10):
-        while await metric(p, name) != value:
-            await asyncio.sleep(0.01)
+    async def reached() -> bool:
+        return await metric(p, name) == value
+
+    await waiting.until(reached, f"{name} at {value}")
 
 
 async def test_calls_beyond_the_limit_wait_and_the_wait_is_measured(make_proxy: ProxyFactory, openai_fake: OpenAIFake) -> None:

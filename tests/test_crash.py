@@ -30,6 +30,7 @@ import yaml
 from tests.conftest import ProxyFactory, base_config
 from tests.fakes.qwen import QwenFake
 from tests.daemon import Spawn, ro_query, wait_rows
+from tests.waiting import until
 from tests.test_security import serve_fake
 from tests.test_threads import Conversation, last_turn_ok
 
@@ -106,9 +107,7 @@ async def test_kill_9_mid_burst_keeps_the_database_sound_and_threads_continue(ai
     tip = qw.turns[-1]
     assert tip.completed and session
     # The conversation's state is committed before the crash (the writer batches asynchronously).
-    async with asyncio.timeout(30):
-        while ro_query(d.db, "SELECT count(*) FROM turns WHERE session_id = ?", session)[0][0] < 2:
-            await asyncio.sleep(0.02)
+    await until(lambda: ro_query(d.db, "SELECT count(*) FROM turns WHERE session_id = ?", session)[0][0] >= 2, "both turns committed")
     before = await wait_rows(d.db, 2)
 
     answered = [0]

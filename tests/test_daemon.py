@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.daemon import Spawn
+from tests.waiting import until
 
 ROOT = Path(__file__).parent.parent
 
@@ -63,7 +64,6 @@ def test_refuses_public_address_without_client_keys(tmp_path: Path) -> None:
 async def test_serve_without_a_config_file_runs_the_built_in_echo_model(tmp_path: Path) -> None:
     """`provider-router serve` where there is no config.yaml serves the local echo model
     (no key needed) and says so, instead of refusing for want of providers."""
-    import asyncio
     import json
     import signal
 
@@ -77,10 +77,11 @@ async def test_serve_without_a_config_file_runs_the_built_in_echo_model(tmp_path
         )  # fmt: skip
     try:
         async with aiohttp.ClientSession() as s:
-            async with asyncio.timeout(30):
-                while "listening" not in log.read_text():
-                    assert proc.poll() is None, log.read_text()
-                    await asyncio.sleep(0.05)
+            def listening() -> bool:
+                assert proc.poll() is None, log.read_text()
+                return "listening" in log.read_text()
+
+            await until(listening, "the daemon's `listening` line")
             async with s.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"model": "echo", "messages": [{"role": "user", "content": "hi"}]}) as r:
                 assert r.status == 200 and (await r.json())["choices"][0]["message"]["content"].endswith(": hi")
     finally:

@@ -21,6 +21,7 @@ from tests.conftest import Proxy, ProxyFactory, base_config, qwen_config
 from tests.fakes.openai import OpenAIFake
 from tests.fakes.qwen import QwenFake
 from tests.test_threads import Conversation, last_turn_ok
+from tests.waiting import until
 
 HELLO = [{"role": "user", "content": "hello there"}]
 WAIT = 10.0  # bound on every wait for an event; never reached when the proxy behaves
@@ -29,22 +30,12 @@ WAIT = 10.0  # bound on every wait for an event; never reached when the proxy be
 async def rows_when(proxy: Proxy, n: int) -> list[dict[str, Any]]:
     """The log rows once there are at least `n` (the record of a cancelled request is
     queued as its handler unwinds, which may be a moment after the client left)."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            rows = await proxy.rows()
-            if len(rows) >= n:
-                return rows
-            await asyncio.sleep(0.01)
 
+    async def enough() -> list[dict[str, Any]] | None:
+        rows = await proxy.rows()
+        return rows if len(rows) >= n else None
 
-async def wait_for(condition: Any, what: str) -> None:
-    """Poll `condition()` until true, bounded."""
-    try:
-        async with asyncio.timeout(WAIT):
-            while not condition():
-                await asyncio.sleep(0.005)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
+    return await until(enough, f"{n} log rows", WAIT)
 
 
 async def still_serves(proxy: Proxy) -> None:
@@ -151,7 +142,7 @@ async def test_qwen_disconnect_during_non_stream_answer(qproxy: Proxy, qwen_fake
     qwen_fake.stall_next()
     async with aiohttp.ClientSession() as s:
         task = asyncio.create_task(s.post(f"{qproxy.url}/v1/chat/completions", json={"model": "qwen3-max", "messages": nxt}))
-        await wait_for(lambda: len(qwen_fake.turns) == 2 and qwen_fake.turns[1].sent, "the stalled turn to start")
+        await until(lambda: len(qwen_fake.turns) == 2 and qwen_fake.turns[1].sent, "the stalled turn to start", WAIT)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

@@ -5,7 +5,6 @@ they can; a removed or replaced file is reopened; the WAL is truncated when nobo
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import sqlite3
@@ -17,6 +16,7 @@ import aiohttp
 import pytest
 
 from tests.daemon import WAIT, Daemon, Spawn, ro_query, wait_rows
+from tests.waiting import until
 
 ECHO = (
     "providers: [{name: echo, type: echo}]\nmodels: [{name: echo, provider: echo}]\n"
@@ -42,13 +42,13 @@ async def health(d: Daemon) -> tuple[int, dict[str, Any]]:
 
 
 async def until_health(d: Daemon, ok: Callable[[int, dict[str, Any]], bool]) -> dict[str, Any]:
-    """Poll /health until `ok(status, body)` (bounded); the body."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            status, body = await health(d)
-            if ok(status, body):
-                return body
-            await asyncio.sleep(0.05)
+    """/health's body once `ok(status, body)`."""
+
+    async def check() -> dict[str, Any] | None:
+        status, body = await health(d)
+        return body if ok(status, body) else None
+
+    return await until(check, "/health to say so", WAIT)
 
 
 async def test_database_locked_while_running_is_reported_then_recovers(spawn: Spawn) -> None:
@@ -169,9 +169,7 @@ async def test_the_wal_is_truncated_once_no_reader_holds_it(spawn: Spawn) -> Non
     assert wal.stat().st_size > 0
     reader.execute("COMMIT")
     reader.close()
-    async with asyncio.timeout(WAIT):
-        while wal.exists() and wal.stat().st_size > 0:
-            await asyncio.sleep(0.05)
+    await until(lambda: not wal.exists() or wal.stat().st_size == 0, "the WAL truncated", WAIT)
 
 
 

@@ -27,6 +27,7 @@ from provider_router.records import iso
 from provider_router.store.rows import BUCKETS_MS, bucket
 from tests.conftest import UPSTREAM_KEY, Proxy, ProxyFactory, base_config, qwen_config
 from tests.fakes.qwen import QwenFake
+from tests.waiting import until
 
 SYSTEM = {"role": "system", "content": "be brief"}
 A1 = [SYSTEM, {"role": "user", "content": "alpha zanzibar question"}]
@@ -495,9 +496,7 @@ async def test_sessions_delete_cleanup_and_prune(make_proxy: ProxyFactory, qwen_
 
     # Wait (bounded, on the condition) until the short expiry has passed, then clean up.
     latest = max(s["expires_at"] for s in sessions)
-    async with asyncio.timeout(30):
-        while iso(time.time()) <= latest:
-            await asyncio.sleep(0.05)
+    await until(lambda: iso(time.time()) > latest, "the sessions' expiry to pass")
     active = await proxy.rows("SELECT id FROM sessions WHERE state = 'active'")
     code, out, _ = await cli("sessions", "cleanup", "--db", db)
     assert (code, out) == (0, f"marked {len(active)} session(s) expired\n")

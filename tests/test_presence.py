@@ -24,6 +24,7 @@ from provider_router.serve import local_url
 from provider_router.store.presence import Presence, hold, mark_path, serving
 from provider_router.records import iso
 from tests.daemon import WAIT, Daemon, Spawn, ro_query
+from tests import waiting
 
 ADMIN = "admin-key-for-the-cli-test"
 URL = "http://127.0.0.1:8080"
@@ -156,16 +157,16 @@ async def chat(d: Daemon, text: str) -> tuple[str, str]:
 
 
 async def until(check: Callable[[], Any]) -> Any:
-    """Poll the database (read-only) until `check` is truthy (bounded)."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            try:
-                value = check()
-            except sqlite3.OperationalError:  # busy, or not created yet
-                value = None
-            if value:
-                return value
-            await asyncio.sleep(0.02)
+    """`check()` once truthy, read from the database the daemon's writer process fills
+    (busy, or not created yet, counts as not yet)."""
+
+    def read() -> Any:
+        try:
+            return check()
+        except sqlite3.OperationalError:
+            return None
+
+    return await waiting.until(read, "the database to say so", WAIT)
 
 
 def session_ids(db: Path) -> set[str]:

@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import Proxy, ProxyFactory, base_config
 from tests.fakes.openai import OpenAIFake
+from tests.waiting import until
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -128,9 +129,7 @@ async def test_a_request_whose_session_was_evicted_between_attempts_counts_once(
     openai_fake.stall_head = asyncio.Event()
     openai_fake.fail_next = (503, b'{"error": {"message": "try later"}}')
     task = asyncio.create_task(p.sdk().chat.completions.create(model="gpt-4o", messages=HELLO))
-    async with asyncio.timeout(10):
-        while not openai_fake.seen:
-            await asyncio.sleep(0.01)
+    await until(lambda: openai_fake.seen, "the first attempt at the upstream")
     await p.sdk().chat.completions.create(model="echo", messages=[{"role": "user", "content": "other"}])  # evicts it
     openai_fake.stall_head.set()  # attempt 1 gets the 503, attempt 2 the answer
     await task

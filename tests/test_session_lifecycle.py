@@ -26,6 +26,7 @@ from tests.test_admin import ADMIN, AUTH
 from tests.test_inspect_cli import cli  # noqa: F401 - the click runner fixture
 from tests.test_presence import cli as cli_process
 from tests.test_presence import until
+from tests import waiting
 
 ALICE, BOB = "alice-key-123", "bob-key-456"
 DATA = Path(__file__).parent / "data"
@@ -60,9 +61,7 @@ async def past_expiry(p: Proxy) -> None:
     """Until every active session's sliding timeout has passed (bounded, on the condition)."""
     assert p.state.sessions is not None
     deadline = max(s.expires for s in p.state.sessions.active.values())
-    async with asyncio.timeout(10):
-        while time.time() <= deadline:
-            await asyncio.sleep(0.01)
+    await waiting.until(lambda: time.time() > deadline, "the sessions' expiry to pass")
 
 
 # -- the client API --------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import aiohttp
 
 from tests.daemon import WAIT, Spawn, free_port, wait_rows
 from tests.test_shutdown import BODY, _first_chunk_then_sigterm, _setup
+from tests.waiting import until
 
 ECHO = "providers: [{name: echo, type: echo}]\nmodels: [{name: echo, provider: echo}]\n"
 HI = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
@@ -79,9 +80,7 @@ async def test_sighup_stops_gracefully_like_sigterm(spawn: Spawn, aiohttp_server
         async with s.post(f"{daemon.url}/v1/chat/completions", json=BODY) as r:
             await r.content.readuntil(b"\n\n")
             [writer] = children(daemon.proc.pid)
-            async with asyncio.timeout(WAIT):  # its start-up done: from then on it ignores hang-ups
-                while not ignores_sighup(writer):
-                    await asyncio.sleep(0.02)
+            await until(lambda: ignores_sighup(writer), "the writer's start-up (it then ignores hang-ups)", WAIT)
             os.kill(writer, signal.SIGHUP)
             daemon.proc.send_signal(signal.SIGHUP)
             await daemon.wait_log("shutting_down")

@@ -18,6 +18,7 @@ from provider_router.records import iso
 from tests.conftest import Proxy, ProxyFactory, base_config, qwen_config
 from tests.fakes.openai import OpenAIFake
 from tests.fakes.qwen import QwenFake
+from tests.waiting import until
 
 Msg = dict[str, Any]
 
@@ -204,9 +205,7 @@ async def test_same_session_hit_concurrently_queues(qproxy: Proxy, qwen_fake: Qw
     threads = qproxy.state.threads
     assert threads is not None
     chat = qwen_fake.turns[0].chat_id
-    async with asyncio.timeout(10):  # wait until both requests are at the chat's lock
-        while threads.locks.waiting(chat) < 2:
-            await asyncio.sleep(0.01)
+    await until(lambda: threads.locks.waiting(chat) >= 2, "both requests at the chat's lock")
     release.set()
     await asyncio.gather(first, second)
     assert [t.user_content for t in qwen_fake.turns[1:]] == ["first", "second"]
@@ -393,9 +392,7 @@ async def test_a_session_deleted_while_its_request_is_in_flight_stays_deleted(qp
     sid = conv.session_id
     release = qwen_fake.stall_next()
     second = asyncio.create_task(conv.say("two"))
-    async with asyncio.timeout(10):  # until the second turn is at the upstream
-        while len(qwen_fake.turns) < 2:
-            await asyncio.sleep(0.01)
+    await until(lambda: len(qwen_fake.turns) >= 2, "the second turn at the upstream")
     sessions.delete(sid)  # type: ignore[arg-type]
     release.set()
     assert await second
@@ -408,19 +405,13 @@ async def test_a_session_deleted_while_its_request_is_in_flight_stays_deleted(qp
     assert qwen_fake.turns[-1].chat_id != qwen_fake.turns[0].chat_id
 
 
-async def _until(cond: Any, timeout: float = 10) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.01)
-
-
 async def test_a_stateless_session_deleted_in_flight_keeps_no_turn(make_proxy: ProxyFactory, openai_fake: OpenAIFake) -> None:
     """On a stateless upstream the log writer threads the turn after the reply: a session
     deleted meanwhile gets no turn row, and no write fails."""
     p = await make_proxy(base_config(openai_fake.base_url))  # type: ignore[attr-defined]
     openai_fake.stall_head = asyncio.Event()
     task = asyncio.create_task(p.sdk().chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hello"}]))
-    await _until(lambda: len(openai_fake.seen) == 1)
+    await until(lambda: len(openai_fake.seen) == 1, "the request at the upstream")
     await p.drained()  # the session row is in the file
     sessions = p.state.sessions
     assert sessions is not None
@@ -442,7 +433,7 @@ async def test_a_session_evicted_then_deleted_in_flight_stays_deleted(make_proxy
     sid = conv.session_id
     release = qwen_fake.stall_next()
     second = asyncio.create_task(conv.say("two"))
-    await _until(lambda: len(qwen_fake.turns) == 2)
+    await until(lambda: len(qwen_fake.turns) == 2, "the second turn at the upstream")
     await p.sdk().chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi"}])  # evicts it
     sessions = p.state.sessions
     assert sessions is not None and sid not in sessions.active
@@ -470,9 +461,7 @@ async def test_sessions_that_ran_out_while_no_daemon_ran_are_expired_at_start(ma
     finally:
         conn.close()
     assert state == "active"
-    async with asyncio.timeout(10):  # until its expiry has passed (bounded, on the condition)
-        while iso(time.time()) <= expires_at:
-            await asyncio.sleep(0.02)
+    await until(lambda: iso(time.time()) > expires_at, "the session's expiry to pass")
     p2 = await make_proxy(base_config(), db=db)  # the default 30-minute timeout
     await p2.drained()
     [after] = await p2.rows("SELECT state, metadata FROM sessions")

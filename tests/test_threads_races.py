@@ -17,14 +17,9 @@ from tests.conftest import QWEN_TOKEN, Proxy, ProxyFactory, qwen_config
 from tests.fakes.qwen import QwenFake
 from tests.test_fake_qwen import Events, body
 from tests.test_threads import Conversation, last_turn_ok
+from tests.waiting import until
 
 LINGER = 0.2  # seconds the fake's stream stays open after `finished`
-
-
-async def _until(cond: Any, timeout: float = 10) -> None:
-    async with asyncio.timeout(timeout):  # a guard against hanging; the condition synchronises
-        while not cond():
-            await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -94,7 +89,7 @@ async def test_a_chat_the_upstream_calls_busy_is_waited_out(
     await conv.say("one")
     release, elsewhere = await _stalled_turn_elsewhere(qwen_fake, direct, qwen_fake.turns[0].response_id)
     pending = asyncio.create_task(conv.say("two", stream=stream))
-    await _until(lambda: qwen_fake.refused_busy >= 1)
+    await until(lambda: qwen_fake.refused_busy >= 1, "the upstream to refuse a busy chat")
     release.set()
     await elsewhere.rest()
     reply = await pending
@@ -165,7 +160,7 @@ async def _first_turns_at_once(p: Proxy, fake: QwenFake, release: asyncio.Event,
     convs = [Conversation(p.sdk()) for _ in range(n)]
     opening = [{"role": "user", "content": "hello"}]
     tasks = [asyncio.create_task(c.ask(opening, stream=i % 2 == 0)) for i, c in enumerate(convs)]
-    await _until(lambda: _joined(p) == n)
+    await until(lambda: _joined(p) == n, f"{n} requests joined")
     release.set()
     replies = await asyncio.gather(*tasks)
     assert fake.created_chats == 1 and fake.refused_busy == 0

@@ -13,7 +13,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,6 +23,7 @@ import yaml
 from playwright import sync_api as playwright_api
 
 from tests.daemon import WAIT, free_port
+from tests.waiting import until_sync
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -94,16 +94,6 @@ def _fill(sdk: openai.OpenAI) -> dict[str, str]:
     return ids
 
 
-def _until(what: str, check: Any) -> None:
-    """Poll `check()` until true (bounded): the daemon's log line or row is written by
-    another process, so there is nothing to wait on but the file."""
-    deadline = time.monotonic() + WAIT
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def _rows(db: Path) -> int:
     try:
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
@@ -130,12 +120,12 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Filled]:
             stdout=subprocess.DEVNULL, stderr=out, cwd=tmp, env=env,
         )  # fmt: skip
     try:
-        _until("the daemon to listen", lambda: proc.poll() is not None or b'"listening"' in log.read_bytes())
+        until_sync(lambda: proc.poll() is not None or b'"listening"' in log.read_bytes(), "the daemon to listen")
         assert proc.poll() is None, log.read_text()[-2000:]
         url = f"http://127.0.0.1:{port}"
         sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         ids = _fill(sdk)
-        _until("the rows to be written", lambda: _rows(db) >= FILLED)
+        until_sync(lambda: _rows(db) >= FILLED, "the rows to be written")
         yield Filled(url, db, ids, sdk)
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -23,6 +23,7 @@ from provider_router.errors import ApiError
 from provider_router.providers.bodies import LineCap
 from provider_router.providers.http import Exchange, Upstream, new_session, request_headers
 from provider_router.providers.proxies import proxy_for
+from tests.waiting import until
 
 HEADERS = request_headers({"Content-Type": "application/json"})
 Serve = Callable[["RawServer", int, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -401,7 +402,7 @@ async def test_connections_are_limited_per_provider_and_the_wait_is_measured(raw
     assert first.queue_ms == 0
     cancelled = asyncio.create_task(up.request("POST", server.url, HEADERS, b"{}"))
     second = asyncio.create_task(up.request("POST", server.url, HEADERS, b"{}"))
-    await asyncio.sleep(0)
+    await until(lambda: up.waiting == 2, "both calls waiting for the slot")
     cancelled.cancel()
     with pytest.raises(asyncio.CancelledError):
         await cancelled
