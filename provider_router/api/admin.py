@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hmac
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import orjson
 from aiohttp import web
@@ -26,10 +26,14 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(data, default=str), content_type="application/json")
 
 
+def bearer_ok(headers: Mapping[str, str], admin_key: str) -> bool:
+    """`Authorization: Bearer <admin key>`, compared in constant time (also the dashboard's)."""
+    scheme, _, token = headers.get("Authorization", "").partition(" ")
+    return bool(admin_key) and scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), admin_key.encode())
+
+
 def _admin_ok(request: web.Request, state: State) -> bool:
-    key = state.config.auth.admin_key
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    return bool(key) and scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+    return bearer_ok(request.headers, state.config.auth.admin_key)
 
 
 def _require_admin(request: web.Request) -> State:

@@ -282,24 +282,19 @@ async def recent_requests(conn: aiosqlite.Connection, flt: RequestFilter, limit:
 
 async def _newest(conn: aiosqlite.Connection, flt: RequestFilter, last: int, since: int | None, limit: int) -> list[dict[str, Any]]:
     match = fts_query(flt.query) if flt.query else None
-    if match and limit > 0 and await search.is_common(conn, match):
-        where, params = replace(flt, query=None).where()
-        where += (" AND " if where else " WHERE ") + "r.rowid <= ?"
-        params.append(last)
-        if since is not None:
-            where += " AND r.rowid >= ?"
-            params.append(since)
-        rowids = await search.newest(conn, match, where, params, limit)
-        if not rowids:
-            return []
-        marks = ",".join("?" * len(rowids))
-        return await fetch_all(conn, f"{_LISTED} WHERE r.rowid IN ({marks}) ORDER BY r.rowid DESC", rowids)
-    where, params = flt.where()
+    common = bool(match) and limit > 0 and await search.is_common(conn, match)  # type: ignore[arg-type]
+    # A common word is matched by `search.newest` against the rows the other filters select.
+    where, params = (replace(flt, query=None) if common else flt).where()
     where += (" AND " if where else " WHERE ") + "r.rowid <= ?"
     params.append(last)
     if since is not None:
         where += " AND r.rowid >= ?"
         params.append(since)
+    if common:
+        rowids = await search.newest(conn, match, where, params, limit)  # type: ignore[arg-type]
+        if not rowids:
+            return []
+        where, params = f" WHERE r.rowid IN ({','.join('?' * len(rowids))})", list(rowids)
     sql = f"{_LISTED}{where} ORDER BY r.rowid DESC"
     if limit > 0:
         sql += " LIMIT ?"

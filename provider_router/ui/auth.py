@@ -9,7 +9,6 @@ import hashlib
 import hmac
 import secrets
 import time
-from typing import Mapping
 
 from aiohttp import web
 
@@ -73,11 +72,6 @@ class Guesses:
         self._failed[address] = (start, n + 1)  # re-inserted: the newest is last
         while len(self._failed) > self.bound:
             del self._failed[next(iter(self._failed))]
-
-
-def bearer_ok(headers: Mapping[str, str], admin_key: str) -> bool:
-    scheme, _, token = headers.get("Authorization", "").partition(" ")
-    return bool(admin_key) and scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), admin_key.encode())
 
 
 def key_ok(typed: str, admin_key: str) -> bool:

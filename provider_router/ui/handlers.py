@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from ..api.admin import bearer_ok
 from ..errors import ApiError
 from ..state import STATE, State
 from ..store import queries, session_reads
@@ -55,7 +56,7 @@ UI = web.AppKey("ui", Ui)
 def _authed(request: web.Request) -> bool:
     state = request.app[STATE]
     key = state.config.auth.admin_key
-    return auth.bearer_ok(request.headers, key) or request.app[UI].logins.valid(request.cookies.get(auth.COOKIE))
+    return bearer_ok(request.headers, key) or request.app[UI].logins.valid(request.cookies.get(auth.COOKIE))
 
 
 class _Redirect(Exception):
