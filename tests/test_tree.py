@@ -143,3 +143,34 @@ def test_a_reply_resent_without_its_reply_only_fields_is_kept_once_not_per_reque
     db.close()
     assert kept[:30] == [None] * 30  # the conversation's requests keep nothing of their own
     assert kept[30] is not None and kept[31] is not None  # the other client's forms, kept by its requests
+
+
+def test_the_same_body_sent_again_is_placed_where_it_was(tmp_path: Path) -> None:
+    """A regenerated reply or a retry sends the conversation's previous body again, byte for
+    byte: it is placed where that body was (its overrides too), each reply a branch of its
+    own under the same tip, and every request reads back exactly; in one batch or across
+    batches."""
+    path = tmp_path / "t.db"
+    migrate_file(str(path))
+    out = sink.Sink(sink.open_db(str(path)), max_body_bytes=1 << 20, redactor=Redactor([]), emit=lambda _: None)
+    first = {"role": "assistant", "content": "answer 1"}
+    history = [{"role": "system", "content": "sys"}, {"role": "user", "content": "q1"},
+               {**first, "refusal": None, "annotations": []}, {"role": "user", "content": "q2"}]  # fmt: skip
+    records = [_record(1, history[:2], first, ({"temperature": 0.5}, False), 0)]
+    for i in range(1, 5):  # the same body four times, each time another reply
+        records.append(_record(1, history, {"role": "assistant", "content": f"try {i}"}, ({"temperature": 0.5}, False), i))
+    assert len({r.request_body for r in records[1:]}) == 1
+    sent = [(orjson.loads(r.request_body), orjson.loads(r.response_body)) for r in records]  # type: ignore[arg-type]
+    out.apply([([], records[:3])])
+    out.apply([([], records[3:])])
+    assert out.written == len(records) and out.failed == 0
+    for got, (request, response) in zip(asyncio.run(_read(path, [r.id for r in records])), sent):
+        assert got["request"] == request
+        assert got["response"] == response
+    db = sqlite3.connect(path)
+    tips = {row[0] for row in db.execute("SELECT tip_message FROM requests WHERE rowid > 1")}
+    (siblings,) = db.execute("SELECT count(*) FROM messages WHERE parent_id = ?", (tips.pop(),)).fetchone()
+    (total,) = db.execute("SELECT count(*) FROM messages").fetchone()
+    db.close()
+    assert not tips and siblings == 4  # one tip, four replies under it
+    assert total == 4 + 4  # sys, q1, answer 1, q2; and the four replies

@@ -202,10 +202,13 @@ class Tree:
         prev = self._paths.get(conversation) if conversation else None
         new = _extension(body, prev) if prev is not None else None
         if new is not None and prev is not None and prev.params is not None:
-            array = body[len(prev.head) : len(body) - len(prev.after)]
             head, after, params = prev.head, prev.after, prev.params
-            placed = self.place(array, conversation, (len(prev.raws), new))
-            self._around(conversation, head, after, params)
+            if new:
+                array = body[len(head) : len(body) - len(after)]
+                placed = self.place(array, conversation, (len(prev.raws), new))
+                self._around(conversation, head, after, params)
+            else:
+                placed = self._again(conversation, prev)  # type: ignore[arg-type]
             for bid in params[2]:
                 self.blob_refs[bid] = self.blob_refs.get(bid, 0) + 1
             return placed, params[0], params[1]
@@ -221,6 +224,11 @@ class Tree:
                 ids = tuple(orjson.loads(blobs).values()) if blobs else ()
                 self._around(conversation, body[:at], body[at + len(array) :], (text, blobs, ids))
         return placed, text, blobs
+
+    def _again(self, conversation: str, path: _Path) -> Placed:
+        """The conversation's previous body sent again: its history is where it was."""
+        self._paths.move_to_end(conversation)
+        return Placed(path.ids[-1], path.keys[-1], path.last_user[-1] or None, path.assistants[-1] + 1, path.overrides)
 
     def _around(self, conversation: str | None, head: bytes, after: bytes, params: tuple[str, str | None, tuple[int, ...]]) -> None:
         """Remember the body around the conversation's array just placed."""
@@ -347,12 +355,15 @@ class Tree:
 
 def _extension(body: bytes, prev: _Path) -> list[bytes] | None:
     """The messages `body` adds at the end of `prev`'s array, when it is `prev`'s body
-    byte for byte around a longer array (None otherwise). Only the new messages are read:
+    byte for byte around a longer array ([] when it is `prev`'s body itself; None
+    otherwise). Only the new messages are read:
     `[` + them + `]` decoding as a non-empty list makes the whole body the same valid JSON
     object with a longer `messages` value."""
     head, after = prev.head, prev.after
     if not head or not prev.raws:
         return None
+    if len(body) == len(head) + len(prev.array) + len(after) and body == head + prev.array + after:
+        return []  # the same body again (a retry, a regenerated reply): nothing new
     inner = prev.array.rstrip()[:-1].rstrip()  # the array without its closing bracket
     start, end = len(head) + len(inner), len(body) - len(after)
     if end <= start or not body.startswith(head) or not body.startswith(inner, len(head)) or not body.endswith(after):
