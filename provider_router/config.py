@@ -23,7 +23,9 @@ ProviderType = Literal["openai", "echo", "qwen"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 PROVIDER_TYPES: tuple[str, ...] = get_args(ProviderType)
 LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
-_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# `${VAR}` or `${VAR:-default}`; `$$` is a literal `$`; any other `$` before a name or a
+# brace (`$VAR`, an unclosed `${VAR`) is a mistake, refused rather than kept as text.
+_ENV_RE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|(\$)|(?=[{A-Za-z_]))")
 
 # Ranges the daemon can work with: a zero interval spins, a negative size drops a byte.
 # A NaN fails every bound, so each of these is also finite.
@@ -155,9 +157,15 @@ def is_loopback(host: str) -> bool:
 
 
 def expand_env(text: str, env: Mapping[str, str]) -> str:
-    """Replace ``${VAR}`` and ``${VAR:-default}``; an unset ``${VAR}`` becomes empty."""
+    """Replace ``${VAR}`` and ``${VAR:-default}``; an unset ``${VAR}`` becomes empty; ``$$``
+    is ``$``. ValueError for a ``$`` that starts no reference (``$VAR``, ``${VAR``): kept as
+    text, it would become the value (a guessable admin key) without a word."""
 
     def sub(m: re.Match[str]) -> str:
+        if m.group(3):
+            return "$"
+        if m.group(1) is None:
+            raise ValueError("a `$` that starts no ${VAR} reference (write ${VAR}, or $$ for a literal $)")
         value = env.get(m.group(1))
         if value is None or (value == "" and m.group(2) is not None):
             return m.group(2) or ""
@@ -166,46 +174,78 @@ def expand_env(text: str, env: Mapping[str, str]) -> str:
     return _ENV_RE.sub(sub, text)
 
 
-def _prepare(node: Any, env: Mapping[str, str]) -> Any:
+def _prepare(node: Any, env: Mapping[str, str], path: str = "") -> Any:
     """Expand ``${VAR}`` in the parsed tree (after parsing, so a value containing YAML syntax
     cannot change the structure) and hand numbers on as text: expansion yields text anyway,
     msgspec's lax mode reads numeric fields back from it, and a string field then takes a
     bare `2` (a header value, a model name) as "2". A key left empty takes its default."""
     if isinstance(node, str):
-        return expand_env(node, env)
+        try:
+            return expand_env(node, env)
+        except ValueError as e:
+            raise ConfigError(f"{path or 'config'}: {e}") from None
     if isinstance(node, (int, float)) and not isinstance(node, bool):
         return str(node)
     if isinstance(node, list):
-        return [_prepare(v, env) for v in node]
+        return [_prepare(v, env, f"{path}[{i}]") for i, v in enumerate(node)]
     if isinstance(node, dict):
-        return {k if isinstance(k, str) else str(k): _prepare(v, env) for k, v in node.items() if v is not None}
+        named = ((k if isinstance(k, str) else str(k), v) for k, v in node.items() if v is not None)
+        return {k: _prepare(v, env, f"{path}.{k}" if path else k) for k, v in named}
     return node
 
 
-def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
-    """Parse and validate YAML text into a `Config`."""
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last
+    one without a word, and a second `auth:` block would drop the first one's client keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is None or key == "<<":
+                continue
+            if key in seen:
+                shown = f"`{key}`" if _PLAIN_KEY.fullmatch(key) else "a key"  # never a value-like key: it may be a secret
+                first = seen[key].start_mark.line + 1
+                raise yaml.constructor.ConstructorError(None, None, f"{shown} given twice in one mapping (first at line {first})", key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep)
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,40}")
+
+
+def parse_config(text: str, env: Mapping[str, str] | None = None, only: str | None = None) -> Config:
+    """Parse and validate YAML text into a `Config`. With `only` (a section's name), that
+    section alone is read and checked, and the others take their defaults: a command that
+    needs only the database's path must not fail because a client key's variable is unset
+    in the shell it runs in."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         # Not str(e): PyYAML quotes the offending line, which may hold a key.
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"config is not valid YAML{where}: {getattr(e, 'problem', None) or 'unreadable'}") from None
+    raw = {} if raw is None else raw
+    if only is not None and isinstance(raw, dict):
+        raw = {only: raw[only]} if only in raw else {}
     try:
-        cfg = msgspec.convert(_prepare({} if raw is None else raw, os.environ if env is None else env), Config, strict=False)
+        cfg = msgspec.convert(_prepare(raw, os.environ if env is None else env), Config, strict=False)
     except msgspec.ValidationError as e:
         raise _named(e) from None
-    _validate(cfg)
+    if only is None:
+        _validate(cfg)
     return cfg
 
 
-def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
-    """Read, expand and validate the config file at `path`."""
+def load_config(path: str | Path, env: Mapping[str, str] | None = None, only: str | None = None) -> Config:
+    """Read, expand and validate the config file at `path` (or only its section `only`)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    return parse_config(text, env)
+    return parse_config(text, env, only)
 
 
 def _named(e: msgspec.ValidationError) -> ConfigError:

@@ -6,6 +6,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+# Every outcome a request row can have (the CLI's --outcome and the dashboard's filter).
+OUTCOMES = ("ok", "rejected", "upstream_error", "timeout", "client_disconnected", "shutdown", "error")
+
 
 def parse_ts(ts: str | None) -> datetime | None:
     """A stored ISO time in local time; None when unset or unreadable."""

@@ -110,6 +110,9 @@ async def test_unknown_path_and_method(proxy: Proxy) -> None:
         async with s.get(f"{proxy.url}/v1/engines") as r:
             assert r.status == 404 and (await r.json())["error"]["code"] == "unknown_url"
         async with s.get(f"{proxy.url}/v1/chat/completions") as r:
-            assert r.status in (404, 405) and "error" in await r.json()
+            error = (await r.json())["error"]
+            assert r.status == 405 and error["code"] == "method_not_allowed" and "takes POST" in error["message"]
+        async with s.post(f"{proxy.url}/v1/models/echo") as r:
+            assert r.status == 405 and "takes GET" in (await r.json())["error"]["message"]
     rows = await proxy.rows()
-    assert [r["outcome"] for r in rows] == ["rejected", "rejected"]
+    assert [r["outcome"] for r in rows] == ["rejected", "rejected", "rejected"]

@@ -6,7 +6,8 @@ import pytest
 
 from provider_router.config import ConfigError, expand_env, parse_config
 
-MIN = "providers: [{name: echo, type: echo}]\nmodels: [{name: echo, provider: echo}]\n"
+PROVIDERS = "providers: [{name: echo, type: echo}]\n"
+MIN = PROVIDERS + "models: [{name: echo, provider: echo}]\n"
 
 
 def test_env_expansion_forms() -> None:
@@ -34,7 +35,7 @@ def test_defaults_and_expansion_in_values() -> None:
         ("providers: [{name: x, type: magic}]\n", "providers[0].type"),
         ("providers: [{name: x, type: openai, base_url: ftp://x}]\n", "providers[0].base_url"),
         ("providers: [{type: echo}]\n", "providers[0]"),
-        (MIN + "models: [{name: m, provider: ghost}]\n", "models[0].provider"),
+        (PROVIDERS + "models: [{name: m, provider: ghost}]\n", "models[0].provider"),
         (MIN + "auth: {client_keys: [{name: a, key: '${UNSET}'}]}\n", "auth.client_keys[0].key"),
         ("providers: {name: echo}\n", "providers"),
         (MIN + "logs: [1]\n", "logs"),
@@ -125,10 +126,10 @@ def test_duplicate_model_names_and_unknown_providers_are_refused() -> None:
     """A second model entry of the same name could never be reached; a model naming no
     configured provider could never be served. Each is refused by its position."""
     with pytest.raises(ConfigError) as e:
-        parse_config(MIN + "models: [{name: m, provider: echo}, {name: m, provider: echo}]\n", env={})
+        parse_config(PROVIDERS + "models: [{name: m, provider: echo}, {name: m, provider: echo}]\n", env={})
     assert str(e.value).startswith("models[1].name:") and "models[0]" in str(e.value)
     with pytest.raises(ConfigError) as e:
-        parse_config(MIN + "models: [{name: m, provider: sk-looks-like-a-key}]\n", env={})
+        parse_config(PROVIDERS + "models: [{name: m, provider: sk-looks-like-a-key}]\n", env={})
     assert str(e.value).startswith("models[0].provider:") and "sk-looks" not in str(e.value)
 
 
@@ -179,3 +180,36 @@ def test_empty_keys_take_defaults_and_bare_numbers_read_as_text() -> None:
     assert cfg.server.port == 8080 and cfg.providers[0].headers == {"X-Version": "2"}
     assert cfg.providers[0].timeouts.idle == 2.5
     assert cfg.models[0].name == "4" and cfg.models[0].upstream_model is None
+
+
+@pytest.mark.parametrize("value", ["$ADMIN_KEY", "${ADMIN_KEY", "key-$ADMIN_KEY", "${ADMIN_KEY:-x"])
+def test_a_reference_that_is_not_one_is_refused_not_kept_as_text(value: str) -> None:
+    """`$VAR` (shell style) or an unclosed `${VAR` is not expanded: kept as text it would
+    become the key itself (an admin key anyone can guess), so start-up stops naming where."""
+    with pytest.raises(ConfigError) as e:
+        parse_config(MIN + f"auth: {{admin_key: '{value}'}}\n", env={"ADMIN_KEY": "s3cret-value"})
+    assert "auth.admin_key" in str(e.value) and "${VAR}" in str(e.value) and "s3cret" not in str(e.value)
+
+
+def test_a_dollar_sign_is_written_twice_and_values_from_the_environment_are_kept_whole() -> None:
+    """`$$` is a literal `$`; a `$` not before a name is text; an expanded value is never
+    read again (its own `$` stays)."""
+    cfg = parse_config(MIN + "auth: {admin_key: 'a$$b$ c-${K}'}\n", env={"K": "x$Y${Z}"})
+    assert cfg.auth.admin_key == "a$b$ c-x$Y${Z}"
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (MIN + "auth:\n  client_keys: [{name: a, key: k}]\nauth:\n  metrics_public: true\n", "`auth` given twice"),
+        (MIN + "server: {port: 1, port: 2}\n", "`port` given twice"),
+        ("providers:\n  - name: e\n    type: echo\n    name: f\nmodels: [{name: m, provider: e}]\n", "`name` given twice"),
+    ],
+)
+def test_a_key_given_twice_is_refused(text: str, where: str) -> None:
+    """YAML lets a later key replace an earlier one silently: a second `auth:` block would
+    drop the client keys of the first and open the proxy. Start-up stops instead, saying
+    which key and both lines."""
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, env={})
+    assert where in str(e.value) and "line" in str(e.value)

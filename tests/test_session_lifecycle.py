@@ -186,7 +186,7 @@ async def test_lifecycle_figures_in_metrics_admin_stats_and_the_cli(make_proxy: 
     same = (*want, "average_duration_seconds", "requests_per_session")  # the ages grow between reads
     assert code == 0 and {k: json.loads(out)["session_lifecycle"][k] for k in same} == {k: life[k] for k in same}
     code, out, _ = await cli("stats", "--db", str(p.db_path))
-    assert "lifecycle: 4 created, 1 expired, 1 evicted, 1 deleted" in out and "by client: alice 1 active/4" in out  # of 4 created
+    assert "lifecycle (since the database began): 4 created, 1 expired, 1 evicted, 1 deleted" in out and "by client (active now/created): alice 1/4" in out  # of 4 created
 
 
 # -- the command line ------------------------------------------------------------------------

@@ -9,6 +9,7 @@ conversation store for every upstream would start here.)
 
 from __future__ import annotations
 
+import re
 from typing import Any, Awaitable, Callable
 
 import orjson
@@ -33,6 +34,8 @@ SUPPORTED = (
     "GET /v1/models/{model}",
 )
 CHAT_ONLY = "POST /v1/chat/completions, GET /v1/models"
+# (method, path pattern) of each: a path served under another method answers 405, not 404.
+_ROUTES = tuple((m, re.compile(re.escape(p).replace(r"\{model\}", ".+"))) for m, p in (s.split(" ", 1) for s in SUPPORTED))
 
 
 def endpoint(
@@ -91,6 +94,9 @@ def embeddings_summary(data: bytes) -> bytes:
 
 
 async def not_found(request: web.Request) -> web.Response:
+    allowed = sorted({m for m, path in _ROUTES if path.fullmatch(request.path)})
+    if allowed:
+        raise ApiError(405, f"{request.path} takes {' or '.join(allowed)}, not {request.method}.", code="method_not_allowed")
     raise ApiError(
         404, f"Unknown endpoint {request.method} {request.path}. Supported: {', '.join(SUPPORTED)}.", code="unknown_url"
     )

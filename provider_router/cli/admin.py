@@ -84,7 +84,7 @@ def daemon_admin(settings: Settings, db: Path) -> Admin | None:
     if who is None:
         return None
     try:
-        key = str(settings.load().auth.admin_key)
+        key = str(settings.load("auth").auth.admin_key)
     except ConfigError:  # no key to ask with: `Admin.of` says so
         key = ""
     return Admin.of(who, db, key)

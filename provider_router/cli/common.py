@@ -51,18 +51,19 @@ class Settings:
     db: str | None = None
     json: bool = False
 
-    def load(self) -> Config:
-        """The --config file (./config.yaml by default), or built-in defaults if that is absent."""
+    def load(self, only: str | None = None) -> Config:
+        """The --config file (./config.yaml by default), or built-in defaults if that is
+        absent; with `only`, just that section of it is read (see `parse_config`)."""
         path = Path(self.config)
         if not path.exists():
             if self.config != DEFAULT_CONFIG:
                 raise ConfigError(f"config file not found: {path}")
             return BUILT_IN
-        return load_config(path)
+        return load_config(path, only=only)
 
     def db_path(self) -> Path:
-        """--db, else database.path of the config."""
-        return Path(self.db) if self.db else Path(self.load().database.path)
+        """--db, else database.path of the config (its other sections are not needed)."""
+        return Path(self.db) if self.db else Path(self.load("database").database.path)
 
 
 pass_settings = click.make_pass_decorator(Settings, ensure=True)

@@ -10,6 +10,7 @@ from typing import Any
 import aiosqlite
 import click
 
+from ..rowtext import OUTCOMES
 from ..store import queries as q
 from .common import COUNT, SINCE_HELP, UNTIL_HELP, CliError, Group, Settings, When, config_options, examples, json_option, with_settings
 from .database import run_db
@@ -45,7 +46,7 @@ FOLLOW_INTERVAL = 0.5  # seconds between polls of `logs --follow`
     help="only requests of this client key (its name in auth.client_keys; the key itself is never logged)",
 )
 @click.option("--status", type=int, metavar="CODE", help="only this HTTP status, e.g. 404")
-@click.option("--outcome", metavar="O", help="only this outcome: ok, rejected, upstream_error, timeout, client_disconnected")
+@click.option("--outcome", type=click.Choice(OUTCOMES), metavar="O", help=f"only this outcome: {', '.join(OUTCOMES)}")
 @click.option(
     "-q", "--query", metavar="TEXT",
     help="full-text search in prompts and replies; every word must occur (word* for a prefix)",

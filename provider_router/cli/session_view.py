@@ -36,7 +36,7 @@ def render_session(s: dict[str, Any], requests: list[dict[str, Any]]) -> list[st
         ("last access", full_time(s.get("last_accessed_at"))),
         ("expires", full_time(s.get("expires_at"))),
         ("requests", s.get("request_count")),
-        ("messages", s.get("message_count")),
+        ("messages in its latest request", s.get("message_count")),
         ("thread turns", s.get("turn_rows")),
         ("fingerprint", s.get("fingerprint")),
         ("metadata", None if meta is None else (meta if isinstance(meta, str) else json_line(meta))),

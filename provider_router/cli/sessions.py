@@ -54,6 +54,8 @@ def sessions() -> None:
 @json_option("one JSON object per line")
 @with_settings
 def list_(settings: Settings, state: str, active: bool, client: str | None, limit: int) -> None:
+    if active and state not in ("all", "active"):
+        raise click.UsageError(f"--active and --state {state} contradict each other (--active is --state active)")
     state = "active" if active else state
 
     async def body(conn: aiosqlite.Connection) -> None:
@@ -132,7 +134,7 @@ async def _tree_lines(conn: aiosqlite.Connection, s: dict[str, Any]) -> list[str
     tree = await tv.session_tree(conn, s["id"])
     out = [
         f"session {s['id']}  {s.get('provider')}/{s.get('upstream_model')}  {s.get('state')}  "
-        f"{len(tree.requests)} request(s), {len(tree.nodes)} message(s), {tree.branch_points()} branch point(s)"
+        f"{tree.summary()}"
     ]
     if not tree.nodes:
         out.append("(no messages: the session's requests may have been pruned)")
@@ -153,7 +155,7 @@ async def _tree_lines(conn: aiosqlite.Connection, s: dict[str, Any]) -> list[str
 def refresh(settings: Settings, session_id: str) -> None:
     async def offline(conn: aiosqlite.Connection) -> None:
         s = await _session(conn, session_id)
-        timeout = settings.load().sessions.timeout_minutes * 60.0
+        timeout = settings.load("sessions").sessions.timeout_minutes * 60.0
         if not await session_reads.refresh_session(conn, s["id"], time.time(), timeout):
             raise CliError(f"no session with id {session_id!r}")
         click.echo(f"refreshed session {s['id']}: active for {_minutes(timeout)}" + _revived(s))

@@ -10,6 +10,7 @@ import aiosqlite
 import click
 
 from ..store import stats as stats_q
+from ..store.rows import BUCKETS_MS
 from .common import SINCE_HELP, Settings, When, examples, json_option, with_settings
 from .database import run_db
 from .output import full_time, json_doc, ms, table
@@ -40,10 +41,16 @@ def stats(settings: Settings, since: str | None) -> None:
     run_db(settings.db_path(), body)
 
 
+def _pct(value: float | None) -> str:
+    """A percentile estimated from the roll-ups' histogram: within the first bucket it is
+    only known to be below that bucket's bound (interpolating would print a made-up 2.5)."""
+    return f"<{BUCKETS_MS[0]}" if value is not None and value <= BUCKETS_MS[0] else ms(value)
+
+
 def _cells(g: stats_q.GroupStats, model: str, provider: str) -> list[str]:
     return [
         model, provider, str(g.requests), str(g.errors), str(g.prompt_tokens), str(g.completion_tokens),
-        str(g.cached_tokens), ms(g.ttfb_p50_ms), ms(g.ttfb_p95_ms), ms(g.duration_p50_ms), ms(g.duration_p95_ms),
+        str(g.cached_tokens), _pct(g.ttfb_p50_ms), _pct(g.ttfb_p95_ms), _pct(g.duration_p50_ms), _pct(g.duration_p95_ms),
     ]
 
 
@@ -54,7 +61,7 @@ def _render(st: stats_q.Stats, since: str | None) -> list[str]:
     return [
         *([f"since {full_time(since)}"] if since else []),
         *table(HEADERS, rows, right=range(2, 11)),
-        f"\nsessions: {s['active']} active, {s['expired']} expired, {s['total']} total",
+        f"\nsessions{' used since then' if since else ''}: {s['active']} active, {s['expired']} expired, {s['total']} total",
         *_lifecycle(st.lifecycle),
         # The roll-ups keep latencies as histogram buckets, so percentiles are estimates.
         "latencies in ms; percentiles estimated from histogram buckets (--json has means too)",
@@ -73,11 +80,11 @@ def _age(seconds: float | None) -> str:
 def _lifecycle(f: dict[str, Any]) -> list[str]:
     per = f["requests_per_session"]
     lines = [
-        f"lifecycle: {f['created']} created, {f['expired']} expired, {f['evicted']} evicted, {f['deleted']} deleted",
-        f"active ages: oldest {_age(f['oldest_age_seconds'])}, newest {_age(f['newest_age_seconds'])}; "
+        f"lifecycle (since the database began): {f['created']} created, {f['expired']} expired, {f['evicted']} evicted, {f['deleted']} deleted",
+        f"active now: oldest {_age(f['oldest_age_seconds'])}, newest {_age(f['newest_age_seconds'])}; "
         f"average duration {_age(f['average_duration_seconds'])}, {'-' if per is None else f'{per:.1f}'} requests per session",
     ]
     clients = f["by_client"]
     if clients:
-        lines.append("by client: " + ", ".join(f"{c or '-'} {n['active']} active/{n['created']}" for c, n in clients.items()))
+        lines.append("by client (active now/created): " + ", ".join(f"{c or '-'} {n['active']}/{n['created']}" for c, n in clients.items()))
     return lines

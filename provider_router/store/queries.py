@@ -28,12 +28,17 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 class AmbiguousId(LookupError):
-    """An id prefix matched more than one row; `candidates` lists some of them."""
+    """An id prefix matched more than one row; `candidates`: the first few of them (the
+    message says when there are more than it shows)."""
+
+    SHOWN = 5
 
     def __init__(self, prefix: str, candidates: list[str]) -> None:
-        super().__init__(f"id prefix {prefix!r} is ambiguous: matches {', '.join(candidates)}, ...")
+        shown = candidates[: self.SHOWN]
+        more = ", ..." if len(candidates) > self.SHOWN else ""
+        super().__init__(f"id prefix {prefix!r} is ambiguous: matches {', '.join(shown)}{more}")
         self.prefix = prefix
-        self.candidates = candidates
+        self.candidates = shown
 
 
 # -- small helpers ---------------------------------------------------------------------
@@ -117,7 +122,7 @@ async def fetch_all(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...
 
 async def by_prefix(conn: aiosqlite.Connection, table: str, prefix: str) -> dict[str, Any] | None:
     # GLOB 'prefix*' on the primary key is a range scan, not a table scan.
-    rows = await fetch_all(conn, f"SELECT * FROM {table} WHERE id GLOB ? ORDER BY id LIMIT 5", (glob_literal(prefix) + "*",))
+    rows = await fetch_all(conn, f"SELECT * FROM {table} WHERE id GLOB ? ORDER BY id LIMIT ?", (glob_literal(prefix) + "*", AmbiguousId.SHOWN + 1))
     if not rows:
         return None
     exact = [r for r in rows if r["id"] == prefix]

@@ -90,7 +90,7 @@ def pick(id_prefix: str, candidates: set[str] | list[str]) -> str | None:
     if id_prefix in found:
         return id_prefix
     if len(found) > 1:
-        raise AmbiguousId(id_prefix, found[:5])
+        raise AmbiguousId(id_prefix, found)
     return found[0] if found else None
 
 

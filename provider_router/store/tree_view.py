@@ -93,6 +93,11 @@ class SessionTree:
         """How many nodes have more than one child (a regenerate, an edit or a go-back)."""
         return sum(1 for n in self.nodes.values() if len(n.children) > 1)
 
+    def summary(self) -> str:
+        """One line: its requests, the distinct messages of every branch, its branch points
+        (the session's own `message_count` is the length of its latest history instead)."""
+        return f"{len(self.requests)} request(s), {len(self.nodes)} message(s) in the tree, {self.branch_points()} branch point(s)"
+
 
 def _node(row: Any) -> Node:
     try:

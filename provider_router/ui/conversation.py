@@ -271,9 +271,9 @@ def session_page(s: dict[str, Any], tree: tv.SessionTree) -> Markup:
         ("last used", fmt.full_time(s.get("last_accessed_at"))),
         ("expires", fmt.full_time(s.get("expires_at"))),
         ("requests", s.get("request_count")),
-        ("messages", s.get("message_count")),
+        ("messages in its latest request", s.get("message_count")),
     ])  # fmt: skip
-    summary = f"{len(tree.requests)} request(s), {len(tree.nodes)} message(s), {tree.branch_points()} branch point(s)"
+    summary = tree.summary()
     body = tree_html(tree, s.get("parent_id")) if tree.nodes else el("p", "No messages: the requests may have been pruned.")
     return page(
         f"Session {s['id'][:16]}", el("h1", "Session ", el("code", s["id"])), fields,

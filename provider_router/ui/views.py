@@ -8,13 +8,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Sequence
 
+from ..rowtext import OUTCOMES
 from ..store import series as series_q
 from ..store.queries import RequestFilter
 from ..store.stats import GroupStats, Stats
 from . import charts, fmt
 from .html import Markup, el, href, join, part, raw
 
-OUTCOMES = ("ok", "rejected", "upstream_error", "timeout", "client_disconnected", "shutdown", "error")
 SINCE_CHOICES = (("", "any time"), ("15m", "last 15 min"), ("1h", "last hour"), ("24h", "last 24 h"), ("7d", "last 7 days"), ("30d", "last 30 days"))
 PAGE_SIZE = 50  # requests per page unless `limit` says
 TOP_GROUPS = 7  # charts draw this many (model, provider) lines, the rest as one "other"
