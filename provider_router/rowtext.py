@@ -10,6 +10,22 @@ from typing import Any
 OUTCOMES = ("ok", "rejected", "upstream_error", "timeout", "client_disconnected", "shutdown", "error")
 
 
+def upstream_chat(r: dict[str, Any]) -> str | None:
+    """The threaded upstream's chat a request row continued, if any (a stateless
+    upstream's rows carry their session's id as chat id: no chat of the upstream's)."""
+    chat = r.get("chat_id")
+    return chat if chat and chat != r.get("session_id") else None
+
+
+def lineage(r: dict[str, Any], arrow: str = "->") -> str | None:
+    """Where a request row went in its upstream chat (`parent -> reply`, `(new chat)` for a
+    chat's first turn); for a stateless upstream only the upstream's reply id."""
+    parent, reply = r.get("parent_id"), r.get("reply_id")
+    if upstream_chat(r) is None:
+        return f"reply {reply}" if reply else None
+    return f"{parent or '(new chat)'} {arrow} {reply or '-'}" if parent or reply else None
+
+
 def parse_ts(ts: str | None) -> datetime | None:
     """A stored ISO time in local time; None when unset or unreadable."""
     if not ts:

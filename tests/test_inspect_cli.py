@@ -490,9 +490,10 @@ async def test_sessions_list_and_show_real_conversations(filled: Filled, cli: An
         assert f"session {s['id']}" in out
         for r in requests:
             assert f"turn {r['turn']}  {r['id']}" in out
-            assert f"{r['parent_id'] or '(new chat)'} -> {r['reply_id']}" in out
+            assert f"reply {r['reply_id']}" in out  # a stateless upstream: its reply id, no upstream chat
             assert f"user: {r['prompt_text'].splitlines()[0]}" in out
             assert f"assistant: {r['response_text'].splitlines()[0]}" in out
+        assert "(new chat)" not in out and " chat " not in out
         assert await ids_for(cli, db, "--session", s["id"]) == [r["id"] for r in requests]
     assert conversations == 2  # a1 -> a2 and b1 -> b2 each continued their session
     code, out, err = await cli("sessions", "show", sessions[0]["id"][:4], "--db", db)
@@ -512,6 +513,12 @@ async def test_sessions_delete_cleanup_and_prune(make_proxy: ProxyFactory, qwen_
     turns = len(await proxy.rows("SELECT * FROM turns WHERE session_id = ?", victim))
     kept = len(await proxy.rows("SELECT id FROM requests WHERE session_id = ?", victim))
     assert turns and kept
+    # A threaded upstream's turns: its chat, and each turn's parent -> reply in it.
+    code, out, _ = await cli("sessions", "show", victim, "--db", db)
+    threaded = await proxy.rows("SELECT chat_id, parent_id, reply_id FROM requests WHERE session_id = ? ORDER BY rowid", victim)
+    assert code == 0 and threaded[0]["parent_id"] is None and threaded[1]["parent_id"] == threaded[0]["reply_id"]
+    assert f"chat {threaded[0]['chat_id']}  (new chat) -> {threaded[0]['reply_id']}" in out
+    assert f"chat {threaded[1]['chat_id']}  {threaded[0]['reply_id']} -> {threaded[1]['reply_id']}" in out
     code, out, _ = await cli("sessions", "delete", victim, "--db", db)
     assert code == 0 and f"deleted session {victim}" in out
     assert f"its {turns} thread turn(s); its {kept} request row(s) are kept" in out

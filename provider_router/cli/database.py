@@ -40,7 +40,8 @@ async def open_db(path: Path, *, write: bool = False) -> aiosqlite.Connection:
     busy_timeout (wait for the daemon's writer) and foreign_keys (session cascades).
     """
     if not path.is_file():
-        raise CliError(f"no database at {path} (start `provider-router serve`, or pass --db PATH)")
+        where = "" if path.is_absolute() else f" (relative to this directory: {path.absolute()})"
+        raise CliError(f"no database at {path}{where} (start `provider-router serve`, or pass --db PATH)")
     await _migrated(path)
     return await connect(path, readonly=not write, migrate_schema=False)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import rowtext
 from ..store import tree_view as tv
 from .log_table import ID_WIDTH
 from .output import (
@@ -46,11 +47,11 @@ def render_session(s: dict[str, Any], requests: list[dict[str, Any]]) -> list[st
         out.append("(no request rows: they may have been pruned)")
     for r in requests:
         turn = "?" if r.get("turn") is None else r["turn"]
-        lineage = f"{r.get('parent_id') or '(new chat)'} -> {r.get('reply_id') or '-'}"
+        chat = rowtext.upstream_chat(r)
         out.append("")
         out.append(
-            f"turn {turn}  {r['id']}  {local_time(r.get('received_at'))}  "
-            f"{status(r)}  chat {r.get('chat_id') or '-'}  {lineage}"
+            f"turn {turn}  {r['id']}  {local_time(r.get('received_at'))}  {status(r)}"
+            + (f"  chat {chat}" if chat else "") + f"  {rowtext.lineage(r) or ''}".rstrip()
         )
         out += transcript_lines("user", r.get("prompt_text") or "")
         reply = r.get("response_text")

@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from .. import rowtext
 from .output import fields, full_time, json_doc, json_line, or_dash, section, status
 
 
@@ -103,9 +104,7 @@ def _request_fields(r: dict[str, Any]) -> list[str]:
     stream = {None: None, 0: "no", 1: "yes"}.get(r.get("stream"), r.get("stream"))
     if stream == "yes" and r.get("chunk_count") is not None:
         stream += f" ({r['chunk_count']} chunks)"
-    lineage = None
-    if r.get("parent_id") or r.get("reply_id"):
-        lineage = f"{r.get('parent_id') or '(new chat)'} -> {r.get('reply_id') or '-'}"
+    lineage = rowtext.lineage(r)
     return fields([
         ("received", full_time(r.get("received_at"))),
         ("finished", full_time(r.get("finished_at"))),
@@ -124,7 +123,7 @@ def _request_fields(r: dict[str, Any]) -> list[str]:
         ("session", r.get("session_id")),
         ("turn", r.get("turn")),
         ("chat_id", r.get("chat_id")),
-        ("parent -> reply", lineage),
+        ("upstream lineage", lineage),
         # Only when something was: what, and the text itself marks where it was cut.
         *([("stored cut", r["cut"])] if r.get("cut") else []),
     ])

@@ -109,7 +109,7 @@ def request_page(r: dict[str, Any]) -> Markup:
     if r.get("session_id"):
         anchor = f"#m{r['reply_message']}" if r.get("reply_message") else ""
         session = el("a", r["session_id"], href=session_href(r["session_id"]) + anchor)
-    lineage = f"{r.get('parent_id') or '(new chat)'} → {r.get('reply_id') or '-'}" if r.get("parent_id") or r.get("reply_id") else None
+    lineage = fmt.lineage(r, "→")
     fields = _fields([
         ("received", fmt.full_time(r.get("received_at"))),
         ("finished", fmt.full_time(r.get("finished_at"))),
@@ -128,7 +128,7 @@ def request_page(r: dict[str, Any]) -> Markup:
         ("session", session),
         ("turn", r.get("turn")),
         ("upstream chat", r.get("chat_id") if r.get("chat_id") != r.get("session_id") else None),
-        ("upstream parent → reply", lineage),
+        ("upstream lineage", lineage),
         ("stored cut", r.get("cut")),
     ])  # fmt: skip
     body: list[Any] = [

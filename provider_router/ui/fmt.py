@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from ..messages import content_text
-from ..rowtext import first_line, local_time, parse_ts, status, tokens  # noqa: F401 (as the CLI writes them)
+from ..rowtext import first_line, lineage, local_time, parse_ts, status, tokens  # noqa: F401 (as the CLI writes them)
 
 
 def full_time(ts: str | None) -> str:
