@@ -784,3 +784,25 @@ async def test_sessions_tree_marks_a_turn_that_got_no_reply(agent: Proxy, cli: A
     code, out, _ = await cli("sessions", "show", failed["session_id"], "--tree", "--db", str(agent.db_path))
     assert code == 0
     assert tree_lines(out)[-1] == f"tool [nope]: stray  [turn 3 {failed['id'][:16]} 400 upstream_error]"
+
+
+def test_wide_characters_keep_the_columns_aligned() -> None:
+    """Chinese or Japanese text takes two terminal columns a character: the log table cuts
+    and pads by columns, so every line is as wide and each column starts where its header does."""
+    from provider_router.cli.log_table import LogTable
+    from provider_router.cli.output import cells
+
+    rows = [
+        {"id": f"01a23c6a0245{i:04x}", "received_at": "2026-12-03T15:00:00.000Z", "model": "qwen-max", "provider": "qwen",
+         "status": 200, "outcome": "ok", "prompt_text": prompt, "response_text": reply}
+        for i, (prompt, reply) in enumerate([("你好，请介绍一下代理服务器", "代理服务器是一种中间服务器"), ("hello there", "echo: hello")])
+    ]  # fmt: skip
+    table = LogTable(rows, width=100)
+    lines = [table.header(), *(table.line(r) for r in rows)]
+    assert "你好" in lines[1] and "…" in lines[1]  # cut to fit, marked
+
+    def column_of(line: str, text: str) -> int:
+        return cells(line[: line.index(text)])
+
+    assert column_of(lines[1], "代理服务器是") == column_of(lines[2], "echo: hello") == column_of(lines[0], "REPLY")
+    assert max(cells(x) for x in lines) <= 100

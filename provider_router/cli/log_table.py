@@ -8,7 +8,8 @@ import shutil
 from datetime import datetime
 from typing import Any, Sequence
 
-from .output import PIPE_WIDTH, first_line, fit, local_time, ms, status, tokens
+from .output import PIPE_WIDTH, first_line, fit, local_time, ms, pad, status, tokens
+from .output import cells as cells_of
 
 ID_WIDTH = 16  # ms + sequence: unique within a daemon; `logs show` takes any prefix
 
@@ -29,7 +30,7 @@ class LogTable:
         self.total = width or shutil.get_terminal_size((PIPE_WIDTH, 24)).columns
         cells = [self.fixed(r) for r in rows]
         self.widths = [
-            min(cap, max([len(h)] + [len(c[i]) for c in cells]))
+            min(cap, max([cells_of(h)] + [cells_of(c[i]) for c in cells]))
             for i, (h, cap) in enumerate(zip(self.HEADERS, self.CAPS))
         ]
         if not rows:  # --follow on an empty result: leave room for typical values
@@ -45,7 +46,7 @@ class LogTable:
             self.widths[i] = min(self.widths[i], floor)
         # The prompt takes what its longest first line needs (up to half), the reply the rest.
         room = self._room()
-        longest = max([len(first_line(r.get("prompt_text"))) for r in rows] or [room])
+        longest = max([cells_of(first_line(r.get("prompt_text"))) for r in rows] or [room])
         self.prompt_width = max(min(room // 2, max(longest, self.MIN_TEXT)), 8)
         self.reply_width = max(room - self.prompt_width, 8)
 
@@ -69,8 +70,7 @@ class LogTable:
         out = []
         for i in [*self.shown, len(self.widths), len(self.widths) + 1]:
             w = self.widths[i] if i < len(self.widths) else (self.prompt_width, self.reply_width)[i - len(self.widths)]
-            cell = fit(cells[i], w)
-            out.append(cell.rjust(w) if i in self.RIGHT else cell.ljust(w))
+            out.append(pad(fit(cells[i], w), w, i in self.RIGHT))
         # A terminal too narrow even for the shrunk columns: cut rather than wrap.
         return fit("  ".join(out).rstrip(), self.total)
 

@@ -4,6 +4,7 @@ to a width, aligned tables, `name  value` fields and section rules.
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any, Iterable, Sequence
 
 import orjson
@@ -42,11 +43,34 @@ def full_time(ts: str | None) -> str:
     return f"{local} {zone} ({ts})" if zone else f"{local} ({ts})"
 
 
+def cells(text: str) -> int:
+    """The terminal columns `text` takes: two per wide character (Chinese, Japanese,
+    Korean, most emoji), none for a combining mark."""
+    if text.isascii():
+        return len(text)
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
 def fit(text: str, width: int) -> str:
-    """`text` cut to `width` characters, marking the cut with an ellipsis."""
+    """`text` cut to `width` terminal columns, marking the cut with an ellipsis."""
     if width <= 0:
         return ""
-    return text if len(text) <= width else text[: width - 1] + "…"
+    if cells(text) <= width:
+        return text
+    out, used = [], 0
+    for c in text:
+        w = cells(c)
+        if used + w > width - 1:
+            break
+        out.append(c)
+        used += w
+    return "".join(out) + "…"
+
+
+def pad(text: str, width: int, right: bool = False) -> str:
+    """`text` padded with spaces to `width` terminal columns."""
+    fill = " " * max(0, width - cells(text))
+    return fill + text if right else text + fill
 
 
 def ms(value: float | None) -> str:
@@ -68,11 +92,10 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: Iterable
     """Plain aligned columns (two spaces apart); column indexes in `right` align right."""
     rows = [list(r) for r in rows]
     right = set(right)
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    widths = [max([cells(h)] + [cells(r[i]) for r in rows]) for i, h in enumerate(headers)]
 
-    def line(cells: Sequence[str]) -> str:
-        out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
-        return "  ".join(out).rstrip()
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(pad(c, w, i in right) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
 
     return [line(headers)] + [line(r) for r in rows]
 
