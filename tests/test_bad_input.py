@@ -54,6 +54,8 @@ async def test_bad_input_is_a_clear_4xx_with_a_log_row(
             err = (await r.json())["error"]
             assert set(err) == {"message", "type", "param", "code"}
             assert err["message"] and err["param"] == param
+            if name == "invalid utf-8":  # where the bad byte is, not "line 1 column 1"
+                assert err["message"].endswith(f"(at byte {body.index(bytes([0xFF]))}).")
         async with s.post(f"{p.url}/v1/chat/completions", data=_body(), headers=JSON) as r:
             assert r.status == 200
     rows = await p.rows()

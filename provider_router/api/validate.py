@@ -30,6 +30,10 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
+        try:
+            raw.decode()
+        except UnicodeDecodeError as u:  # orjson places this at the body's start: say where it is
+            raise bad(f"The request body is not valid UTF-8 (at byte {u.start}).", code="invalid_json") from None
         raise bad(f"The request body is not valid JSON (UTF-8): {e}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad(f"The request body must be a JSON object, not {type(body).__name__}.", code="invalid_json")
