@@ -9,6 +9,7 @@ Tests using it are marked `pytest.mark.xdist_group("postgres")` so that under
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -73,9 +74,10 @@ def _as_owner(owner: str | None) -> dict[str, str]:
     return {"user": owner} if owner else {}
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Server]:
-    """One PostgreSQL server for the test session (trust authentication on loopback only)."""
+@contextlib.contextmanager
+def running_server() -> Iterator[Server]:
+    """A throwaway cluster (trust authentication on loopback only), stopped and removed on
+    exit. Also for bench/pg_writes.py."""
     bindir = server_bin()
     owner = None
     if os.geteuid() == 0:
@@ -102,6 +104,13 @@ def postgres() -> Iterator[Server]:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **_as_owner(owner),
             )  # fmt: skip
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Server]:
+    """One PostgreSQL server for the test session."""
+    with running_server() as server:
+        yield server
 
 
 def _start(bindir: Path, data: Path, log: Path, owner: str | None) -> int:
