@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from provider_router import history
-from provider_router.store import Redactor, RequestRecord, sink
+from provider_router.store import LogWriter, Redactor, RequestRecord, sink
 from provider_router.store.pg import reads
 from provider_router.store.pg.migrations import migrate
 from provider_router.store.pg.retention import drop_days
@@ -184,4 +184,42 @@ def test_retention_drops_a_whole_day_and_what_only_it_used(pg_db: str) -> None:
     assert w.failed == 0
     records = [*day2, again]
     _exact(pg_db, records, [(orjson.loads(r.request_body), orjson.loads(r.response_body)) for r in records])  # type: ignore[arg-type]
+    w.db.close()  # type: ignore[attr-defined]
+
+
+async def test_the_log_writer_process_writes_to_a_postgresql_url(pg_db: str) -> None:
+    """The daemon's log writer, given a `postgresql://` URL instead of a file, starts its
+    process on it: records submitted are committed there and read back exactly."""
+    migrate(pg_db)
+    writer = LogWriter(pg_db)
+    await writer.start()
+    conv = [{"role": "user", "content": "hello from the daemon"}]
+    records = [_record(1, conv, {"role": "assistant", "content": f"reply {i}"}, ({"temperature": 0.5}, False), i) for i in range(3)]
+    sent = [orjson.loads(r.request_body) for r in records]  # type: ignore[arg-type]
+    try:
+        for r in records:
+            writer.submit(r)
+        await writer.drained()
+    finally:
+        await writer.stop()
+    async with await psycopg.AsyncConnection.connect(pg_db) as conn:
+        got = [await reads.get_request(conn, r.id) for r in records]
+    assert [g["request"] for g in got] == sent  # type: ignore[index]
+    assert [g["response_text"] for g in got] == ["reply 0", "reply 1", "reply 2"]  # type: ignore[index]
+
+
+def test_a_nul_character_postgresql_text_cannot_hold_is_replaced_not_lost(pg_db: str) -> None:
+    """PostgreSQL's text cannot hold U+0000, SQLite's can: a response body that is not
+    JSON and carries one (a broken upstream) is stored with U+FFFD in its place, and the
+    record is written, not failed."""
+    migrate(pg_db)
+    r = RequestRecord("POST", "/v1/chat/completions")
+    r.request_body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+    r.response_body, r.reply_format = b"bad\x00gateway", "chat"
+    r.finish(502, "upstream_error", error="upstream said \x00")
+    w = _sink(pg_db)
+    w.apply([([], [r])])
+    assert (w.written, w.failed) == (1, 0)
+    (got,) = asyncio.run(_read(pg_db, [r.id]))
+    assert got["response"] == "bad\ufffdgateway" and got["error"] == "upstream said \ufffd"
     w.db.close()  # type: ignore[attr-defined]

@@ -423,13 +423,11 @@ def serve(inp: int, out: BinaryIO) -> None:
     if cfg is None:
         return
     redactor = Redactor(cfg["secrets"])
-    conn = open_db(cfg["db"])
-    conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's thread does it instead
-    checkpointer = Checkpointer(lambda: open_db(cfg["db"])).start()
+    target, checkpointer = _open(cfg["db"])
     sink = Sink(
-        conn, max_body_bytes=cfg["max_body_bytes"], redactor=redactor, emit=emit,
+        target, max_body_bytes=cfg["max_body_bytes"], redactor=redactor, emit=emit,
         lines=_line_writer(redactor), max_message_bytes=cfg.get("max_message_bytes", 8 << 20),
-        committed=checkpointer.committed,
+        committed=checkpointer.committed if checkpointer else lambda: None,
     )  # fmt: skip
     while not source.eof or source.pending:
         taken = source.gather()
@@ -438,8 +436,23 @@ def serve(inp: int, out: BinaryIO) -> None:
         if batches:
             sink.apply(batches)
         emit(("progress", sink.records_done, sink.written, sink.failed, max(syncs) if syncs else None))
-    checkpointer.stop()
-    conn.close()
+    if checkpointer is not None:
+        checkpointer.stop()
+    target.close()
+
+
+def _open(db: str) -> tuple[Any, Checkpointer | None]:
+    """The database to write: a `postgresql://` URL (store/pg), or a SQLite file, whose
+    WAL a checkpointer's thread truncates beside the writer."""
+    from .pg import is_url
+
+    if is_url(db):
+        from .pg.writer import PgTarget
+
+        return PgTarget(db), None
+    conn = open_db(db)
+    conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's thread does it instead
+    return conn, Checkpointer(lambda: open_db(db)).start()
 
 
 def main() -> None:

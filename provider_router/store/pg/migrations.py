@@ -13,9 +13,10 @@ import time
 
 import psycopg
 
-# Advisory lock keys (one bigint each, arbitrary but fixed): 'prmigr', 'prpart'.
+# Advisory lock keys (one bigint each, arbitrary but fixed): 'prmigr', 'prpart', 'prepoc'.
 MIGRATIONS_LOCK = 0x70726D696772
 PARTITIONS_LOCK = 0x707270617274
+EPOCH_LOCK = 0x707265706F63  # writers' batches share it; retention takes it alone (writer_epoch)
 # Message and blob ids come from sequences in blocks of this many (see writer.SequenceIds).
 ID_BLOCK = 1024
 
@@ -157,8 +158,10 @@ CREATE TABLE rollups (
     PRIMARY KEY (span, at, model, provider, outcome, client)
 );
 
--- Bumped by whatever deletes messages or blobs (retention): a writer that named stored
--- nodes from its caches finds out in its batch's transaction and prepares it again.
+-- Bumped by whatever deletes messages or blobs (retention), holding EPOCH_LOCK alone: a
+-- writer's batch holds it shared (an advisory lock: no row lock, so no multixacts from
+-- every writer sharing one row), reads `n`, and one prepared from what may be gone is
+-- prepared again.
 CREATE TABLE writer_epoch (one boolean PRIMARY KEY DEFAULT true CHECK (one), n bigint NOT NULL);
 INSERT INTO writer_epoch (n) VALUES (0);
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import psycopg
 
+from .migrations import EPOCH_LOCK
+
 _PARTITIONS = """
 SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
 WHERE i.inhparent = 'requests'::regclass ORDER BY c.relname
@@ -71,6 +73,7 @@ def _forget(conn: psycopg.Connection[Any], table: str, out: Dropped) -> None:
     """In one transaction with the bumped writer epoch (writers' batches prepared before
     it are prepared again): the blob references of `table`'s requests taken back, blobs
     left unused deleted, and its nodes and then their ancestors deleted while unused."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (EPOCH_LOCK,))  # waits for batches in flight
     conn.execute("UPDATE writer_epoch SET n = n + 1")
     (out_requests,) = conn.execute(f'SELECT count(*) FROM "{table}"').fetchone()  # type: ignore[misc]
     out.requests += int(out_requests)

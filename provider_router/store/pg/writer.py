@@ -29,7 +29,7 @@ from psycopg import errors
 
 from ..rows import ATTACH, COLUMNS, INSERT_REQUEST, ROLLUP_KEY, ROLLUP_SUMS, UPSERT_ROLLUP
 from ..tree import ADD_BLOB_REFS, CARRY, FIND_BLOB, FIND_NODE, INSERT_BLOB, INSERT_NODE, INSERT_TEXT
-from .migrations import ID_BLOCK
+from .migrations import EPOCH_LOCK, ID_BLOCK
 
 Rows = Sequence[Sequence[Any]]
 Group = tuple[str, Rows]
@@ -146,6 +146,10 @@ WRITES: dict[str, Callable[[psycopg.Cursor[Any], Rows], None]] = {
 }
 
 
+def _without_nul(row: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(v.replace("\x00", "\ufffd") if isinstance(v, str) else v for v in row)
+
+
 class SequenceIds:
     """Ids for new messages and blobs: a sequence's `nextval` reserves a block of them
     (the sequence counts in blocks) for this writer alone. Unused ids of a block are
@@ -225,9 +229,20 @@ class PgTarget:
 
     def write(self, steps: list[Group]) -> None:
         self._partitions(steps)
+        try:
+            self._write(steps)
+        except psycopg.DataError as e:
+            if "NUL" not in str(e) and "0x00" not in str(e):
+                raise
+            # PostgreSQL's text cannot hold U+0000 (SQLite's can): a raw upstream body or
+            # an error text with one is kept with U+FFFD in its place.
+            self._write([(sql, [_without_nul(r) for r in rows]) for sql, rows in steps])
+
+    def _write(self, steps: list[Group]) -> None:
         conn = self.connection()
         with conn.transaction(), conn.cursor() as cur:
-            (epoch,) = cur.execute("SELECT n FROM writer_epoch FOR SHARE").fetchone()  # type: ignore[misc]
+            cur.execute("SELECT pg_advisory_xact_lock_shared(%s)", (EPOCH_LOCK,))
+            (epoch,) = cur.execute("SELECT n FROM writer_epoch").fetchone()  # type: ignore[misc]
             if self._epoch is None:
                 self._epoch = epoch
             elif epoch != self._epoch:
