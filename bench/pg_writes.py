@@ -4,9 +4,11 @@ transaction per batch, interleaved in rounds so that a growing table or a noisy 
 weighs on all alike. Starts a throwaway server (tests/postgres.py) unless given --dsn.
 
     .venv/bin/python bench/pg_writes.py [--rows 2000] [--batch 200] [--rounds 5] [--dsn URL]
+    .venv/bin/python bench/pg_writes.py --writer [--rows 5000] [--history-kb 60]
 
 Prints JSON: rows per second per way (median of the rounds), and each way's ratio to
-executemany.
+executemany; with --writer, the whole log writer's records per second on SQLite and on
+PostgreSQL.
 """
 
 from __future__ import annotations
@@ -98,22 +100,76 @@ def run(dsn: str, rows: int, batch: int, rounds: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def writer(dsn: str, records: int, batch: int, rounds: int, history_kb: int) -> dict[str, Any]:
+    """The whole writer (sink.Sink: assembling, the tree, redaction, rows, the write) in
+    this process, into a SQLite file and into PostgreSQL, the same records (those of
+    bench/log_writer.py: one in four a 64-chunk stream, 100 conversations), in batches,
+    interleaved in rounds: records per second and CPU per record of this process."""
+    import tempfile
+
+    from bench.log_writer import BODY, agent_body, make_records
+    from provider_router.redact import Redactor
+    from provider_router.store import sink
+    from provider_router.store.migrations import migrate_file
+    from provider_router.store.pg.writer import PgTarget
+
+    migrate(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:  # the days ahead, as a running instance has them
+        conn.execute("SELECT request_partitions(current_date - 1, current_date + 8)")
+    body = agent_body(history_kb) if history_kb else BODY
+    rates: dict[str, list[float]] = {"sqlite": [], "postgresql": []}
+    cpu: dict[str, list[float]] = {"sqlite": [], "postgresql": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(rounds):
+            for name in random.sample(list(rates), 2):
+                if name == "sqlite":
+                    path = f"{tmp}/w{k}.db"
+                    migrate_file(path)
+                    target: Any = sink.open_db(path)
+                else:
+                    target = PgTarget(dsn)
+                out = sink.Sink(target, max_body_bytes=1 << 20, redactor=Redactor(["sk-bench-secret"]), emit=lambda _: None)
+                recs = make_records(records, body=body)
+                t0, c0 = time.perf_counter(), time.process_time()
+                for i in range(0, records, batch):
+                    out.apply([([], recs[i : i + batch])])
+                wall, used = time.perf_counter() - t0, time.process_time() - c0
+                assert out.written == records and out.failed == 0, (out.written, out.failed)
+                rates[name].append(records / wall)
+                cpu[name].append(1e6 * used / records)
+                target.close()
+    return {
+        "records": records, "batch": batch, "rounds": rounds, "history_kb": history_kb,
+        "records_per_s": {k: round(statistics.median(v)) for k, v in rates.items()},
+        "writer_cpu_us_per_record": {k: round(statistics.median(v), 1) for k, v in cpu.items()},
+        "postgresql_vs_sqlite": round(statistics.median(rates["postgresql"]) / statistics.median(rates["sqlite"]), 2),
+    }  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--writer", action="store_true", help="the whole writer, SQLite against PostgreSQL (--rows records)")
+    ap.add_argument("--history-kb", type=int, default=0, help="with --writer: agent-sized request histories")
     ap.add_argument("--dsn")
     a = ap.parse_args()
+
+    def one(dsn: str) -> dict[str, Any]:
+        if a.writer:
+            return writer(dsn, a.rows, a.batch, a.rounds, a.history_kb)
+        return run(dsn, a.rows, a.batch, a.rounds)
+
     if a.dsn:
-        print(json.dumps(run(a.dsn, a.rows, a.batch, a.rounds), indent=1))
+        print(json.dumps(one(a.dsn), indent=1))
         return
     from tests.postgres import running_server
 
     with running_server() as server:
         with psycopg.connect(server.dsn(), autocommit=True) as admin:
             admin.execute("CREATE DATABASE bench")
-        print(json.dumps(run(server.dsn("bench"), a.rows, a.batch, a.rounds), indent=1))
+        print(json.dumps(one(server.dsn("bench")), indent=1))
 
 
 if __name__ == "__main__":

@@ -223,3 +223,24 @@ def test_a_nul_character_postgresql_text_cannot_hold_is_replaced_not_lost(pg_db:
     (got,) = asyncio.run(_read(pg_db, [r.id]))
     assert got["response"] == "bad\ufffdgateway" and got["error"] == "upstream said \ufffd"
     w.db.close()  # type: ignore[attr-defined]
+
+
+def test_a_writer_whose_connection_was_cut_connects_again_and_loses_nothing(pg_db: str) -> None:
+    """The server ends the writer's connection between two batches (a restart, a failover,
+    an administrator): the next batch finds it gone, connects again and is written;
+    nothing is failed or lost."""
+    migrate(pg_db)
+    w = _sink(pg_db)
+    conv = [{"role": "user", "content": "before and after"}]
+    records = [_record(1, conv, {"role": "assistant", "content": f"r{i}"}, ({}, False), i) for i in range(4)]
+    sent = [(orjson.loads(r.request_body), orjson.loads(r.response_body)) for r in records]  # type: ignore[arg-type]
+    w.apply([([], records[:2])])
+    with psycopg.connect(pg_db, autocommit=True) as admin:
+        cut = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()
+    assert cut == (1,)
+    w.apply([([], records[2:])])
+    assert (w.written, w.failed) == (4, 0)
+    _exact(pg_db, records, sent)
+    w.db.close()  # type: ignore[attr-defined]

@@ -220,6 +220,8 @@ class Sink:
                 try:
                     rows.append(self.rows.build(r))
                 except Exception as e:  # a value no column takes, a reply we cannot read
+                    if self.db.retryable(e):
+                        raise  # the tree's read met the database's trouble, not the record's
                     self._discard()
                     self._fail("log_record_failed", e)
                     records = [x for x in records if x is not r]
