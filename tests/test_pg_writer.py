@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from provider_router import history
 from provider_router.store import LogWriter, Redactor, RequestRecord, sink
 from provider_router.store.pg import reads
+from provider_router.store.migrations import migrate_file
 from provider_router.store.pg.migrations import migrate
 from provider_router.store.pg.retention import drop_days
 from provider_router.store.pg.writer import PgTarget
@@ -244,3 +245,46 @@ def test_a_writer_whose_connection_was_cut_connects_again_and_loses_nothing(pg_d
     assert (w.written, w.failed) == (4, 0)
     _exact(pg_db, records, sent)
     w.db.close()  # type: ignore[attr-defined]
+
+
+# Columns that differ between two writes of the same records: their times, and the ids the
+# tree gave the nodes.
+_OWN = {"id", "received_at", "finished_at", "ttfb_ms", "duration_ms", "tip_message", "prompt_message", "reply_message"}
+
+
+def test_the_same_records_read_back_the_same_from_sqlite_and_postgresql(pg_db: str, tmp_path: Any) -> None:
+    """Both backends keep the same thing: conversations with a shared tool list, a body
+    that is not a chat request (kept whole), an upstream error; every column of every
+    request read back (`logs show --json`) is the same on SQLite and on PostgreSQL, but
+    the times and the ids of the tree's nodes."""
+    migrate(pg_db)
+    path = tmp_path / "same.db"
+    migrate_file(str(path))
+
+    def records() -> list[RequestRecord]:
+        out = [r for conv in _conversations(3, 3, "x") for r in conv]
+        odd = RequestRecord("POST", "/v1/embeddings")
+        odd.request_body, odd.response_body = b'{"model": "e", "input": ["a", "b"]}', b'{"data": []}'
+        odd.finish(200, "ok")
+        failed = _record(None, [{"role": "user", "content": "and?"}], {"role": "assistant", "content": ""}, ({}, True), 99)
+        failed.response_body, failed.error = b'{"error": {"message": "overloaded"}}', "upstream 529"
+        failed.finish(529, "upstream_error")
+        return [*out, odd, failed]
+
+    lite, pg = records(), records()
+    sqlite_sink = sink.Sink(sink.open_db(str(path)), max_body_bytes=1 << 20, redactor=Redactor([]), emit=lambda _: None)
+    pg_sink = _sink(pg_db)
+    sqlite_sink.apply([([], lite)])
+    pg_sink.apply([([], pg)])
+
+    async def sqlite_rows() -> list[dict[str, Any]]:
+        import aiosqlite
+
+        from provider_router.store import queries
+
+        async with aiosqlite.connect(path) as conn:
+            return [await queries.get_request(conn, r.id) for r in lite]  # type: ignore[misc]
+
+    for a, b in zip(asyncio.run(sqlite_rows()), asyncio.run(_read(pg_db, [r.id for r in pg])), strict=True):
+        assert {k: v for k, v in a.items() if k not in _OWN} == {k: v for k, v in b.items() if k not in _OWN}
+    pg_sink.db.close()  # type: ignore[attr-defined]
