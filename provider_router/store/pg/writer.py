@@ -208,6 +208,8 @@ class PgTarget:
                 self._conn.close()
             self._conn = psycopg.connect(self.dsn, autocommit=True, options="-c TimeZone=UTC")
             self._days.clear()
+            if self._epoch is None:  # before the tree's first read: what it remembers dates from here
+                (self._epoch,) = self._conn.execute("SELECT n FROM writer_epoch").fetchone()  # type: ignore[misc]
         return self._conn
 
     def close(self) -> None:
@@ -243,9 +245,7 @@ class PgTarget:
         with conn.transaction(), conn.cursor() as cur:
             cur.execute("SELECT pg_advisory_xact_lock_shared(%s)", (EPOCH_LOCK,))
             (epoch,) = cur.execute("SELECT n FROM writer_epoch").fetchone()  # type: ignore[misc]
-            if self._epoch is None:
-                self._epoch = epoch
-            elif epoch != self._epoch:
+            if epoch != self._epoch:
                 self._epoch = epoch
                 raise Stale(f"writer epoch {epoch}")
             for sql, rows in steps:
