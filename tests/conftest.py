@@ -19,6 +19,7 @@ from provider_router import create_app, parse_config
 from provider_router.state import STATE, State
 from provider_router.store import queries
 from tests.daemon import spawn  # noqa: F401 - the `spawn` fixture: real daemon processes
+from tests.postgres import pg_db, postgres  # noqa: F401 - a real PostgreSQL server, one database per test
 from tests.fakes.openai import OpenAIFake
 from tests.fakes.qwen import QwenFake
 

@@ -33,14 +33,14 @@ import sqlite3
 import struct
 import sys
 import time
-from typing import Any, BinaryIO, Callable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Protocol, Sequence
 
 from .checkpointer import Checkpointer
 from .db import PRAGMAS
 from ..records import RequestRecord, request_line
 from ..redact import Redactor
 from .rows import ATTACH, INSERT_REQUEST, UPSERT_ROLLUP, Rows
-from .tree import Tree
+from .tree import Ids, Tree
 
 MAX_BATCH_RECORDS = 2_000
 # Gather this long before committing a small batch: a transaction's fixed cost (the commit)
@@ -115,11 +115,60 @@ class GiveWay:
         return 0
 
 
-# -- rows ------------------------------------------------------------------------------------
+# -- the database ----------------------------------------------------------------------------
 def _busy(e: BaseException) -> bool:
     return isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
 
 
+class Target(Protocol):
+    """What the sink needs of its database: the tree's reads and ids, whether someone else
+    deleted what the tree may remember, a batch's statements written in one transaction,
+    and which errors mean "try the same batch again" (the database is busy, or another
+    writer got there first) rather than "this cannot be written"."""
+
+    reads: Any  # execute(sql, params).fetchone() for the tree's FIND_NODE and FIND_BLOB
+    ids: Ids | None
+
+    def changed(self) -> bool: ...
+    def write(self, steps: list[Group]) -> None: ...
+    def rollback(self) -> None: ...
+    def retryable(self, e: BaseException) -> bool: ...
+
+
+class SqliteTarget:
+    """The sink's SQLite file: the one writer, so the tree numbers new rows after the
+    largest stored id; another connection's commit (retention, `db prune`, a CLI edit)
+    may have deleted a node the tree remembers."""
+
+    ids: Ids | None = None
+
+    def __init__(self, conn: sqlite3.Connection, give_way: Callable[[], int] | None = None) -> None:
+        self.conn = self.reads = conn
+        (self._data_version,) = conn.execute("PRAGMA data_version").fetchone()
+        if give_way is not None:
+            conn.set_progress_handler(give_way, GIVE_WAY_STEPS)
+
+    def changed(self) -> bool:
+        (version,) = self.conn.execute("PRAGMA data_version").fetchone()
+        changed, self._data_version = version != self._data_version, version
+        return bool(changed)
+
+    def write(self, steps: list[Group]) -> None:
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        for sql, many in steps:
+            conn.executemany(sql, many)
+        conn.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+    def retryable(self, e: BaseException) -> bool:
+        return _busy(e)
+
+
+# -- rows ------------------------------------------------------------------------------------
 class Sink:
     """Writes batches of records and the daemon's state changes, in order, one transaction
     a batch. A database another process holds locked delays the batch (retried until it
@@ -127,27 +176,26 @@ class Sink:
     counted, and is reported once per interval with a count."""
 
     def __init__(
-        self, conn: sqlite3.Connection, *, max_body_bytes: int, redactor: Redactor, emit: Any, lines: Any = None,
+        self, conn: sqlite3.Connection | Target, *, max_body_bytes: int, redactor: Redactor, emit: Any, lines: Any = None,
         max_message_bytes: int = 8 << 20, committed: Callable[[], None] = lambda: None,
     ) -> None:  # fmt: skip
-        self.conn = conn
+        self.conn = conn  # as given: a SQLite connection, or another database's target
+        self.give_way = GiveWay()
+        self.db: Target = SqliteTarget(conn, self.give_way) if isinstance(conn, sqlite3.Connection) else conn
         self.committed = committed  # told after each commit (the checkpointer)
         self.lines = lines  # writes the canonical log lines of the records given, if set
         self.redact = redactor
         self.emit = emit  # sends a frame to the daemon
-        self.tree = Tree(conn, max_message_bytes=max_message_bytes, redact=redactor)
+        self.tree = Tree(self.db.reads, max_message_bytes=max_message_bytes, redact=redactor, ids=self.db.ids)
         self.rows = Rows(self.tree, redactor, max_body_bytes)
         self.records_done = 0
         self.written = 0
         self.failed = 0
         self._failures: dict[str, int] = {}  # event -> count since the last report
         self._reported = 0.0
-        (self._data_version,) = conn.execute("PRAGMA data_version").fetchone()
         self._busy_since: float | None = None  # when the database was first found locked
         self._busy_pause = 0.05
         self._busy_warned = 0.0
-        self.give_way = GiveWay()
-        conn.set_progress_handler(self.give_way, GIVE_WAY_STEPS)
 
     def log(self, level: str, event: str, **fields: Any) -> None:
         self.emit(("log", level, event, fields))
@@ -172,6 +220,8 @@ class Sink:
                 try:
                     rows.append(self.rows.build(r))
                 except Exception as e:  # a value no column takes, a reply we cannot read
+                    if self.db.retryable(e):
+                        raise  # the tree's read met the database's trouble, not the record's
                     self._discard()
                     self._fail("log_record_failed", e)
                     records = [x for x in records if x is not r]
@@ -195,11 +245,9 @@ class Sink:
         steps: list[Group] = [g for groups, _ in batches for g in groups]
         records = [r for _, records in batches for r in records]
         n = len(records)
-        (version,) = self.conn.execute("PRAGMA data_version").fetchone()
-        if version != self._data_version:
+        if self.db.changed():
             # Another connection committed (retention, `db prune`, a CLI edit): a message
-            # the tree remembers may be gone, so it reads them from the file again.
-            self._data_version = version
+            # the tree remembers may be gone, so it reads them from the database again.
             self.tree.reset()
         if self.lines is not None:
             # Before the write: a database another process holds locked delays the rows,
@@ -259,16 +307,12 @@ class Sink:
             except Exception as e:
                 self._rollback()
                 self._discard()
-                if not _busy(e):
+                if not self.db.retryable(e):
                     return e
                 self._wait_busy(e)
 
     def _write(self, steps: list[Group]) -> None:
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        for sql, many in steps:
-            conn.executemany(sql, many)
-        conn.execute("COMMIT")
+        self.db.write(steps)
         self._busy_since = None
         self.committed()
 
@@ -279,8 +323,7 @@ class Sink:
         self.rows.take_attach()
 
     def _rollback(self) -> None:
-        if self.conn.in_transaction:
-            self.conn.execute("ROLLBACK")
+        self.db.rollback()
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -382,13 +425,11 @@ def serve(inp: int, out: BinaryIO) -> None:
     if cfg is None:
         return
     redactor = Redactor(cfg["secrets"])
-    conn = open_db(cfg["db"])
-    conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's thread does it instead
-    checkpointer = Checkpointer(lambda: open_db(cfg["db"])).start()
+    target, checkpointer = _open(cfg["db"])
     sink = Sink(
-        conn, max_body_bytes=cfg["max_body_bytes"], redactor=redactor, emit=emit,
+        target, max_body_bytes=cfg["max_body_bytes"], redactor=redactor, emit=emit,
         lines=_line_writer(redactor), max_message_bytes=cfg.get("max_message_bytes", 8 << 20),
-        committed=checkpointer.committed,
+        committed=checkpointer.committed if checkpointer else lambda: None,
     )  # fmt: skip
     while not source.eof or source.pending:
         taken = source.gather()
@@ -397,8 +438,23 @@ def serve(inp: int, out: BinaryIO) -> None:
         if batches:
             sink.apply(batches)
         emit(("progress", sink.records_done, sink.written, sink.failed, max(syncs) if syncs else None))
-    checkpointer.stop()
-    conn.close()
+    if checkpointer is not None:
+        checkpointer.stop()
+    target.close()
+
+
+def _open(db: str) -> tuple[Any, Checkpointer | None]:
+    """The database to write: a `postgresql://` URL (store/pg), or a SQLite file, whose
+    WAL a checkpointer's thread truncates beside the writer."""
+    from .pg import is_url
+
+    if is_url(db):
+        from .pg.writer import PgTarget
+
+        return PgTarget(db), None
+    conn = open_db(db)
+    conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's thread does it instead
+    return conn, Checkpointer(lambda: open_db(db)).start()
 
 
 def main() -> None:

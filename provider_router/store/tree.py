@@ -2,8 +2,11 @@
 by the chained hash of `history.node_key`; large request fields stored once by content
 hash; one request row pointing at the tip of what it sent and at the reply of each choice.
 
-Synchronous (the log writer process and the schema migration run it): `Tree.add` turns one
-finished request into statements, `Tree.flush` writes them. Only what is new is parsed and
+Synchronous (the log writer process and the schema migration run it): `Tree.request` and
+`Tree.reply` turn a finished request into statements, `Tree.take` hands them over. The
+statements below are the tree's whole vocabulary: on PostgreSQL the writer runs each
+one's counterpart (store/pg/writer.py), and ids come from `ids` (per batch from the
+largest stored here, in sequence blocks there). Only what is new is parsed and
 hashed: a conversation's previous request is remembered, and the messages a client resends
 unchanged (byte for byte) are matched without being read again.
 """
@@ -11,6 +14,7 @@ unchanged (byte for byte) are matched without being read again.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import sqlite3
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -28,6 +32,17 @@ _RAW_OBJECT = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _RAW_LIST = msgspec.json.Decoder(list[msgspec.Raw])
 NODE_CACHE = 200_000  # tree keys -> (id, body hash, carried-form hash): about 150 bytes each
 CONVERSATION_CACHE_BYTES = 64 << 20  # the previous request of recent conversations
+
+FIND_NODE = "SELECT id, body, resent, carried FROM messages WHERE hash = ?"
+FIND_BLOB = "SELECT id FROM blobs WHERE hash = ?"
+INSERT_BLOB = "INSERT INTO blobs (id, hash, data, refs) VALUES (?, ?, ?, 0)"
+ADD_BLOB_REFS = "UPDATE blobs SET refs = refs + ? WHERE id = ?"
+INSERT_NODE = "INSERT INTO messages (id, hash, parent_id, role, body, carried) VALUES (?, ?, ?, ?, ?, ?)"
+CARRY = "UPDATE messages SET resent = ?, carried = 1 WHERE id = ?"
+INSERT_TEXT = "INSERT INTO messages_fts (rowid, text) VALUES (?, ?)"
+# A source of ids for a table's new rows: `ids(table)` is called on every reset and gives
+# a function returning the next id.
+Ids = Callable[[str], Callable[[], int]]
 
 
 def blob_hash(data: bytes) -> bytes:
@@ -70,7 +85,9 @@ class Placed:
 
 
 class Tree:
-    """Statements for the tree, gathered per batch; ids are assigned here (one writer)."""
+    """Statements for the tree, gathered per batch; ids are assigned here, before the rows
+    are written (children name their parents in the same batch): by default after the
+    largest id stored, which holds for SQLite's single writer."""
 
     def __init__(
         self,
@@ -78,8 +95,10 @@ class Tree:
         *,
         max_message_bytes: int = 8 << 20,
         redact: Callable[[str], str] = lambda s: s,
+        ids: Ids | None = None,
     ) -> None:
-        self.conn = conn
+        self.conn = conn  # anything with execute(sql, params).fetchone() for FIND_NODE, FIND_BLOB
+        self.ids = ids or self._after_largest
         self.max_message = max_message_bytes
         self.redact = redact
         # tree key -> (id, hash of its body, hash of the form requests carry it in; None: a
@@ -104,26 +123,26 @@ class Tree:
         self.new_text: list[tuple[int, str]] = []
         self.blob_rows: list[tuple[Any, ...]] = []
         self.blob_refs: dict[int, int] = {}
-        self.next_node = self._max("messages") + 1
-        self.next_blob = self._max("blobs") + 1
+        self._node_id = self.ids("messages")
+        self._blob_id = self.ids("blobs")
 
-    def _max(self, table: str) -> int:
+    def _after_largest(self, table: str) -> Callable[[], int]:
         (n,) = self.conn.execute(f"SELECT coalesce(max(id), 0) FROM {table}").fetchone()
-        return int(n)
+        return itertools.count(int(n) + 1).__next__
 
     def take(self) -> list[tuple[str, Sequence[Any]]]:
         """The gathered statements, in the order they must run; the gathering starts anew."""
         out: list[tuple[str, Sequence[Any]]] = []
         if self.blob_rows:
-            out.append(("INSERT INTO blobs (id, hash, data, refs) VALUES (?, ?, ?, 0)", self.blob_rows))
+            out.append((INSERT_BLOB, self.blob_rows))
         if self.blob_refs:
-            out.append(("UPDATE blobs SET refs = refs + ? WHERE id = ?", [(n, i) for i, n in self.blob_refs.items()]))
+            out.append((ADD_BLOB_REFS, [(n, i) for i, n in self.blob_refs.items()]))
         if self.new_nodes:
-            out.append(("INSERT INTO messages (id, hash, parent_id, role, body, carried) VALUES (?, ?, ?, ?, ?, ?)", self.new_nodes))
+            out.append((INSERT_NODE, self.new_nodes))
         if self.carried:
-            out.append(("UPDATE messages SET resent = ?, carried = 1 WHERE id = ?", self.carried))
+            out.append((CARRY, self.carried))
         if self.new_text:
-            out.append(("INSERT INTO messages_fts (rowid, text) VALUES (?, ?)", self.new_text))
+            out.append((INSERT_TEXT, self.new_text))
         self.new_nodes, self.new_text, self.blob_rows, self.blob_refs, self.carried = [], [], [], {}, []
         self._fresh = set()
         return out
@@ -158,7 +177,7 @@ class Tree:
         mine = hash(exact)
         hit = self._nodes.get(key)
         if hit is None and parent_id not in self._fresh:  # a new parent has no stored child
-            row = self.conn.execute("SELECT id, body, resent, carried FROM messages WHERE hash = ?", (key,)).fetchone()
+            row = self.conn.execute(FIND_NODE, (key,)).fetchone()
             if row is not None:
                 body = hash(row[1].encode())
                 hit = (row[0], body, (hash(row[2].encode()) if row[2] is not None else body) if row[3] else None)
@@ -166,8 +185,7 @@ class Tree:
             capped = self._cap(m, exact, placed, where)
             decoded = capped.decode()
             text = self.redact(decoded)
-            nid = self.next_node
-            self.next_node += 1
+            nid = self._node_id()
             self._fresh.add(nid)
             self.new_nodes.append((nid, key, parent_id, str(m.get("role")), text, 0 if reply else 1))
             # Derived from the stored (redacted) body alone, so that retention can delete
@@ -267,10 +285,9 @@ class Tree:
         h = blob_hash(data)
         bid = self._blobs.get(h)
         if bid is None:
-            row = self.conn.execute("SELECT id FROM blobs WHERE hash = ?", (h,)).fetchone()
+            row = self.conn.execute(FIND_BLOB, (h,)).fetchone()
             if row is None:
-                bid = self.next_blob
-                self.next_blob += 1
+                bid = self._blob_id()
                 self.blob_rows.append((bid, h, self.redact(data.decode("utf-8", "replace"))))
             else:
                 bid = row[0]

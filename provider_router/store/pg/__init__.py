@@ -1,0 +1,11 @@
+"""The conversation store on PostgreSQL (psycopg 3): its migrations (`migrations`), the
+log writer's statements (`writer`), retention by partition (`retention`) and reads
+(`reads`). SQLite stays the embedded default; a `postgresql://` URL selects this backend.
+"""
+
+from __future__ import annotations
+
+
+def is_url(db: str) -> bool:
+    """Whether `db` (a `--db` value or `database.url`) names a PostgreSQL database."""
+    return db.startswith(("postgresql://", "postgres://"))

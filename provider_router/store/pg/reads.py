@@ -1,0 +1,117 @@
+"""The read side on PostgreSQL, so far: one request read back whole from the tree, as
+`queries.get_request` does on SQLite (what `logs show ID --json` prints). Async, on
+psycopg's `AsyncConnection`, as the daemon and the CLI will use it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg.rows import dict_row
+
+from ...messages import content_text
+from ...replies import reply_text
+from ..queries import AmbiguousId, _json_or_text, _text_of  # the row-shaping half is SQL-free: shared
+
+# Each message as requests carry it: a reply's `resent` form where it has one.
+_PATH = """
+WITH RECURSIVE path(id, parent_id, body, depth) AS (
+    SELECT id, parent_id, coalesce(resent, body), 0 FROM messages WHERE id = %s
+    UNION ALL
+    SELECT m.id, m.parent_id, coalesce(m.resent, m.body), p.depth + 1 FROM messages m JOIN path p ON m.id = p.parent_id
+)
+SELECT id, body FROM path ORDER BY depth DESC
+"""
+
+
+def iso(t: dt.datetime | None) -> str | None:
+    """A timestamptz as the log writes times (records.iso): ISO 8601 UTC, milliseconds."""
+    if t is None:
+        return None
+    t = t.astimezone(dt.timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+def _like(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+async def _by_prefix(conn: psycopg.AsyncConnection[Any], prefix: str) -> dict[str, Any] | None:
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute("SELECT * FROM requests WHERE id LIKE %s ORDER BY id LIMIT 5", (_like(prefix),))
+        rows = await cur.fetchall()
+    if not rows:
+        return None
+    exact = [r for r in rows if r["id"] == prefix]
+    if exact:
+        return exact[0]
+    if len(rows) > 1:
+        raise AmbiguousId(prefix, [r["id"] for r in rows])
+    return rows[0]
+
+
+async def message_path(conn: psycopg.AsyncConnection[Any], tip: int) -> list[tuple[int, Any]]:
+    """The messages from the root of the tree down to `tip`, as requests carry them."""
+    cur = await conn.execute(_PATH, (tip,))
+    return [(i, orjson.loads(body)) for i, body in await cur.fetchall()]
+
+
+async def _one(conn: psycopg.AsyncConnection[Any], sql: str, value: Any) -> Any:
+    cur = await conn.execute(sql, (value,))
+    row = await cur.fetchone()
+    return None if row is None else row[0]
+
+
+async def reconstruct(conn: psycopg.AsyncConnection[Any], row: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
+    """A request row's (request body, response, reply messages) from the tree."""
+    request: Any = None
+    if row.get("body_blob") is not None:
+        request = _json_or_text(await _one(conn, "SELECT data FROM blobs WHERE id = %s", row["body_blob"]))
+    elif row.get("params") is not None:
+        request = orjson.loads(row["params"])
+        for field, blob_id in (orjson.loads(row["params_blobs"]) if row.get("params_blobs") else {}).items():
+            request[field] = _json_or_text(await _one(conn, "SELECT data FROM blobs WHERE id = %s", blob_id))
+        messages = [m for _, m in await message_path(conn, row["tip_message"])] if row.get("tip_message") else []
+        for i, m in (orjson.loads(row["overrides"]) if row.get("overrides") else {}).items():
+            if int(i) < len(messages):
+                messages[int(i)] = m
+        request["messages"] = messages
+    response = _json_or_text(row.get("response"))
+    reply_ids = orjson.loads(row["replies"]) if row.get("replies") else ([row["reply_message"]] if row.get("reply_message") else [])
+    replies = []
+    for rid in reply_ids:
+        body = await _one(conn, "SELECT body FROM messages WHERE id = %s", rid) if rid is not None else None
+        replies.append(orjson.loads(body) if body is not None else None)
+    if isinstance(response, dict) and isinstance(response.get("choices"), list):
+        for choice, m in zip([c for c in response["choices"] if isinstance(c, dict)], replies):
+            if "message" not in choice and m is not None:
+                choice["message"] = m
+    return request, response, replies
+
+
+async def get_request(conn: psycopg.AsyncConnection[Any], id_prefix: str) -> dict[str, Any] | None:
+    """One request by id or unique id prefix (AmbiguousId otherwise): its row, with
+    `request` and `response` as the client sent and got them, rebuilt from the tree."""
+    row = await _by_prefix(conn, id_prefix.strip().lower())
+    if row is None:
+        return None
+    request, response, _ = await reconstruct(conn, row)
+    for col in ("params", "params_blobs", "overrides", "body_blob", "response", "replies"):
+        row.pop(col, None)
+    row["received_at"], row["finished_at"] = iso(row["received_at"]), iso(row["finished_at"])
+    if isinstance(row.get("attempts"), str):
+        row["attempts"] = orjson.loads(row["attempts"])
+    messages = request.get("messages") if isinstance(request, dict) else None
+    users = [m for m in messages or () if isinstance(m, dict) and m.get("role") == "user"]
+    row["prompt_text"] = content_text(users[-1].get("content")) if users else None
+    choices = response.get("choices") if isinstance(response, dict) else None
+    first = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
+    first = first if isinstance(first, dict) else None
+    row["response_text"] = _text_of(orjson.dumps(first).decode()) if first else reply_text(response)
+    row["reasoning_text"] = (first.get("reasoning_content") or first.get("reasoning")) if first else None
+    row["request"] = request
+    row["response"] = response
+    return row
