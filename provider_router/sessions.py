@@ -152,23 +152,16 @@ class Sessions:
             self._drop(s)
         return s
 
-    async def _lookup(self, fp: str, explicit: str | None, threaded: bool, now: float) -> Session | None:
-        """The session a request names (`explicit`) or continues (`fp`), as this process
-        knows it: from memory alone, or where instances share the database, from its row
-        (a stateless conversation's first request has no row: memory knows it)."""
-        if explicit is not None:
-            cached = self.active.get(explicit)
-            if cached is not None and not self.shared:
-                return cached
-            row = await self.repo.load(explicit)
-            if not self.shared:
-                return self.active.get(explicit) or row  # a concurrent request may have started it
-            return self._adopt(row, self.active.get(explicit))
-        sid = self.by_fingerprint.get(fp)
-        cached = self.active.get(sid) if sid else None
-        if not self.shared or (cached is not None and not threaded):
+    async def _named(self, explicit: str) -> Session | None:
+        """The session a request names, as this process knows it: from memory, else its
+        row; where instances share the database, from its row (kept in the cached object)."""
+        cached = self.active.get(explicit)
+        if cached is not None and not self.shared:
             return cached
-        return self._adopt(await self.repo.find_active(fp, now), cached)
+        row = await self.repo.load(explicit)
+        if not self.shared:
+            return self.active.get(explicit) or row  # a concurrent request may have started it
+        return self._adopt(row, self.active.get(explicit))
 
     def _create(self, s: Session) -> None:
         """Store a new session's row: from now on it counts as created."""
@@ -236,8 +229,9 @@ class Sessions:
         except TimeoutError:
             raise busy(wait) from None
         try:
+            created = self.created_total
             s = await self._found(request, client, route, fp, explicit, threaded, now)
-            if s.stored:
+            if self.created_total != created:
                 await self.repo.durable()
             return s
         finally:
@@ -247,7 +241,7 @@ class Sessions:
         self, request: web.Request, client: str, route: Route, fp: str, explicit: str | None, threaded: bool, now: float
     ) -> Session:
         if explicit is not None:
-            s = await self._lookup(fp, explicit, threaded, now)
+            s = await self._named(explicit)
             if s is not None and s.client != client:
                 # Never reveal, or join, another client's session.
                 raise ApiError(404, f"No session {explicit}.", code="session_not_found", param="X-Session-Id")
@@ -267,7 +261,10 @@ class Sessions:
                 )
             # This request's own fallback left the named session's route: the fallback route
             # holds it in a session of its own, as it would without the header.
-        s = await self._lookup(fp, None, threaded, now)
+        sid = self.by_fingerprint.get(fp)
+        s = self.active.get(sid) if sid else None
+        if self.shared and (s is None or threaded):  # another instance may have started or ended it
+            s = self._adopt(await self.repo.find_active(fp, now), s)
         if s is not None and s.expires <= now:
             self._end(s, "expired", now)
             s = None

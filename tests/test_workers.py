@@ -225,3 +225,33 @@ async def test_workers_that_cannot_start_exit_1_with_one_line(spawn: Spawn, tmp_
     lines = [x for x in err.decode().splitlines() if "startup_failed" in x or "workers_failed" in x]
     assert proc.returncode == 1
     assert len(lines) == 1 and "the port is in use" in lines[0], err.decode()[-2000:]
+
+
+async def test_expiry_runs_on_one_instance_and_another_takes_over_when_it_dies(spawn: Spawn, tmp_path: Path) -> None:
+    """Of two instances on one database one leads (expiry, the chat sweep, retention);
+    killed outright, the other takes the lead and ends the sessions that run out."""
+    cfg = yaml.safe_dump(
+        {
+            "providers": [{"name": "echo", "type": "echo"}], "models": [{"name": "echo", "provider": "echo"}],
+            "sessions": {"timeout_minutes": 0.02, "cleanup_interval_minutes": 1 / 60},
+        }
+    )  # fmt: skip
+    db = tmp_path / "shared.db"
+    pair = await asyncio.gather(spawn(cfg, "--shared", db=db), spawn(cfg, "--shared", db=db))
+
+    def leaders() -> list[Daemon]:
+        return [d for d in pair if any(x.get("event") == "leading" for x in d.lines())]
+
+    (leader,) = await until(leaders, "one instance leading")
+    other = pair[1] if leader is pair[0] else pair[0]
+    leader.proc.kill()
+    await leader.proc.wait()
+    await other.wait_log("leading")
+    async with aiohttp.ClientSession() as http:
+        for text in ("one", "two"):  # a conversation's second request stores its session
+            body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": text}]}
+            body["messages"].append({"role": "user", "content": "more"})
+            async with http.post(f"{other.url}/v1/chat/completions", json=body, headers={"X-Session-Id": "kept-short"}) as r:
+                assert r.status == 200
+    line = await other.wait_log("session_expired")
+    assert line["session_id"] == "kept-short"

@@ -166,6 +166,9 @@ class FileLeader:
             try:
                 self._fcntl.flock(self._fd, self._fcntl.LOCK_EX | self._fcntl.LOCK_NB)
                 self._held = True
+                import structlog  # the daemon's: this module stays light for the CLI
+
+                structlog.get_logger("provider_router").info("leading", runs="session expiry, the chat sweep, retention")
             except BlockingIOError:
                 pass
         return self._held
