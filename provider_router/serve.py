@@ -81,11 +81,12 @@ def _hold_mark(db: str, shared: bool) -> Mark | OSError | None:
         return e
     if mark is None:
         other = serving(db) or {}
-        hint = (
-            "a daemon alone serves this database: stop it, or start it with --shared (or --workers) too"
-            if shared or other.get("pid") is None
-            else "another daemon serves this database: stop it, or pass --db for another one"
-        )
+        if shared:
+            hint = "a daemon alone serves this database: stop it, or pass --db for another one"
+        elif other.get("pid") is None:  # instances sharing it hold the mark, and say nothing in it
+            hint = "instances sharing this database (serve --workers / --shared) serve it: start this one with --shared, or pass --db"
+        else:
+            hint = "another daemon serves this database: stop it, or pass --db for another one"
         log.error("database_in_use", db=db, other_pid=other.get("pid"), other_url=other.get("url"), hint=hint)
         return None
     return mark

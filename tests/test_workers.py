@@ -255,3 +255,20 @@ async def test_expiry_runs_on_one_instance_and_another_takes_over_when_it_dies(s
                 assert r.status == 200
     line = await other.wait_log("session_expired")
     assert line["session_id"] == "kept-short"
+
+
+async def test_a_daemon_alone_and_shared_instances_refuse_one_database(spawn: Spawn, tmp_path: Path) -> None:
+    """A daemon alone keeps sessions in memory, so it cannot serve a file that shared
+    instances serve (nor they one it serves): the one started second exits 1 with
+    `database_in_use`, saying which kind holds it."""
+    db = tmp_path / "one.db"
+    await spawn(ECHO, "--shared", db=db)
+    cfg = tmp_path / "alone.yaml"
+    cfg.write_text(ECHO)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "provider_router", "serve", "--config", str(cfg), "--port", "0", "--db", str(db),
+        stderr=asyncio.subprocess.PIPE, cwd=tmp_path,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    assert "database_in_use" in err.decode() and "--shared" in err.decode()
