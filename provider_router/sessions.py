@@ -96,6 +96,18 @@ class Sessions:
         self.repo.expire_stored(now)
         await self.repo.durable()  # committed before the first request, and the figures read it
 
+    async def _evict_stored(self, now: float) -> None:
+        """Where instances share the database (each caches at most `max_sessions`): end
+        the stored active sessions beyond `max_sessions`, least recently used first."""
+        for sid, client, last in await self.repo.beyond_max(self.cfg.max_sessions):
+            log.info("session_evicted", session_id=sid, client=client, idle_seconds=round(now - last, 3))
+            self.evicted_total += 1
+            self.repo.evict_stored(sid)
+            cached = self.active.get(sid)
+            if cached is not None:
+                self._drop(cached)
+        await self.repo.durable()
+
     def _remember(self, s: Session) -> None:
         self.active[s.id] = s
         self.active.move_to_end(s.id)
@@ -498,6 +510,7 @@ class Sessions:
                     for s in [s for s in self.active.values() if s.expires <= now]:
                         self._drop(s)
                     await self._expire_stored(now)
+                    await self._evict_stored(now)
                 if self.coord.leader.lead():
                     await self.delete_doomed_chats()
             except Exception as e:  # the database is being reopened, say: the next pass retries

@@ -272,3 +272,30 @@ async def test_a_daemon_alone_and_shared_instances_refuse_one_database(spawn: Sp
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 1
     assert "database_in_use" in err.decode() and "--shared" in err.decode()
+
+
+async def test_the_leader_evicts_the_least_recently_used_beyond_max_sessions(spawn: Spawn, tmp_path: Path) -> None:
+    """Sessions started on either of two instances count against one `max_sessions`: past
+    it, the leader ends the least recently used one as evicted, once."""
+    cfg = yaml.safe_dump(
+        {
+            "providers": [{"name": "echo", "type": "echo"}], "models": [{"name": "echo", "provider": "echo"}],
+            "sessions": {"max_sessions": 2, "cleanup_interval_minutes": 1 / 60},
+        }
+    )  # fmt: skip
+    db = tmp_path / "shared.db"
+    pair = await asyncio.gather(spawn(cfg, "--shared", db=db), spawn(cfg, "--shared", db=db))
+    async with aiohttp.ClientSession() as http:
+        for i, name in enumerate(("first", "second", "third")):
+            body = {"model": "echo", "messages": [{"role": "user", "content": name}]}
+            async with http.post(f"{pair[i % 2].url}/v1/chat/completions", json=body, headers={"X-Session-Id": name}) as r:
+                assert r.status == 200
+
+    def evicted() -> list[dict[str, Any]]:
+        return [x for d in pair for x in d.lines() if x.get("event") == "session_evicted"]
+
+    (line,) = await until(evicted, "a session evicted")
+    assert line["session_id"] == "first"
+    await until(lambda: ro_query(db, "SELECT state FROM sessions WHERE id = 'first'") == [("expired",)], "its row ended")
+    assert ro_query(db, "SELECT count(*) FROM sessions WHERE state = 'active'") == [(2,)]
+    assert ro_query(db, "SELECT n FROM session_tallies WHERE event = 'evicted'") == [(1,)]
