@@ -958,6 +958,44 @@ def measure_concurrent_streams(ctx: Context) -> list[Row]:
     return rows
 
 
+def measure_workers(ctx: Context) -> list[Row]:
+    """Non-stream req/s of `serve --workers 2` against the one-worker proxy, same fake
+    upstream, same load, interleaved; and the rows each logged (every request, or not)."""
+    if not ctx.has_proxy:
+        return [Row("throughput, 2 workers ÷ 1 worker", "—", "—", "n/a")]
+    s = ctx.settings
+    tmp = ctx.tmp / "workers2"
+    tmp.mkdir(exist_ok=True)
+    port = free_port()
+    config, db = write_proxy_config(tmp, port, ctx.targets["direct"].base_url)
+    base = f"http://127.0.0.1:{port}"
+    rps: dict[str, list[float]] = {"1": [], "2": []}
+    sent = 0
+    with Children(tmp) as kids:
+        proc = kids.start("proxy-workers2", [s.python, "-m", "provider_router", "serve", "--config", str(config),
+                                             "--port", str(port), "--db", str(db), "--workers", "2"])
+        wait_ready(proc, base + "/v1/models")
+        urls = {"1": ctx.targets["proxy"].chat_url, "2": base + CHAT_PATH}
+        for rep in range(s.reps):
+            for n in (["1", "2"] if rep % 2 == 0 else ["2", "1"]):
+                progress(f"workers c={s.concurrency} rep {rep + 1}/{s.reps}: {n} worker(s)")
+                res = run_wrk(ctx, urls[n], s.concurrency, s.duration_s)
+                note_wrk_errors(ctx, f"{n} worker(s)", "workers run", res)
+                rps[n].append(res.rps)
+                if n == "2":
+                    sent += res.requests
+        kids.stop("proxy-workers2")  # SIGTERM: the workers flush their logs and exit
+    logged = _count_2xx_rows(db)
+    ctx.raw["workers"] = {"rps": rps, "sent_to_2": sent, "rows_2xx_logged_by_2": logged}
+    one, two = medians(rps)["1"], medians(rps)["2"]
+    return [
+        Row(f"throughput, non-stream, c={s.concurrency}: 1 worker → 2 workers (req/s)", "—", "—",
+            f"{fmt(one, 0)} → {fmt(two, 0)}", "—", "—", f"2 workers ÷ 1: {ratio(two, one)}"),
+        Row("2 workers: 2xx requests answered / rows logged", "—", "—", f"{sent:,} / {logged:,}",
+            "—", "—", "every row", verdict(logged >= sent)),
+    ]
+
+
 # Adding a measurement = writing one function (Context -> rows) and listing it here.
 MEASUREMENTS: dict[str, Callable[[Context], list[Row]]] = {
     "latency": measure_latency,
@@ -972,6 +1010,7 @@ MEASUREMENTS: dict[str, Callable[[Context], list[Row]]] = {
     "oneshot_size": measure_oneshot_size,
     "agent_writer": measure_agent_writer,
     "inspection": measure_inspection,
+    "workers": measure_workers,
 }
 
 

@@ -30,7 +30,9 @@ from .routing import Router
 from .startup import StartupError, database_error
 from .state import STATE, State
 from .store import LogWriter, Redactor, connect, retention
+from .store import locks
 from .store.db import Reopenable
+from .store.locks import Leader
 from .records import iso
 from .store.sessions import SessionRepo
 from .store.watch import DbWatch
@@ -43,14 +45,20 @@ log = structlog.get_logger("provider_router")
 WRITE_PROBE_SECONDS = 3.0
 
 
-def create_app(cfg: Config, *, db_path: str | None = None) -> web.Application:
-    """Build the proxy app for `cfg`; `db_path` overrides `database.path`."""
+def create_app(
+    cfg: Config, *, db_path: str | None = None, shared: bool = False, worker: tuple[int, int] | None = None
+) -> web.Application:
+    """Build the proxy app for `cfg`; `db_path` overrides `database.path`. `shared`: other
+    instances serve the same database (sessions are read from it, locks are shared);
+    `worker`: (number, count) under `serve --workers N`."""
     state = State(
         config=cfg,
         router=Router(cfg),
         db_path=db_path or cfg.database.path,
         redactor=Redactor(cfg.secrets() + proxy_secrets(cfg.providers)),
         client_keys={key_digest(k.key): k.name for k in cfg.auth.client_keys},
+        shared=shared,
+        worker=worker,
     )
     app = web.Application(middlewares=[edge], client_max_size=cfg.server.max_body_bytes)
     app[STATE] = state
@@ -131,9 +139,12 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
     logs, db = state.config.logs, state.config.database
     async with contextlib.AsyncExitStack() as stack:  # each step undone even if one before it raised
         try:
+            coord = locks.shared(state.db_path) if state.shared else locks.local()
+            stack.callback(coord.close)
             conn, reader = await _open(state.db_path)
         except (OSError, sqlite3.Error) as e:
             raise database_error(e, state.db_path) from e
+        state.coord = coord
         handles = Reopenable(conn), Reopenable(reader)
         stack.push_async_callback(lambda: handles[0].conn.close())
         stack.push_async_callback(lambda: handles[1].conn.close())
@@ -169,7 +180,7 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
         state.writer, state.watch = writer, watch
         await _task(stack, watch.run(), "database-watch")
         if logs.retention_days > 0:
-            await _task(stack, _retention(state.db_path, logs.retention_days), "log-retention")
+            await _task(stack, _retention(state.db_path, logs.retention_days, coord.leader), "log-retention")
         yield
 
 
@@ -189,10 +200,14 @@ async def _task(stack: contextlib.AsyncExitStack, coro: Coroutine[Any, Any, None
     stack.push_async_callback(stop)
 
 
-async def _retention(db_path: str, days: int, interval: float = 3600.0) -> None:
-    """Prune records older than `days`, in bounded batches, now and then every `interval`.
-    A connection per pass: the file at the path may have been reopened since."""
+async def _retention(db_path: str, days: int, leader: Leader, interval: float = 3600.0) -> None:
+    """Prune records older than `days`, in bounded batches, now and then every `interval`
+    (on the leader alone, where instances share the database). A connection per pass: the
+    file at the path may have been reopened since."""
     while True:
+        if not leader.lead():
+            await asyncio.sleep(interval)
+            continue
         conn = await connect(db_path)
         try:
             cut = iso(time.time() - days * 86400)
@@ -210,7 +225,7 @@ async def _retention(db_path: str, days: int, interval: float = 3600.0) -> None:
 async def _threads(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     assert state.db is not None and state.writer is not None
-    sessions = Sessions(state.config.sessions, SessionRepo(state.db, state.writer), state.providers)
+    sessions = Sessions(state.config.sessions, SessionRepo(state.db, state.writer), state.providers, state.coord)
     await sessions.start()
     state.sessions, state.threads = sessions, Threads(sessions)
     cleanup = asyncio.create_task(sessions.run_cleanup(), name="session-cleanup")

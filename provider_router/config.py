@@ -48,6 +48,8 @@ class ServerConfig(_Section):
     port: Annotated[int, Meta(ge=0, le=65535)] = 8080  # 0 picks a free port
     max_body_bytes: Annotated[int, Meta(gt=0, le=2**40)] = 8 * 1024 * 1024
     shutdown_grace_seconds: Annotated[float, Meta(ge=0, le=3600)] = 10.0
+    # Processes serving the port, sharing the database (`serve --workers N`); 1: one daemon.
+    workers: Annotated[int, Meta(ge=1, le=64)] = 1
 
 
 class DatabaseConfig(_Section):

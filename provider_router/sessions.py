@@ -26,8 +26,9 @@ from .history import fingerprint
 from .providers import ChatGone, Provider, ThreadedProvider, is_threaded
 from .records import RequestRecord, new_id
 from .routing import Route
+from .store.locks import Coordination, local
 from .store.session_reads import EVENTS, pick
-from .store.sessions import Session, SessionRepo, Turn
+from .store.sessions import Session, SessionStore, Turn
 
 JOINED = web.RequestKey("joined_session", Session)  # a request's session, across its attempts
 # Whether the request started that session (`X-Session-New`): its first request, decided
@@ -36,13 +37,31 @@ STARTED_IT = web.RequestKey("started_session", bool)
 log = structlog.get_logger("provider_router.sessions")
 
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Fields of a session another instance may have changed since this one cached it.
+_SHARED_FIELDS = ("chat_id", "parent_id", "state", "expires", "last_access", "request_count", "message_count", "metadata")
+
+
+def busy(wait: float) -> ApiError:
+    return ApiError(429, f"This conversation is busy with another request (waited {wait:g}s).", code="conversation_busy")
 
 
 class Sessions:
-    def __init__(self, cfg: SessionsConfig, repo: SessionRepo, providers: dict[str, Provider]) -> None:
+    """A daemon alone keeps its active sessions in memory as their authority (`active`),
+    writing them behind through the log writer. Instances sharing the database
+    (`coord.shared`) keep `active` as a cache only: a threaded or named session is read
+    from the database on each request (its row, then its turns), found and created under
+    a lock the instances share, and its changes are committed before another instance
+    can see the next turn; expiry and the chat sweep run on the leader."""
+
+    def __init__(
+        self, cfg: SessionsConfig, repo: SessionStore, providers: dict[str, Provider], coord: Coordination | None = None
+    ) -> None:
         self.cfg = cfg
         self.repo = repo
         self.providers = providers
+        self.coord = coord or local()
+        self.shared = self.coord.shared
+        self.locks = self.coord.locks
         self.timeout = cfg.timeout_minutes * 60.0
         self.active: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self.by_fingerprint: dict[str, str] = {}
@@ -58,17 +77,36 @@ class Sessions:
         now = time.time()
         counts = await self.repo.tallies()
         self.created_total, self.expired_total, self.evicted_total, self.deleted_total = (counts[e] for e in EVENTS)
-        for sid, client, last in await self.repo.expiring(now):
-            log.info("session_expired", session_id=sid, client=client, idle_seconds=round(now - last, 3), while_down=True)
-            self.expired_total += 1
-        self.repo.expire_stored(now)
-        await self.repo.durable()  # committed before the first request, and the figures read it
+        if self.coord.leader.lead():  # instances sharing the database: one of them does it
+            await self._expire_stored(now, while_down=not self.shared)
+        if self.shared:
+            return  # the database is the authority: sessions are read as requests name them
         for s in await self.repo.load_active(now):
             self._remember(s)
             log.info(
                 "session_recovered", session_id=s.id, client=s.client, provider=s.provider, requests=s.request_count,
                 expires_in_seconds=round(s.expires - now, 3),
             )  # fmt: skip
+
+    async def _expire_stored(self, now: float, while_down: bool = False) -> None:
+        """End (and log, and count) the stored active sessions past their expiry."""
+        for sid, client, last in await self.repo.expiring(now):
+            log.info("session_expired", session_id=sid, client=client, idle_seconds=round(now - last, 3), while_down=while_down)
+            self.expired_total += 1
+        self.repo.expire_stored(now)
+        await self.repo.durable()  # committed before the first request, and the figures read it
+
+    async def _evict_stored(self, now: float) -> None:
+        """Where instances share the database (each caches at most `max_sessions`): end
+        the stored active sessions beyond `max_sessions`, least recently used first."""
+        for sid, client, last in await self.repo.beyond_max(self.cfg.max_sessions):
+            log.info("session_evicted", session_id=sid, client=client, idle_seconds=round(now - last, 3))
+            self.evicted_total += 1
+            self.repo.evict_stored(sid)
+            cached = self.active.get(sid)
+            if cached is not None:
+                self._drop(cached)
+        await self.repo.durable()
 
     def _remember(self, s: Session) -> None:
         self.active[s.id] = s
@@ -81,10 +119,7 @@ class Sessions:
         sweep (`delete_doomed_chats`) where its provider is configured to."""
         s.state = "expired"
         s.metadata = {**s.metadata, "ended": reason}
-        self.active.pop(s.id, None)
-        if self.by_fingerprint.get(s.fingerprint) == s.id:
-            del self.by_fingerprint[s.fingerprint]
-        self._turns.pop(s.id, None)
+        self._drop(s)
         self.repo.end(s, reason)
         if not s.stored:  # a one-shot request on a stateless upstream: no session to speak of
             return
@@ -94,10 +129,51 @@ class Sessions:
             self.expired_total += 1
         log.info(f"session_{reason}", session_id=s.id, client=s.client, idle_seconds=round(now - s.last_access, 3), requests=s.request_count)
 
+    def _drop(self, s: Session) -> None:
+        """Forget `s` in this process (it lives on in the database)."""
+        self.active.pop(s.id, None)
+        if self.by_fingerprint.get(s.fingerprint) == s.id:
+            del self.by_fingerprint[s.fingerprint]
+        self._turns.pop(s.id, None)
+
     def _make_room(self, now: float) -> None:
         while len(self.active) >= self.cfg.max_sessions:
             _, oldest = next(iter(self.active.items()))
-            self._end(oldest, "evicted", now)
+            if self.shared:
+                self._drop(oldest)  # a cache: the session stays active for the other instances
+            else:
+                self._end(oldest, "evicted", now)
+
+    def _adopt(self, row: Session | None, cached: Session | None) -> Session | None:
+        """The session as the database has it now (`row`; None: none there), kept in the
+        object this process caches for it, if any: requests in flight hold that object."""
+        if row is None:
+            if cached is not None:
+                self._drop(cached)  # ended or deleted by another instance, or the CLI
+            return None
+        if cached is not None and cached.id != row.id:
+            self._drop(cached)
+        s = cached if cached is not None and cached.id == row.id and cached.state != "deleted" else row
+        if s is not row:
+            for name in _SHARED_FIELDS:
+                setattr(s, name, getattr(row, name))
+            s.stored, s.first = True, None
+        if s.state == "active":
+            self._remember(s)
+        else:
+            self._drop(s)
+        return s
+
+    async def _named(self, explicit: str) -> Session | None:
+        """The session a request names, as this process knows it: from memory, else its
+        row; where instances share the database, from its row (kept in the cached object)."""
+        cached = self.active.get(explicit)
+        if cached is not None and not self.shared:
+            return cached
+        row = await self.repo.load(explicit)
+        if not self.shared:
+            return self.active.get(explicit) or row  # a concurrent request may have started it
+        return self._adopt(row, self.active.get(explicit))
 
     def _create(self, s: Session) -> None:
         """Store a new session's row: from now on it counts as created."""
@@ -150,13 +226,34 @@ class Sessions:
     ) -> Session:
         fp = fingerprint(client, route.provider.name, route.upstream_model, messages)
         explicit = request.headers.get("X-Session-Id")
+        if explicit is not None and not _SESSION_ID.match(explicit):
+            raise ApiError(400, "X-Session-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -", param="X-Session-Id")
+        threaded = self.providers[route.provider.name].threaded
+        if not self.shared or (explicit is None and not threaded):
+            return await self._found(request, client, route, fp, explicit, threaded, now)
+        # Instances sharing the database find or start a session one at a time, and a new
+        # one is committed before the next may look: one session (one upstream chat) for
+        # concurrent first turns, wherever they land.
+        wait = self.cfg.lock_wait_seconds
+        key = f"session:{explicit}" if explicit is not None else f"opening:{fp}"
+        try:
+            release = await self.locks.acquire(key, asyncio.get_running_loop().time() + wait)
+        except TimeoutError:
+            raise busy(wait) from None
+        try:
+            created = self.created_total
+            s = await self._found(request, client, route, fp, explicit, threaded, now)
+            if self.created_total != created:
+                await self.repo.durable()
+            return s
+        finally:
+            release()
+
+    async def _found(
+        self, request: web.Request, client: str, route: Route, fp: str, explicit: str | None, threaded: bool, now: float
+    ) -> Session:
         if explicit is not None:
-            if not _SESSION_ID.match(explicit):
-                raise ApiError(400, "X-Session-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -", param="X-Session-Id")
-            s = self.active.get(explicit)
-            if s is None:
-                s = await self.repo.load(explicit)
-                s = self.active.get(explicit) or s  # a concurrent request may have started it
+            s = await self._named(explicit)
             if s is not None and s.client != client:
                 # Never reveal, or join, another client's session.
                 raise ApiError(404, f"No session {explicit}.", code="session_not_found", param="X-Session-Id")
@@ -178,6 +275,8 @@ class Sessions:
             # holds it in a session of its own, as it would without the header.
         sid = self.by_fingerprint.get(fp)
         s = self.active.get(sid) if sid else None
+        if self.shared and (s is None or threaded):  # another instance may have started or ended it
+            s = self._adopt(await self.repo.find_active(fp, now), s)
         if s is not None and s.expires <= now:
             self._end(s, "expired", now)
             s = None
@@ -186,9 +285,10 @@ class Sessions:
         return s
 
     async def turns(self, s: Session) -> dict[bytes, Turn]:
-        """The session's recorded turns by reply node (loaded once)."""
+        """The session's recorded turns by reply node (loaded once; where instances share
+        the database, read each time: another may have recorded one since)."""
         turns = self._turns.get(s.id)
-        if turns is None:
+        if turns is None or self.shared:
             turns = {t.message_hash: t for t in await self.repo.load_turns(s.id)}
             self._turns[s.id] = turns
         return turns
@@ -197,6 +297,24 @@ class Sessions:
         if s.id in self.active:  # an evicted session keeps no turns in memory
             self._turns.setdefault(s.id, {})[t.message_hash] = t
         self.repo.add_turn(s.id, t, request_id, s.last_access)
+
+    async def current_chat(self, s: Session) -> str | None:
+        """The session's upstream chat now: a turn that waited to make it may find it made,
+        here or, where instances share the database, by another instance."""
+        if self.shared:
+            await self.repo.durable()  # a chat this process forgot is forgotten there too
+            row = await self.repo.load(s.id)
+            if row is not None:
+                s.chat_id = row.chat_id
+        return s.chat_id
+
+    async def chat_made(self, s: Session, chat_id: str) -> None:
+        """A turn made the session's upstream chat: the turns that waited for it go there,
+        and other instances see it before they may look (they wait on the same lock)."""
+        s.chat_id = chat_id
+        self.repo.save(s)
+        if self.shared:
+            await self.repo.durable()
 
     def forget_chat(self, s: Session, chat_id: str) -> None:
         """The upstream lost `chat_id`: the session's turns in it are gone too, and if it was
@@ -278,13 +396,20 @@ class Sessions:
         return pick(prefix, live | set(await self.repo.ids(prefix, client)))
 
     async def get(self, session_id: str) -> Session | None:
-        """The session as the daemon has it: in memory if active, else its stored row."""
+        """The session as the daemon has it: in memory if active, else its stored row
+        (where instances share the database, its row)."""
+        if self.shared:
+            await self.repo.durable()
+            return self._adopt(await self.repo.load(session_id), self.active.get(session_id))
         return self.active.get(session_id) or await self.repo.load(session_id)
 
     async def refresh(self, session_id: str, now: float | None = None) -> Session | None:
         """Extend a session's sliding timeout from now; an ended one is revived."""
         now = time.time() if now is None else now
         s = self.active.get(session_id)
+        if self.shared:
+            await self.repo.durable()
+            s = self._adopt(await self.repo.load(session_id), s)
         if s is None:
             loaded = await self.repo.load(session_id)
             s = self.active.get(session_id) or loaded  # a request may have revived it meanwhile
@@ -314,11 +439,17 @@ class Sessions:
             log.info("session_deleted", session_id=session_id, by=by, client=s.client if s else None)
 
     def expire(self, now: float | None = None) -> int:
-        """End every session whose sliding timeout has passed; returns how many."""
+        """End every session whose sliding timeout has passed; returns how many (where
+        instances share the database: those this one had in memory; every stored one ends)."""
         now = time.time() if now is None else now
         ended = [s for s in self.active.values() if s.expires <= now]
         for s in ended:
-            self._end(s, "expired", now)
+            if self.shared:
+                self._drop(s)
+            else:
+                self._end(s, "expired", now)
+        if self.shared:
+            self.repo.expire_stored(now)
         return len(ended)
 
     def _deleting_chats(self) -> dict[str, ThreadedProvider]:
@@ -371,9 +502,17 @@ class Sessions:
         """The periodic cleanup loop: owned by the app, cancelled on shutdown."""
         interval = self.cfg.cleanup_interval_minutes * 60.0
         while True:  # a pass at start too: chats of sessions that ended while no daemon ran
-            self.expire()
             try:
-                await self.delete_doomed_chats()
+                if not self.shared:
+                    self.expire()
+                elif self.coord.leader.lead():  # one of the instances sharing the database
+                    now = time.time()
+                    for s in [s for s in self.active.values() if s.expires <= now]:
+                        self._drop(s)
+                    await self._expire_stored(now)
+                    await self._evict_stored(now)
+                if self.coord.leader.lead():
+                    await self.delete_doomed_chats()
             except Exception as e:  # the database is being reopened, say: the next pass retries
                 log.warning("chat_sweep_failed", error=repr(e))
             await asyncio.sleep(interval)

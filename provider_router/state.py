@@ -19,6 +19,7 @@ from .routing import Router
 if TYPE_CHECKING:
     from .metrics import Metrics
     from .store import LogWriter, Redactor
+    from .store.locks import Coordination
     from .store.watch import DbWatch
     from .sessions import Sessions
     from .threads import Threads
@@ -31,6 +32,9 @@ class State:
     db_path: str
     redactor: Redactor
     client_keys: dict[str, str] = field(default_factory=dict)  # sha256(key) -> name
+    shared: bool = False  # other instances serve the same database (`serve --workers N`, `--shared`)
+    worker: tuple[int, int] | None = None  # (this worker's number from 1, how many) under `serve --workers N`
+    coord: Coordination | None = None  # locks and leader: of this process, or shared with the other instances
     providers: dict[str, Provider] = field(default_factory=dict)
     db: aiosqlite.Connection | None = None  # migrations and session reads; writes go through `writer`
     reader: aiosqlite.Connection | None = None  # read-only: operator queries never queue behind writes

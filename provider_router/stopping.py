@@ -76,6 +76,14 @@ class Signals:
         for sig in SIGNALS:
             loop.add_signal_handler(sig, self._received, sig)
 
+    def parent_gone(self) -> None:
+        """A worker's parent (`serve --workers N`) died: stop gracefully, as on a signal."""
+        if self.count == 0:
+            self.count = 1
+            log.warning("parent_gone", action="stopping gracefully", grace_seconds=self.grace)
+            self.watchdog.arm(self.grace + FLUSH_SECONDS, "parent gone: stopping took longer than the grace and the log flush")
+            self.stop.set()
+
     def _received(self, sig: int) -> None:
         self.count += 1
         name = signal.Signals(sig).name

@@ -25,55 +25,11 @@ from .errors import ApiError
 from .history import node_key, node_keys
 from .records import RequestRecord
 from .routing import Route
-from .sessions import Sessions
+from .sessions import Sessions, busy
+from .store.locks import ChatLocks, Release
 from .store.sessions import Session, Turn
 
 log = structlog.get_logger("provider_router.threads")
-
-
-# -- per-chat serialisation -----------------------------------------------------------------
-def busy(wait: float) -> ApiError:
-    return ApiError(429, f"This conversation is busy with another request (waited {wait:g}s).", code="conversation_busy")
-
-
-class ChatLocks:
-    """One turn at a time per upstream chat (the upstream refuses overlap); waiters queue.
-    A session's first chat is made under a lock of its own (`founding`), so that
-    concurrent first turns share it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, list[Any]] = {}  # key -> [Lock, users]
-
-    async def acquire(self, key: str, deadline: float, wait: float) -> Callable[[], None]:
-        """The lock for `key` by `deadline` (the loop's clock), else 429 (`wait`: the
-        seconds the turn was given); returns its release."""
-        entry = self._locks.setdefault(key, [asyncio.Lock(), 0])
-        entry[1] += 1
-        try:
-            async with asyncio.timeout_at(deadline):
-                await entry[0].acquire()
-        except TimeoutError:
-            self._leave(key, entry)
-            raise busy(wait) from None
-        except BaseException:
-            self._leave(key, entry)
-            raise
-
-        def release() -> None:
-            entry[0].release()
-            self._leave(key, entry)
-
-        return release
-
-    def _leave(self, key: str, entry: list[Any]) -> None:
-        entry[1] -= 1
-        if entry[1] == 0:
-            del self._locks[key]
-
-    def waiting(self, chat_id: str) -> int:
-        """How many turns hold the chat or wait for it."""
-        entry = self._locks.get(chat_id)
-        return 0 if entry is None else int(entry[1])
 
 
 def founding(s: Session) -> str:
@@ -130,7 +86,13 @@ def _place(messages: list[dict[str, Any]], keys: list[bytes], turns: dict[bytes,
 class Threads:
     def __init__(self, sessions: Sessions) -> None:
         self.sessions = sessions
-        self.locks = ChatLocks()
+        self.locks: ChatLocks = sessions.locks  # in this process, or across the instances on one database
+
+    async def _lock(self, key: str, deadline: float, wait: float) -> Release:
+        try:
+            return await self.locks.acquire(key, deadline)
+        except TimeoutError:
+            raise busy(wait) from None
 
     async def place(self, request: web.Request, rec: RequestRecord, route: Route, messages: list[dict[str, Any]]) -> Placement:
         """A turn on a threaded upstream: join its session and find where the history
@@ -154,7 +116,7 @@ class Threads:
         if p.chat_id is None:
             p, release = await self._found(p, new_chat, deadline, wait)
         else:
-            release = await self.locks.acquire(p.chat_id, deadline, wait)
+            release = await self._lock(p.chat_id, deadline, wait)
         try:
             yield Held(p, deadline, wait)
         finally:
@@ -162,18 +124,22 @@ class Threads:
 
     async def _found(
         self, p: Placement, new_chat: Callable[[], Awaitable[str]], deadline: float, wait: float
-    ) -> tuple[Placement, Callable[[], None]]:
+    ) -> tuple[Placement, Release]:
         """The session's chat for a turn placed before it had one, held: made by this turn,
         or by a turn it waited for."""
         s = p.session
-        release_founding = await self.locks.acquire(founding(s), deadline, wait)
+        release_founding = await self._lock(founding(s), deadline, wait)
         try:
-            if s.chat_id is not None:
-                return replace(p, chat_id=s.chat_id), await self.locks.acquire(s.chat_id, deadline, wait)
+            chat_id = await self.sessions.current_chat(s)  # made by a turn this one waited for?
+            if chat_id is not None:
+                return replace(p, chat_id=chat_id), await self._lock(chat_id, deadline, wait)
             chat_id = await new_chat()
-            release = await self.locks.acquire(chat_id, deadline, wait)  # free: nobody knows it yet
-            s.chat_id = chat_id
-            self.sessions.repo.save(s)
+            release = await self._lock(chat_id, deadline, wait)  # free: nobody knows it yet
+            try:
+                await self.sessions.chat_made(s, chat_id)
+            except BaseException:
+                release()
+                raise
             log.info("chat_created", session=s.id, chat_id=chat_id)
             return replace(p, chat_id=chat_id, new=True), release
         finally:

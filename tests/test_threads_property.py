@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import openai
 import yaml
@@ -53,9 +53,28 @@ def opening(history: list[Msg]) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+class Proxies(Protocol):
+    """What a trace runs against: one proxy, or several instances on one database."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def restart(self) -> None: ...
+    async def ask_at_once(self, histories: list[list[Msg]], streams: list[bool]) -> list[str]: ...
+
+
+def check_replies(fake: QwenFake, turns_before: int, histories: list[list[Msg]], replies: list[str]) -> None:
+    """Each reply is the upstream's to exactly its history, one upstream turn each."""
+    new = fake.turns[turns_before:]
+    assert len(new) == len(histories)
+    for history, reply in zip(histories, replies):
+        assert any(t.completed and t.reply == reply and context_matches(t.context, history) for t in new), (history, reply)
+
+
 class Harness:
+    """The proxy in this process, restarted on the same database."""
+
     def __init__(self, fake: QwenFake, cfg_text: str, db: Path) -> None:
-        self.fake, self.cfg_text, self.db = fake, cfg_text, db
+        self.fake, self.cfg_text, self.db = fake, cfg_text, db / "p.db"
         self.server: TestServer | None = None
         self.sdk: openai.AsyncOpenAI | None = None
 
@@ -70,17 +89,15 @@ class Harness:
         await self.sdk.close()
         await self.server.close()
 
-    async def ask(self, history: list[Msg], stream: bool) -> str:
-        return (await self.ask_at_once([history], [stream]))[0]
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
 
     async def ask_at_once(self, histories: list[list[Msg]], streams: list[bool]) -> list[str]:
         """The histories sent at the same time; each reply is the upstream's to exactly its history."""
         turns_before = len(self.fake.turns)
         replies = await asyncio.gather(*(self._one(h, s) for h, s in zip(histories, streams)))
-        new = self.fake.turns[turns_before:]
-        assert len(new) == len(histories)
-        for history, reply in zip(histories, replies):
-            assert any(t.completed and t.reply == reply and context_matches(t.context, history) for t in new), (history, reply)
+        check_replies(self.fake, turns_before, histories, replies)
         return replies
 
     async def _one(self, history: list[Msg], stream: bool) -> str:
@@ -92,13 +109,16 @@ class Harness:
         return r.choices[0].message.content or ""
 
 
-async def run_trace(ops: list[tuple[Any, ...]], streams: list[bool]) -> None:
+Proxied = Callable[[QwenFake, str, Path], Proxies]
+
+
+async def run_trace(ops: list[tuple[Any, ...]], streams: list[bool], proxies: Proxied = Harness) -> None:
     fake = QwenFake(token="qwen-token-test", seed=len(ops), linger=LINGER)
     upstream = TestServer(fake.app)
     await upstream.start_server()
     cfg = yaml.safe_dump(qwen_config(str(upstream.make_url("")).rstrip("/")))
     with tempfile.TemporaryDirectory() as tmp:
-        h = Harness(fake, cfg, Path(tmp) / "p.db")
+        h = proxies(fake, cfg, Path(tmp))
         await h.start()
         convs: list[list[Msg]] = []
         chats: list[str] = []  # each conversation's upstream chat, as of its last reply
@@ -108,8 +128,7 @@ async def run_trace(ops: list[tuple[Any, ...]], streams: list[bool]) -> None:
                 stream = streams[i % len(streams)]
                 kind = o[0]
                 if kind == "restart":
-                    await h.stop()
-                    await h.start()
+                    await h.restart()
                     continue
                 if kind == "forget":
                     if convs and chats[o[1] % len(convs)] in fake.chats:

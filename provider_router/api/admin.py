@@ -7,6 +7,7 @@ Reads use their own read-only connection, so they never wait behind the log writ
 from __future__ import annotations
 
 import hmac
+import os
 import time
 from typing import Any, Mapping
 
@@ -83,6 +84,8 @@ async def health(request: web.Request) -> web.Response:
     if state.shutting_down:
         reasons.append("shutting down")
     body: dict[str, Any] = {"database": "ok" if db_ok else "unavailable"}
+    if state.worker is not None:  # `serve --workers N`: this worker's view (its own log writer)
+        body["worker"] = {"number": state.worker[0], "of": state.worker[1], "pid": os.getpid()}
     if state.watch is not None:
         reasons += state.watch.reasons()
         body["log"] = state.watch.summary()

@@ -4,6 +4,7 @@ on the command line.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -22,6 +23,7 @@ from .common import BUILT_IN, Settings, examples, with_settings
     epilog=examples(
         "provider-router serve                      (./config.yaml, or the built-in echo model)",
         "provider-router serve --config prod.yaml --port 9000 --log-level debug",
+        "provider-router serve --workers 4          (4 processes on one port and one database)",
     ),
 )
 @click.option("--host", metavar="HOST", help="address to listen on (default: server.host, 127.0.0.1)")
@@ -31,15 +33,31 @@ from .common import BUILT_IN, Settings, examples, with_settings
     "--insecure-no-auth", is_flag=True,
     help="allow a non-loopback --host with no client keys configured (not recommended)",
 )
+@click.option(
+    "--workers", type=click.IntRange(1, 64), metavar="N",
+    help="processes serving the port, sharing sessions and the database (default: server.workers, 1)",
+)
+@click.option(
+    "--shared", is_flag=True,
+    help="share the database with other instances started with --shared (sessions read from it, locks shared, "
+    "SO_REUSEPORT); --workers N runs N such instances",
+)
+@click.option("--worker", metavar="SPEC", hidden=True, help="internal: one of --workers N's processes")
 @with_settings
-def serve(settings: Settings, host: str | None, port: int | None, log_level: str | None, insecure_no_auth: bool) -> None:
+def serve(
+    settings: Settings, host: str | None, port: int | None, log_level: str | None, insecure_no_auth: bool,
+    workers: int | None, shared: bool, worker: str | None,
+) -> None:  # fmt: skip
     from ..logsetup import setup_logging  # the daemon's imports: only when it runs
-    from ..serve import run
+    from ..serve import Worker, run, run_workers
     from ..store import Redactor
 
     cfg = settings.load()
     built_in = cfg is BUILT_IN
-    server = replace(cfg.server, host=host or cfg.server.host, port=cfg.server.port if port is None else port)
+    server = replace(
+        cfg.server, host=host or cfg.server.host, port=cfg.server.port if port is None else port,
+        workers=cfg.server.workers if workers is None else workers,
+    )  # fmt: skip
     cfg = replace(cfg, server=server)
     if not cfg.providers:
         raise ConfigError("no providers configured: add a `providers:` list (see config.yaml)")
@@ -50,13 +68,28 @@ def serve(settings: Settings, host: str | None, port: int | None, log_level: str
         )
     level = log_level or cfg.logs.level
     setup_logging(level, redact=Redactor(cfg.secrets()))
-    if built_in:
+    if built_in and worker is None:
         import structlog
 
         structlog.get_logger("provider_router").warning(
             "no_config_file", path=str(Path(settings.config).resolve()),
             serving="the built-in echo model only; pass --config PATH",
         )
-    status = run(cfg, db_path=settings.db, traceback=level == "debug")
+    if worker is None and server.workers > 1:
+
+        def command(port: int) -> list[str]:
+            """A worker: `serve` with these settings, on the port they share."""
+            args = [sys.executable, "-m", "provider_router", "serve", "--config", settings.config, "--host", server.host]
+            args += ["--port", str(port), "--log-level", level, "--workers", "1", "--shared"]
+            if settings.db:
+                args += ["--db", settings.db]
+            return args + (["--insecure-no-auth"] if insecure_no_auth else [])
+
+        status = run_workers(cfg, server.workers, command)
+    else:
+        status = run(
+            cfg, db_path=settings.db, traceback=level == "debug", shared=shared,
+            worker=Worker.parse(worker) if worker else None,
+        )  # fmt: skip
     if status:
         raise click.exceptions.Exit(status)

@@ -3,7 +3,8 @@
 A daemon keeps active sessions in memory and writes them back on their next request, so
 a command that edits sessions in the file must know whether a daemon serves it, and where
 to ask it instead. The lock says so, not the file: flock dies with its process, so the
-file a killed daemon leaves behind reads as free.
+file a killed daemon leaves behind reads as free. Instances sharing the database hold it
+shared: it then reads as free to the CLI, which may edit the file they all read.
 """
 
 from __future__ import annotations
@@ -64,6 +65,41 @@ def hold(db_path: str | Path) -> Presence | None:
     mark = Presence(path, fd)
     mark.serve_at(None)
     return mark
+
+
+class SharedPresence:
+    """A mark held shared by one of several instances serving a database together: their
+    sessions live in the database, so the CLI edits the file itself; a daemon alone on it
+    (which holds the mark exclusively) cannot start meanwhile, nor these while one runs."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def serve_at(self, url: str | None) -> None:
+        pass  # nothing to ask: the CLI edits the file, and every instance reads it
+
+    def release(self) -> None:
+        os.close(self.fd)  # never unlinked: other instances hold the same file
+
+
+def hold_shared(db_path: str | Path) -> SharedPresence | None:
+    """Mark `db_path` as served by this instance among others; None if a daemon alone serves it."""
+    import fcntl
+
+    path = mark_path(db_path)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.path.samestat(os.stat(path), os.fstat(fd)):
+                return SharedPresence(fd)
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # a daemon alone unlinked it as it stopped: take a fresh one
 
 
 def serving(db_path: str | Path) -> dict[str, Any] | None:

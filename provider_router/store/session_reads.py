@@ -26,6 +26,19 @@ TALLY_EXPIRING = (
 )
 TALLY_DELETING = "UPDATE session_tallies SET n = n + (SELECT count(*) FROM sessions WHERE id = ?) WHERE event = 'deleted'"
 DELETE_SESSION = "DELETE FROM sessions WHERE id = ?"
+# Past `sessions.max_sessions` where instances share the database: the leader ends the least
+# recently used, each counted only if still active when its end commits.
+BEYOND_MAX = (
+    "SELECT id, client, last_accessed_at FROM sessions WHERE state = 'active' "
+    "ORDER BY last_accessed_at DESC, id DESC LIMIT -1 OFFSET ?"
+)
+TALLY_EVICTING = (
+    "UPDATE session_tallies SET n = n + (SELECT count(*) FROM sessions WHERE id = ? AND state = 'active') WHERE event = 'evicted'"
+)
+EVICT_SESSION = (
+    "UPDATE sessions SET state = 'expired', metadata = json_set(coalesce(metadata, '{}'), '$.ended', 'evicted') "
+    "WHERE id = ? AND state = 'active'"
+)
 
 
 async def list_sessions(

@@ -2,6 +2,8 @@
 
 Reads go through the given connection; every change goes through the log writer's ordered
 statement queue, so session state and request records commit in the order they happened.
+`SessionStore` is what the sessions (sessions.py) use of it: a PostgreSQL backend provides
+the same.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import aiosqlite
 import orjson
@@ -79,11 +81,12 @@ ON CONFLICT(id) DO UPDATE SET
 """
 
 # Every later save only updates: a row deleted meanwhile (by an operator, while one of its
-# requests was still in flight) is never written back. Same parameters as UPSERT (by
+# requests was still in flight) is never written back. Nor does it clear the chat: another
+# instance may have made it since this one read the row (`forget_chat` clears it). Same parameters as UPSERT (by
 # number), so a save coalesced into a pending create still fits it.
 UPDATE = """
 UPDATE sessions SET
-    chat_id=?6, state=?8, parent_id=coalesce(?7, parent_id),
+    chat_id=coalesce(?6, chat_id), state=?8, parent_id=coalesce(?7, parent_id),
     message_count=CASE WHEN ?12 > 0 THEN ?12 ELSE message_count END,
     last_accessed_at=?10, expires_at=?11, request_count=?13, metadata=?14
 WHERE id=?1
@@ -117,6 +120,32 @@ def _session(row: aiosqlite.Row) -> Session:
     )
 
 
+class SessionStore(Protocol):
+    """Sessions and their turns as stored. Reads see every change committed, by any
+    instance; changes are queued in order, and `durable` waits until this instance's are
+    committed (instances sharing the database call it before another may read them)."""
+
+    async def load_active(self, now: float) -> list[Session]: ...
+    async def find_active(self, fingerprint: str, now: float) -> Session | None: ...
+    async def expiring(self, now: float) -> list[tuple[str, str, float]]: ...
+    def expire_stored(self, now: float) -> None: ...
+    async def beyond_max(self, keep: int) -> list[tuple[str, str, float]]: ...
+    def evict_stored(self, session_id: str) -> None: ...
+    async def tallies(self) -> dict[str, int]: ...
+    async def ids(self, prefix: str, client: str | None = None) -> list[str]: ...
+    async def load(self, session_id: str) -> Session | None: ...
+    async def load_turns(self, session_id: str) -> list[Turn]: ...
+    def create(self, s: Session) -> None: ...
+    def end(self, s: Session, reason: str) -> None: ...
+    def save(self, s: Session) -> None: ...
+    def add_turn(self, session_id: str, t: Turn, request_id: str, now: float) -> None: ...
+    async def durable(self, wait: float = 5.0) -> bool: ...
+    def forget_chat(self, session_id: str, chat_id: str) -> None: ...
+    def delete(self, session_id: str) -> None: ...
+    async def chats_to_delete(self, providers: list[str], session_id: str | None = None) -> list[tuple[str, str, str]]: ...
+    def chat_deleted(self, provider: str, chat_id: str, session_id: str, now: float, error: str | None = None) -> None: ...
+
+
 class SessionRepo:
     def __init__(self, conn: aiosqlite.Connection, writer: LogWriter) -> None:
         self._conn = conn
@@ -128,6 +157,17 @@ class SessionRepo:
         async with self._conn.execute(sql, (iso(now),)) as cur:
             return [_session(r) for r in await cur.fetchall()]
 
+    async def find_active(self, fingerprint: str, now: float) -> Session | None:
+        """The active, unexpired session a request with this opening continues (never a
+        named one: those are joined by name only)."""
+        sql = (
+            f"SELECT {_COLUMNS} FROM sessions WHERE fingerprint = ? AND state = 'active' AND expires_at > ? "
+            "AND json_extract(coalesce(metadata, '{}'), '$.explicit') IS NULL ORDER BY last_accessed_at DESC LIMIT 1"
+        )
+        async with self._conn.execute(sql, (fingerprint, iso(now))) as cur:
+            row = await cur.fetchone()
+        return _session(row) if row else None
+
     async def expiring(self, now: float) -> list[tuple[str, str, float]]:
         """(id, client, last access) of the active rows past their expiry."""
         async with self._conn.execute(reads.EXPIRING, (iso(now),)) as cur:
@@ -138,6 +178,16 @@ class SessionRepo:
         `session_reads.expire_sessions` does."""
         self._writer.execute(reads.TALLY_EXPIRING, (iso(now),), barrier=True)
         self._writer.execute(reads.EXPIRE_SESSIONS, (iso(now),), barrier=True)
+
+    async def beyond_max(self, keep: int) -> list[tuple[str, str, float]]:
+        """(id, client, last access) of the active sessions but the `keep` most recently used."""
+        async with self._conn.execute(reads.BEYOND_MAX, (keep,)) as cur:
+            return [(r[0], r[1], _ts(r[2])) for r in await cur.fetchall()]
+
+    def evict_stored(self, session_id: str) -> None:
+        """End (and count) a stored session as evicted, if it is still active then."""
+        self._writer.execute(reads.TALLY_EVICTING, (session_id,), barrier=True)
+        self._writer.execute(reads.EVICT_SESSION, (session_id,), barrier=True)
 
     async def tallies(self) -> dict[str, int]:
         return await reads.tallies(self._conn)
@@ -190,7 +240,10 @@ class SessionRepo:
         return True
 
     def forget_chat(self, session_id: str, chat_id: str) -> None:
+        """The upstream lost `chat_id`: the session's turns in it go, and it is the session's
+        chat no more."""
         self._writer.execute("DELETE FROM turns WHERE session_id = ? AND chat_id = ?", (session_id, chat_id), barrier=True)
+        self._writer.execute("UPDATE sessions SET chat_id = NULL WHERE id = ? AND chat_id = ?", (session_id, chat_id), barrier=True)
 
     def delete(self, session_id: str) -> None:
         """Delete (and count) the session's row; its turns go by cascade, its upstream chats
