@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import os
@@ -10,6 +11,7 @@ import tempfile
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -20,7 +22,8 @@ from hypothesis import strategies as st
 from provider_router.logsetup import line_renderer, setup_logging
 from provider_router.store import LogWriter, Redactor, RequestRecord, connect, sink
 from provider_router.records import iso, request_line
-from provider_router.store.migrations import MIGRATIONS, migrate
+from provider_router import history
+from provider_router.store.migrations import MIGRATIONS, migrate, migrate_file
 from tests.waiting import until
 
 
@@ -463,3 +466,77 @@ async def test_the_writer_copies_its_wal_into_the_database_file_as_it_goes(tmp_p
     assert db.execute("SELECT count(*) FROM requests").fetchone()[0] == 600
     busy, frames, done = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     assert (busy, frames) == (0, done)  # nothing left behind in the WAL at stop
+
+
+def test_writers_of_several_instances_on_one_file_lose_nothing(tmp_path: Path) -> None:
+    """`serve --workers N` runs a log writer per worker on one file: each batch is prepared
+    inside its write transaction, so writers racing with growing conversations (new
+    messages, shared openings, the same tool list) never pick the same ids or make a node
+    twice; every row is written, each message stored once, and every request reads back."""
+    from provider_router.history import node_keys
+
+    path = tmp_path / "w.db"
+    migrate_file(str(path))
+    tools = [{"type": "function", "function": {"name": "read_file", "description": "x" * 200}}]
+
+    def records(writer: int) -> list[RequestRecord]:
+        out = []
+        for conv in range(6):  # conversations 0-2 open the same way in every writer
+            history: list[dict[str, Any]] = [{"role": "system", "content": f"agent {conv % 3}"}]
+            for turn in range(8):
+                history.append({"role": "user", "content": f"c{conv % 3} turn {turn}" if conv < 3 and turn == 0 else f"w{writer} c{conv} t{turn}"})
+                r = RequestRecord("POST", "/v1/chat/completions")
+                r.session_id = f"w{writer}c{conv}"
+                r.request_body = orjson.dumps({"model": "m", "messages": history, "tools": tools})
+                answer = {"role": "assistant", "content": f"answer w{writer} c{conv} t{turn}"}
+                r.response_body = orjson.dumps({"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": answer, "finish_reason": "stop"}]})
+                r.reply_format = "completion"
+                r.finish(200, "ok")
+                out.append(r)
+                history = [*history, answer]
+        return out
+
+    work = [records(w) for w in range(3)]
+    start = threading.Barrier(len(work))
+    done: list[tuple[int, int]] = []
+
+    def run(mine: list[RequestRecord]) -> None:  # a writer process's sink, on its own connection
+        s = sink.Sink(sink.open_db(str(path)), max_body_bytes=1 << 20, redactor=Redactor([]), emit=lambda _: None)
+        start.wait()
+        for i in range(0, len(mine), 3):  # small batches: the writers take turns often
+            s.apply([([], mine[i : i + 3])])
+        done.append((s.written, s.failed))
+
+    threads = [threading.Thread(target=run, args=(mine,)) for mine in work]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert done == [(len(work[0]), 0)] * len(work)
+    db = sqlite3.connect(path)
+    (stored, distinct) = db.execute("SELECT count(*), count(DISTINCT hash) FROM messages").fetchone()
+    positions = set()
+    for mine in work:
+        for r in mine:
+            body = orjson.loads(r.request_body)  # type: ignore[arg-type]
+            keys = node_keys(body["messages"])
+            positions |= {*keys, history.node_key(keys[-1], orjson.loads(r.response_body)["choices"][0]["message"])}  # type: ignore[arg-type]
+    assert stored == distinct == len(positions)
+    ids = [r.id for mine in work for r in mine]
+    assert db.execute("SELECT count(*) FROM requests").fetchone() == (len(ids),)
+    db.close()
+    got = asyncio.run(_read_all(path, ids))
+    for r, row in zip([r for mine in work for r in mine], got):
+        assert row["request"] == orjson.loads(r.request_body)  # type: ignore[arg-type]
+
+
+async def _read_all(path: Path, ids: list[str]) -> list[dict[str, Any]]:
+    import aiosqlite
+
+    from provider_router.store import queries
+
+    conn = await aiosqlite.connect(path)
+    try:
+        return [await queries.get_request(conn, i) for i in ids]  # type: ignore[misc]
+    finally:
+        await conn.close()

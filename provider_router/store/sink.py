@@ -130,15 +130,18 @@ class Target(Protocol):
     ids: Ids | None
 
     def changed(self) -> bool: ...
+    def begin(self) -> None: ...
     def write(self, steps: list[Group]) -> None: ...
     def rollback(self) -> None: ...
     def retryable(self, e: BaseException) -> bool: ...
 
 
 class SqliteTarget:
-    """The sink's SQLite file: the one writer, so the tree numbers new rows after the
-    largest stored id; another connection's commit (retention, `db prune`, a CLI edit)
-    may have deleted a node the tree remembers."""
+    """The sink's SQLite file. A batch is prepared inside its write transaction: the tree
+    numbers new rows after the largest stored id and looks nodes up in what is committed,
+    so the writers of several instances on one file (`serve --workers`) take turns and
+    never pick the same ids; another connection's commit (another instance, retention,
+    `db prune`, a CLI edit) may have deleted a node the tree remembers."""
 
     ids: Ids | None = None
 
@@ -153,9 +156,11 @@ class SqliteTarget:
         changed, self._data_version = version != self._data_version, version
         return bool(changed)
 
+    def begin(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
     def write(self, steps: list[Group]) -> None:
         conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
         for sql, many in steps:
             conn.executemany(sql, many)
         conn.execute("COMMIT")
@@ -245,21 +250,16 @@ class Sink:
         steps: list[Group] = [g for groups, _ in batches for g in groups]
         records = [r for _, records in batches for r in records]
         n = len(records)
-        if self.db.changed():
-            # Another connection committed (retention, `db prune`, a CLI edit): a message
-            # the tree remembers may be gone, so it reads them from the database again.
-            self.tree.reset()
         if self.lines is not None:
             # Before the write: a database another process holds locked delays the rows,
             # and a crash mid-write loses them, but not these lines.
             self.lines([r for r in records if r.log_line], self.give_way)
         batch = records
 
-        def whole() -> None:
+        def whole() -> tuple[list[Group], int]:
             nonlocal batch
             groups, rows, batch = self.prepare(batch)  # leaves out a record it cannot build
-            self._write(steps + groups)
-            self.written += rows
+            return steps + groups, rows
 
         error = self._retrying(whole)
         if error is not None:
@@ -285,24 +285,33 @@ class Sink:
     def _one_by_one(self, steps: list[Group], records: list[RequestRecord]) -> None:
         for sql, many in steps:
             for params in many:
-                error = self._retrying(lambda: self._write([(sql, [params])]))
+                error = self._retrying(lambda: ([(sql, [params])], 0))
                 if error is not None:
                     self._fail("log_statement_failed", error)
         for r in records:
-            def one(r: RequestRecord = r) -> None:
+            def one(r: RequestRecord = r) -> tuple[list[Group], int]:
                 groups, rows, _ = self.prepare([r])
-                self._write(groups)
-                self.written += rows
+                return groups, rows
             error = self._retrying(one)
             if error is not None:
                 self._fail("log_record_failed", error)
 
-    def _retrying(self, write: Callable[[], None]) -> Exception | None:
-        """Run `write` until it goes through or fails for another reason than a database
-        another process holds locked: that error, rolled back (None if written)."""
+    def _retrying(self, build: Callable[[], tuple[list[Group], int]]) -> Exception | None:
+        """Write the statements `build` gathers (and count its request rows), in one
+        transaction begun before it runs, until it goes through or fails for another reason
+        than a database another process holds locked: that error, rolled back (None if
+        written)."""
         while True:
             try:
-                write()
+                self.db.begin()
+                if self.db.changed():
+                    # Another connection committed (another instance, retention, `db prune`,
+                    # a CLI edit): a message the tree remembers may be gone, and the largest
+                    # ids have moved, so it reads them from the database again.
+                    self.tree.reset()
+                steps, rows = build()
+                self._write(steps)
+                self.written += rows
                 return None
             except Exception as e:
                 self._rollback()

@@ -219,6 +219,11 @@ class PgTarget:
     def changed(self) -> bool:
         return False  # checked in the batch's own transaction instead (the epoch), see write
 
+    def begin(self) -> None:
+        """Nothing: a batch is prepared outside its transaction (the ids are this writer's
+        own sequence blocks, and a node another writer made first is a retry, see
+        `retryable`), and `write` runs it in one."""
+
     def _partitions(self, steps: list[Group]) -> None:
         """The days of the batch's requests have partitions: made (and a week ahead) when
         first met; outside the batch's transaction, so their locks are short."""
