@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 import structlog
-from aiohttp import web
+from aiohttp import web, web_protocol
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from .app import create_app, end_grace
 from .config import Config
@@ -33,6 +34,47 @@ from .stopping import HURRY_SECONDS, SIGNALS, Signals, Watchdog
 from .store.presence import Presence, SharedPresence, hold, hold_shared, serving
 
 log = structlog.get_logger("provider_router")
+
+
+class _Handler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, but a request head it cannot parse (a line too long, a
+    malformed header) is answered without quoting it, and logged as one warning line.
+    aiohttp's answer repeats the offending bytes, which may be a client's key (an
+    `Authorization` header too long), and logs it as an error with a traceback, for what
+    is the client's mistake."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        if isinstance(exc, HttpProcessingError) and status < 500:
+            what = "a line of the request head (its URL or a header) is too long" if isinstance(exc, LineTooLong) else "the request head is malformed"
+            message = f"{status} Bad Request: {what}."
+        return super().handle_error(request, status, exc, message)
+
+    def log_exception(self, *args: object, **kw: object) -> None:
+        exc = kw.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            log.warning("bad_http_request", error=type(exc).__name__, status=exc.code)  # not its message: it quotes the bytes
+            return
+        super().log_exception(*args, **kw)
+
+
+class _Runner(web.AppRunner):
+    """The app's runner, its connections handled by `_Handler`."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _Server
+        return server
+
+
+class _Server(web.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        handler = super().__call__()
+        handler.__class__ = _Handler  # the same slots: only the two methods above differ
+        return handler
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -179,7 +221,7 @@ async def _serve(
     app.on_startup.append(_settle_heap)  # after the app's own start-up (cleanup_ctx runs first)
     signals.hurry = lambda: end_grace(app)
     host, port = cfg.server.host, cfg.server.port
-    runner = web.AppRunner(
+    runner = _Runner(
         app, handle_signals=False, access_log=None, handler_cancellation=True, shutdown_timeout=cfg.server.shutdown_grace_seconds
     )
     try:

@@ -446,9 +446,10 @@ async def test_insecure_no_auth_starts_on_a_non_loopback_address(spawn: Spawn) -
     assert await d.stop() == 0
 
 
-async def test_http_parse_errors_in_the_log_are_redacted(spawn: Spawn) -> None:
+async def test_http_parse_errors_quote_nothing_in_the_answer_or_the_log(spawn: Spawn) -> None:
     """A request whose over-long Authorization header carries a client key is refused by the
-    HTTP parser (400); the daemon's log line about it must not contain the key."""
+    HTTP parser (400): neither the answer (aiohttp's own text repeats the line) nor the
+    daemon's log contains the key, and the log has one warning line, no traceback."""
     key = canary("client_key")
     config = yaml.safe_dump(
         {
@@ -459,11 +460,15 @@ async def test_http_parse_errors_in_the_log_are_redacted(spawn: Spawn) -> None:
     )
     d = await spawn(config, env={"ALICE_KEY": key})
     reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
-    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode() + b" " * 9000 + b"\r\n\r\n")
+    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode() + b"a" * 9000 + b"\r\n\r\n")
     await writer.drain()
     async with asyncio.timeout(WAIT):
-        assert (await reader.read()).startswith(b"HTTP/1.0 400")
+        answer = await reader.read()
     writer.close()
+    assert answer.startswith(b"HTTP/1.0 400") and b"is too long" in answer
+    assert not leaks(answer, {"client_key": key}) and key[:8].encode() not in answer
     assert await d.stop() == 0
-    assert b"Error handling request" in d.log.read_bytes()
+    lines = [x for x in d.lines() if x.get("event") == "bad_http_request"]
+    assert [(x["level"], x["error"]) for x in lines] == [("warning", "LineTooLong")]
+    assert b"Traceback" not in d.log.read_bytes() and b"Error handling request" not in d.log.read_bytes()
     assert not leaks(d.log.read_bytes(), {"client_key": key})
