@@ -11,9 +11,9 @@ import logging
 import structlog
 from aiohttp import web
 
+from .api.ids import stamp
 from .api.outcome import settle
 from .errors import ApiError, shown
-from .sessions import JOINED, STARTED_IT
 from .state import RECORD, REQUEST_ID, STARTED, STATE, State
 from .records import RequestRecord, new_id, request_line
 
@@ -54,6 +54,14 @@ def _check_headers(request: web.Request) -> None:
     for name, value in request.headers.items():
         if not value.isascii() and not _is_utf8(value):  # most values are ASCII: no call for them
             raise ApiError(400, f"The value of the {name} header is not valid UTF-8.", param=name, code="invalid_header")
+
+
+def _answer(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
+    """`resp`, which the edge returns, with the request's ids on it, unless its head went
+    out already (a stream stamped them as it started)."""
+    if not resp.prepared:
+        stamp(request, resp)
+    return resp
 
 
 def _unless_started(request: web.Request, error: web.Response) -> web.StreamResponse:
@@ -123,27 +131,28 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
         await _admit(request, state, rec)
         resp = await handler(request)
         answered = resp.status
-        return resp
+        return _answer(request, resp)
     except ApiError as e:
         e.message = shown(state.redactor, e.message)
         failure = e
-        return _unless_started(request, _error_response(e))
+        return _answer(request, _unless_started(request, _error_response(e)))
     except web.HTTPException as e:
         failure = _from_http_exception(e)
-        return _error_response(failure)
+        return _answer(request, _error_response(failure))
     except (asyncio.CancelledError, ConnectionResetError):
         if state.ending and task is not None and task.cancelling():
             # Our own shutdown cancelled it (see app._mark_shutting_down): answer, don't vanish.
             task.uncancel()
             failure = ApiError(503, "The proxy is shutting down.", code="proxy_shutdown", outcome="shutdown")
-            return _error_response(failure)
+            return _answer(request, _error_response(failure))
         # The client went away (aiohttp cancels the handler, or a write found the socket gone).
         failure = ApiError(499, "client disconnected", outcome="client_disconnected")
         raise
     except Exception as e:
         log.exception("internal_error")
         failure = ApiError(500, f"internal error: {type(e).__name__}", outcome="error")
-        return _unless_started(request, _error_response(ApiError(500, "Internal proxy error.", code="internal_error", type="server_error")))
+        error = _error_response(ApiError(500, "Internal proxy error.", code="internal_error", type="server_error"))
+        return _answer(request, _unless_started(request, error))
     finally:
         state.inflight.discard(task)  # type: ignore[arg-type]
         if rec is not None:
@@ -151,15 +160,3 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
             _hand_over(state, rec)
         structlog.contextvars.unbind_contextvars("request_id")
 
-
-async def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """`on_response_prepare`: ids go on every response, streams included (headers leave early)."""
-    rid = request.get(REQUEST_ID)
-    if rid is not None:
-        response.headers["X-Request-Id"] = rid
-    rec = request.get(RECORD)
-    if rec is not None and rec.session_id is not None:
-        response.headers["X-Session-Id"] = rec.session_id
-        joined = request.get(JOINED)
-        if joined is not None and joined.id == rec.session_id:
-            response.headers["X-Session-New"] = "true" if request[STARTED_IT] else "false"
