@@ -121,6 +121,8 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
     rec = RequestRecord(request.method, request.path) if api else None
     rid = rec.id if rec is not None else new_id()
     request[REQUEST_ID] = rid
+    # Bound for this request only: aiohttp runs each request in a task of its own, with a
+    # copy of the context, so the binding goes with the task (nothing to unbind).
     structlog.contextvars.bind_contextvars(request_id=rid)
     answered: int | None = None
     failure: ApiError | None = None  # how the handler ended, if not with a response
@@ -158,5 +160,4 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
         if rec is not None:
             settle(request, rec, answered, failure)
             _hand_over(state, rec)
-        structlog.contextvars.unbind_contextvars("request_id")
 
