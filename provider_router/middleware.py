@@ -56,11 +56,11 @@ def _check_headers(request: web.Request) -> None:
             raise ApiError(400, f"The value of the {name} header is not valid UTF-8.", param=name, code="invalid_header")
 
 
-def _answer(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
+def _answer(request: web.Request, resp: web.StreamResponse, rec: RequestRecord | None) -> web.StreamResponse:
     """`resp`, which the edge returns, with the request's ids on it, unless its head went
     out already (a stream stamped them as it started)."""
     if not resp.prepared:
-        stamp(request, resp)
+        stamp(request, resp, rec)
     return resp
 
 
@@ -83,9 +83,8 @@ def _from_http_exception(e: web.HTTPException) -> ApiError:
     return ApiError(e.status, e.reason or "error", code="http_error", outcome="rejected")
 
 
-async def _admit(request: web.Request, state: State, rec: RequestRecord | None) -> None:
-    """Headers checked; on /v1, the record started, the client named by its key, and room
-    in the log's queue waited for (the log is behind: wait rather than lose records)."""
+def _admit(request: web.Request, state: State, rec: RequestRecord | None) -> None:
+    """Headers checked; on /v1, the record started and the client named by its key."""
     if rec is not None:
         request[RECORD] = rec
         ua = request.headers.get("User-Agent")
@@ -96,8 +95,6 @@ async def _admit(request: web.Request, state: State, rec: RequestRecord | None) 
     if rec is not None:
         if state.client_keys:
             rec.client = _client_name(request, state.client_keys)
-        if state.writer is not None and state.writer.full:  # `room()` returns at once otherwise
-            await state.writer.room()
 
 
 def _hand_over(state: State, rec: RequestRecord) -> None:
@@ -130,23 +127,26 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
     if rec is not None and task is not None:
         state.inflight.add(task)
     try:
-        await _admit(request, state, rec)
+        _admit(request, state, rec)
+        writer = state.writer
+        if rec is not None and writer is not None and writer.full:  # `room()` would return at once otherwise
+            await writer.room()  # the log is behind: wait rather than lose records
         resp = await handler(request)
         answered = resp.status
-        return _answer(request, resp)
+        return _answer(request, resp, rec)
     except ApiError as e:
         e.message = shown(state.redactor, e.message)
         failure = e
-        return _answer(request, _unless_started(request, _error_response(e)))
+        return _answer(request, _unless_started(request, _error_response(e)), rec)
     except web.HTTPException as e:
         failure = _from_http_exception(e)
-        return _answer(request, _error_response(failure))
+        return _answer(request, _error_response(failure), rec)
     except (asyncio.CancelledError, ConnectionResetError):
         if state.ending and task is not None and task.cancelling():
             # Our own shutdown cancelled it (see app._mark_shutting_down): answer, don't vanish.
             task.uncancel()
             failure = ApiError(503, "The proxy is shutting down.", code="proxy_shutdown", outcome="shutdown")
-            return _answer(request, _error_response(failure))
+            return _answer(request, _error_response(failure), rec)
         # The client went away (aiohttp cancels the handler, or a write found the socket gone).
         failure = ApiError(499, "client disconnected", outcome="client_disconnected")
         raise
@@ -154,7 +154,7 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
         log.exception("internal_error")
         failure = ApiError(500, f"internal error: {type(e).__name__}", outcome="error")
         error = _error_response(ApiError(500, "Internal proxy error.", code="internal_error", type="server_error"))
-        return _answer(request, _unless_started(request, error))
+        return _answer(request, _unless_started(request, error), rec)
     finally:
         state.inflight.discard(task)  # type: ignore[arg-type]
         if rec is not None:

@@ -9,14 +9,15 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..sessions import JOINED, STARTED_IT
-from ..state import RECORD, REQUEST_ID
+from ..records import RequestRecord
+from ..state import REQUEST_ID
 
 
-def stamp(request: web.Request, response: web.StreamResponse) -> None:
-    """Put the request's ids on `response`, whose head has not gone out yet."""
+def stamp(request: web.Request, response: web.StreamResponse, rec: RequestRecord | None) -> None:
+    """Put the request's ids on `response`, whose head has not gone out yet; `rec`: the
+    request's record (None off /v1)."""
     headers = response.headers
     headers["X-Request-Id"] = request[REQUEST_ID]
-    rec = request.get(RECORD)
     if rec is not None and rec.session_id is not None:
         headers["X-Session-Id"] = rec.session_id
         joined = request.get(JOINED)

@@ -285,7 +285,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     flt.before = None
     after = max(_int(request, "after", 0, 0, 2**62), _last_event_id(request))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
-    stamp(request, response)  # its head goes out here, not from the edge
+    stamp(request, response, None)  # its head goes out here, not from the edge
     await response.prepare(request)
     await response.write(b"retry: 3000\n\n")
     idle = 0.0
