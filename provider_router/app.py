@@ -22,7 +22,7 @@ from .api import models as models_api
 from .api import sessions as sessions_api
 from .config import Config
 from .metrics import Metrics
-from .middleware import edge, key_digest, stamp_headers
+from .middleware import edge, key_digest
 from .providers import build_provider
 from .providers.http import new_session
 from .providers.proxies import proxy_secrets
@@ -65,7 +65,6 @@ def create_app(
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_upstreams)
     app.cleanup_ctx.append(_threads)
-    app.on_response_prepare.append(stamp_headers)
     app.on_shutdown.append(_mark_shutting_down)
     app.router.add_post("/v1/chat/completions", chat_api.chat_completions)
     app[models_api.CATALOG] = models_api.Catalog()

@@ -11,9 +11,9 @@ import logging
 import structlog
 from aiohttp import web
 
+from .api.ids import stamp
 from .api.outcome import settle
 from .errors import ApiError, shown
-from .sessions import JOINED, STARTED_IT
 from .state import RECORD, REQUEST_ID, STARTED, STATE, State
 from .records import RequestRecord, new_id, request_line
 
@@ -56,6 +56,14 @@ def _check_headers(request: web.Request) -> None:
             raise ApiError(400, f"The value of the {name} header is not valid UTF-8.", param=name, code="invalid_header")
 
 
+def _answer(request: web.Request, resp: web.StreamResponse, rec: RequestRecord | None) -> web.StreamResponse:
+    """`resp`, which the edge returns, with the request's ids on it, unless its head went
+    out already (a stream stamped them as it started)."""
+    if not resp.prepared:
+        stamp(request, resp, rec)
+    return resp
+
+
 def _unless_started(request: web.Request, error: web.Response) -> web.StreamResponse:
     """The error response, unless a stream's head already went out: then that stream, to be
     ended as it is (an HTTP response has one head; a second would corrupt the stream)."""
@@ -75,9 +83,8 @@ def _from_http_exception(e: web.HTTPException) -> ApiError:
     return ApiError(e.status, e.reason or "error", code="http_error", outcome="rejected")
 
 
-async def _admit(request: web.Request, state: State, rec: RequestRecord | None) -> None:
-    """Headers checked; on /v1, the record started, the client named by its key, and room
-    in the log's queue waited for (the log is behind: wait rather than lose records)."""
+def _admit(request: web.Request, state: State, rec: RequestRecord | None) -> None:
+    """Headers checked; on /v1, the record started and the client named by its key."""
     if rec is not None:
         request[RECORD] = rec
         ua = request.headers.get("User-Agent")
@@ -88,8 +95,6 @@ async def _admit(request: web.Request, state: State, rec: RequestRecord | None) 
     if rec is not None:
         if state.client_keys:
             rec.client = _client_name(request, state.client_keys)
-        if state.writer is not None and state.writer.full:  # `room()` returns at once otherwise
-            await state.writer.room()
 
 
 def _hand_over(state: State, rec: RequestRecord) -> None:
@@ -113,6 +118,8 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
     rec = RequestRecord(request.method, request.path) if api else None
     rid = rec.id if rec is not None else new_id()
     request[REQUEST_ID] = rid
+    # Bound for this request only: aiohttp runs each request in a task of its own, with a
+    # copy of the context, so the binding goes with the task (nothing to unbind).
     structlog.contextvars.bind_contextvars(request_id=rid)
     answered: int | None = None
     failure: ApiError | None = None  # how the handler ended, if not with a response
@@ -120,46 +127,37 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
     if rec is not None and task is not None:
         state.inflight.add(task)
     try:
-        await _admit(request, state, rec)
+        _admit(request, state, rec)
+        writer = state.writer
+        if rec is not None and writer is not None and writer.full:  # `room()` would return at once otherwise
+            await writer.room()  # the log is behind: wait rather than lose records
         resp = await handler(request)
         answered = resp.status
-        return resp
+        return _answer(request, resp, rec)
     except ApiError as e:
         e.message = shown(state.redactor, e.message)
         failure = e
-        return _unless_started(request, _error_response(e))
+        return _answer(request, _unless_started(request, _error_response(e)), rec)
     except web.HTTPException as e:
         failure = _from_http_exception(e)
-        return _error_response(failure)
+        return _answer(request, _error_response(failure), rec)
     except (asyncio.CancelledError, ConnectionResetError):
         if state.ending and task is not None and task.cancelling():
             # Our own shutdown cancelled it (see app._mark_shutting_down): answer, don't vanish.
             task.uncancel()
             failure = ApiError(503, "The proxy is shutting down.", code="proxy_shutdown", outcome="shutdown")
-            return _error_response(failure)
+            return _answer(request, _error_response(failure), rec)
         # The client went away (aiohttp cancels the handler, or a write found the socket gone).
         failure = ApiError(499, "client disconnected", outcome="client_disconnected")
         raise
     except Exception as e:
         log.exception("internal_error")
         failure = ApiError(500, f"internal error: {type(e).__name__}", outcome="error")
-        return _unless_started(request, _error_response(ApiError(500, "Internal proxy error.", code="internal_error", type="server_error")))
+        error = _error_response(ApiError(500, "Internal proxy error.", code="internal_error", type="server_error"))
+        return _answer(request, _unless_started(request, error), rec)
     finally:
         state.inflight.discard(task)  # type: ignore[arg-type]
         if rec is not None:
             settle(request, rec, answered, failure)
             _hand_over(state, rec)
-        structlog.contextvars.unbind_contextvars("request_id")
 
-
-async def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """`on_response_prepare`: ids go on every response, streams included (headers leave early)."""
-    rid = request.get(REQUEST_ID)
-    if rid is not None:
-        response.headers["X-Request-Id"] = rid
-    rec = request.get(RECORD)
-    if rec is not None and rec.session_id is not None:
-        response.headers["X-Session-Id"] = rec.session_id
-        joined = request.get(JOINED)
-        if joined is not None and joined.id == rec.session_id:
-            response.headers["X-Session-New"] = "true" if request[STARTED_IT] else "false"

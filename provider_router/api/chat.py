@@ -25,15 +25,15 @@ MAX_MESSAGES = 10_000
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     rec = request[RECORD]
-    raw, body = await intake.read_body(request, rec)
+    state = request.app[STATE]
+    raw, body = await intake.read_body(request, state, rec)
     if isinstance(body.get("model"), str):
         rec.model = body["model"]  # logged even if the body is refused
     validate_chat(body, max_messages=MAX_MESSAGES)
     stream = bool(body.get("stream", False))
     rec.stream = stream
-    routes = intake.routes(request, body["model"])
+    routes = intake.routes(state, body["model"])
     stripped = strip_steering(raw, body)
-    state = request.app[STATE]
 
     async def attempt(a: attempts.Attempt) -> web.StreamResponse:
         sent, data = intake.for_route(raw, body, stripped, a.route)

@@ -49,14 +49,14 @@ def endpoint(
         state = request.app[STATE]
         rec = request[RECORD]
         rec.reply_format = reply_format  # None: the log writer keeps the body as it is
-        raw, body = await intake.read_body(request, rec)
+        raw, body = await intake.read_body(request, state, rec)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise bad("`model` is required: a non-empty string.", param="model")
         rec.model = model
         stream = streams and bool(body.get("stream", False))
         rec.stream = stream
-        routes = intake.routes(request, model)
+        routes = intake.routes(state, model)
         served = [r for r in routes if forwards(state.providers[r.provider.name])]
         if not served:
             p = routes[0].provider

@@ -12,20 +12,21 @@ from aiohttp import web
 
 from ..errors import ApiError
 from ..routing import NoRoute, Route
-from ..state import STATE
+from ..state import State
 from ..records import RequestRecord
 from .validate import JSON_TYPES, bad, has_nul, parse_body
 
 
-async def read_body(request: web.Request, rec: RequestRecord) -> tuple[bytes, dict[str, Any]]:
+async def read_body(request: web.Request, state: State, rec: RequestRecord) -> tuple[bytes, dict[str, Any]]:
     """The body as it came and as a JSON object (kept in the record as it came)."""
     # The media type without parameters; aiohttp's `content_type` parses with the email
     # package, more than this check needs.
     ctype = request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
     if ctype not in JSON_TYPES and not ctype.endswith("+json"):
         raise ApiError(415, f"Content-Type must be application/json, not {ctype!r}.", code="unsupported_media_type")
-    limit = request.app[STATE].config.server.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
+    limit = state.config.server.max_body_bytes
+    length = request.content_length  # parsed from the header at each reading
+    if length is not None and length > limit:
         raise ApiError(413, f"The request body exceeds the limit of {limit} bytes.", code="body_too_large")
     try:
         raw = await request.read()
@@ -44,10 +45,10 @@ async def read_body(request: web.Request, rec: RequestRecord) -> tuple[bytes, di
     return raw, body
 
 
-def routes(request: web.Request, model: str) -> list[Route]:
+def routes(state: State, model: str) -> list[Route]:
     """`model`'s route, then its fallbacks; a 404 that lists the models there are if none."""
     try:
-        return request.app[STATE].router.chain(model)
+        return state.router.chain(model)
     except NoRoute as e:
         raise ApiError(404, str(e), param="model", code="model_not_found") from None
 

@@ -9,18 +9,17 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..errors import ApiError
-from ..state import STARTED
+from ..state import RECORD, STARTED
 from ..records import RequestRecord
-
-# A failure the client was told inside a response rather than by one: an upstream's error
-# answer passed on as it is, or an error event that ended a stream.
-TOLD = web.RequestKey("told", ApiError)
 
 
 def tell(request: web.Request, e: ApiError) -> None:
-    """`e` reaches the client inside the response; the first one told is the request's outcome."""
-    if TOLD not in request:
-        request[TOLD] = e
+    """`e` reaches the client inside the response (an upstream's error answer passed on as
+    it is, or an error event that ended a stream); the first one told is the request's
+    outcome. The record holds it from now on: `settle` finishes it without replacing it."""
+    rec = request[RECORD]
+    if rec.outcome is None:
+        rec.outcome, rec.error = e.outcome, e.message
 
 
 def settle(request: web.Request, rec: RequestRecord, answered: int | None, failure: ApiError | None) -> None:
@@ -28,20 +27,14 @@ def settle(request: web.Request, rec: RequestRecord, answered: int | None, failu
     status of the response the handler returned; `failure`: how the handler ended
     otherwise (an error answered, a disconnect, the proxy's shutdown, a bug).
 
-    A stream whose head went out keeps that status, whatever happened after; the outcome is
-    the first failure the client was told in a response, else the one the handler ended
-    with, else what the status says."""
-    head = request.get(STARTED)
-    cause = request.get(TOLD) or failure
-    if head is not None:
-        status = head.status
-    elif failure is not None:
-        status = failure.status
-    else:
-        status = 500 if answered is None else answered
-    if cause is not None:
-        rec.finish(status, cause.outcome, cause.message)
+    A stream whose head went out keeps that status, whatever happened after (a handler that
+    returned answered with it); the outcome is the first failure the client was told in a
+    response (`tell`), else the one the handler ended with, else what the status says."""
+    if failure is not None:
+        head = request.get(STARTED)
+        rec.finish(failure.status if head is None else head.status, failure.outcome, failure.message)
     elif answered is None:  # ended by no response and no failure we know of
-        rec.finish(status, "error")
+        head = request.get(STARTED)
+        rec.finish(500 if head is None else head.status, "error")
     else:
-        rec.finish(status, "ok" if status < 400 else "rejected")
+        rec.finish(answered, "ok" if answered < 400 else "rejected")

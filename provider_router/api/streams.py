@@ -15,7 +15,8 @@ from aiohttp import web
 
 from ..errors import ApiError, shown
 from ..sse import encode_event
-from ..state import STARTED, STATE
+from ..state import RECORD, STARTED, STATE
+from .ids import stamp
 from .outcome import tell
 
 log = structlog.get_logger("provider_router.api")
@@ -25,6 +26,7 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 async def start(request: web.Request, status: int = 200, headers: Mapping[str, str] = SSE_HEADERS) -> web.StreamResponse:
     """Send a stream's head; from now on the request has no other response."""
     resp = web.StreamResponse(status=status, headers=headers)
+    stamp(request, resp, request[RECORD])
     await resp.prepare(request)
     request[STARTED] = resp
     return resp

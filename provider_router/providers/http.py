@@ -125,8 +125,6 @@ class Upstream:
                 proxy_headers = {"Proxy-Authorization": self._proxy_auth}
             else:
                 headers = {**headers, "Proxy-Authorization": self._proxy_auth}
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
         slot = self._slots
         held = False
         resp: aiohttp.ClientResponse | None = None
@@ -135,6 +133,8 @@ class Upstream:
             async with asyncio.timeout(self.t.first_byte):
                 if slot is not None:
                     if slot.locked():
+                        loop = asyncio.get_running_loop()
+                        t0 = loop.time()
                         self.waiting += 1
                         try:
                             await slot.acquire()
@@ -208,10 +208,6 @@ class Upstream:
         non-stream reply arrives in one go once the model has finished); at most `limit` bytes."""
         resp = ex.resp
         try:
-            if resp.content_length is not None and resp.content_length > limit:
-                raise ApiError(502, "upstream body too large", code="upstream_error")
-            parts: list[bytes] = []
-            size = 0
             decoder = ex.decoder
             if decoder is None and resp.content.is_eof():
                 # The whole (small) body came with the head, as most JSON answers do: no
@@ -220,6 +216,11 @@ class Upstream:
                 if len(data) > limit:
                     raise ApiError(502, "upstream body too large", code="upstream_error")
                 return data
+            length = resp.content_length
+            if length is not None and length > limit:
+                raise ApiError(502, "upstream body too large", code="upstream_error")
+            parts: list[bytes] = []
+            size = 0
             async with asyncio.timeout(self.t.idle):
                 while True:
                     data = await resp.content.readany()

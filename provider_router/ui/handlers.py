@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from ..api.admin import bearer_ok
+from ..api.ids import stamp
 from ..errors import ApiError
 from ..state import STATE, State
 from ..store import queries, session_reads
@@ -284,6 +285,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     flt.before = None
     after = max(_int(request, "after", 0, 0, 2**62), _last_event_id(request))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
+    stamp(request, response, None)  # its head goes out here, not from the edge
     await response.prepare(request)
     await response.write(b"retry: 3000\n\n")
     idle = 0.0
