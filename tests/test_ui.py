@@ -254,8 +254,13 @@ async def test_filters_and_full_text_search_narrow_the_list(make_proxy: ProxyFac
     assert len(re.findall(r'<td class="time"', body)) == 3
     _, _, body = await fetch(p, "/ui/?until=1h")
     assert len(re.findall(r'<td class="time"', body)) == 0 and 'name="until" value="1h"' in body
-    status, _, body = await fetch(p, "/ui/?until=soonish")
-    assert status == 400 and "until" in body
+    # A typo is the page again, the form as typed and what to fix, not an error document.
+    status, headers, _ = await fetch(p, "/ui/requests?model=echo")  # the list has one address
+    assert status == 301 and headers["Location"] == "/ui/?model=echo"
+    status, headers, body = await fetch(p, "/ui/?until=soonish&status=2OO&model=echo")
+    assert status == 400 and headers["Content-Type"].startswith("text/html")
+    assert "Until must be a duration ago" in body and "Status must be an integer" in body and 'role="alert"' in body
+    assert 'name="until" value="soonish"' in body and 'name="status" value="2OO"' in body and 'name="model" value="echo"' in body
 
 
 async def test_a_request_page_shows_tool_calls_results_and_the_raw_json(make_proxy: ProxyFactory) -> None:

@@ -172,33 +172,45 @@ def _int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int
     return min(max(value, lo), hi)
 
 
-def _filter(request: web.Request) -> tuple[queries.RequestFilter, dict[str, str]]:
-    """The list's filter from the query string, and its time range as typed (`since`,
-    `until`: `1h` ago, a date)."""
+def _filter(request: web.Request) -> tuple[queries.RequestFilter, dict[str, str], list[str]]:
+    """The list's filter from the query string, its time range as typed (`since`, `until`:
+    `1h` ago, a date), and what could not be read (those fields are left out of the filter
+    and the page says why, the form as typed)."""
     q = request.query
     when = {name: q.get(name, "").strip() for name in ("since", "until")}
     cuts: dict[str, str | None] = {}
+    errors = []
     for name, typed in when.items():
         try:
             cuts[name] = queries.cutoff(typed) if typed else None
         except ValueError:
-            raise ApiError(400, f"`{name}` must be a duration ago (30m, 1h, 2d) or an ISO date/time.", param=name) from None
+            cuts[name] = None
+            errors.append(f"{name.capitalize()} must be a duration ago (30m, 1h, 2d) or an ISO date/time.")
+    try:
+        status = _int(request, "status", 0, 0, 999) or None
+    except ApiError as e:
+        status = None
+        errors.append(f"Status {e.message.removeprefix('`status` ')}")
 
     def text(name: str) -> str | None:
         return q.get(name, "").strip() or None
 
     flt = queries.RequestFilter(
-        model=text("model"), provider=text("provider"), client=text("client"), status=_int(request, "status", 0, 0, 999) or None,
+        model=text("model"), provider=text("provider"), client=text("client"), status=status,
         outcome=text("outcome"), query=text("q"), since=cuts["since"], until=cuts["until"], before=text("before"),
     )  # fmt: skip
-    return flt, when
+    return flt, when, errors
 
 
 async def requests_page(request: web.Request) -> web.Response:
     state = _gate(request)
     conn = _reader(state)
-    flt, when = _filter(request)
+    flt, when, errors = _filter(request)
     limit = _int(request, "limit", PAGE_SIZE, 1, MAX_PAGE)
+    if errors:  # the form again, as typed, saying what to fix; no rows from a filter half read
+        facets = await series_q.facets(conn)
+        page = views.requests_page([], flt, when, limit=limit, facets=facets, live=None, errors=errors, typed=dict(request.query))
+        return _html(state, page, status=400)
     found = await queries.recent_requests(conn, flt, limit=limit)
     rows = list(reversed(found.rows))
     live = None
@@ -281,7 +293,9 @@ async def events(request: web.Request) -> web.StreamResponse:
         raise ApiError(401, "The dashboard needs a login or `Authorization: Bearer <auth.admin_key>`.", code="invalid_admin_key")
     state = request.app[STATE]
     stopping = request.app[UI].stopping
-    flt, _ = _filter(request)
+    flt, _, errors = _filter(request)
+    if errors:  # only the page's own (valid) filter reaches here
+        raise ApiError(400, " ".join(errors), code="invalid_filter")
     flt.before = None
     after = max(_int(request, "after", 0, 0, 2**62), _last_event_id(request))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
@@ -328,7 +342,8 @@ async def static(request: web.Request) -> web.Response:
 
 
 async def root(request: web.Request) -> web.Response:
-    return _redirect("/ui/", 301)
+    """`/ui`, and `/ui/requests` (a single request is `/ui/requests/ID`): the list, its query kept."""
+    return _redirect("/ui/" + (f"?{request.query_string}" if request.query_string else ""), 301)
 
 
 def setup(app: web.Application) -> None:
@@ -341,6 +356,7 @@ def setup(app: web.Application) -> None:
     app.on_shutdown.append(_stop_streams)
     r = app.router
     r.add_get("/ui", root)
+    r.add_get("/ui/requests", root)
     r.add_get("/ui/", _page(requests_page))
     r.add_get("/ui/login", login_form)
     r.add_post("/ui/login", login)

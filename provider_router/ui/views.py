@@ -111,7 +111,7 @@ def _row(row: dict[str, Any]) -> Markup:
 REQUEST_HEADERS = ("Time", "Model", "Provider", "Status", "TTFB", "Duration", "Tokens", "Prompt", "Reply")
 
 
-def _filters(flt: RequestFilter, when: dict[str, str], facets: dict[str, list[str]]) -> Markup:
+def _filters(flt: RequestFilter, when: dict[str, str], facets: dict[str, list[str]], typed: dict[str, str] | None = None) -> Markup:
     def text(name: str, label: str, value: Any, options: Sequence[str] = (), **kw: Any) -> Markup:
         datalist = f"{name}-options" if options else None
         return el(
@@ -136,7 +136,7 @@ def _filters(flt: RequestFilter, when: dict[str, str], facets: dict[str, list[st
         text("model", "Model", flt.model, facets.get("model", ()), placeholder="gpt-* works"),
         text("provider", "Provider", flt.provider, facets.get("provider", ())),
         text("client", "Client", flt.client, facets.get("client", ())),
-        text("status", "Status", flt.status, inputmode="numeric", size=4),
+        text("status", "Status", typed.get("status") if typed else flt.status, inputmode="numeric", size=4),
         outcome,
         start,
         until,
@@ -149,9 +149,11 @@ def _filters(flt: RequestFilter, when: dict[str, str], facets: dict[str, list[st
 
 
 def requests_page(
-    rows: list[dict[str, Any]], flt: RequestFilter, when: dict[str, str], *, limit: int, facets: dict[str, list[str]], live: str | None
+    rows: list[dict[str, Any]], flt: RequestFilter, when: dict[str, str], *, limit: int, facets: dict[str, list[str]], live: str | None,
+    errors: Sequence[str] = (), typed: dict[str, str] | None = None,
 ) -> Markup:
-    """The request list, newest first; `live`: the event stream's URL on the first page."""
+    """The request list, newest first; `live`: the event stream's URL on the first page;
+    `errors`: what in the filter could not be read (`typed`: the form as it was sent)."""
     query = {
         "q": flt.query, "model": flt.model, "provider": flt.provider, "client": flt.client, "status": flt.status,
         "outcome": flt.outcome, "since": when.get("since"), "until": when.get("until"), "limit": None if limit == PAGE_SIZE else limit,
@@ -171,6 +173,9 @@ def requests_page(
         data_live=live,
     )
     heading = el("h1", "Requests", el("span", "", id="live", class_="live") if live else None)
+    if errors:
+        notes = [el("p", e, class_="error", role="alert") for e in errors]
+        return page("Requests", heading, _filters(flt, when, facets, typed), notes, nav="requests")
     return page("Requests", heading, _filters(flt, when, facets), el("div", table, class_="scroll"), el("nav", pager, class_="pager"), nav="requests")
 
 
