@@ -413,7 +413,13 @@ async def get_request(conn: aiosqlite.Connection, id_prefix: str) -> dict[str, A
     row = await by_prefix(conn, "requests", id_prefix.strip().lower())
     if row is None:
         return None
-    request, response, replies = await reconstruct(conn, row)
+    request, response, _ = await reconstruct(conn, row)
+    return rebuilt_row(row, request, response)
+
+
+def rebuilt_row(row: dict[str, Any], request: Any, response: Any) -> dict[str, Any]:
+    """A request row as `get_request` answers it (on either database): the tree's internal
+    columns left out, `request` and `response` as rebuilt, and the texts they hold."""
     for col in ("params", "params_blobs", "overrides", "body_blob", "response", "replies"):
         row.pop(col, None)
     if isinstance(row.get("attempts"), str):

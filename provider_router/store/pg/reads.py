@@ -12,9 +12,7 @@ import orjson
 import psycopg
 from psycopg.rows import dict_row
 
-from ...messages import content_text
-from ...replies import reply_text
-from ..queries import AmbiguousId, _json_or_text, _text_of  # the row-shaping half is SQL-free: shared
+from ..queries import AmbiguousId, _json_or_text, rebuilt_row  # the row-shaping half is SQL-free: shared
 
 # Each message as requests carry it: a reply's `resent` form where it has one.
 _PATH = """
@@ -99,19 +97,5 @@ async def get_request(conn: psycopg.AsyncConnection[Any], id_prefix: str) -> dic
     if row is None:
         return None
     request, response, _ = await reconstruct(conn, row)
-    for col in ("params", "params_blobs", "overrides", "body_blob", "response", "replies"):
-        row.pop(col, None)
     row["received_at"], row["finished_at"] = iso(row["received_at"]), iso(row["finished_at"])
-    if isinstance(row.get("attempts"), str):
-        row["attempts"] = orjson.loads(row["attempts"])
-    messages = request.get("messages") if isinstance(request, dict) else None
-    users = [m for m in messages or () if isinstance(m, dict) and m.get("role") == "user"]
-    row["prompt_text"] = content_text(users[-1].get("content")) if users else None
-    choices = response.get("choices") if isinstance(response, dict) else None
-    first = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
-    first = first if isinstance(first, dict) else None
-    row["response_text"] = _text_of(orjson.dumps(first).decode()) if first else reply_text(response)
-    row["reasoning_text"] = (first.get("reasoning_content") or first.get("reasoning")) if first else None
-    row["request"] = request
-    row["response"] = response
-    return row
+    return rebuilt_row(row, request, response)
