@@ -7,6 +7,7 @@ into a `StartupError`; the traceback is shown only at `--log-level debug`.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import sqlite3
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ def _oserror_text(e: OSError) -> str:
 def database_error(e: BaseException, path: str) -> StartupError:
     """The database at `path` could not be created, opened, migrated or written."""
     error = f"{type(e).__name__}: {e}"
+    if os.path.isdir(path):
+        return StartupError("the log database path is a directory", path, "pass --db with a file name, e.g. --db DIR/provider-router.db", error)
     if isinstance(e, sqlite3.OperationalError):
         text = str(e).lower()
         if "locked" in text or "busy" in text:

@@ -102,6 +102,16 @@ def test_not_a_database(tmp_path: Path) -> None:
     assert db.read_bytes() == b"these are my notes, not a database\n" * 200
 
 
+def test_database_path_is_a_directory(tmp_path: Path) -> None:
+    """`--db` naming a directory: exit 1, one line saying so and how to name a file (not
+    "make the directory writable")."""
+    (tmp_path / "logs").mkdir()
+    status, lines = serve(tmp_path, db=tmp_path / "logs")
+    line = the_failure(lines)
+    assert status == 1 and line["what"] == "the log database path is a directory" and "file name" in line["hint"]
+    assert list((tmp_path / "logs").iterdir()) == []
+
+
 def test_database_directory_cannot_be_created(tmp_path: Path) -> None:
     """A database path under a regular file (no directory can be made there, even as
     root): exit 1, one line naming the path."""
