@@ -36,5 +36,5 @@ def until_sync(check: Callable[[], T], what: str, timeout: float = WAIT) -> T:
     while not (value := check()):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(PAUSE)
+        time.sleep(PAUSE)  # sync-ok: between checks of the condition, as `until` does
     return value
