@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 
 import aiosqlite
 import orjson
@@ -123,14 +123,18 @@ async def fetch_all(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...
 async def by_prefix(conn: aiosqlite.Connection, table: str, prefix: str) -> dict[str, Any] | None:
     # GLOB 'prefix*' on the primary key is a range scan, not a table scan.
     rows = await fetch_all(conn, f"SELECT * FROM {table} WHERE id GLOB ? ORDER BY id LIMIT ?", (glob_literal(prefix) + "*", AmbiguousId.SHOWN + 1))
-    if not rows:
-        return None
+    return named_by(prefix, rows)
+
+
+def named_by(prefix: str, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The row `prefix` names among `rows` (the first few whose id starts with it, in id
+    order): the one whose id it is, else the only one; None for none; AmbiguousId."""
     exact = [r for r in rows if r["id"] == prefix]
     if exact:
         return exact[0]
     if len(rows) > 1:
         raise AmbiguousId(prefix, [r["id"] for r in rows])
-    return rows[0]
+    return rows[0] if rows else None
 
 
 # -- requests --------------------------------------------------------------------------
@@ -375,16 +379,45 @@ def _json_or_text(text: str | None) -> Any:
         return text
 
 
+class TreeReader(Protocol):
+    """What rebuilding a request needs of its database (SQLite here, PostgreSQL in pg/reads)."""
+
+    async def blob(self, blob_id: int) -> str | None: ...
+    async def body(self, message_id: int) -> str | None: ...
+    async def path(self, tip: int) -> list[tuple[int, Any]]: ...
+
+
+class _SqliteTree:
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+
+    async def blob(self, blob_id: int) -> str | None:
+        return await _blob(self.conn, blob_id)
+
+    async def body(self, message_id: int) -> str | None:
+        async with self.conn.execute("SELECT body FROM messages WHERE id = ?", (message_id,)) as cur:
+            found = await cur.fetchone()
+        return None if found is None else found[0]
+
+    async def path(self, tip: int) -> list[tuple[int, Any]]:
+        return await message_path(self.conn, tip)
+
+
 async def reconstruct(conn: aiosqlite.Connection, row: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
     """A request row's (request body, response, reply messages) from the tree."""
+    return await rebuild(_SqliteTree(conn), row)
+
+
+async def rebuild(tree: TreeReader, row: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
+    """A request row's (request body, response, reply messages), read through `tree`."""
     request: Any = None
     if row.get("body_blob") is not None:
-        request = _json_or_text(await _blob(conn, row["body_blob"]))
+        request = _json_or_text(await tree.blob(row["body_blob"]))
     elif row.get("params") is not None:
         request = orjson.loads(row["params"])
         for field, blob_id in (orjson.loads(row["params_blobs"]) if row.get("params_blobs") else {}).items():
-            request[field] = _json_or_text(await _blob(conn, blob_id))
-        messages = [m for _, m in await message_path(conn, row["tip_message"])] if row.get("tip_message") else []
+            request[field] = _json_or_text(await tree.blob(blob_id))
+        messages = [m for _, m in await tree.path(row["tip_message"])] if row.get("tip_message") else []
         for i, m in (orjson.loads(row["overrides"]) if row.get("overrides") else {}).items():
             if int(i) < len(messages):
                 messages[int(i)] = m
@@ -393,11 +426,8 @@ async def reconstruct(conn: aiosqlite.Connection, row: dict[str, Any]) -> tuple[
     reply_ids = orjson.loads(row["replies"]) if row.get("replies") else ([row["reply_message"]] if row.get("reply_message") else [])
     replies = []
     for rid in reply_ids:
-        found = None
-        if rid is not None:
-            async with conn.execute("SELECT body FROM messages WHERE id = ?", (rid,)) as cur:
-                found = await cur.fetchone()
-        replies.append(orjson.loads(found[0]) if found else None)
+        body = await tree.body(rid) if rid is not None else None
+        replies.append(orjson.loads(body) if body is not None else None)
     if isinstance(response, dict) and isinstance(response.get("choices"), list):
         # Each choice with a message has a reply node, in order; a choice keeps its own
         # message where it differs from the node's body.

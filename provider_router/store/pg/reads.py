@@ -12,7 +12,7 @@ import orjson
 import psycopg
 from psycopg.rows import dict_row
 
-from ..queries import AmbiguousId, _json_or_text, rebuilt_row  # the row-shaping half is SQL-free: shared
+from ..queries import AmbiguousId, named_by, rebuild, rebuilt_row  # the row-shaping half is SQL-free: shared
 
 # Each message as requests carry it: a reply's `resent` form where it has one.
 _PATH = """
@@ -39,16 +39,9 @@ def _like(prefix: str) -> str:
 
 async def _by_prefix(conn: psycopg.AsyncConnection[Any], prefix: str) -> dict[str, Any] | None:
     async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute("SELECT * FROM requests WHERE id LIKE %s ORDER BY id LIMIT 5", (_like(prefix),))
+        await cur.execute("SELECT * FROM requests WHERE id LIKE %s ORDER BY id LIMIT %s", (_like(prefix), AmbiguousId.SHOWN + 1))
         rows = await cur.fetchall()
-    if not rows:
-        return None
-    exact = [r for r in rows if r["id"] == prefix]
-    if exact:
-        return exact[0]
-    if len(rows) > 1:
-        raise AmbiguousId(prefix, [r["id"] for r in rows])
-    return rows[0]
+    return named_by(prefix, rows)
 
 
 async def message_path(conn: psycopg.AsyncConnection[Any], tip: int) -> list[tuple[int, Any]]:
@@ -63,31 +56,23 @@ async def _one(conn: psycopg.AsyncConnection[Any], sql: str, value: Any) -> Any:
     return None if row is None else row[0]
 
 
+class _PgTree:
+    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self.conn = conn
+
+    async def blob(self, blob_id: int) -> str | None:
+        return await _one(self.conn, "SELECT data FROM blobs WHERE id = %s", blob_id)  # type: ignore[no-any-return]
+
+    async def body(self, message_id: int) -> str | None:
+        return await _one(self.conn, "SELECT body FROM messages WHERE id = %s", message_id)  # type: ignore[no-any-return]
+
+    async def path(self, tip: int) -> list[tuple[int, Any]]:
+        return await message_path(self.conn, tip)
+
+
 async def reconstruct(conn: psycopg.AsyncConnection[Any], row: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
     """A request row's (request body, response, reply messages) from the tree."""
-    request: Any = None
-    if row.get("body_blob") is not None:
-        request = _json_or_text(await _one(conn, "SELECT data FROM blobs WHERE id = %s", row["body_blob"]))
-    elif row.get("params") is not None:
-        request = orjson.loads(row["params"])
-        for field, blob_id in (orjson.loads(row["params_blobs"]) if row.get("params_blobs") else {}).items():
-            request[field] = _json_or_text(await _one(conn, "SELECT data FROM blobs WHERE id = %s", blob_id))
-        messages = [m for _, m in await message_path(conn, row["tip_message"])] if row.get("tip_message") else []
-        for i, m in (orjson.loads(row["overrides"]) if row.get("overrides") else {}).items():
-            if int(i) < len(messages):
-                messages[int(i)] = m
-        request["messages"] = messages
-    response = _json_or_text(row.get("response"))
-    reply_ids = orjson.loads(row["replies"]) if row.get("replies") else ([row["reply_message"]] if row.get("reply_message") else [])
-    replies = []
-    for rid in reply_ids:
-        body = await _one(conn, "SELECT body FROM messages WHERE id = %s", rid) if rid is not None else None
-        replies.append(orjson.loads(body) if body is not None else None)
-    if isinstance(response, dict) and isinstance(response.get("choices"), list):
-        for choice, m in zip([c for c in response["choices"] if isinstance(c, dict)], replies):
-            if "message" not in choice and m is not None:
-                choice["message"] = m
-    return request, response, replies
+    return await rebuild(_PgTree(conn), row)
 
 
 async def get_request(conn: psycopg.AsyncConnection[Any], id_prefix: str) -> dict[str, Any] | None:
