@@ -42,26 +42,36 @@ class Presence:
         os.close(self.fd)
 
 
-def hold(db_path: str | Path) -> Presence | None:
-    """Mark `db_path` as served by this process (its address follows with `Presence.serve_at`);
-    None if another daemon holds it."""
+def _lock_mark(path: str, mode: int) -> int | None:
+    """A descriptor of the mark at `path`, flocked with `mode` (exclusive or shared); None
+    if another holder's lock excludes it."""
     import fcntl  # POSIX only: imported here so that the CLI still loads elsewhere
 
-    path = mark_path(db_path)
     while True:
         # O_NOFOLLOW: a symlink planted in a shared directory must not be written through.
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return None
         try:
             if os.path.samestat(os.stat(path), os.fstat(fd)):
-                break
+                return fd
         except FileNotFoundError:
             pass
         os.close(fd)  # we locked a mark its daemon unlinked as it stopped: take a fresh one
+
+
+def hold(db_path: str | Path) -> Presence | None:
+    """Mark `db_path` as served by this process (its address follows with `Presence.serve_at`);
+    None if another daemon holds it."""
+    import fcntl
+
+    path = mark_path(db_path)
+    fd = _lock_mark(path, fcntl.LOCK_EX)
+    if fd is None:
+        return None
     mark = Presence(path, fd)
     mark.serve_at(None)
     return mark
@@ -86,20 +96,8 @@ def hold_shared(db_path: str | Path) -> SharedPresence | None:
     """Mark `db_path` as served by this instance among others; None if a daemon alone serves it."""
     import fcntl
 
-    path = mark_path(db_path)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        try:
-            if os.path.samestat(os.stat(path), os.fstat(fd)):
-                return SharedPresence(fd)
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # a daemon alone unlinked it as it stopped: take a fresh one
+    fd = _lock_mark(mark_path(db_path), fcntl.LOCK_SH)
+    return None if fd is None else SharedPresence(fd)
 
 
 def serving(db_path: str | Path) -> dict[str, Any] | None:
