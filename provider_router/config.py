@@ -19,6 +19,8 @@ import msgspec.inspect
 import yaml
 from msgspec import Meta, field
 
+from .store import location
+
 ProviderType = Literal["openai", "echo", "qwen"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 PROVIDER_TYPES: tuple[str, ...] = get_args(ProviderType)
@@ -53,11 +55,24 @@ class ServerConfig(_Section):
 
 
 class DatabaseConfig(_Section):
+    """`location`: where the log database is, the `url` if set, else the SQLite `path`."""
+
     path: str = "data/provider-router.db"
+    # A PostgreSQL URL (postgresql://user:password@host/dbname): the shared store of several
+    # instances, instead of the SQLite file at `path`.
+    url: str = ""
+    # The most connections each instance's pool opens for reads and session state (its log
+    # writer and its lock connection come on top: see docs/postgresql.md).
+    pool_max: Annotated[int, Meta(ge=1, le=1000)] = 8
+
     # Is the file still the one opened; are records written.
     check_interval_seconds: Annotated[float, Meta(ge=0.05, le=60)] = 1.0
     # Truncate the WAL when no reader holds it back.
     checkpoint_interval_seconds: Annotated[float, Meta(ge=1, le=86_400)] = 60.0
+
+    @property
+    def location(self) -> str:
+        return self.url or self.path
 
 
 class LogsConfig(_Section):
@@ -142,6 +157,7 @@ class Config(_Section):
     def secrets(self) -> list[str]:
         """Every configured secret value, for redaction."""
         out = [p.api_key for p in self.providers] + [p.token for p in self.providers]
+        out.append(location.password(self.database.url) or "")
         out += [p.cookie for p in self.providers]
         out += [v for p in self.providers for v in p.headers.values()]
         out += [k.key for k in self.auth.client_keys] + [self.auth.admin_key]
@@ -312,6 +328,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"auth.client_keys[{i}].key: empty (is its environment variable set?)")
     if not cfg.database.path.strip():
         raise ConfigError("database.path: empty")
+    if cfg.database.url and not location.is_postgres(cfg.database.url):
+        raise ConfigError("database.url: must be a postgresql:// URL (a SQLite file goes in database.path)")
 
 
 def _check_headers(p: ProviderConfig, where: str) -> None:
