@@ -32,6 +32,7 @@ from .state import STATE, State
 from .store import LogWriter, Redactor, connect, retention
 from .store import locks
 from .store.db import Reopenable
+from .store.reads import SqliteReads
 from .store.locks import Leader
 from .records import iso
 from .store.sessions import SessionRepo
@@ -176,6 +177,7 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
             interval=db.check_interval_seconds, checkpoint=db.checkpoint_interval_seconds,
         )  # fmt: skip
         state.db, state.reader = handles  # type: ignore[assignment]  # a Reopenable stands in for its connection
+        state.reads = SqliteReads(handles[1])  # type: ignore[arg-type]  # follows the reopened file
         state.writer, state.watch = writer, watch
         await _task(stack, watch.run(), "database-watch")
         if logs.retention_days > 0:
@@ -184,7 +186,7 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
 
 
 def _clear(state: State) -> None:
-    state.writer = state.db = state.reader = state.watch = None
+    state.writer = state.db = state.reader = state.reads = state.watch = None
 
 
 async def _task(stack: contextlib.AsyncExitStack, coro: Coroutine[Any, Any, None], name: str) -> None:

@@ -26,7 +26,7 @@ from .session_reads import DeletedSession
 from .stats import Stats
 from .tree_view import SessionTree
 
-__all__ = ["START", "LogReads", "Page", "SqliteReads", "Unavailable", "is_cursor", "open_reads"]
+__all__ = ["START", "LogReads", "Page", "SqliteReads", "Unavailable", "is_cursor", "open_reads", "open_sqlite", "quiet"]
 
 class LogReads(Protocol):
     """What the inspection surfaces read of the log and its sessions, and the session edits
@@ -172,14 +172,18 @@ async def open_reads(location: str, *, write: bool = False, progress: Progress |
         async with _pg(location, progress) as reads:
             yield reads
         return
-    conn = await _sqlite(Path(location), write, progress)
+    conn = await open_sqlite(Path(location), write=write, progress=progress)
     try:
         yield SqliteReads(conn)
     finally:
         await conn.close()
 
 
-async def _sqlite(path: Path, write: bool, progress: Progress | None) -> aiosqlite.Connection:
+async def open_sqlite(path: Path, *, write: bool = False, progress: Progress | None = None) -> aiosqlite.Connection:
+    """A connection of its own to the file at `path`: read-only unless `write`, never
+    creating it, and migrating a file an earlier release wrote (unless a daemon serves it,
+    which migrates its own file). Readers never block the daemon (WAL); writers get the
+    project's PRAGMAs, notably busy_timeout and foreign_keys (session cascades)."""
     from .db import connect
     from .migrations import MIGRATIONS, migrate_file
     from .presence import serving
@@ -207,7 +211,7 @@ async def _sqlite(path: Path, write: bool, progress: Progress | None) -> aiosqli
     return await connect(path, readonly=not write, migrate_schema=False)
 
 
-def _quiet(location: str, e: BaseException) -> str:
+def quiet(location: str, e: BaseException) -> str:
     """An error's first line, the URL's password taken out wherever it appears."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     secret = password(location)
@@ -230,7 +234,7 @@ async def _pg(location: str, progress: Progress | None) -> AsyncIterator[LogRead
             if (await cur.fetchone())[0]:  # type: ignore[index]
                 done = {r[0] for r in await (await conn.execute("SELECT name FROM _migrations")).fetchall()}
     except (psycopg.Error, OSError) as e:
-        raise Unavailable(f"cannot read the database at {where}: {_quiet(location, e)}") from None
+        raise Unavailable(f"cannot read the database at {where}: {quiet(location, e)}") from None
     if not done:
         # As SQLite's missing file: only the daemon creates the schema.
         raise Unavailable(f"no provider-router log in the database at {where} (start `provider-router serve --db URL` on it first)")
@@ -240,7 +244,7 @@ async def _pg(location: str, progress: Progress | None) -> AsyncIterator[LogRead
         try:
             await asyncio.to_thread(migrations.migrate, location)
         except psycopg.Error as e:
-            raise Unavailable(f"cannot migrate the database at {where}: {_quiet(location, e)}") from None
+            raise Unavailable(f"cannot migrate the database at {where}: {quiet(location, e)}") from None
     pool = AsyncConnectionPool(
         location, min_size=1, max_size=POOL_MAX, open=False, name="reads",
         kwargs={"connect_timeout": CONNECT_TIMEOUT, "autocommit": True},
@@ -249,7 +253,7 @@ async def _pg(location: str, progress: Progress | None) -> AsyncIterator[LogRead
         await pool.open(wait=True, timeout=CONNECT_TIMEOUT * 2)
     except Exception as e:
         await pool.close()
-        raise Unavailable(f"cannot read the database at {where}: {_quiet(location, e)}") from None
+        raise Unavailable(f"cannot read the database at {where}: {quiet(location, e)}") from None
     try:
         yield PgReads(pool)
     finally:
