@@ -16,7 +16,9 @@ from typing import Any, AsyncIterator, Callable, Iterator
 import orjson
 import psycopg
 import pytest
+from click.testing import CliRunner
 
+from provider_router.cli import cli as root
 from provider_router.cli.session_view import render_tree
 from provider_router.records import RequestRecord, iso
 from provider_router.store import Redactor, sink
@@ -26,6 +28,7 @@ from provider_router.store.pg.writer import PgTarget
 from provider_router.store.queries import AmbiguousId, RequestFilter
 from provider_router.store.reads import START, LogReads, is_cursor, open_reads
 from provider_router.store.series import RANGES
+from tests.daemon import free_port
 from tests.postgres import Server
 from tests.test_tree import TOOLS
 
@@ -255,6 +258,7 @@ async def test_new_rows_after_a_cursor_are_the_same(pair: Pair) -> None:
     everything = await pair.same(lambda r: r.new_requests(RequestFilter(), START), _rows)
     assert len(everything) == 11
     await pair.same(lambda r: r.new_requests(RequestFilter(model="gpt-4o"), START, 2), _rows)
+    assert len(await pair.same(lambda r: r.new_requests(RequestFilter(query="migr* database"), START), _rows)) == 1  # each row's messages checked
     after = []
     for reads in (pair.lite, pair.pg):
         page = await reads.new_requests(RequestFilter(model="gpt-4o-mini"), START)
@@ -340,3 +344,42 @@ async def test_the_session_edits_leave_the_same_state(pg_db: str, tmp_path: Path
         assert [(s["id"], s["state"], (s["metadata"] or {}).get("ended")) for s in sessions] == [("s-alpha2", "expired", "expired"), ("s-beta", "active", None)]
         await p.same(lambda r: r.lifecycle(now))
         await p.same(lambda r: r.session_requests("s-alpha1"), _rows)
+
+
+# -- the command line on a URL -----------------------------------------------------------------
+def _cli(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(root, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("logs", "-n", "0"), ("logs", "--model", "gpt-4o*", "-q", "migr*"), ("logs", "show", "PREFIX"), ("stats",), ("stats", "--since", iso(BASE + DAY + 1234.5)),
+     ("sessions", "list"), ("sessions", "list", "--active"), ("sessions", "show", "s-alpha1"), ("sessions", "show", "s-alpha1", "--tree"),
+     ("sessions", "show", "s-be", "--tree")],  # fmt: skip
+    ids=" ".join,
+)
+def test_the_commands_print_the_same_on_a_url_as_on_the_file(both: tuple[str, str, list[RequestRecord]], args: tuple[str, ...]) -> None:
+    """`logs`, `logs show PREFIX`, `stats`, `sessions list` and `sessions show [--tree]`
+    print the same with `--db postgresql://...` as with `--db` the SQLite file of the same log."""
+    path, dsn, recs = both
+    args = tuple(recs[4].id[:16] if a == "PREFIX" else a for a in args)
+    on_file, on_url = _cli(*args, "--db", path), _cli(*args, "--db", dsn)
+    assert on_file == on_url and on_file[0] == 0 and on_file[1]
+
+
+def test_an_unreachable_url_is_one_line_without_its_password(postgres: Server) -> None:
+    """Nothing listens there: one line on stderr naming the URL with its password hidden,
+    a failure status, no traceback; an empty database says to start the daemon on it."""
+    url = f"postgresql://reader:s3cret-pw@127.0.0.1:{free_port()}/log"
+    for args in (("logs",), ("logs", "show", "0193"), ("stats",), ("sessions", "list"), ("sessions", "delete", "x")):
+        status, out, err = _cli(*args, "--db", url)
+        assert status == 1 and out == "" and len(err.splitlines()) == 1, err
+        assert "s3cret" not in err and "postgresql://reader:***@127.0.0.1" in err
+    with psycopg.connect(postgres.dsn(), autocommit=True) as admin:
+        admin.execute('DROP DATABASE IF EXISTS "pg_reads_empty" WITH (FORCE)')
+        admin.execute('CREATE DATABASE "pg_reads_empty" TEMPLATE template0')
+    status, _, err = _cli("logs", "--db", postgres.dsn("pg_reads_empty"))
+    assert status == 1 and "start `provider-router serve --db URL` on it" in err and len(err.splitlines()) == 1

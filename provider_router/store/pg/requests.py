@@ -10,6 +10,7 @@ rows are ordered by `(received_at, id)` where SQLite orders by rowid (write orde
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -125,12 +126,26 @@ def _after(key: tuple[str, str], op: str) -> tuple[str, list[Any]]:
     return f"r.received_at {first} %s::timestamptz AND (r.received_at {strict} %s::timestamptz OR r.id {op} %s)", [at, at, rid]
 
 
-async def where(conn: Conn, flt: RequestFilter, *, common_search: bool | None = None) -> tuple[str, list[Any]] | None:
-    """The WHERE clause of `flt` over `requests r` and its parameters (`before` left to
-    the caller); None when the search matches no message at all. A search's matches are
-    looked up by the terms' index when they are few (then the requests that point at them by
-    theirs), else checked row by row as the newest requests are read (`common_search`
-    forces the latter)."""
+@dataclass(slots=True)
+class Where:
+    """A WHERE clause over `requests r` and its parameters. `direct`: it names the few
+    messages a search matched, so the requests are found through their indexes on those
+    (all of them, then sorted) rather than by reading the newest first."""
+
+    sql: str
+    params: list[Any]
+    direct: bool = False
+
+    def also(self, sql: str, params: list[Any]) -> None:
+        self.sql, self.params = f"{self.sql} AND {sql}", self.params + params
+
+
+async def where(conn: Conn, flt: RequestFilter, *, common_search: bool | None = None) -> Where | None:
+    """The WHERE clause of `flt` (`before` left to the caller); None when the search
+    matches no message at all. A search's matches are looked up by the terms' index when
+    they are fewer than `search.COMMON` (then the requests that point at them by theirs),
+    else each request's messages are checked by primary key as the newest are read, as
+    SQLite's search does (`common_search` forces the latter: few new rows to check)."""
     clauses: list[str] = []
     params: list[Any] = []
     if flt.session:
@@ -149,6 +164,7 @@ async def where(conn: Conn, flt: RequestFilter, *, common_search: bool | None = 
             clauses.append(f"r.{col} = %s")
             params.append(value)
     query = await tsquery(conn, flt.query) if flt.query else None
+    direct = False
     if query:
         hits: list[int] = []
         if not common_search:
@@ -159,8 +175,11 @@ async def where(conn: Conn, flt: RequestFilter, *, common_search: bool | None = 
         if hits and len(hits) < COMMON:
             clauses.append("(r.prompt_message = ANY(%s) OR r.reply_message = ANY(%s))")
             params += [hits, hits]
+            direct = True
         else:
-            match = "EXISTS (SELECT 1 FROM message_terms t WHERE t.id = r.{} AND t.terms @@ %s::tsquery)"
+            # A scalar subquery per row, an index probe each: EXISTS or IN would be planned
+            # as a hash of every matching message, read in full first.
+            match = "(SELECT t.terms FROM message_terms t WHERE t.id = r.{}) @@ %s::tsquery"
             clauses.append(f"({match.format('prompt_message')} OR {match.format('reply_message')})")
             params += [query, query]
     if flt.since:
@@ -169,12 +188,18 @@ async def where(conn: Conn, flt: RequestFilter, *, common_search: bool | None = 
     if flt.until:
         clauses.append("r.received_at < %s::timestamptz")
         params.append(flt.until)
-    return " AND ".join(clauses) or "true", params
+    return Where(" AND ".join(clauses) or "true", params, direct)
 
 
-async def _listed(conn: Conn, where_sql: str, params: list[Any], order: str, limit: int) -> list[dict[str, Any]]:
-    """Listed rows: the page of request rows first (read in index order), then their texts."""
-    inner = f"SELECT * FROM requests r WHERE {where_sql} {order}" + (" LIMIT %s" if limit > 0 else "")
+async def _listed(conn: Conn, found: Where, order: str, limit: int) -> list[dict[str, Any]]:
+    """Listed rows: the page of request rows first (read in index order, or all a direct
+    search names, through the message indexes, then sorted), then their texts."""
+    where_sql, params = found.sql, found.params
+    if found.direct:  # materialized: not a walk of the time index filtering each row against the matches
+        inner = f"WITH hit AS MATERIALIZED (SELECT * FROM requests r WHERE {where_sql}) SELECT * FROM hit r {order}"
+    else:
+        inner = f"SELECT * FROM requests r WHERE {where_sql} {order}"
+    inner += " LIMIT %s" if limit > 0 else ""
     sql = (
         f"SELECT r.*, p.body AS _prompt, a.body AS _reply FROM ({inner}) r "
         f"LEFT JOIN messages p ON p.id = r.prompt_message LEFT JOIN messages a ON a.id = r.reply_message {order}"
@@ -203,16 +228,13 @@ async def recent_requests(conn: Conn, flt: RequestFilter, limit: int = 20) -> Pa
     found = await where(conn, flt)
     if found is None:
         return Page([], cursor)
-    sql, params = found
-    bound, more = _after(top, "<=")  # type: ignore[arg-type]
-    sql, params = f"{sql} AND {bound}", params + more
+    found.also(*_after(top, "<="))  # type: ignore[arg-type]
     if flt.before:
         at = await received_at(conn, flt.before)
         if at is None:  # as on SQLite: an unknown request has nothing before it
             return Page([], cursor)
-        bound, more = _after((at, flt.before), "<")
-        sql, params = f"{sql} AND {bound}", params + more
-    rows = await _listed(conn, sql, params, _NEWEST, limit)
+        found.also(*_after((at, flt.before), "<"))
+    rows = await _listed(conn, found, _NEWEST, limit)
     rows.reverse()
     return Page(rows, cursor)
 
@@ -225,22 +247,20 @@ async def new_requests(conn: Conn, flt: RequestFilter, after: str, limit: int = 
     found = await where(conn, flt, common_search=True)  # few new rows: each checked as read
     if found is None:
         return Page([], after)
-    sql, params = found
     key = _key(after)
     if key is not None:
-        bound, more = _after(key, ">")
-        sql, params = f"{sql} AND {bound}", params + more
+        found.also(*_after(key, ">"))
     if limit > 0:
-        rows = await _listed(conn, sql, params, _NEWEST, limit)
+        rows = await _listed(conn, found, _NEWEST, limit)
         rows.reverse()
     else:
-        rows = await _listed(conn, sql, params, _OLDEST, 0)
+        rows = await _listed(conn, found, _OLDEST, 0)
     return Page(rows, cursor_of(rows[-1]) if rows else after)
 
 
 async def session_requests(conn: Conn, session_id: str) -> list[dict[str, Any]]:
     """The session's request rows in id order: its conversation, turn by turn."""
-    return await _listed(conn, "r.session_id = %s", [session_id], "ORDER BY r.id", 0)
+    return await _listed(conn, Where("r.session_id = %s", [session_id]), "ORDER BY r.id", 0)
 
 
 async def count_session_requests(conn: Conn, session_id: str) -> int:
