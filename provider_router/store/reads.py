@@ -18,8 +18,11 @@ from . import queries, session_reads
 from . import series as series_q
 from . import stats as stats_q
 from . import tree_view as tv
+from .db import connect
 from .location import is_postgres, password, shown
+from .migrations import MIGRATIONS, migrate_file
 from .page import START, Page, is_cursor
+from .presence import serving
 from .queries import RequestFilter
 from .series import Range, TimeSeries
 from .session_reads import DeletedSession
@@ -27,6 +30,7 @@ from .stats import Stats
 from .tree_view import SessionTree
 
 __all__ = ["START", "LogReads", "Page", "SqliteReads", "Unavailable", "is_cursor", "open_reads", "open_sqlite", "quiet"]
+
 
 class LogReads(Protocol):
     """What the inspection surfaces read of the log and its sessions, and the session edits
@@ -167,7 +171,8 @@ async def open_reads(location: str, *, write: bool = False, progress: Progress |
     """`LogReads` on the database at `location` (a SQLite file's path or a `postgresql://`
     URL), closed on exit. A file is opened read-only unless `write`, never created, and
     migrated first if an earlier release wrote it (`progress` gets a line for each step);
-    on PostgreSQL a small pool, its schema checked (an older one migrated likewise)."""
+    on PostgreSQL a small pool (`write` changes nothing there), its schema checked: an
+    empty database is refused (only the daemon creates the log), an older one migrated."""
     if is_postgres(location):
         async with _pg(location, progress) as reads:
             yield reads
@@ -184,10 +189,6 @@ async def open_sqlite(path: Path, *, write: bool = False, progress: Progress | N
     creating it, and migrating a file an earlier release wrote (unless a daemon serves it,
     which migrates its own file). Readers never block the daemon (WAL); writers get the
     project's PRAGMAs, notably busy_timeout and foreign_keys (session cascades)."""
-    from .db import connect
-    from .migrations import MIGRATIONS, migrate_file
-    from .presence import serving
-
     if not path.is_file():
         where = "" if path.is_absolute() else f" (relative to this directory: {path.absolute()})"
         raise Unavailable(f"no database at {path}{where} (start `provider-router serve`, or pass --db PATH)")
