@@ -384,3 +384,20 @@ def test_an_unreachable_url_is_one_line_without_its_password(postgres: Server) -
         admin.execute('CREATE DATABASE "pg_reads_empty" TEMPLATE template0')
     status, _, err = _cli("logs", "--db", postgres.dsn("pg_reads_empty"))
     assert status == 1 and "start `provider-router serve --db URL` on it" in err and len(err.splitlines()) == 1
+
+
+def test_the_session_edits_print_and_leave_the_same_on_a_url(pg_db: str, tmp_path: Path) -> None:
+    """`sessions cleanup`, `refresh` and `delete` (no daemon serves either database) say the
+    same and leave the same sessions on the URL as on the file."""
+    path = str(tmp_path / "cli-edit.db")
+    write_both(pg_db, Path(path))
+    for args in (("sessions", "cleanup"), ("sessions", "refresh", "s-be"), ("sessions", "delete", "s-alpha1")):
+        on_file, on_url = _cli(*args, "--db", path), _cli(*args, "--db", pg_db)
+        assert on_file == on_url and on_file[0] == 0, (args, on_file, on_url)
+
+    def listed(db: str) -> list[dict[str, Any]]:  # but the times the refresh set, each at its own now
+        lines = _cli("sessions", "list", "--json", "--db", db)[1].splitlines()
+        return [{k: v for k, v in orjson.loads(line).items() if k not in ("last_accessed_at", "expires_at")} for line in lines]
+
+    assert listed(path) == listed(pg_db)
+    assert [(s["id"], s["state"]) for s in listed(pg_db)] == [("s-alpha2", "expired"), ("s-beta", "active")]
