@@ -18,6 +18,7 @@ Conn = psycopg.AsyncConnection[Any]
 # are taken as the request arrives); a row outside is still found, by a lookup of every day.
 ID_MARGIN = dt.timedelta(minutes=5)
 
+
 def iso(t: dt.datetime | None) -> str | None:
     """A timestamptz as the log writes times (records.iso): ISO 8601 UTC, milliseconds."""
     if t is None:
@@ -56,30 +57,37 @@ def id_range(prefix: str) -> tuple[dt.datetime, dt.datetime] | None:
 
 
 async def fetch_rows(conn: Conn, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    """The rows of `sql` as dicts of their columns."""
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(sql, params)
         return await cur.fetchall()
 
 
+_IN_DAYS = " AND received_at >= %s AND received_at < %s"
+
+
 async def by_prefix(conn: Conn, table: str, prefix: str, ranged: bool = False) -> dict[str, Any] | None:
     """The row of `table` whose id `prefix` names (queries.named_by); `ranged`: a request,
-    looked for in the days its id names first (partitions pruned), then in every day."""
-    sql = f"SELECT * FROM {table} WHERE id LIKE %s"
-    ORDER_ID = " ORDER BY id LIMIT %s"
+    looked for in the days its id names first (partitions pruned), in every day only if
+    none is there. (So a prefix is ambiguous only among the rows of those days: another row
+    with that prefix received more than `ID_MARGIN` away from its id's time is not counted.)"""
+    sql, order = f"SELECT * FROM {table} WHERE id LIKE %s", " ORDER BY id LIMIT %s"
     days = id_range(prefix) if ranged else None
     if days is not None:
-        rows = await fetch_rows(conn, sql + " AND received_at >= %s AND received_at < %s" + ORDER_ID, (like(prefix), *days, AmbiguousId.SHOWN + 1))
+        rows = await fetch_rows(conn, sql + _IN_DAYS + order, (like(prefix), *days, AmbiguousId.SHOWN + 1))
         if rows:
             return named_by(prefix, rows)
-    return named_by(prefix, await fetch_rows(conn, sql + ORDER_ID, (like(prefix), AmbiguousId.SHOWN + 1)))
+    return named_by(prefix, await fetch_rows(conn, sql + order, (like(prefix), AmbiguousId.SHOWN + 1)))
 
 
 async def received_at(conn: Conn, request_id: str) -> str | None:
-    """When the request `request_id` (exact) was received; None if there is none."""
+    """When the request `request_id` (exact) was received, looked for in the days its id
+    names first; None if there is none."""
     sql = "SELECT received_at FROM requests WHERE id = %s"
     days = id_range(request_id)
-    for extra, params in ((" AND received_at >= %s AND received_at < %s", days), ("", ())) if days else (("", ()),):
-        row = await (await conn.execute(sql + extra, (request_id, *params))).fetchone()
-        if row is not None:
-            return iso(row[0])
-    return None
+    row = None
+    if days is not None:
+        row = await (await conn.execute(sql + _IN_DAYS, (request_id, *days))).fetchone()
+    if row is None:
+        row = await (await conn.execute(sql, (request_id,))).fetchone()
+    return None if row is None else iso(row[0])
