@@ -371,6 +371,16 @@ def test_the_commands_print_the_same_on_a_url_as_on_the_file(both: tuple[str, st
     assert on_file == on_url and on_file[0] == 0 and on_file[1]
 
 
+def test_an_ambiguous_prefix_fails_the_same_on_a_url(both: tuple[str, str, list[RequestRecord]]) -> None:
+    """`logs show` and `sessions show` with a prefix several ids share: the same one line,
+    naming the candidates, and the same failure status."""
+    path, dsn, recs = both
+    shared = recs[0].id[: next(k for k in range(28) if recs[0].id[k] != recs[1].id[k])]
+    for args in (("logs", "show", shared), ("sessions", "show", "s-al")):
+        on_file, on_url = _cli(*args, "--db", path), _cli(*args, "--db", dsn)
+        assert on_file == on_url and on_file[0] == 1 and "is ambiguous: matches" in on_file[2]
+
+
 def test_an_unreachable_url_is_one_line_without_its_password(postgres: Server) -> None:
     """Nothing listens there: one line on stderr naming the URL with its password hidden,
     a failure status, no traceback; an empty database says to start the daemon on it."""
