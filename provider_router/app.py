@@ -34,6 +34,7 @@ from .store import LogWriter, Redactor, connect, retention
 from . import location
 from .store import locks
 from .store.db import Reopenable
+from .store.reads import SqliteReads
 from .store.locks import Leader
 from .records import iso
 from .store.sessions import SessionRepo
@@ -197,6 +198,7 @@ async def _sqlite(state: State, stack: contextlib.AsyncExitStack) -> None:
         interval=db.check_interval_seconds, checkpoint=db.checkpoint_interval_seconds,
     )  # fmt: skip
     state.db, state.reader = handles  # type: ignore[assignment]  # a Reopenable stands in for its connection
+    state.reads = SqliteReads(handles[1])  # type: ignore[arg-type]  # follows the reopened file
     state.session_store = SessionRepo(handles[0], writer)  # type: ignore[arg-type]
     state.writer, state.watch = writer, watch
     await _task(stack, watch.run(), "database-watch")
@@ -214,7 +216,7 @@ async def _postgres(state: State, stack: contextlib.AsyncExitStack) -> None:
     where = location.shown(state.db_path)
     try:
         await pg.migrate(state.db_path, progress=_migrating)
-        pool = await pg.open_pool(state.db_path, db.pool_max)
+        pool = await pg.open_pool(state.db_path, db.pool_max, name="daemon")
         stack.push_async_callback(pool.close)
         coord = await pg.coordination(state.db_path)
         stack.push_async_callback(coord.aclose)
