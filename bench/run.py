@@ -577,7 +577,7 @@ def per_rep_ratios(added: dict[str, list[float]]) -> list[float]:
     return [p / f if f > 0 else math.inf for p, f in zip(added.get("proxy", []), added.get("passthrough", []))]
 
 
-def latency_note(reps: int, rounds: int, ratios: list[float], added: dict[str, list[float]], noise: str) -> str:
+def latency_note(reps: int, rounds: int, ratios: list[float], added: dict[str, list[float]], noise: float) -> str:
     def ms(values: list[float]) -> str:
         return ", ".join(f"{v:.3f}" for v in values) or "n/a"
 
@@ -586,7 +586,9 @@ def latency_note(reps: int, rounds: int, ratios: list[float], added: dict[str, l
             f"rotated; proxy ÷ pass-through added p50 per repetition {', '.join(f'{r:.2f}' for r in ratios) or 'n/a'} "
             f"(median {fmt(med(ratios))}×, spread {spread}); added p50 per repetition, pass-through "
             f"{ms(added.get('passthrough', []))} ms, proxy {ms(added.get('proxy', []))} ms; "
-            f"other processes used {noise} during it.")
+            f"other processes used {noise:.0f}% of the machine during it"
+            + (" (a busy machine: trust neither the figures nor the verdict; rerun when it is quiet)."
+               if noise > 10 else "."))
 
 
 class PhaseNoise:
@@ -602,11 +604,12 @@ class PhaseNoise:
         ours = t.user + t.system + t.children_user + t.children_system + sum(cpu_seconds(p) for p in self.pids)
         return time.monotonic(), machine_busy_seconds(), ours
 
-    def share(self) -> str:
+    def share(self) -> float:
+        """Percent of the machine's CPU taken by other processes since this was made."""
         (t0, busy0, ours0), (t1, busy1, ours1) = self.start, self._now()
         other = max(0.0, (busy1 - busy0) - (ours1 - ours0))
         capacity = (t1 - t0) * (os.cpu_count() or 1)
-        return f"{100 * other / capacity:.0f}% of the machine" if capacity else "?"
+        return 100 * other / capacity if capacity else 0.0
 
 
 def measure_throughput(ctx: Context) -> list[Row]:
