@@ -8,6 +8,8 @@
 # --instr-atstart=no`, sends 300 warm-up requests, switches instrumentation on, sends exactly
 # REQUESTS non-stream chat requests (IN_FLIGHT at once, an aiohttp client), switches it off
 # and prints user-space instructions per request, and the cyclic collector's share apart.
+# The proxy's config is the benchmark's (bench/run.py): with an `auth.admin_key`, so the
+# dashboard and the admin API are set up as there.
 # The proxy's log writer is a child process callgrind does not follow: not counted.
 # Needs valgrind; takes about a minute (the server runs ~50x slower under callgrind).
 set -euo pipefail
@@ -32,6 +34,7 @@ else
   cat > "$TMP/config.yaml" <<EOF
 server: {host: 127.0.0.1, port: $PORT}
 database: {path: "$TMP/bench.db"}
+auth: {admin_key: bench-admin-key}
 providers:
   - {name: fake, type: openai, base_url: "http://127.0.0.1:$FAKE_PORT/v1", api_key: "bench-key"}
 models:

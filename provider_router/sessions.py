@@ -222,13 +222,12 @@ class Sessions:
         return s
 
     async def _find(
-        self, request: web.Request, client: str, route: Route, messages: list[dict[str, Any]], now: float
+        self, request: web.Request, client: str, route: Route, fp: str, explicit: str | None, threaded: bool, now: float
     ) -> Session:
-        fp = fingerprint(client, route.provider.name, route.upstream_model, messages)
-        explicit = request.headers.get("X-Session-Id")
+        """The session of a request that names one, or of any request where instances share
+        the database (`join` finds the others in memory, with nothing to await)."""
         if explicit is not None and not _SESSION_ID.match(explicit):
             raise ApiError(400, "X-Session-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -", param="X-Session-Id")
-        threaded = self.providers[route.provider.name].threaded
         if not self.shared or (explicit is None and not threaded):
             return await self._found(request, client, route, fp, explicit, threaded, now)
         # Instances sharing the database find or start a session one at a time, and a new
@@ -277,6 +276,11 @@ class Sessions:
         s = self.active.get(sid) if sid else None
         if self.shared and (s is None or threaded):  # another instance may have started or ended it
             s = self._adopt(await self.repo.find_active(fp, now), s)
+        return self._live(s, request, client, route, fp, now)
+
+    def _live(self, s: Session | None, request: web.Request, client: str, route: Route, fp: str, now: float) -> Session:
+        """`s`, the session found by the request's opening, unless it is none or past its
+        expiry (then ended): a new one."""
         if s is not None and s.expires <= now:
             self._end(s, "expired", now)
             s = None
@@ -338,10 +342,20 @@ class Sessions:
         Each attempt of a request joins (retries, fallbacks): a request counts once, in
         the session that holds it last, as its log row does."""
         now = time.time()
-        s = await self._find(request, rec.client or "anonymous", route, messages, now)
+        client = rec.client or "anonymous"
+        threaded = self.providers[route.provider.name].threaded
+        fp = fingerprint(client, route.provider.name, route.upstream_model, messages)
+        explicit = request.headers.get("X-Session-Id")
+        if explicit is None and not self.shared:  # the usual request: in memory, nothing to await
+            sid = self.by_fingerprint.get(fp)
+            s = self._live(self.active.get(sid) if sid else None, request, client, route, fp, now)
+        else:
+            s = await self._find(request, client, route, fp, explicit, threaded, now)
         s.last_access = now
         s.expires = now + self.timeout
-        before = request.get(JOINED)  # the session an earlier attempt joined, if any
+        # The session an earlier attempt joined, if any (it set `rec.session_id`): most
+        # requests are one attempt, and a missed lookup raises and catches a KeyError.
+        before = request[JOINED] if rec.session_id is not None else None
         if before is not s:
             s.request_count += 1
             if not s.stored:
@@ -367,7 +381,7 @@ class Sessions:
         self.active.move_to_end(s.id)
         rec.session_id = s.id
         rec.log_session = s.stored or s.first is not rec
-        if not self.providers[route.provider.name].threaded:
+        if not threaded:
             rec.chat_id = s.id
             s.message_count = len(messages)
         self.repo.save(s)

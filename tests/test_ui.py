@@ -206,6 +206,24 @@ async def test_every_response_carries_a_strict_csp_and_pages_have_no_inline_code
     assert status == 400 and "Content-Security-Policy" in headers
 
 
+async def test_the_dashboard_headers_are_on_every_ui_response_and_on_no_other(make_proxy: ProxyFactory) -> None:
+    """The CSP, the framing ban and no-store are on the live stream's head and on a /ui path
+    no route answers, as on the pages; not on a /v1 answer, nor on a path that only starts
+    with the same letters."""
+    p = await make_proxy(ui_config())
+    async with session() as s:
+        async with s.get(f"{p.url}/ui/events", headers=AUTH) as r:
+            assert r.status == 200 and r.headers["X-Frame-Options"] == "DENY"
+            assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+    for path in ("/ui", "/ui/no-such-page"):
+        _, headers, _ = await fetch(p, path)
+        assert "Content-Security-Policy" in headers and headers["Cache-Control"] == "no-store", path
+    _, headers, _ = await fetch(p, "/uix")
+    assert "Content-Security-Policy" not in headers
+    raw = await p.sdk().chat.completions.with_raw_response.create(model="echo", messages=[{"role": "user", "content": "hi"}])
+    assert "content-security-policy" not in raw.headers and "x-frame-options" not in raw.headers
+
+
 async def test_a_prompt_with_html_shows_as_text_on_every_page(make_proxy: ProxyFactory) -> None:
     """A prompt holding a script, an event handler and quotes is escaped in the list, on the
     request's page and in its session's tree: no element of it reaches the page."""

@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 
 from ..api.admin import bearer_ok
-from ..api.ids import stamp
+from ..api.ids import PATH_HEADERS, stamp
 from ..errors import ApiError
 from ..state import STATE, State
 from ..store import queries, session_reads
@@ -99,11 +99,10 @@ def _html(state: State, markup: Markup, status: int = 200) -> web.Response:
     return web.Response(status=status, text=state.redactor(markup), content_type="text/html", charset="utf-8")
 
 
-async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """`on_response_prepare`: every /ui response, errors included, carries the CSP and is kept
-    out of caches (pages hold prompts); the static files may be cached."""
-    if request.path != "/ui" and not request.path.startswith("/ui/"):
-        return
+def security_headers(response: web.StreamResponse) -> None:
+    """Every /ui response, errors included, carries the CSP and is kept out of caches (pages
+    hold prompts); the static files may be cached. Put on where the response starts
+    (`ids.PATH_HEADERS`), as its ids are."""
     h = response.headers
     h["Content-Security-Policy"] = CSP
     h["X-Content-Type-Options"] = "nosniff"
@@ -354,7 +353,7 @@ def setup(app: web.Application) -> None:
         return  # no key, no dashboard: /ui answers as any unknown path
     files = resources.files(__package__).joinpath("static")
     app[UI] = Ui(static={name: files.joinpath(name).read_bytes() for name in STATIC})
-    app.on_response_prepare.append(security_headers)
+    app.setdefault(PATH_HEADERS, []).append(("/ui", security_headers))
     app.on_shutdown.append(_stop_streams)
     r = app.router
     r.add_get("/ui", root)
