@@ -28,7 +28,7 @@ from .records import RequestRecord, new_id
 from .routing import Route
 from .store.locks import Coordination, local
 from .store.session_reads import EVENTS, pick
-from .store.sessions import Session, SessionStore, Turn
+from .store.sessions import Session, SessionStore, StoreUnavailable, Turn
 
 JOINED = web.RequestKey("joined_session", Session)  # a request's session, across its attempts
 # Whether the request started that session (`X-Session-New`): its first request, decided
@@ -39,6 +39,13 @@ log = structlog.get_logger("provider_router.sessions")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Fields of a session another instance may have changed since this one cached it.
 _SHARED_FIELDS = ("chat_id", "parent_id", "state", "expires", "last_access", "request_count", "message_count", "metadata")
+
+
+def unavailable() -> ApiError:
+    return ApiError(
+        503, "The session store's database does not answer; this conversation's thread cannot be read. Try again shortly.",
+        code="database_unavailable",
+    )  # fmt: skip
 
 
 def busy(wait: float) -> ApiError:
@@ -69,6 +76,7 @@ class Sessions:
         # Event counts, as the database's tallies had them at start, kept in step since.
         self.created_total = self.expired_total = self.evicted_total = self.deleted_total = 0
         self._sweeping = asyncio.Lock()  # one pass over the chats to delete at a time
+        self._warned_down = -1e9  # when `session_store_unavailable` was last said
 
     async def start(self) -> None:
         """Load the active sessions a previous run left, so their upstream chats continue,
@@ -275,8 +283,21 @@ class Sessions:
         sid = self.by_fingerprint.get(fp)
         s = self.active.get(sid) if sid else None
         if self.shared and (s is None or threaded):  # another instance may have started or ended it
-            s = self._adopt(await self.repo.find_active(fp, now), s)
+            try:
+                s = self._adopt(await self.repo.find_active(fp, now), s)
+            except StoreUnavailable as e:
+                if threaded:
+                    raise unavailable() from e
+                # The full history travels to a stateless upstream either way: only the
+                # log's grouping of this request may differ, so it is served.
+                self._store_down(e)
         return self._live(s, request, client, route, fp, now)
+
+    def _store_down(self, e: StoreUnavailable) -> None:
+        now = time.monotonic()
+        if now - self._warned_down >= 10.0:
+            self._warned_down = now
+            log.warning("session_store_unavailable", error=str(e), serving="stateless requests, each in a session of its own")
 
     def _live(self, s: Session | None, request: web.Request, client: str, route: Route, fp: str, now: float) -> Session:
         """`s`, the session found by the request's opening, unless it is none or past its
@@ -293,7 +314,10 @@ class Sessions:
         the database, read each time: another may have recorded one since)."""
         turns = self._turns.get(s.id)
         if turns is None or self.shared:
-            turns = {t.message_hash: t for t in await self.repo.load_turns(s.id)}
+            try:
+                turns = {t.message_hash: t for t in await self.repo.load_turns(s.id)}
+            except StoreUnavailable as e:
+                raise unavailable() from e
             self._turns[s.id] = turns
         return turns
 
@@ -350,7 +374,10 @@ class Sessions:
             sid = self.by_fingerprint.get(fp)
             s = self._live(self.active.get(sid) if sid else None, request, client, route, fp, now)
         else:
-            s = await self._find(request, client, route, fp, explicit, threaded, now)
+            try:
+                s = await self._find(request, client, route, fp, explicit, threaded, now)
+            except StoreUnavailable as e:  # a named or threaded session's row could not be read
+                raise unavailable() from e
         s.last_access = now
         s.expires = now + self.timeout
         # The session an earlier attempt joined, if any (it set `rec.session_id`): most

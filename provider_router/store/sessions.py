@@ -257,3 +257,8 @@ class SessionRepo:
     def chat_deleted(self, provider: str, chat_id: str, session_id: str, now: float, error: str | None = None) -> None:
         """Record an attempt to delete an upstream chat: done unless `error`."""
         self._writer.execute(reads.CHAT_DELETION, (provider, chat_id, session_id, None if error else iso(now), error))
+
+
+class StoreUnavailable(Exception):
+    """The database holding the sessions does not answer now (a server down or out of
+    reach): raised by a `SessionStore` read, so the request path can tell it from a bug."""
