@@ -61,6 +61,7 @@ def _day(name: str) -> dt.date | None:
 
 
 RETIRED = "_retired"
+RETENTION_LOCK = 0x70727072756E  # 'prprun', beside migrations.py's keys
 def _leftovers(conn: psycopg.Connection[Any]) -> list[str]:
     """Days an earlier run detached and did not finish: a detach cut short is finalised."""
     for (name,) in conn.execute(
@@ -85,6 +86,9 @@ def drop_days(
     the transaction in flight (a later run finishes the day)."""
     out = Dropped()
     with psycopg.connect(dsn, autocommit=True) as conn:
+        # One run at a time (the leader's and a `db prune`, say): the other waits, then
+        # finds what is left. Held until the connection closes.
+        conn.execute("SELECT pg_advisory_lock(%s)", (RETENTION_LOCK,))
         for name in _leftovers(conn):
             retired = name if name.endswith(RETIRED) else _retire(conn, name)
             if not _empty(conn, retired, out, batch, progress, stop):
