@@ -996,6 +996,76 @@ def measure_workers(ctx: Context) -> list[Row]:
     ]
 
 
+def measure_workers_pg(ctx: Context) -> list[Row]:
+    """The same on a PostgreSQL database (a throwaway server of Debian's, as the tests
+    start): 1 worker against 2, interleaved, and the most connections the instances held
+    (sampled from pg_stat_activity during the runs: each worker's pool, log writer and
+    lock connection)."""
+    if not ctx.has_proxy:
+        return [Row("PostgreSQL: throughput, 2 workers ÷ 1 worker", "—", "—", "n/a")]
+    import threading
+
+    import psycopg
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.postgres import running_server
+
+    s = ctx.settings
+    tmp = ctx.tmp / "workers_pg"
+    tmp.mkdir(exist_ok=True)
+    rps: dict[str, list[float]] = {"1": [], "2": []}
+    sent = 0
+    most = {"1": 0, "2": 0}
+    with running_server() as server:
+        with psycopg.connect(server.dsn(), autocommit=True) as admin:
+            admin.execute("CREATE DATABASE bench TEMPLATE template0")
+        url = server.dsn("bench")
+        with Children(tmp) as kids:
+            bases = {}
+            for n in ("1", "2"):
+                port = free_port()
+                config, _ = write_proxy_config(tmp, port, ctx.targets["direct"].base_url)
+                proc = kids.start(f"proxy-pg-{n}", [s.python, "-m", "provider_router", "serve", "--config", str(config),
+                                                    "--port", str(port), "--db", url, "--workers", n])
+                bases[n] = f"http://127.0.0.1:{port}"
+                wait_ready(proc, bases[n] + "/v1/models")
+            for rep in range(s.reps):
+                for n in (["1", "2"] if rep % 2 == 0 else ["2", "1"]):
+                    progress(f"workers on PostgreSQL c={s.concurrency} rep {rep + 1}/{s.reps}: {n} worker(s)")
+                    done = threading.Event()
+
+                    def sample(n: str = n, done: threading.Event = done) -> None:
+                        with psycopg.connect(server.dsn(), autocommit=True) as c:
+                            while not done.wait(0.2):
+                                row = c.execute(
+                                    "SELECT count(*) FROM pg_stat_activity WHERE datname = 'bench' AND pid <> pg_backend_pid()"
+                                ).fetchone()
+                                most[n] = max(most[n], int(row[0]) if row else 0)
+
+                    sampler = threading.Thread(target=sample, daemon=True)
+                    sampler.start()
+                    res = run_wrk(ctx, bases[n] + CHAT_PATH, s.concurrency, s.duration_s)
+                    done.set()
+                    sampler.join()
+                    note_wrk_errors(ctx, f"{n} worker(s) on PostgreSQL", "workers run", res)
+                    rps[n].append(res.rps)
+                    sent += res.requests
+            kids.stop("proxy-pg-1")
+            kids.stop("proxy-pg-2")
+        with psycopg.connect(url, autocommit=True) as c:
+            row = c.execute("SELECT count(*) FROM requests WHERE status BETWEEN 200 AND 299").fetchone()
+            logged = int(row[0]) if row else 0
+    ctx.raw["workers_pg"] = {"rps": rps, "sent": sent, "rows_2xx_logged": logged, "most_connections": most}
+    one, two = medians(rps)["1"], medians(rps)["2"]
+    return [
+        Row(f"PostgreSQL: throughput, non-stream, c={s.concurrency}: 1 worker → 2 workers (req/s)", "—", "—",
+            f"{fmt(one, 0)} → {fmt(two, 0)}", "—", "—", f"2 workers ÷ 1: {ratio(two, one)}"),
+        Row("PostgreSQL: connections in use, most seen (1 worker / 2 workers)", "—", "—", f"{most['1']} / {most['2']}"),
+        Row("PostgreSQL: 2xx requests answered / rows logged", "—", "—", f"{sent:,} / {logged:,}",
+            "—", "—", "every row", verdict(logged >= sent)),
+    ]
+
+
 # Adding a measurement = writing one function (Context -> rows) and listing it here.
 MEASUREMENTS: dict[str, Callable[[Context], list[Row]]] = {
     "latency": measure_latency,
@@ -1011,6 +1081,7 @@ MEASUREMENTS: dict[str, Callable[[Context], list[Row]]] = {
     "agent_writer": measure_agent_writer,
     "inspection": measure_inspection,
     "workers": measure_workers,
+    "workers_pg": measure_workers_pg,
 }
 
 

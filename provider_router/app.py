@@ -9,7 +9,8 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from typing import Any, AsyncIterator, Coroutine
+from functools import partial
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine
 
 import aiosqlite
 import structlog
@@ -27,15 +28,17 @@ from .providers import build_provider
 from .providers.http import new_session
 from .providers.proxies import proxy_secrets
 from .routing import Router
-from .startup import StartupError, database_error
+from .startup import StartupError, database_error, postgres_error
 from .state import STATE, State
 from .store import LogWriter, Redactor, connect, retention
+from . import location
 from .store import locks
 from .store.db import Reopenable
+from .store.reads import SqliteReads
 from .store.locks import Leader
 from .records import iso
 from .store.sessions import SessionRepo
-from .store.watch import DbWatch
+from .store.watch import DbWatch, LogWatch
 from .sessions import Sessions
 from .threads import Threads
 from .ui import handlers as ui
@@ -134,57 +137,105 @@ def _migrating(what: str, done: int, total: int) -> None:
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
+    """The log database, its writer and watch, the session store and the coordination with
+    other instances: a SQLite file's, or a PostgreSQL database's."""
     state = app[STATE]
-    logs, db = state.config.logs, state.config.database
     async with contextlib.AsyncExitStack() as stack:  # each step undone even if one before it raised
-        try:
-            coord = locks.shared(state.db_path) if state.shared else locks.local()
-            stack.callback(coord.close)
-            conn, reader = await _open(state.db_path)
-        except (OSError, sqlite3.Error) as e:
-            raise database_error(e, state.db_path) from e
-        state.coord = coord
-        handles = Reopenable(conn), Reopenable(reader)
-        stack.push_async_callback(lambda: handles[0].conn.close())
-        stack.push_async_callback(lambda: handles[1].conn.close())
-        writer = LogWriter(
-            state.db_path, max_queue=logs.queue_size, max_queue_bytes=logs.queue_bytes, when_full=logs.when_full,
-            max_body_bytes=logs.max_body_bytes, max_message_bytes=logs.max_message_bytes, secrets=state.redactor.secrets,
-        )  # fmt: skip
-        try:
-            await writer.start()
-        except OSError as e:
-            raise StartupError("cannot start the log writer process", state.db_path, "check the Python installation", repr(e)) from e
+        if location.is_postgres(state.db_path):
+            await _postgres(state, stack)
+        else:
+            await _sqlite(state, stack)
         stack.callback(_clear, state)  # after the writer stopped (exits run in reverse)
-        stack.push_async_callback(writer.stop)
-
-        async def reopen() -> None:
-            await writer.stop()  # what it holds is committed to the old file (counted lost)
-            for handle in reversed(handles):
-                # All closed before anything opens the path: SQLite keeps a moved file's
-                # -wal and -shm at the path, and the watch sets them aside first.
-                await handle.conn.close()
-            watch.set_aside_stale()
-            new_conn, new_reader = await _open(state.db_path)
-            handles[0].swap(new_conn)
-            handles[1].swap(new_reader)
-            watch.opened_now()
-            await writer.start()
-
-        watch = DbWatch(
-            state.db_path, writer, bound=logs.queue_size, reopen=reopen,
-            interval=db.check_interval_seconds, checkpoint=db.checkpoint_interval_seconds,
-        )  # fmt: skip
-        state.db, state.reader = handles  # type: ignore[assignment]  # a Reopenable stands in for its connection
-        state.writer, state.watch = writer, watch
-        await _task(stack, watch.run(), "database-watch")
-        if logs.retention_days > 0:
-            await _task(stack, _retention(state.db_path, logs.retention_days, coord.leader), "log-retention")
         yield
 
 
+def _new_writer(state: State) -> LogWriter:
+    logs = state.config.logs
+    return LogWriter(
+        state.db_path, max_queue=logs.queue_size, max_queue_bytes=logs.queue_bytes, when_full=logs.when_full,
+        max_body_bytes=logs.max_body_bytes, max_message_bytes=logs.max_message_bytes, secrets=state.redactor.secrets,
+    )  # fmt: skip
+
+
+async def _start_writer(state: State, writer: LogWriter, stack: contextlib.AsyncExitStack) -> None:
+    try:
+        await writer.start()
+    except OSError as e:
+        raise StartupError("cannot start the log writer process", location.shown(state.db_path), "check the Python installation", repr(e)) from e
+    stack.push_async_callback(writer.stop)
+
+
+async def _sqlite(state: State, stack: contextlib.AsyncExitStack) -> None:
+    logs, db = state.config.logs, state.config.database
+    try:
+        coord = locks.shared(state.db_path) if state.shared else locks.local()
+        stack.callback(coord.close)
+        conn, reader = await _open(state.db_path)
+    except (OSError, sqlite3.Error) as e:
+        raise database_error(e, state.db_path) from e
+    state.coord = coord
+    handles = Reopenable(conn), Reopenable(reader)
+    stack.push_async_callback(lambda: handles[0].conn.close())
+    stack.push_async_callback(lambda: handles[1].conn.close())
+    writer = _new_writer(state)
+    await _start_writer(state, writer, stack)
+
+    async def reopen() -> None:
+        await writer.stop()  # what it holds is committed to the old file (counted lost)
+        for handle in reversed(handles):
+            # All closed before anything opens the path: SQLite keeps a moved file's
+            # -wal and -shm at the path, and the watch sets them aside first.
+            await handle.conn.close()
+        watch.set_aside_stale()
+        new_conn, new_reader = await _open(state.db_path)
+        handles[0].swap(new_conn)
+        handles[1].swap(new_reader)
+        watch.opened_now()
+        await writer.start()
+
+    watch = DbWatch(
+        state.db_path, writer, bound=logs.queue_size, reopen=reopen,
+        interval=db.check_interval_seconds, checkpoint=db.checkpoint_interval_seconds,
+    )  # fmt: skip
+    state.db, state.reader = handles  # type: ignore[assignment]  # a Reopenable stands in for its connection
+    state.reads = SqliteReads(handles[1])  # type: ignore[arg-type]  # follows the reopened file
+    state.session_store = SessionRepo(handles[0], writer)  # type: ignore[arg-type]
+    state.writer, state.watch = writer, watch
+    await _task(stack, watch.run(), "database-watch")
+    if logs.retention_days > 0:
+        await _task(stack, _retention(partial(_prune_sqlite, state.db_path), logs.retention_days, coord.leader), "log-retention")
+
+
+async def _postgres(state: State, stack: contextlib.AsyncExitStack) -> None:
+    """PostgreSQL: migrated under its lock (instances starting together migrate once), a
+    pool of at most `database.pool_max` connections for reads and session state, the log
+    writer's connection, and one for the locks every instance shares (docs/postgresql.md)."""
+    from .store.pg import daemon as pg
+
+    logs, db = state.config.logs, state.config.database
+    where = location.shown(state.db_path)
+    try:
+        await pg.migrate(state.db_path, progress=_migrating)
+        pool = await pg.open_pool(state.db_path, db.pool_max, name="daemon")
+        stack.push_async_callback(pool.close)
+        coord = await pg.coordination(state.db_path)
+        stack.push_async_callback(coord.aclose)
+    except pg.Error as e:
+        raise postgres_error(e, where) from e
+    state.coord = coord
+    writer = _new_writer(state)
+    await _start_writer(state, writer, stack)
+    watch = LogWatch(writer, bound=logs.queue_size, interval=db.check_interval_seconds)
+    state.reads = pg.PgReads(pool)
+    state.session_store = pg.PgSessionRepo(pool, writer)
+    state.writer, state.watch = writer, watch
+    await _task(stack, watch.run(), "database-watch")
+    if logs.retention_days > 0:
+        await _task(stack, _retention(partial(pg.prune, state.db_path), logs.retention_days, coord.leader), "log-retention")
+
+
 def _clear(state: State) -> None:
-    state.writer = state.db = state.reader = state.watch = None
+    state.writer = state.db = state.reader = state.reads = state.watch = state.session_store = None
 
 
 async def _task(stack: contextlib.AsyncExitStack, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -199,32 +250,39 @@ async def _task(stack: contextlib.AsyncExitStack, coro: Coroutine[Any, Any, None
     stack.push_async_callback(stop)
 
 
-async def _retention(db_path: str, days: int, leader: Leader, interval: float = 3600.0) -> None:
-    """Prune records older than `days`, in bounded batches, now and then every `interval`
-    (on the leader alone, where instances share the database). A connection per pass: the
-    file at the path may have been reopened since."""
+async def _prune_sqlite(path: str, cut: str) -> Any:
+    conn = await connect(path)  # a connection per pass: the file at the path may have been reopened since
+    try:
+        return await retention.prune(conn, cut)
+    finally:
+        await conn.close()
+
+
+async def _retention(prune: Callable[[str], Awaitable[Any]], days: int, leader: Leader, interval: float = 3600.0) -> None:
+    """Prune records older than `days` (`prune(cut)`, in bounded batches), now and then
+    every `interval`, on the leader alone where instances share the database."""
     while True:
         if not leader.lead():
             await asyncio.sleep(interval)
             continue
-        conn = await connect(db_path)
+        cut = iso(time.time() - days * 86400)
         try:
-            cut = iso(time.time() - days * 86400)
-            result = await retention.prune(conn, cut)
-        finally:
-            await conn.close()
-        if result.requests or result.sessions:
-            log.info(
-                "retention_pruned", requests=result.requests, sessions=result.sessions, messages=result.messages,
-                blobs=result.blobs, older_than=cut,
-            )  # fmt: skip
+            result = await prune(cut)
+        except Exception as e:  # the database down for a while: the next pass tries again
+            log.warning("retention_failed", error=f"{type(e).__name__}: {e}", retry_seconds=interval)
+        else:
+            if result.requests or result.sessions:
+                log.info(
+                    "retention_pruned", requests=result.requests, sessions=result.sessions, messages=result.messages,
+                    blobs=result.blobs, older_than=cut,
+                )  # fmt: skip
         await asyncio.sleep(interval)
 
 
 async def _threads(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    assert state.db is not None and state.writer is not None
-    sessions = Sessions(state.config.sessions, SessionRepo(state.db, state.writer), state.providers, state.coord)
+    assert state.session_store is not None and state.coord is not None
+    sessions = Sessions(state.config.sessions, state.session_store, state.providers, state.coord)
     await sessions.start()
     state.sessions, state.threads = sessions, Threads(sessions)
     cleanup = asyncio.create_task(sessions.run_cleanup(), name="session-cleanup")

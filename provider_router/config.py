@@ -19,7 +19,7 @@ import msgspec.inspect
 import yaml
 from msgspec import Meta, field
 
-from .store import location
+from . import location
 
 ProviderType = Literal["openai", "echo", "qwen"]
 LogLevel = Literal["debug", "info", "warning", "error"]

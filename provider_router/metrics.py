@@ -18,7 +18,7 @@ from prometheus_client.utils import floatToGoString
 if TYPE_CHECKING:
     from .providers import Provider
     from .records import RequestRecord
-    from .store.watch import DbWatch
+    from .store.watch import LogWatch
     from .store.writer import LogWriter
 
 # Milliseconds: proxies are judged on single-digit ms overhead, LLM replies take seconds.
@@ -40,7 +40,7 @@ class Sources(Protocol):
     @property
     def writer(self) -> LogWriter | None: ...
     @property
-    def watch(self) -> DbWatch | None: ...
+    def watch(self) -> LogWatch | None: ...
     @property
     def providers(self) -> Mapping[str, Provider]: ...
 
@@ -93,10 +93,11 @@ class _Live(Collector):
             for name in ("ok", "failing", "stalled"):
                 state.add_metric((name,), 1.0 if s["state"] == name else 0.0)
             yield state
-            yield GaugeMetricFamily(
-                "provider_router_database_file_ok", "1 while the file at the configured path is the one opened.", value=1.0 if s["file"] == "ok" else 0.0
-            )
-            yield CounterMetricFamily("provider_router_database_reopened", "Times the database path was reopened.", value=s["reopened"])
+            if "file" in s:  # a SQLite file's
+                yield GaugeMetricFamily(
+                    "provider_router_database_file_ok", "1 while the file at the configured path is the one opened.", value=1.0 if s["file"] == "ok" else 0.0
+                )
+                yield CounterMetricFamily("provider_router_database_reopened", "Times the database path was reopened.", value=s["reopened"])
             yield CounterMetricFamily(
                 "provider_router_log_records_lost", "Records committed into a database file no longer at the path.", value=watch.lost
             )

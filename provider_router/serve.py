@@ -31,6 +31,7 @@ from .config import Config
 from .startup import StartupError, database_error, listen_error
 from .state import STATE
 from .stopping import HURRY_SECONDS, SIGNALS, Signals, Watchdog
+from . import location
 from .store.presence import Presence, SharedPresence, hold, hold_shared, serving
 
 log = structlog.get_logger("provider_router")
@@ -159,8 +160,9 @@ def run(
     """Serve until SIGTERM/SIGINT/SIGHUP; the exit status. `traceback`: start-up failures
     log their traceback too (`--log-level debug`). `shared`: other instances serve the same
     database (and may share the port); `worker`: one of `serve --workers N`'s."""
-    db = db_path or cfg.database.path
-    shared = shared or worker is not None
+    db = db_path or cfg.database.location
+    postgres = location.is_postgres(db)
+    shared = shared or worker is not None or postgres  # any instance may join a PostgreSQL database
     if worker is not None:
         structlog.contextvars.bind_contextvars(worker=worker.number)
     watchdog = Watchdog()
@@ -172,15 +174,16 @@ def run(
         _watch_parent(loop, worker.life_fd, signals)
     mark: Mark | OSError | None = None
     try:
-        try:
-            # Before the app loads sessions: another daemon on this database would write its own
-            # copies of them over ours, and a CLI edit must know whom to ask from the start.
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise database_error(e, db) from e
-        mark = _hold_mark(db, shared)
-        if mark is None:
-            return 1
+        if not postgres:  # a PostgreSQL database has no file next to it, nor a daemon of its own
+            try:
+                # Before the app loads sessions: another daemon on this database would write its own
+                # copies of them over ours, and a CLI edit must know whom to ask from the start.
+                Path(db).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise database_error(e, db) from e
+            mark = _hold_mark(db, shared)
+            if mark is None:
+                return 1
         return loop.run_until_complete(_serve(cfg, db, mark, signals, watchdog, shared, worker))
     except StartupError as e:
         watchdog.arm(HURRY_SECONDS, "start-up failed and stopping did not finish")
@@ -215,7 +218,7 @@ def _watch_parent(loop: asyncio.AbstractEventLoop, fd: int, signals: Signals) ->
 
 
 async def _serve(
-    cfg: Config, db: str, mark: Mark | OSError, signals: Signals, watchdog: Watchdog, shared: bool, worker: Worker | None
+    cfg: Config, db: str, mark: Mark | OSError | None, signals: Signals, watchdog: Watchdog, shared: bool, worker: Worker | None
 ) -> int:
     app = create_app(cfg, db_path=db, shared=shared, worker=(worker.number, worker.count) if worker else None)
     app.on_startup.append(_settle_heap)  # after the app's own start-up (cleanup_ctx runs first)
@@ -247,9 +250,9 @@ async def _serve(
     bound = runner.addresses[0][1] if runner.addresses else port
     if isinstance(mark, OSError):
         log.warning("daemon_mark_failed", db=db, error=str(mark), hint="session edits from the CLI will not find this daemon")
-    else:
+    elif mark is not None:
         mark.serve_at(local_url(host, bound))
-    log.info("listening", url=f"http://{host}:{bound}/v1", db=db, models=[m.name for m in app[STATE].router.available])
+    log.info("listening", url=f"http://{host}:{bound}/v1", db=location.shown(db), models=[m.name for m in app[STATE].router.available])
     if worker is not None:  # the parent waits for this before it says the workers listen
         os.write(worker.ready_fd, b"1")
         os.close(worker.ready_fd)

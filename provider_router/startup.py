@@ -66,6 +66,29 @@ def database_error(e: BaseException, path: str) -> StartupError:
     )
 
 
+def postgres_error(e: BaseException, where: str) -> StartupError:
+    """The PostgreSQL database at `where` (a URL shown without its password) could not be
+    reached, logged into, or migrated."""
+    error = f"{type(e).__name__}: {e}"
+    text = str(e).lower()
+    if "password authentication failed" in text or "no password supplied" in text or "authentication failed" in text:
+        return StartupError("PostgreSQL refused the login", where, "check the user and password in database.url (or --db)", error)
+    if "does not exist" in text and "database" in text:
+        return StartupError(
+            "the PostgreSQL database does not exist", where, "create it (`createdb NAME`, as a user allowed to), or name another in the URL", error
+        )
+    if "permission denied" in text:
+        return StartupError(
+            "the PostgreSQL user may not create the log's tables", where,
+            "grant it CREATE on the database (or its schema), or use the database's owner", error,
+        )  # fmt: skip
+    if "connection" in text or "timeout" in text or "could not translate host name" in text:
+        return StartupError(
+            "cannot reach the PostgreSQL server", where, "is it running and listening there? (`pg_isready -d URL` tells)", error
+        )
+    return StartupError(f"cannot open the PostgreSQL database: {type(e).__name__}", where, "run with --log-level debug for the traceback", error)
+
+
 def listen_error(e: BaseException, host: str, port: int) -> StartupError:
     """The listening socket at `host`:`port` could not be opened."""
     where = f"{host}:{port}"

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     from .metrics import Metrics
     from .store import LogWriter, Redactor
     from .store.locks import Coordination
-    from .store.watch import DbWatch
+    from .store.reads import LogReads
+    from .store.sessions import SessionStore
+    from .store.watch import LogWatch
     from .sessions import Sessions
     from .threads import Threads
 
@@ -38,8 +40,10 @@ class State:
     providers: dict[str, Provider] = field(default_factory=dict)
     db: aiosqlite.Connection | None = None  # migrations and session reads; writes go through `writer`
     reader: aiosqlite.Connection | None = None  # read-only: operator queries never queue behind writes
+    reads: LogReads | None = None  # the inspection reads (admin API, sessions API, dashboard), on `reader` or a pool
     writer: LogWriter | None = None
-    watch: DbWatch | None = None  # the log's health, the database file's identity (store/watch.py)
+    session_store: SessionStore | None = None  # sessions as stored (SQLite or PostgreSQL)
+    watch: LogWatch | None = None  # the log's health (and a SQLite file's identity: store/watch.py)
     sessions: Sessions | None = None
     threads: Threads | None = None
     metrics: Metrics | None = None

@@ -39,7 +39,7 @@ class Daemon:
 
     @classmethod
     async def start(
-        cls, tmp_path: Path, config: str, *args: str, env: dict[str, str] | None = None, db: Path | None = None
+        cls, tmp_path: Path, config: str, *args: str, env: dict[str, str] | None = None, db: Path | str | None = None
     ) -> Daemon:
         port = free_port()
         cfg = tmp_path / f"config-{port}.yaml"

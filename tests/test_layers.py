@@ -13,7 +13,7 @@ import provider_router
 PACKAGE = Path(provider_router.__file__).parent
 # Lowest first; a module belongs to the first prefix that names it (the longest is listed first).
 LAYERS: list[tuple[str, ...]] = [
-    ("config",),
+    ("config", "location"),
     ("errors", "messages", "history", "sse", "replies", "routing", "records", "redact", "logsetup", "rowtext"),
     ("store",),
     ("providers",),

@@ -35,9 +35,9 @@ class Pair:
     """Two `serve --shared` instances on one database; each request goes to a random one,
     and a restart stops one of them and starts another in its place."""
 
-    def __init__(self, fake: QwenFake, cfg_text: str, tmp: Path, rng: random.Random) -> None:
+    def __init__(self, fake: QwenFake, cfg_text: str, tmp: Path, rng: random.Random, db: Path | str | None = None) -> None:
         self.fake, self.cfg_text, self.tmp, self.rng = fake, cfg_text, tmp, rng
-        self.db = tmp / "p.db"
+        self.db = db or tmp / "p.db"  # a SQLite file, or a PostgreSQL URL (test_pg_instances.py)
         self.daemons: list[Daemon] = []
         self.clients: list[openai.AsyncOpenAI] = []
 

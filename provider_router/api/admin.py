@@ -18,7 +18,7 @@ from ..errors import ApiError
 from ..metrics import CONTENT_TYPE
 from ..state import STATE, State
 from ..store import queries, session_reads
-from ..store import stats as stats_q
+from ..store.reads import LogReads
 
 MAX_PAGE = 500
 
@@ -47,10 +47,10 @@ def _require_admin(request: web.Request) -> State:
     return state
 
 
-def _reader(state: State) -> Any:
-    if state.reader is None:
+def _reads(state: State) -> LogReads:
+    if state.reads is None:
         raise ApiError(503, "The database is not open.", code="database_unavailable")
-    return state.reader
+    return state.reads
 
 
 def _int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -74,10 +74,10 @@ async def health(request: web.Request) -> web.Response:
     never content."""
     state = request.app[STATE]
     db_ok = False
-    if state.reader is not None:
+    if state.reads is not None:
         try:
-            async with state.reader.execute("SELECT 1") as cur:
-                db_ok = (await cur.fetchone()) is not None
+            await state.reads.ping()
+            db_ok = True
         except Exception:
             db_ok = False
     reasons = [] if db_ok else ["the database does not answer"]
@@ -100,7 +100,7 @@ async def metrics(request: web.Request) -> web.Response:
     if not state.config.auth.metrics_public:
         _require_admin(request)
     assert state.metrics is not None
-    figures = await session_reads.lifecycle(state.reader) if state.reader is not None else None
+    figures = await state.reads.lifecycle() if state.reads is not None else None
     return web.Response(body=state.metrics.render(figures), headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -112,8 +112,8 @@ async def sessions_list(request: web.Request) -> web.Response:
         raise ApiError(400, "`state` must be active, expired or all.", param="state")
     limit = _int(request, "limit", 50, 1, MAX_PAGE)
     offset = _int(request, "offset", 0, 0, 10**9)
-    rows = await session_reads.list_sessions(
-        _reader(state), state=which, client=request.query.get("client"), limit=limit + 1, offset=offset, newest_first=True
+    rows = await _reads(state).list_sessions(
+        state=which, client=request.query.get("client"), limit=limit + 1, offset=offset, newest_first=True
     )  # one more than the page: whether there is a next one
     page = {"object": "list", "data": rows[:limit], "limit": limit, "offset": offset, "has_more": len(rows) > limit}
     return _json(page)
@@ -134,12 +134,12 @@ async def _session_id(request: web.Request, state: State) -> str:
 
 async def session_get(request: web.Request) -> web.Response:
     state = _require_admin(request)
-    conn = _reader(state)
+    reads = _reads(state)
     sid = await _session_id(request, state)
-    session = await session_reads.get_session(conn, sid)
+    session = await reads.get_session(sid)
     if session is None:
         raise ApiError(404, "No such session.", code="session_not_found", param="id")
-    session["turns"] = await queries.session_requests(conn, session["id"])
+    session["turns"] = await reads.session_requests(session["id"])
     return _json(session)
 
 
@@ -178,7 +178,7 @@ async def stats(request: web.Request) -> web.Response:
         cut = queries.cutoff(since) if since else None
     except ValueError as e:
         raise ApiError(400, str(e), param="since") from None
-    figures = await stats_q.stats(_reader(state), since=cut)
+    figures = await _reads(state).stats(since=cut)
     writer = state.writer
     return _json(
         {
@@ -214,7 +214,7 @@ def _filter(request: web.Request) -> queries.RequestFilter:
 async def requests_list(request: web.Request) -> web.Response:
     state = _require_admin(request)
     limit = _int(request, "limit", 50, 1, MAX_PAGE)
-    page = await queries.recent_requests(_reader(state), _filter(request), limit=limit)
+    page = await _reads(state).recent_requests(_filter(request), limit=limit)
     rows = list(reversed(page.rows))  # newest first; `before=<last id>` fetches the next page
     return _json({"object": "list", "data": rows, "has_more": len(rows) == limit, "next_before": rows[-1]["id"] if rows else None})
 
@@ -222,7 +222,7 @@ async def requests_list(request: web.Request) -> web.Response:
 async def request_get(request: web.Request) -> web.Response:
     state = _require_admin(request)
     try:
-        row = await queries.get_request(_reader(state), request.match_info["id"])
+        row = await _reads(state).get_request(request.match_info["id"])
     except queries.AmbiguousId as e:
         raise ApiError(400, str(e), code="ambiguous_id") from None
     if row is None:

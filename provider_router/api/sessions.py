@@ -64,8 +64,8 @@ async def get_session(request: web.Request) -> web.Response:
     s = await sessions.get(await _own(request, sessions))
     if s is None:  # deleted meanwhile
         raise ApiError(404, f"No session {request.match_info['id']}.", code="session_not_found", param="id")
-    reader = request.app[STATE].reader
-    rows = await queries.session_requests(reader, s.id) if reader is not None else []
+    reads = request.app[STATE].reads
+    rows = await reads.session_requests(s.id) if reads is not None else []
     turns = [{"request_id": r["id"], "turn": r["turn"], "received_at": r["received_at"], "status": r["status"]} for r in rows]
     return _json({**_view(s), "turns": turns})
 

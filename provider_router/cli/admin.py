@@ -9,13 +9,14 @@ import os
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-import aiosqlite
 import orjson
 
 from ..config import ConfigError
+from ..location import is_postgres
 from ..store.presence import mark_path, serving
+from ..store.reads import LogReads
 from .common import CliError, Settings
-from .database import run_db
+from .database import run_reads
 
 
 class Admin:
@@ -92,14 +93,15 @@ def daemon_admin(settings: Settings, db: Path) -> Admin | None:
 
 def edit_sessions(
     settings: Settings,
-    offline: Callable[[aiosqlite.Connection], Awaitable[None]],
-    online: Callable[[aiosqlite.Connection, Admin], Awaitable[None]],
+    offline: Callable[[LogReads], Awaitable[None]],
+    online: Callable[[LogReads, Admin], Awaitable[None]],
 ) -> None:
-    """`offline` edits the file when no daemon serves it; else `online` asks the daemon,
-    reading the file only."""
-    db = settings.db_path()
-    admin = daemon_admin(settings, db)
+    """`offline` edits the database when no daemon serves it; else `online` asks the
+    daemon, reading the database only. A daemon serving a SQLite file marks it (see
+    `store.presence`); a PostgreSQL database carries no such mark, so it is edited."""
+    location = settings.db_location()
+    admin = None if is_postgres(location) else daemon_admin(settings, Path(location))
     if admin is None:
-        run_db(db, offline, write=True)
+        run_reads(location, offline, write=True)
     else:
-        run_db(db, lambda conn: online(conn, admin))
+        run_reads(location, lambda reads: online(reads, admin))

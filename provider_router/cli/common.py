@@ -62,8 +62,14 @@ class Settings:
         return load_config(path, only=only)
 
     def db_path(self) -> Path:
-        """--db, else database.path of the config (its other sections are not needed)."""
+        """--db, else database.path of the config (its other sections are not needed): for
+        the commands that need a SQLite file."""
         return Path(self.db) if self.db else Path(self.load("database").database.path)
+
+    def db_location(self) -> str:
+        """--db, else database.url, else database.path: a SQLite file's path or a
+        `postgresql://` URL (`location` tells them apart)."""
+        return self.db or self.load("database").database.location
 
 
 pass_settings = click.make_pass_decorator(Settings, ensure=True)
@@ -80,8 +86,9 @@ def _into_settings(name: str) -> Callable[[click.Context, click.Parameter, Any],
 def config_options(f: F) -> F:
     """--config and --db, for a command that reads the config or the log database."""
     f = click.option(
-        "--db", metavar="PATH", expose_value=False, callback=_into_settings("db"),
-        help="log database (default: database.path from the config)",
+        "--db", metavar="PATH|URL", expose_value=False, callback=_into_settings("db"),
+        help="log database: a SQLite file's path or a postgresql:// URL "
+        "(default: database.url, else database.path from the config)",
     )(f)
     return click.option(
         "--config", metavar="PATH", expose_value=False, callback=_into_settings("config"),

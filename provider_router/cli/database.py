@@ -1,27 +1,56 @@
 """The commands' own connection to the log database: read-only unless they edit, never
-creating the file, migrating a file an earlier release wrote (unless a daemon serves it).
+creating it, migrating one an earlier release wrote (unless a daemon serves the file); a
+SQLite file's path or a PostgreSQL URL, read through `store.reads.LogReads`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from pathlib import Path
 from typing import Awaitable, Callable
 
 import aiosqlite
 import click
 
-from ..store.db import connect
-from ..store.migrations import MIGRATIONS, migrate_file
-from ..store.presence import serving
-from .common import CliError
+from ..location import is_postgres, shown
+from ..store.reads import LogReads, Unavailable, open_reads, open_sqlite, quiet
+from .common import CliError, Settings
 
 Body = Callable[[aiosqlite.Connection], Awaitable[None]]
+ReadsBody = Callable[[LogReads], Awaitable[None]]
+
+
+def _say(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def run_reads(location: str, body: ReadsBody, *, write: bool = False) -> None:
+    """Open the log database at `location` (a path or a `postgresql://` URL), run `body`
+    on its reads, close it. Any failure to reach or read a PostgreSQL database is one line
+    naming the URL without its password."""
+
+    async def main() -> None:
+        async with open_reads(location, write=write, progress=_say) as reads:
+            await body(reads)
+
+    try:
+        asyncio.run(main())
+    except Unavailable as e:
+        raise CliError(str(e)) from None
+    except Exception as e:
+        if is_postgres(location) and type(e).__module__.startswith(("psycopg", "psycopg_pool")):
+            raise CliError(f"database error on {shown(location)}: {quiet(location, e)}") from None
+        raise
+
+
+def run_location(settings: Settings, body: ReadsBody, *, write: bool = False) -> None:
+    """`run_reads` on the database the command's options and config name."""
+    run_reads(settings.db_location(), body, write=write)
 
 
 def run_db(path: Path, body: Body, *, write: bool = False) -> None:
-    """Open the database at `path`, run `body` on it, close it."""
+    """Open the SQLite file at `path`, run `body` on it, close it (the commands that
+    need a file: `db`)."""
 
     async def main() -> None:
         conn = await open_db(path, write=write)
@@ -34,39 +63,9 @@ def run_db(path: Path, body: Body, *, write: bool = False) -> None:
 
 
 async def open_db(path: Path, *, write: bool = False) -> aiosqlite.Connection:
-    """A connection of our own: read-only unless `write`. Never migrates or creates the file.
-
-    Readers never block the daemon (WAL). Writers get the project's PRAGMAs, notably
-    busy_timeout (wait for the daemon's writer) and foreign_keys (session cascades).
-    """
-    if not path.is_file():
-        where = "" if path.is_absolute() else f" (relative to this directory: {path.absolute()})"
-        raise CliError(f"no database at {path}{where} (start `provider-router serve`, or pass --db PATH)")
-    await _migrated(path)
-    return await connect(path, readonly=not write, migrate_schema=False)
-
-
-def _pending(path: Path) -> bool:
-    db = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
+    """A connection of our own to a SQLite file: read-only unless `write`. Never creates
+    the file; migrates one an earlier release wrote, with progress on stderr."""
     try:
-        done = {r[0] for r in db.execute("SELECT name FROM _migrations")}
-    except sqlite3.OperationalError:  # no table yet: an empty file
-        done = set()
-    finally:
-        db.close()
-    return any(name not in done for name, _ in MIGRATIONS)
-
-
-async def _migrated(path: Path) -> None:
-    """A database an earlier release wrote is migrated first (with progress on stderr),
-    unless a daemon serves it: that daemon migrates its own file when it starts."""
-    if not _pending(path):
-        return
-    if serving(path) is not None:
-        raise CliError(f"the database at {path} is from an earlier release and a daemon serves it: restart the daemon (it migrates the file), then try again")
-
-    def progress(what: str, done: int, total: int) -> None:
-        click.echo(f"migrating {path}: {what} {done}/{total}", err=True)
-
-    click.echo(f"migrating {path} to this release's schema (once)...", err=True)
-    await asyncio.to_thread(migrate_file, str(path), progress)
+        return await open_sqlite(path, write=write, progress=_say)
+    except Unavailable as e:
+        raise CliError(str(e)) from None

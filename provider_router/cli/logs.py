@@ -7,13 +7,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import aiosqlite
 import click
 
 from ..rowtext import OUTCOMES
 from ..store import queries as q
+from ..store.reads import LogReads
 from .common import COUNT, SINCE_HELP, UNTIL_HELP, CliError, Group, Settings, When, config_options, examples, json_option, with_settings
-from .database import run_db
+from .database import run_location
 from .log_table import LogTable
 from .output import json_doc, json_line, public_row
 from .transcript import render_request
@@ -66,15 +66,15 @@ def logs(ctx: click.Context, limit: int, follow: bool, **filters: Any) -> None:
     settings = ctx.ensure_object(Settings)
     table = not settings.json
     try:
-        run_db(settings.db_path(), lambda conn: _list(conn, q.RequestFilter(**filters), limit, table, follow))
+        run_location(settings, lambda reads: _list(reads, q.RequestFilter(**filters), limit, table, follow))
     except KeyboardInterrupt:
         if not follow:
             raise
         # Ctrl-C is the way out of --follow: quiet, and not a failure.
 
 
-async def _list(conn: aiosqlite.Connection, flt: q.RequestFilter, limit: int, table: bool, follow: bool) -> None:
-    page = await q.recent_requests(conn, flt, limit)
+async def _list(reads: LogReads, flt: q.RequestFilter, limit: int, table: bool, follow: bool) -> None:
+    page = await reads.recent_requests(flt, limit)
     tbl = LogTable(page.rows) if table else None
 
     def line(row: dict[str, Any]) -> str:
@@ -85,11 +85,11 @@ async def _list(conn: aiosqlite.Connection, flt: q.RequestFilter, limit: int, ta
         click.echo("\n".join(head + [line(r) for r in page.rows]))
     if not page.rows and tbl is not None and not follow:
         click.echo("no matching requests", err=True)
-    last = page.last_rowid
+    last = page.cursor
     while follow:
         await asyncio.sleep(FOLLOW_INTERVAL)
-        page = await q.new_requests(conn, flt, last)
-        last = page.last_rowid
+        page = await reads.new_requests(flt, last)
+        last = page.cursor
         for row in page.rows:
             click.echo(line(row))
 
@@ -111,10 +111,10 @@ async def _list(conn: aiosqlite.Connection, flt: q.RequestFilter, limit: int, ta
 )
 @with_settings
 def show(settings: Settings, request_id: str) -> None:
-    async def body(conn: aiosqlite.Connection) -> None:
-        row = await q.get_request(conn, request_id)
+    async def body(reads: LogReads) -> None:
+        row = await reads.get_request(request_id)
         if row is None:
             raise CliError(f"no request with id {request_id!r}")
         click.echo(json_doc(row) if settings.json else "\n".join(render_request(row)))
 
-    run_db(settings.db_path(), body)
+    run_location(settings, body)

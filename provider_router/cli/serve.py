@@ -11,6 +11,7 @@ import click
 from msgspec.structs import replace
 
 from ..config import LOG_LEVELS, ConfigError, is_loopback
+from .. import location
 from .common import BUILT_IN, Settings, examples, with_settings
 
 
@@ -24,6 +25,7 @@ from .common import BUILT_IN, Settings, examples, with_settings
         "provider-router serve                      (./config.yaml, or the built-in echo model)",
         "provider-router serve --config prod.yaml --port 9000 --log-level debug",
         "provider-router serve --workers 4          (4 processes on one port and one database)",
+        "provider-router serve --db postgresql://proxy:PASSWORD@db.internal/proxy   (instances sharing PostgreSQL)",
     ),
 )
 @click.option("--host", metavar="HOST", help="address to listen on (default: server.host, 127.0.0.1)")
@@ -58,7 +60,10 @@ def serve(
         cfg.server, host=host or cfg.server.host, port=cfg.server.port if port is None else port,
         workers=cfg.server.workers if workers is None else workers,
     )  # fmt: skip
-    cfg = replace(cfg, server=server)
+    database = cfg.database
+    if settings.db and location.is_postgres(settings.db):  # --db URL: as database.url (its password is then a secret)
+        database = replace(database, url=settings.db)
+    cfg = replace(cfg, server=server, database=database)
     if not cfg.providers:
         raise ConfigError("no providers configured: add a `providers:` list (see config.yaml)")
     if not is_loopback(server.host) and not cfg.auth.client_keys and not insecure_no_auth:

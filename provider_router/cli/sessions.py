@@ -10,15 +10,13 @@ import time
 from datetime import datetime
 from typing import Any
 
-import aiosqlite
 import click
 
-from ..store import queries as q
 from ..store import session_reads
-from ..store import tree_view as tv
+from ..store.reads import LogReads
 from .admin import Admin, edit_sessions
 from .common import COUNT, CliError, Group, Settings, examples, json_option, with_settings
-from .database import run_db
+from .database import run_location
 from .output import PIPE_WIDTH, json_doc, json_line, local_time, public_row, table
 from .session_view import render_session, render_tree
 
@@ -58,8 +56,8 @@ def list_(settings: Settings, state: str, active: bool, client: str | None, limi
         raise click.UsageError(f"--active and --state {state} contradict each other (--active is --state active)")
     state = "active" if active else state
 
-    async def body(conn: aiosqlite.Connection) -> None:
-        rows = await session_reads.list_sessions(conn, state=state, client=client, limit=limit)
+    async def body(reads: LogReads) -> None:
+        rows = await reads.list_sessions(state=state, client=client, limit=limit)
         if settings.json:
             if rows:
                 click.echo("\n".join(json_line(r) for r in rows))
@@ -69,7 +67,7 @@ def list_(settings: Settings, state: str, active: bool, client: str | None, limi
         else:
             click.echo("\n".join(_session_table(rows)))
 
-    run_db(settings.db_path(), body)
+    run_location(settings, body)
 
 
 def _session_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -87,8 +85,8 @@ def _session_table(rows: list[dict[str, Any]]) -> list[str]:
     return table(headers, cells, right={4, 5})
 
 
-async def _session(conn: aiosqlite.Connection, prefix: str) -> dict[str, Any]:
-    s = await session_reads.get_session(conn, prefix)
+async def _session(reads: LogReads, prefix: str) -> dict[str, Any]:
+    s = await reads.get_session(prefix)
     if s is None:
         raise CliError(f"no session with id {prefix!r}")
     return s
@@ -116,22 +114,22 @@ def show(settings: Settings, session_id: str, tree: bool) -> None:
     if tree and settings.json:
         raise click.UsageError("--json and --tree do not go together: pick one", click.get_current_context())
 
-    async def body(conn: aiosqlite.Connection) -> None:
-        s = await _session(conn, session_id)
+    async def body(reads: LogReads) -> None:
+        s = await _session(reads, session_id)
         if tree:
-            click.echo("\n".join(await _tree_lines(conn, s)))
+            click.echo("\n".join(await _tree_lines(reads, s)))
             return
-        requests = [public_row(r) for r in await q.session_requests(conn, s["id"])]
+        requests = [public_row(r) for r in await reads.session_requests(s["id"])]
         if settings.json:
             click.echo(json_doc({"session": s, "requests": requests}))
         else:
             click.echo("\n".join(render_session(s, requests)))
 
-    run_db(settings.db_path(), body)
+    run_location(settings, body)
 
 
-async def _tree_lines(conn: aiosqlite.Connection, s: dict[str, Any]) -> list[str]:
-    tree = await tv.session_tree(conn, s["id"])
+async def _tree_lines(reads: LogReads, s: dict[str, Any]) -> list[str]:
+    tree = await reads.session_tree(s["id"])
     out = [
         f"session {s['id']}  {s.get('provider')}/{s.get('upstream_model')}  {s.get('state')}  "
         f"{tree.summary()}"
@@ -153,15 +151,15 @@ async def _tree_lines(conn: aiosqlite.Connection, s: dict[str, Any]) -> list[str
 @click.argument("session_id", metavar="ID")
 @with_settings
 def refresh(settings: Settings, session_id: str) -> None:
-    async def offline(conn: aiosqlite.Connection) -> None:
-        s = await _session(conn, session_id)
+    async def offline(reads: LogReads) -> None:
+        s = await _session(reads, session_id)
         timeout = settings.load("sessions").sessions.timeout_minutes * 60.0
-        if not await session_reads.refresh_session(conn, s["id"], time.time(), timeout):
+        if not await reads.refresh_session(s["id"], time.time(), timeout):
             raise CliError(f"no session with id {session_id!r}")
         click.echo(f"refreshed session {s['id']}: active for {_minutes(timeout)}" + _revived(s))
 
-    async def online(conn: aiosqlite.Connection, admin: Admin) -> None:
-        s = await _session(conn, session_id)
+    async def online(reads: LogReads, admin: Admin) -> None:
+        s = await _session(reads, session_id)
         status, body = await admin.call("POST", f"/admin/sessions/{s['id']}/refresh")
         if status == 404:
             raise CliError(f"no session with id {session_id!r}")
@@ -192,9 +190,9 @@ def _revived(s: dict[str, Any]) -> str:
 @click.argument("session_id", metavar="ID")
 @with_settings
 def delete(settings: Settings, session_id: str) -> None:
-    async def offline(conn: aiosqlite.Connection) -> None:
-        s = await _session(conn, session_id)
-        gone = await session_reads.delete_session(conn, s["id"])
+    async def offline(reads: LogReads) -> None:
+        s = await _session(reads, session_id)
+        gone = await reads.delete_session(s["id"])
         if gone is None:  # the daemon deleted it between the lookup and the delete
             raise CliError(f"no session with id {session_id!r}")
         click.echo(
@@ -202,9 +200,9 @@ def delete(settings: Settings, session_id: str) -> None:
             f"and its {gone.turns} thread turn(s); its {gone.requests_kept} request row(s) are kept"
         )
 
-    async def online(conn: aiosqlite.Connection, admin: Admin) -> None:
-        s = await _session(conn, session_id)
-        kept = await q.count_session_requests(conn, s["id"])
+    async def online(reads: LogReads, admin: Admin) -> None:
+        s = await _session(reads, session_id)
+        kept = await reads.count_session_requests(s["id"])
         status, _ = await admin.call("DELETE", f"/admin/sessions/{s['id']}?by=cli")
         if status == 404:  # gone between the lookup and the call
             raise CliError(f"no session with id {session_id!r}")
@@ -227,10 +225,10 @@ def delete(settings: Settings, session_id: str) -> None:
 )
 @with_settings
 def cleanup(settings: Settings) -> None:
-    async def offline(conn: aiosqlite.Connection) -> None:
-        click.echo(f"marked {await session_reads.expire_sessions(conn)} session(s) expired")
+    async def offline(reads: LogReads) -> None:
+        click.echo(f"marked {await reads.expire_sessions()} session(s) expired")
 
-    async def online(_: aiosqlite.Connection, admin: Admin) -> None:
+    async def online(_: LogReads, admin: Admin) -> None:
         _, body = await admin.call("POST", "/admin/sessions/cleanup")
         click.echo(f"marked {body.get('expired', 0)} session(s) expired {admin.via}")
 

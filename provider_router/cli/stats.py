@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import aiosqlite
 import click
 
 from ..store import stats as stats_q
+from ..store.reads import LogReads
 from ..store.rows import BUCKETS_MS
 from .common import SINCE_HELP, Settings, When, examples, json_option, with_settings
-from .database import run_db
+from .database import run_location
 from .output import full_time, json_doc, ms, table
 
 HEADERS = ("MODEL", "PROVIDER", "REQS", "ERRORS", "TOK IN", "TOK OUT", "CACHED", "TTFB p50", "TTFB p95", "DUR p50", "DUR p95")
@@ -34,11 +34,11 @@ HEADERS = ("MODEL", "PROVIDER", "REQS", "ERRORS", "TOK IN", "TOK OUT", "CACHED",
 @json_option("one JSON document")
 @with_settings
 def stats(settings: Settings, since: str | None) -> None:
-    async def body(conn: aiosqlite.Connection) -> None:
-        st = await stats_q.stats(conn, since)
+    async def body(reads: LogReads) -> None:
+        st = await reads.stats(since)
         click.echo(json_doc(st.as_dict()) if settings.json else "\n".join(_render(st, since)))
 
-    run_db(settings.db_path(), body)
+    run_location(settings, body)
 
 
 def _pct(value: float | None) -> str:

@@ -216,7 +216,9 @@ def _text_of(body: str | None) -> str | None:
     return text
 
 
-def _listed(row: dict[str, Any]) -> dict[str, Any]:
+def listed_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A listed request row (`_LISTED`'s columns, on either database) as the readers answer
+    it: the texts of its prompt, reply and reasoning instead of the bodies."""
     row.pop("_rowid", None)
     row["prompt_text"] = _text_of(row.pop("_prompt"))
     reply = row.pop("_reply")
@@ -286,7 +288,7 @@ async def recent_requests(conn: aiosqlite.Connection, flt: RequestFilter, limit:
     else:
         rows = await _newest(conn, flt, top, since, limit)
     rows.reverse()
-    return RequestPage([_listed(r) for r in rows], last)
+    return RequestPage([listed_row(r) for r in rows], last)
 
 
 async def _newest(conn: aiosqlite.Connection, flt: RequestFilter, last: int, since: int | None, limit: int) -> list[dict[str, Any]]:
@@ -344,7 +346,7 @@ async def new_requests(conn: aiosqlite.Connection, flt: RequestFilter, after_row
     else:
         rows = await fetch_all(conn, f"{_LISTED}{where} ORDER BY r.rowid", params)
     last = rows[-1]["_rowid"] if rows else after_rowid
-    return RequestPage([_listed(r) for r in rows], last)
+    return RequestPage([listed_row(r) for r in rows], last)
 
 
 # Each message as requests carry it: a reply's `resent` form where it has one.
@@ -470,7 +472,7 @@ def rebuilt_row(row: dict[str, Any], request: Any, response: Any) -> dict[str, A
 async def session_requests(conn: aiosqlite.Connection, session_id: str) -> list[dict[str, Any]]:
     """The session's request rows in order: its conversation, turn by turn."""
     rows = await fetch_all(conn, f"{_LISTED} WHERE r.session_id = ? ORDER BY r.id", (session_id,))
-    return [_listed(r) for r in rows]
+    return [listed_row(r) for r in rows]
 
 
 async def count_session_requests(conn: aiosqlite.Connection, session_id: str) -> int:

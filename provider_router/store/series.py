@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Sequence
+from typing import Any, Sequence
+
 import aiosqlite
 
 from .rows import NB, ROLLUP_SUMS
@@ -109,34 +110,55 @@ def _first_bucket(rng: Range, now: datetime) -> datetime:
     return start.replace(hour=0, minute=0, second=0, microsecond=0)
 
 
-async def series(conn: aiosqlite.Connection, rng: Range, now: float | None = None) -> TimeSeries:
-    """Per bucket of `rng` up to now and per (model, provider): the roll-ups added up in one
-    GROUP BY over the span's rows of the range (a primary-key range read)."""
+def buckets(rng: Range, now: float | None = None) -> list[datetime]:
+    """Each bucket's start (UTC) of `rng` up to `now`, oldest first."""
     at = datetime.now(timezone.utc) if now is None else datetime.fromtimestamp(now, timezone.utc)
-    fmt, unit_at, _ = _SPANS[rng.span]
-    first = _first_bucket(rng, at)
     starts: list[datetime] = []
-    t = first
+    t = _first_bucket(rng, at)
     while t <= at:
         starts.append(t)
         t += rng.step
-    index = {s: i for i, s in enumerate(starts)}
+    return starts
+
+
+def since_text(rng: Range, starts: list[datetime]) -> str:
+    """The first roll-up `at` the series reads (its span's text of the first bucket)."""
+    return starts[0].strftime(_SPANS[rng.span][0])
+
+
+def unit_at(rng: Range) -> int:
+    """Where, 1-based, the unit the buckets count starts in a roll-up's `at` text."""
+    return _SPANS[rng.span][1]
+
+
+async def series(conn: aiosqlite.Connection, rng: Range, now: float | None = None) -> TimeSeries:
+    """Per bucket of `rng` up to now and per (model, provider): the roll-ups added up in one
+    GROUP BY over the span's rows of the range (a primary-key range read)."""
+    starts = buckets(rng, now)
     # Per period and (model, provider) first, in the primary key's order (no sort: outcomes
     # and clients are added up as the rows stream by), then per bucket: a fraction of the
     # time of one GROUP BY of the bucket over every row.
     inner = ", ".join(f"sum({c}) AS s{i}" for i, c in enumerate(ROLLUP_SUMS))
     outer = ", ".join(f"sum(s{i})" for i in range(len(ROLLUP_SUMS)))
     # The bucket: the text before the counted unit, and that unit divided by the step.
-    prefix, unit = f"substr(at, 1, {unit_at - 1})", f"CAST(substr(at, {unit_at}, 2) AS INTEGER) / ?"
+    prefix, unit = f"substr(at, 1, {unit_at(rng) - 1})", f"CAST(substr(at, {unit_at(rng)}, 2) AS INTEGER) / ?"
     sql = (
         f"SELECT {prefix}, {unit}, model, provider, {outer} FROM ("
         f"SELECT at, model, provider, {inner} FROM rollups WHERE span = ? AND at >= ? GROUP BY at, model, provider"
         f") GROUP BY {prefix}, {unit}, model, provider"
     )
+    async with conn.execute(sql, (rng.per_bucket, rng.span, since_text(rng, starts), rng.per_bucket)) as cur:
+        rows = await cur.fetchall()
+    return bucketed(rng, starts, rows)
+
+
+def bucketed(rng: Range, starts: list[datetime], rows: Sequence[Sequence[Any]]) -> TimeSeries:
+    """Rows of (text before the bucket's unit, bucket number, model, provider, *sums) as
+    the series (on either database)."""
+    fmt = _SPANS[rng.span][0]
+    index = {s: i for i, s in enumerate(starts)}
     out = TimeSeries(rng, starts)
     totals = [Point([0.0] * len(ROLLUP_SUMS)) for _ in starts]
-    async with conn.execute(sql, (rng.per_bucket, rng.span, first.strftime(fmt), rng.per_bucket)) as cur:
-        rows = await cur.fetchall()
     for head, n, model, provider, *values in rows:
         when = datetime.strptime(f"{head}{n * rng.per_bucket:02d}", fmt).replace(tzinfo=timezone.utc)
         i = index.get(when)
@@ -153,11 +175,19 @@ async def series(conn: aiosqlite.Connection, rng: Range, now: float | None = Non
 async def facets(conn: aiosqlite.Connection) -> dict[str, list[str]]:
     """The models, providers, outcomes and clients the log has seen, each sorted: read from
     the daily roll-ups (a row per day and combination, not per request)."""
+    async with conn.execute(FACETS) as cur:
+        return faceted(await cur.fetchall())
+
+
+FACETS = "SELECT DISTINCT model, provider, outcome, client FROM rollups WHERE span = 'd'"
+
+
+def faceted(rows: Sequence[Sequence[Any]]) -> dict[str, list[str]]:
+    """Rows of `FACETS` as each column's values, sorted."""
     out: dict[str, set[str]] = {"model": set(), "provider": set(), "outcome": set(), "client": set()}
-    async with conn.execute("SELECT DISTINCT model, provider, outcome, client FROM rollups WHERE span = 'd'") as cur:
-        for row in await cur.fetchall():
-            for name, value in zip(out, row):
-                if value:
-                    out[name].add(value)
+    for row in rows:
+        for name, value in zip(out, row):
+            if value:
+                out[name].add(value)
     return {k: sorted(v) for k, v in out.items()}
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Sequence
 
 import aiosqlite
 import orjson
@@ -72,10 +72,11 @@ async def list_sessions(
     rows = await fetch_all(conn, sql, params)
     if not newest_first:
         rows.reverse()
-    return [_parse_metadata(r) for r in rows]
+    return [parse_metadata(r) for r in rows]
 
 
-def _parse_metadata(row: dict[str, Any]) -> dict[str, Any]:
+def parse_metadata(row: dict[str, Any]) -> dict[str, Any]:
+    """A session row with its `metadata` JSON read (left as text if it is not JSON)."""
     if isinstance(row.get("metadata"), str):
         try:
             row["metadata"] = orjson.loads(row["metadata"])
@@ -116,7 +117,7 @@ async def get_session(conn: aiosqlite.Connection, id_prefix: str) -> dict[str, A
         return None
     async with conn.execute("SELECT count(*) FROM turns WHERE session_id = ?", (row["id"],)) as cur:
         (row["turn_rows"],) = await cur.fetchone()  # type: ignore[misc]
-    return _parse_metadata(row)
+    return parse_metadata(row)
 
 
 @dataclass(slots=True)
@@ -222,33 +223,53 @@ async def lifecycle(conn: aiosqlite.Connection, now: float | None = None) -> dic
     requests per session over every session stored, ended (the tallies migration 005's
     triggers keep) or active; per client, sessions active now, created and ended. Reads the
     active rows and the tallies only, never the ended rows: cheap at millions of sessions."""
-    now = time.time() if now is None else now
     counts = await tallies(conn)
-    out: dict[str, Any] = {"active": 0, **{e: counts[e] for e in EVENTS}, "oldest_age_seconds": None, "newest_age_seconds": None}
-    out |= {"average_duration_seconds": None, "requests_per_session": None, "by_client": {}}
     if not await has_table(conn, "sessions"):
-        return out
+        return lifecycle_figures(counts, None, [], [], now)
     sql = (
         "SELECT count(*), min(created_at), max(created_at), "
         "sum(CAST((julianday(last_accessed_at) - julianday(created_at)) * 86400000 AS INTEGER)), sum(request_count) "
         "FROM sessions WHERE state = 'active'"
     )
     async with conn.execute(sql) as cur:
-        active, oldest, newest, ms, requests = await cur.fetchone()  # type: ignore[misc]
+        active = await cur.fetchone()
+    clients: list[Any] = []
+    if await has_table(conn, "session_clients"):
+        async with conn.execute("SELECT client, created, ended FROM session_clients ORDER BY client") as cur:
+            clients = list(await cur.fetchall())
+    sql = "SELECT coalesce(client, ''), count(*) FROM sessions WHERE state = 'active' GROUP BY coalesce(client, '')"
+    async with conn.execute(sql) as cur:
+        by_client = list(await cur.fetchall())
+    return lifecycle_figures(counts, active, clients, by_client, now)
+
+
+def lifecycle_figures(
+    counts: dict[str, int],
+    active_row: Sequence[Any] | None,
+    clients: Sequence[Sequence[Any]],
+    active_by_client: Sequence[Sequence[Any]],
+    now: float | None = None,
+) -> dict[str, Any]:
+    """`lifecycle`'s figures from what it read (on either database): the tallies; the
+    active sessions' (count, oldest and newest created_at as text, their ms from first to
+    last request, their requests), None without a sessions table; rows of (client, created,
+    ended); rows of (client, active sessions)."""
+    now = time.time() if now is None else now
+    out: dict[str, Any] = {"active": 0, **{e: counts[e] for e in EVENTS}, "oldest_age_seconds": None, "newest_age_seconds": None}
+    out |= {"average_duration_seconds": None, "requests_per_session": None, "by_client": {}}
+    if active_row is None:
+        return out
+    active, oldest, newest, ms, requests = active_row
     out |= {"active": active, "oldest_age_seconds": _age(now, oldest), "newest_age_seconds": _age(now, newest)}
     sessions = active + counts.get("ended_sessions", 0)
     if sessions:
         out["average_duration_seconds"] = round(((ms or 0) + counts.get("ended_ms", 0)) / 1000 / sessions, 3)
         out["requests_per_session"] = round(((requests or 0) + counts.get("ended_requests", 0)) / sessions, 3)
     by_client: dict[str, dict[str, int]] = {}
-    if await has_table(conn, "session_clients"):
-        async with conn.execute("SELECT client, created, ended FROM session_clients ORDER BY client") as cur:
-            for client, created, ended in await cur.fetchall():
-                by_client[client] = {"active": 0, "created": created, "ended": ended}
-    sql = "SELECT coalesce(client, ''), count(*) FROM sessions WHERE state = 'active' GROUP BY coalesce(client, '')"
-    async with conn.execute(sql) as cur:
-        for client, n in await cur.fetchall():
-            by_client.setdefault(client, {"active": 0, "created": 0, "ended": 0})["active"] = n
+    for client, created, ended in clients:
+        by_client[client] = {"active": 0, "created": created, "ended": ended}
+    for client, n in active_by_client:
+        by_client.setdefault(client, {"active": 0, "created": 0, "ended": 0})["active"] = n
     out["by_client"] = by_client
     return out
 

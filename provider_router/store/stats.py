@@ -87,9 +87,10 @@ class Stats:
         }
 
 
-def _periods(since: str | None) -> tuple[str, list[Any]]:
+def periods(since: str | None, mark: str = "?") -> tuple[str, list[Any]]:
     """Roll-up rows that cover `[since, now]` once: the minutes up to `since`'s next whole
-    hour, the hours up to its next whole day, then whole days (all days without `since`)."""
+    hour, the hours up to its next whole day, then whole days (all days without `since`).
+    `mark`: the driver's parameter marker (portable SQL otherwise)."""
     if not since:
         return "span = 'd'", []
     start = datetime.fromisoformat(since.replace("Z", "+00:00"))
@@ -98,7 +99,7 @@ def _periods(since: str | None) -> tuple[str, list[Any]]:
     fmt = "%Y-%m-%dT%H:%M"
     where = (
         "(span = 'm' AND at >= ? AND at < ?) OR (span = 'h' AND at >= ? AND at < ?) OR (span = 'd' AND at >= ?)"
-    )
+    ).replace("?", mark)
     return where, [since[:16], hour.strftime(fmt), hour.strftime(fmt)[:13], day.strftime(fmt)[:13], day.strftime(fmt)[:10]]
 
 
@@ -107,17 +108,24 @@ async def stats(conn: aiosqlite.Connection, since: str | None = None) -> Stats:
     (minute resolution), from the roll-ups: no request row is read, and a long range reads
     days, not minutes. An error is any request whose outcome is not `ok`."""
     sums = ", ".join(f"sum({c})" for c in ROLLUP_SUMS)
-    where, params = _periods(since)
+    where, params = periods(since)
     sql = f"SELECT model, provider, {sums} FROM rollups WHERE {where} GROUP BY model, provider"
+    async with conn.execute(sql, params) as cur:
+        groups, total = grouped(await cur.fetchall())
+    return Stats(groups, total, await session_counts(conn, since), since, await lifecycle(conn))
+
+
+def grouped(rows: Sequence[Sequence[Any]]) -> tuple[list[GroupStats], GroupStats]:
+    """Rows of (model, provider, *sums of `ROLLUP_SUMS`) as each group's figures, the
+    busiest first, and their total (on either database)."""
     groups: list[GroupStats] = []
     total = GroupStats(None, None)
-    async with conn.execute(sql, params) as cur:
-        for row in await cur.fetchall():
-            g = GroupStats(row[0] or None, row[1] or None)
-            g.add(row[2:])
-            total.add(row[2:])
-            g.finish()
-            groups.append(g)
+    for row in rows:
+        g = GroupStats(row[0] or None, row[1] or None)
+        g.add(row[2:])
+        total.add(row[2:])
+        g.finish()
+        groups.append(g)
     total.finish()
     groups.sort(key=lambda g: (-g.requests, g.model or "", g.provider or ""))
-    return Stats(groups, total, await session_counts(conn, since), since, await lifecycle(conn))
+    return groups, total

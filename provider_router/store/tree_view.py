@@ -6,7 +6,7 @@ and threaded-upstream turns that annotate the nodes. No rendering here: `cli.ses
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import aiosqlite
 import orjson
@@ -111,32 +111,54 @@ async def session_tree(conn: aiosqlite.Connection, session_id: str) -> SessionTr
     """The conversation tree of the session `session_id` (exact id): three or four
     statements whatever the number of turns."""
     async with conn.execute(_REQUESTS, (session_id,)) as cur:
-        requests = [
-            TreeRequest(
-                r[0], r[1], r[2], r[3], r[4], r[5],
-                orjson.loads(r[7]) if r[7] else ([r[6]] if r[6] is not None else []),
-            )
-            for r in await cur.fetchall()
-        ]
+        requests = tree_requests(await cur.fetchall())
     async with conn.execute(_NODES, (session_id, session_id)) as cur:
         nodes = {n.id: n for n in map(_node, await cur.fetchall())}
     # The other choices of an n>1 request hang under its tip, which the walk has read:
     # fetch just those nodes (rare; the seed above stays plain SQL rather than a JSON table function).
-    extra = sorted({i for r in requests for i in r.replies if i not in nodes})
+    extra = missing_replies(requests, nodes)
     for start in range(0, len(extra), _MAX_PARAMS):
         chunk = extra[start : start + _MAX_PARAMS]
         async with conn.execute(_BY_ID.format(", ".join("?" * len(chunk))), chunk) as cur:
             nodes.update((n.id, n) for n in map(_node, await cur.fetchall()))
+    async with conn.execute(_TURNS, (session_id,)) as cur:
+        turns = await cur.fetchall()
+    return assembled(requests, nodes, turns)
+
+
+def tree_requests(rows: Sequence[Sequence[Any]]) -> list[TreeRequest]:
+    """Rows of (id, turn, status, outcome, finish_reason, tip_message, reply_message, replies)."""
+    return [
+        TreeRequest(
+            r[0], r[1], r[2], r[3], r[4], r[5],
+            orjson.loads(r[7]) if r[7] else ([r[6]] if r[6] is not None else []),
+        )
+        for r in rows
+    ]
+
+
+def tree_node(row: Sequence[Any]) -> Node:
+    """A row of (id, parent_id, role, body) as a node."""
+    return _node(row)
+
+
+def missing_replies(requests: list[TreeRequest], nodes: dict[int, Node]) -> list[int]:
+    """The reply nodes of `requests` the walk up from their tips did not read."""
+    return sorted({i for r in requests for i in r.replies if i not in nodes})
+
+
+def assembled(requests: list[TreeRequest], nodes: dict[int, Node], turns: Sequence[Sequence[Any]]) -> SessionTree:
+    """The tree from its requests, its nodes and the session's turns (rows of node, turn,
+    chat_id, reply_id, request_id), on either database."""
     for r in requests:
         if r.tip in nodes:
             nodes[r.tip].tip_of.append(r)
         for i in r.replies:
             if i in nodes:
                 nodes[i].produced_by.append(r)
-    async with conn.execute(_TURNS, (session_id,)) as cur:
-        for node, turn, chat_id, reply_id, request_id in await cur.fetchall():
-            if node in nodes:
-                nodes[node].threads.append(ThreadTurn(turn, chat_id, reply_id, request_id))
+    for node, turn, chat_id, reply_id, request_id in turns:
+        if node in nodes:
+            nodes[node].threads.append(ThreadTurn(turn, chat_id, reply_id, request_id))
     roots: list[int] = []
     for nid in sorted(nodes):  # ids rise in the order nodes were stored: older branches first
         n = nodes[nid]

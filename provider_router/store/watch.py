@@ -107,11 +107,51 @@ class Writes:
         return None
 
 
-class DbWatch:
-    """The periodic check: `run()` as a task owned by the app. Each `interval` it samples
-    the writes and compares the file at `path` with the one opened; on a change it logs an
-    error and calls `reopen` (retrying each tick until it succeeds). Every `checkpoint`
-    seconds it truncates the WAL if no reader holds it back."""
+class LogWatch:
+    """The periodic check of the log, whatever the database: `run()` as a task owned by the
+    app samples the writes each `interval` (and does `tick`'s work); `reasons` and `summary`
+    are what /health and /metrics show. On PostgreSQL this is all there is: a server that
+    stops answering shows as records waiting with nothing committed (`stalled`)."""
+
+    def __init__(self, writer: Any, *, bound: int, interval: float = 1.0) -> None:
+        self.writer = writer
+        self.writes = Writes(writer, bound)
+        self.interval = interval
+        self.lost = 0  # records committed where nobody will read them (DbWatch: a moved file)
+
+    async def tick(self) -> None:
+        """A subclass's own check, after each sample."""
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self.writes.sample()
+                await self.tick()
+            except Exception:  # a bug here must not end the watching for good
+                log.exception("database_watch_failed")
+
+    def reasons(self) -> list[str]:
+        reason = self.writes.reason()
+        return [] if reason is None else [reason]
+
+    def summary(self) -> dict[str, Any]:
+        w = self.writer
+        return {
+            "state": self.writes.state,
+            "written": w.written,
+            "failed": w.failed + self.lost,
+            "dropped": w.dropped,
+            "queue_depth": w.depth,
+            "queue_bound": self.writes.bound,
+        }
+
+
+class DbWatch(LogWatch):
+    """A SQLite file's watch: besides the writes, each `interval` it compares the file at
+    `path` with the one opened; on a change it logs an error and calls `reopen` (retrying
+    each tick until it succeeds). Every `checkpoint` seconds it truncates the WAL if no
+    reader holds it back."""
 
     def __init__(
         self,
@@ -123,17 +163,15 @@ class DbWatch:
         interval: float = 1.0,
         checkpoint: float = 60.0,
     ) -> None:
+        super().__init__(writer, bound=bound, interval=interval)
         self.path = path
-        self.writer = writer
-        self.writes = Writes(writer, bound)
         self._reopen = reopen
-        self.interval = interval
         self.checkpoint_every = checkpoint
+        self._next_checkpoint = time.monotonic() + checkpoint
         self.opened = FileId.of(path)
         self._companions = self._side_files()  # its -wal and -shm, as last seen with it
         self.file = "ok"  # ok | removed | replaced
         self.reopened = 0
-        self.lost = 0  # records committed into a file no longer at the path
         self._written_ok = writer.written
 
     # -- the file ---------------------------------------------------------------------------
@@ -218,41 +256,21 @@ class DbWatch:
             conn.close()
 
     # -- the task ---------------------------------------------------------------------------
-    async def run(self) -> None:
-        next_checkpoint = time.monotonic() + self.checkpoint_every
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                self.writes.sample()
-                change = self.check_file()
-                if change != "ok":
-                    await self._handle_change(change)
-                elif time.monotonic() >= next_checkpoint:
-                    next_checkpoint = time.monotonic() + self.checkpoint_every
-                    result = await asyncio.to_thread(self.truncate_wal)
-                    log.debug("wal_checkpoint", busy=None if result is None else result[0])
-            except Exception:  # a bug here must not end the watching for good
-                log.exception("database_watch_failed")
+    async def tick(self) -> None:
+        change = self.check_file()
+        if change != "ok":
+            await self._handle_change(change)
+        elif time.monotonic() >= self._next_checkpoint:
+            self._next_checkpoint = time.monotonic() + self.checkpoint_every
+            result = await asyncio.to_thread(self.truncate_wal)
+            log.debug("wal_checkpoint", busy=None if result is None else result[0])
 
     # -- what /health and /metrics show ------------------------------------------------------
     def reasons(self) -> list[str]:
-        out = []
+        out = super().reasons()
         if self.file != "ok":
-            out.append(f"the database file at the configured path was {self.file}; reopening it")
-        reason = self.writes.reason()
-        if reason is not None:
-            out.append(reason)
+            out.insert(0, f"the database file at the configured path was {self.file}; reopening it")
         return out
 
     def summary(self) -> dict[str, Any]:
-        w = self.writer
-        return {
-            "state": self.writes.state,
-            "written": w.written,
-            "failed": w.failed + self.lost,
-            "dropped": w.dropped,
-            "queue_depth": w.depth,
-            "queue_bound": self.writes.bound,
-            "file": self.file,
-            "reopened": self.reopened,
-        }
+        return {**super().summary(), "file": self.file, "reopened": self.reopened}

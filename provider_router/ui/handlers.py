@@ -22,8 +22,7 @@ from ..errors import ApiError
 from ..state import STATE, State
 from ..store import queries, session_reads
 from ..store import series as series_q
-from ..store import stats as stats_q
-from ..store import tree_view as tv
+from ..store.reads import START, LogReads, is_cursor
 from . import auth, conversation, views
 from .html import Markup, href
 
@@ -89,10 +88,10 @@ def _page(handler: Any) -> Any:
     return wrapped
 
 
-def _reader(state: State) -> Any:
-    if state.reader is None:
+def _reads(state: State) -> LogReads:
+    if state.reads is None:
         raise ApiError(503, "The database is not open.", code="database_unavailable")
-    return state.reader
+    return state.reads
 
 
 def _html(state: State, markup: Markup, status: int = 200) -> web.Response:
@@ -204,27 +203,27 @@ def _filter(request: web.Request) -> tuple[queries.RequestFilter, dict[str, str]
 
 async def requests_page(request: web.Request) -> web.Response:
     state = _gate(request)
-    conn = _reader(state)
+    reads = _reads(state)
     flt, when, errors = _filter(request)
     limit = _int(request, "limit", PAGE_SIZE, 1, MAX_PAGE)
     if errors:  # the form again, as typed, saying what to fix; no rows from a filter half read
-        facets = await series_q.facets(conn)
+        facets = await reads.facets()
         page = views.requests_page([], flt, when, limit=limit, facets=facets, live=None, errors=errors, typed=dict(request.query))
         return _html(state, page, status=400)
-    found = await queries.recent_requests(conn, flt, limit=limit)
+    found = await reads.recent_requests(flt, limit=limit)
     rows = list(reversed(found.rows))
     live = None
     # The first page follows new rows; older pages stay still, and so does a search (its
     # full-text match, polled every second, can be the costly read: see bench/README.md).
     if not flt.before and not flt.query:
-        live = href("/ui/events", after=found.last_rowid, **{k: v for k, v in request.query.items() if k not in ("before", "limit")})
-    facets = await series_q.facets(conn)
+        live = href("/ui/events", after=found.cursor, **{k: v for k, v in request.query.items() if k not in ("before", "limit")})
+    facets = await reads.facets()
     return _html(state, views.requests_page(rows, flt, when, limit=limit, facets=facets, live=live))
 
 
 async def _one_request(request: web.Request, state: State) -> dict[str, Any] | None:
     try:
-        return await queries.get_request(_reader(state), request.match_info["id"])
+        return await _reads(state).get_request(request.match_info["id"])
     except queries.AmbiguousId as e:
         raise ApiError(400, str(e), code="ambiguous_id") from None
 
@@ -253,19 +252,19 @@ async def sessions_page(request: web.Request) -> web.Response:
     if which not in session_reads.STATES:
         which = "all"
     offset = _int(request, "offset", 0, 0, 10**9)
-    rows = await session_reads.list_sessions(_reader(state), state=which, limit=PAGE_SIZE + 1, offset=offset, newest_first=True)
+    rows = await _reads(state).list_sessions(state=which, limit=PAGE_SIZE + 1, offset=offset, newest_first=True)
     return _html(state, views.sessions_page(rows[:PAGE_SIZE], which, offset, PAGE_SIZE, len(rows) > PAGE_SIZE))
 
 
 async def session_page(request: web.Request) -> web.Response:
     state = _gate(request)
-    conn = _reader(state)
+    reads = _reads(state)
     try:
-        s = await session_reads.get_session(conn, request.match_info["id"])
+        s = await reads.get_session(request.match_info["id"])
     except queries.AmbiguousId as e:
         raise ApiError(400, str(e), code="ambiguous_id") from None
     sid = request.match_info["id"] if s is None else s["id"]
-    tree = await tv.session_tree(conn, sid)
+    tree = await reads.session_tree(sid)
     if s is None:
         if not tree.requests:
             return _html(state, views.error_page("Not found", "No session has this id."), status=404)
@@ -277,10 +276,10 @@ async def session_page(request: web.Request) -> web.Response:
 
 async def stats_page(request: web.Request) -> web.Response:
     state = _gate(request)
-    conn = _reader(state)
+    reads = _reads(state)
     rng = series_q.RANGES.get(request.query.get("range", "24h"), series_q.RANGES["24h"])
-    ts = await series_q.series(conn, rng)
-    st = await stats_q.stats(conn, since=queries.cutoff(rng.name))
+    ts = await reads.series(rng)
+    st = await reads.stats(since=queries.cutoff(rng.name))
     return _html(state, views.stats_page(ts, st))
 
 
@@ -297,7 +296,9 @@ async def events(request: web.Request) -> web.StreamResponse:
     if errors:  # only the page's own (valid) filter reaches here
         raise ApiError(400, " ".join(errors), code="invalid_filter")
     flt.before = None
-    after = max(_int(request, "after", 0, 0, 2**62), _last_event_id(request))
+    after = _last_event_id(request) or request.query.get("after", "").strip() or START
+    if not is_cursor(after):
+        raise ApiError(400, "`after` must be a cursor the list's page gave.", param="after")
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
     stamp(request, response, None)  # its head goes out here, not from the edge
     await response.prepare(request)
@@ -306,14 +307,14 @@ async def events(request: web.Request) -> web.StreamResponse:
     while not stopping.is_set() and not state.shutting_down:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), LIVE_POLL_SECONDS)
-        if stopping.is_set() or state.reader is None:
+        if stopping.is_set() or state.reads is None:
             break
-        page = await queries.new_requests(state.reader, flt, after, limit=LIVE_MAX_ROWS)
+        page = await state.reads.new_requests(flt, after, limit=LIVE_MAX_ROWS)
         if page.rows:
             cells = [views.row_cells(r) for r in page.rows]
             data = state.redactor(orjson.dumps(cells).decode())
-            await response.write(f"id: {page.last_rowid}\nevent: rows\ndata: {data}\n\n".encode())
-            after, idle = page.last_rowid, 0.0
+            await response.write(f"id: {page.cursor}\nevent: rows\ndata: {data}\n\n".encode())
+            after, idle = page.cursor, 0.0
         else:
             idle += LIVE_POLL_SECONDS
             if idle >= LIVE_PING_SECONDS:  # a comment: finds a page that went away
@@ -322,9 +323,10 @@ async def events(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _last_event_id(request: web.Request) -> int:
-    raw = request.headers.get("Last-Event-ID", "")
-    return int(raw) if raw.isdigit() and len(raw) < 19 else 0
+def _last_event_id(request: web.Request) -> str | None:
+    """The cursor of the last rows a reconnecting page received, if it sent a valid one."""
+    raw = request.headers.get("Last-Event-ID", "").strip()
+    return raw if is_cursor(raw) else None
 
 
 async def _stop_streams(app: web.Application) -> None:

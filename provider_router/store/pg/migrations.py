@@ -299,7 +299,7 @@ def migrate(dsn: str) -> list[str]:
     """Apply pending steps to the database at `dsn`, each in its own transaction under
     the migrations' advisory lock (a failure leaves nothing of it); the names applied."""
     ran: list[str] = []
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
         for name, sql in MIGRATIONS:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATIONS_LOCK,))

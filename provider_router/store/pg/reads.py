@@ -1,86 +1,99 @@
-"""The read side on PostgreSQL, so far: one request read back whole from the tree, as
-`queries.get_request` does on SQLite (what `logs show ID --json` prints). Async, on
-psycopg's `AsyncConnection`, as the daemon and the CLI will use it.
+"""`PgReads`: the `reads.LogReads` interface on PostgreSQL, over a psycopg pool. Requests
+are read in `requests.py`, sessions in `session_reads.py`, figures in `figures.py`; ids and
+times are found and shaped in `lookup.py`. The row shaping is SQLite's own, shared.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
-import orjson
-import psycopg
-from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
 
-from ..queries import AmbiguousId, named_by, rebuild, rebuilt_row  # the row-shaping half is SQL-free: shared
+from ..page import Page
+from ..queries import RequestFilter
+from ..series import Range, TimeSeries
+from ..session_reads import DeletedSession
+from ..stats import Stats
+from ..tree_view import SessionTree
+from . import figures, requests, session_reads
+from .lookup import iso
+from .requests import get_request
 
-# Each message as requests carry it: a reply's `resent` form where it has one.
-_PATH = """
-WITH RECURSIVE path(id, parent_id, body, depth) AS (
-    SELECT id, parent_id, coalesce(resent, body), 0 FROM messages WHERE id = %s
-    UNION ALL
-    SELECT m.id, m.parent_id, coalesce(m.resent, m.body), p.depth + 1 FROM messages m JOIN path p ON m.id = p.parent_id
-)
-SELECT id, body FROM path ORDER BY depth DESC
-"""
+__all__ = ["PgReads", "get_request", "iso"]
 
-
-def iso(t: dt.datetime | None) -> str | None:
-    """A timestamptz as the log writes times (records.iso): ISO 8601 UTC, milliseconds."""
-    if t is None:
-        return None
-    t = t.astimezone(dt.timezone.utc)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+# /health's check waits this long for a connection, not the pool's usual wait.
+PING_WAIT_S = 2.0
 
 
-def _like(prefix: str) -> str:
-    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+class PgReads:
+    """`reads.LogReads` on PostgreSQL: each read on a connection of `pool` (autocommit: a
+    read is its own statement or few)."""
 
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self.pool = pool
 
-async def _by_prefix(conn: psycopg.AsyncConnection[Any], prefix: str) -> dict[str, Any] | None:
-    async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute("SELECT * FROM requests WHERE id LIKE %s ORDER BY id LIMIT %s", (_like(prefix), AmbiguousId.SHOWN + 1))
-        rows = await cur.fetchall()
-    return named_by(prefix, rows)
+    async def ping(self) -> None:
+        async with self.pool.connection(timeout=PING_WAIT_S) as conn:  # /health answers promptly with the server down
+            await conn.execute("SELECT 1")
 
+    async def recent_requests(self, flt: RequestFilter, limit: int = 20) -> Page:
+        async with self.pool.connection() as conn:
+            return await requests.recent_requests(conn, flt, limit)
 
-async def message_path(conn: psycopg.AsyncConnection[Any], tip: int) -> list[tuple[int, Any]]:
-    """The messages from the root of the tree down to `tip`, as requests carry them."""
-    cur = await conn.execute(_PATH, (tip,))
-    return [(i, orjson.loads(body)) for i, body in await cur.fetchall()]
+    async def new_requests(self, flt: RequestFilter, after: str, limit: int = 0) -> Page:
+        async with self.pool.connection() as conn:
+            return await requests.new_requests(conn, flt, after, limit)
 
+    async def get_request(self, id_prefix: str) -> dict[str, Any] | None:
+        async with self.pool.connection() as conn:
+            return await requests.get_request(conn, id_prefix)
 
-async def _one(conn: psycopg.AsyncConnection[Any], sql: str, value: Any) -> Any:
-    cur = await conn.execute(sql, (value,))
-    row = await cur.fetchone()
-    return None if row is None else row[0]
+    async def session_requests(self, session_id: str) -> list[dict[str, Any]]:
+        async with self.pool.connection() as conn:
+            return await requests.session_requests(conn, session_id)
 
+    async def count_session_requests(self, session_id: str) -> int:
+        async with self.pool.connection() as conn:
+            return await requests.count_session_requests(conn, session_id)
 
-class _PgTree:
-    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        self.conn = conn
+    async def stats(self, since: str | None = None) -> Stats:
+        async with self.pool.connection() as conn:
+            return await figures.stats(conn, since)
 
-    async def blob(self, blob_id: int) -> str | None:
-        return await _one(self.conn, "SELECT data FROM blobs WHERE id = %s", blob_id)  # type: ignore[no-any-return]
+    async def series(self, rng: Range, now: float | None = None) -> TimeSeries:
+        async with self.pool.connection() as conn:
+            return await figures.series(conn, rng, now)
 
-    async def body(self, message_id: int) -> str | None:
-        return await _one(self.conn, "SELECT body FROM messages WHERE id = %s", message_id)  # type: ignore[no-any-return]
+    async def facets(self) -> dict[str, list[str]]:
+        async with self.pool.connection() as conn:
+            return await figures.facets(conn)
 
-    async def path(self, tip: int) -> list[tuple[int, Any]]:
-        return await message_path(self.conn, tip)
+    async def lifecycle(self, now: float | None = None) -> dict[str, Any]:
+        async with self.pool.connection() as conn:
+            return await session_reads.lifecycle(conn, now)
 
+    async def list_sessions(
+        self, *, state: str | None = None, client: str | None = None, limit: int = 20, offset: int = 0, newest_first: bool = False
+    ) -> list[dict[str, Any]]:
+        async with self.pool.connection() as conn:
+            return await session_reads.list_sessions(conn, state=state, client=client, limit=limit, offset=offset, newest_first=newest_first)
 
-async def reconstruct(conn: psycopg.AsyncConnection[Any], row: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
-    """A request row's (request body, response, reply messages) from the tree."""
-    return await rebuild(_PgTree(conn), row)
+    async def get_session(self, id_prefix: str) -> dict[str, Any] | None:
+        async with self.pool.connection() as conn:
+            return await session_reads.get_session(conn, id_prefix)
 
+    async def session_tree(self, session_id: str) -> SessionTree:
+        async with self.pool.connection() as conn:
+            return await session_reads.session_tree(conn, session_id)
 
-async def get_request(conn: psycopg.AsyncConnection[Any], id_prefix: str) -> dict[str, Any] | None:
-    """One request by id or unique id prefix (AmbiguousId otherwise): its row, with
-    `request` and `response` as the client sent and got them, rebuilt from the tree."""
-    row = await _by_prefix(conn, id_prefix.strip().lower())
-    if row is None:
-        return None
-    request, response, _ = await reconstruct(conn, row)
-    row["received_at"], row["finished_at"] = iso(row["received_at"]), iso(row["finished_at"])
-    return rebuilt_row(row, request, response)
+    async def refresh_session(self, session_id: str, now: float, timeout: float) -> bool:
+        async with self.pool.connection() as conn:
+            return await session_reads.refresh_session(conn, session_id, now, timeout)
+
+    async def expire_sessions(self, now: str | None = None) -> int:
+        async with self.pool.connection() as conn:
+            return await session_reads.expire_sessions(conn, now)
+
+    async def delete_session(self, session_id: str) -> DeletedSession | None:
+        async with self.pool.connection() as conn:
+            return await session_reads.delete_session(conn, session_id)
