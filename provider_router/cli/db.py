@@ -11,7 +11,9 @@ from pathlib import Path
 import aiosqlite
 import click
 
-from ..store import location, retention
+from .. import location
+from ..store import retention
+from ..store.reads import quiet
 from .common import POSITIVE, CliError, Group, Settings, When, examples, with_settings
 from .database import run_db
 from .output import human_size
@@ -45,14 +47,12 @@ def path(settings: Settings) -> None:
 
 def _postgres(settings: Settings) -> str | None:
     """The PostgreSQL URL --db (else the config's `database.url`) names, if it names one."""
-    where = settings.db if settings.db else settings.load("database").database.location
+    where = settings.db_location()
     return where if location.is_postgres(where) else None
 
 
 def _pg_error(url: str, e: Exception) -> CliError:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    secret = location.password(url)
-    return CliError(f"{location.shown(url)}: {text.replace(secret, '***') if secret else text}")
+    return CliError(f"database error on {location.shown(url)}: {quiet(url, e)}")
 
 
 @db.command(

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import structlog
 
-from .. import location
+from ... import location
 from ..locks import POLL_FIRST_S, POLL_MOST_S, Coordination, LocalLocks, Release
 
 log = structlog.get_logger("provider_router")
