@@ -229,6 +229,18 @@ async def test_the_repository_reads_back_what_sqlite_reads_for_the_same_changes(
     assert [s.state if s else None for s in sqlite["load"]] == ["expired", "expired", "expired", None, "expired"]
 
 
+async def test_a_read_on_a_pooled_connection_the_server_closed_is_made_on_another(pg_db: str) -> None:
+    """A pooled connection the server closed meanwhile (a restart) fails its next query:
+    the read is made again on a fresh connection rather than failing the request."""
+    migrate(pg_db)
+    async with AsyncConnectionPool(pg_db, min_size=1, max_size=1) as pool:
+        repo = PgSessionRepo(pool, LogWriter(pg_db))  # never started: reads only
+        assert await repo.tallies()
+        with psycopg.connect(pg_db, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        assert (await repo.tallies())["created"] == 0
+
+
 # -- locks and the leader ----------------------------------------------------------------
 @pytest.fixture
 async def coords(pg_db: str) -> AsyncIterator[list[Coordination]]:

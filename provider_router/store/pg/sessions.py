@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -126,9 +127,18 @@ class PgSessionRepo(QueuedWrites):
         self._pool = pool
 
     async def _rows(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
-        async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(sql, params)
-            return await cur.fetchall()
+        for attempt in (1, 2):
+            try:
+                async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+                    await cur.execute(sql, params)
+                    return await cur.fetchall()
+            except psycopg.OperationalError:
+                # A pooled connection the server closed meanwhile (a restart) fails its next
+                # query, and the pool then discards it: once more on another. A database
+                # that does not answer fails the read.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     async def _sessions(self, sql: str, params: Any) -> list[Session]:
         return [session_of(r, _seconds) for r in await self._rows(f"SELECT {ss.COLUMNS} FROM sessions " + sql, params)]
