@@ -1,5 +1,7 @@
 """`db path`, `db prune` and `db vacuum`: where the log database is, deleting what is old,
-and giving the space back to the filesystem.
+and giving the space back to the filesystem. `--db` (or `database.url`) may name a
+PostgreSQL database: prune then drops whole days (store/pg/retention.py), and there is
+nothing to vacuum.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from pathlib import Path
 import aiosqlite
 import click
 
+from .. import location
 from ..store import retention
-from .common import POSITIVE, Group, Settings, When, examples, with_settings
+from ..store.reads import quiet
+from .common import POSITIVE, CliError, Group, Settings, When, examples, with_settings
 from .database import run_db
 from .output import human_size
 
@@ -31,12 +35,24 @@ def db() -> None:
 @db.command(
     "path",
     short_help="print the database's path",
-    help="Print the absolute path of the log database (from --db, or database.path in the config).",
+    help="Print the absolute path of the log database (from --db, or database.path in the config); "
+    "a PostgreSQL URL without its password.",
     epilog=examples('sqlite3 "$(provider-router db path)"'),
 )
 @with_settings
 def path(settings: Settings) -> None:
-    click.echo(settings.db_path().resolve())
+    url = _postgres(settings)
+    click.echo(location.shown(url) if url else settings.db_path().resolve())
+
+
+def _postgres(settings: Settings) -> str | None:
+    """The PostgreSQL URL --db (else the config's `database.url`) names, if it names one."""
+    where = settings.db_location()
+    return where if location.is_postgres(where) else None
+
+
+def _pg_error(url: str, e: Exception) -> CliError:
+    return CliError(f"database error on {location.shown(url)}: {quiet(url, e)}")
 
 
 @db.command(
@@ -45,7 +61,8 @@ def path(settings: Settings) -> None:
     help="Delete requests received before the cutoff, and expired sessions last used before it "
     "(with their thread turns), in small batches of one transaction each so a running daemon keeps "
     "logging. Messages and stored request fields (tools, schemas) that no remaining request, session "
-    "turn or later message uses go too, and the full-text index follows. Progress goes to stderr.",
+    "turn or later message uses go too, and the full-text index follows. Progress goes to stderr. "
+    "On PostgreSQL (a postgresql:// --db) the days that ended before the cutoff go whole.",
     epilog=examples(
         "provider-router db prune --older-than 30d",
         "provider-router db prune --older-than 2026-01-01 --batch 1000",
@@ -61,14 +78,30 @@ def prune(settings: Settings, older_than: str, batch: int) -> None:
     def progress(kind: str, n: int) -> None:
         click.echo(f"  deleted {n} {kind} so far", err=True)
 
-    async def body(conn: aiosqlite.Connection) -> None:
-        res = await retention.prune(conn, older_than, batch=batch, progress=progress)
+    def report(res: retention.PruneResult) -> None:
         click.echo(
             f"deleted {res.requests} request(s) received before {res.cutoff} and "
             f"{res.sessions} expired session(s) last used before it"
         )
         # Messages and blobs are shared by requests: only those no kept row uses went.
         click.echo(f"and {res.messages} message(s) and {res.blobs} stored request field(s) nothing else used")
+
+    url = _postgres(settings)
+    if url is not None:
+        import psycopg
+
+        from ..store.pg import retention as pg_retention
+
+        try:
+            report(pg_retention.prune_now(url, older_than, batch=batch, progress=progress))
+        except psycopg.Error as e:
+            raise _pg_error(url, e) from None
+        click.echo("(on PostgreSQL whole days go: the requests of the cutoff's own day stay until it has passed)", err=True)
+        return
+
+    async def body(conn: aiosqlite.Connection) -> None:
+        res = await retention.prune(conn, older_than, batch=batch, progress=progress)
+        report(res)
         if res.requests or res.sessions:
             click.echo("(the file keeps its size until `provider-router db vacuum`)", err=True)
 
@@ -91,6 +124,9 @@ def _sizes(path: Path) -> str:
 )
 @with_settings
 def vacuum(settings: Settings) -> None:
+    if _postgres(settings) is not None:
+        click.echo("not needed on PostgreSQL: retention drops whole day partitions, which leaves no dead rows; autovacuum does the rest")
+        return
     path = settings.db_path()
 
     async def body(conn: aiosqlite.Connection) -> None:

@@ -5,7 +5,7 @@ One daemon alone uses `local()`: asyncio locks, always the leader. Instances sha
 SQLite file (`serve --workers N`, `serve --shared`) use `shared(db)`: POSIX record locks on
 one file next to the database, and an flock for the leader; the kernel drops both when their
 process dies, so a killed instance never blocks the others. A PostgreSQL backend would give
-the same two interfaces from advisory locks.
+the same two interfaces from advisory locks (store/pg/locks.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import errno
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 Release = Callable[[], None]
 
@@ -188,11 +188,20 @@ class Coordination:
     locks: ChatLocks
     leader: Leader
     _close: list[Callable[[], None]] = field(default_factory=list)
+    _aclose: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     def close(self) -> None:
         for c in self._close:
             c()
         self._close.clear()
+
+    async def aclose(self) -> None:
+        """Close it, whatever its kind (PostgreSQL's needs this: its connection is async;
+        `close` is enough for the others)."""
+        self.close()
+        for c in self._aclose:
+            await c()
+        self._aclose.clear()
 
 
 def local() -> Coordination:

@@ -1,9 +1,9 @@
 """The session repository: sessions and their thread turns in SQLite.
 
 Reads go through the given connection; every change goes through the log writer's ordered
-statement queue, so session state and request records commit in the order they happened.
-`SessionStore` is what the sessions (sessions.py) use of it: a PostgreSQL backend provides
-the same.
+statement queue, so session state and request records commit in the order they happened
+(`QueuedWrites`, shared by the backends). `SessionStore` is what the sessions (sessions.py)
+use of it: store/pg/sessions.py provides the same on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import aiosqlite
 import orjson
 
 from . import session_reads as reads
 from ..records import RequestRecord, iso
-from .writer import LogWriter
 
 # Only for a session that still exists: one deleted while its request was in flight keeps
 # no turn (a foreign-key failure would fail the whole batch into one-by-one writes).
@@ -63,13 +62,13 @@ def _ts(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-_COLUMNS = (
+COLUMNS = (
     "id, fingerprint, client, provider, upstream_model, chat_id, parent_id, state, "
     "created_at, last_accessed_at, expires_at, message_count, request_count, metadata"
 )
 
 UPSERT = f"""
-INSERT INTO sessions ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+INSERT INTO sessions ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
 ON CONFLICT(id) DO UPDATE SET
     chat_id=excluded.chat_id, state=excluded.state,
     -- On stateless upstreams the log writer process advances these two (it sees the reply).
@@ -101,16 +100,17 @@ def _params(s: Session) -> tuple[Any, ...]:
     )
 
 
-def _session(row: aiosqlite.Row) -> Session:
+def session_of(row: aiosqlite.Row | Mapping[str, Any], when: Callable[[Any], float] = _ts) -> Session:
+    """A session from its row (`when` reads a stored time as seconds since the epoch)."""
     return Session(
         id=row["id"],
         fingerprint=row["fingerprint"],
         client=row["client"],
         provider=row["provider"],
         upstream_model=row["upstream_model"],
-        created=_ts(row["created_at"]),
-        last_access=_ts(row["last_accessed_at"]),
-        expires=_ts(row["expires_at"]),
+        created=when(row["created_at"]),
+        last_access=when(row["last_accessed_at"]),
+        expires=when(row["expires_at"]),
         chat_id=row["chat_id"],
         parent_id=row["parent_id"],
         state=row["state"],
@@ -146,32 +146,29 @@ class SessionStore(Protocol):
     def chat_deleted(self, provider: str, chat_id: str, session_id: str, now: float, error: str | None = None) -> None: ...
 
 
-class SessionRepo:
-    def __init__(self, conn: aiosqlite.Connection, writer: LogWriter) -> None:
-        self._conn = conn
+# forget_chat's two statements: the session's turns in the lost chat, and the chat itself.
+FORGET_TURNS = "DELETE FROM turns WHERE session_id = ? AND chat_id = ?"
+FORGET_CHAT = "UPDATE sessions SET chat_id = NULL WHERE id = ? AND chat_id = ?"
+
+
+class StatementQueue(Protocol):
+    """What the repositories use of the log writer (store/writer.py `LogWriter`): named
+    here so that this module, whose statements the PostgreSQL writer maps, does not import
+    the daemon's side of the writer."""
+
+    def execute(self, sql: str, params: Sequence[Any] = (), *, barrier: bool = False) -> None: ...
+    def latest(self, key: str, sql: str, params: Callable[[], Sequence[Any]]) -> None: ...
+    async def drained(self) -> None: ...
+
+
+class QueuedWrites:
+    """A `SessionStore`'s changes: each one queued to the log writer as a statement (its
+    SQLite text; a PostgreSQL writer maps the text to its own form, store/pg/writer.py),
+    so that state and request records commit in the order they happened. Backend-free:
+    a repository adds the reads of its database."""
+
+    def __init__(self, writer: StatementQueue) -> None:
         self._writer = writer
-
-    async def load_active(self, now: float) -> list[Session]:
-        """Active, unexpired sessions, least recently used first."""
-        sql = f"SELECT {_COLUMNS} FROM sessions WHERE state = 'active' AND expires_at > ? ORDER BY last_accessed_at"
-        async with self._conn.execute(sql, (iso(now),)) as cur:
-            return [_session(r) for r in await cur.fetchall()]
-
-    async def find_active(self, fingerprint: str, now: float) -> Session | None:
-        """The active, unexpired session a request with this opening continues (never a
-        named one: those are joined by name only)."""
-        sql = (
-            f"SELECT {_COLUMNS} FROM sessions WHERE fingerprint = ? AND state = 'active' AND expires_at > ? "
-            "AND json_extract(coalesce(metadata, '{}'), '$.explicit') IS NULL ORDER BY last_accessed_at DESC LIMIT 1"
-        )
-        async with self._conn.execute(sql, (fingerprint, iso(now))) as cur:
-            row = await cur.fetchone()
-        return _session(row) if row else None
-
-    async def expiring(self, now: float) -> list[tuple[str, str, float]]:
-        """(id, client, last access) of the active rows past their expiry."""
-        async with self._conn.execute(reads.EXPIRING, (iso(now),)) as cur:
-            return [(r[0], r[1], _ts(r[2])) for r in await cur.fetchall()]
 
     def expire_stored(self, now: float) -> None:
         """Mark expired (and count) the active rows past their expiry, as
@@ -179,32 +176,10 @@ class SessionRepo:
         self._writer.execute(reads.TALLY_EXPIRING, (iso(now),), barrier=True)
         self._writer.execute(reads.EXPIRE_SESSIONS, (iso(now),), barrier=True)
 
-    async def beyond_max(self, keep: int) -> list[tuple[str, str, float]]:
-        """(id, client, last access) of the active sessions but the `keep` most recently used."""
-        async with self._conn.execute(reads.BEYOND_MAX, (keep,)) as cur:
-            return [(r[0], r[1], _ts(r[2])) for r in await cur.fetchall()]
-
     def evict_stored(self, session_id: str) -> None:
         """End (and count) a stored session as evicted, if it is still active then."""
         self._writer.execute(reads.TALLY_EVICTING, (session_id,), barrier=True)
         self._writer.execute(reads.EVICT_SESSION, (session_id,), barrier=True)
-
-    async def tallies(self) -> dict[str, int]:
-        return await reads.tallies(self._conn)
-
-    async def ids(self, prefix: str, client: str | None = None) -> list[str]:
-        """Stored session ids that start with `prefix` (of `client` only, if given)."""
-        return await reads.session_ids(self._conn, prefix, client)
-
-    async def load(self, session_id: str) -> Session | None:
-        async with self._conn.execute(f"SELECT {_COLUMNS} FROM sessions WHERE id = ?", (session_id,)) as cur:
-            row = await cur.fetchone()
-        return _session(row) if row else None
-
-    async def load_turns(self, session_id: str) -> list[Turn]:
-        sql = "SELECT message_hash, turn, chat_id, reply_id FROM turns WHERE session_id = ?"
-        async with self._conn.execute(sql, (session_id,)) as cur:
-            return [Turn(*r) for r in await cur.fetchall()]
 
     def create(self, s: Session) -> None:
         """Store a new session (before any of its turns: they reference it)."""
@@ -242,8 +217,8 @@ class SessionRepo:
     def forget_chat(self, session_id: str, chat_id: str) -> None:
         """The upstream lost `chat_id`: the session's turns in it go, and it is the session's
         chat no more."""
-        self._writer.execute("DELETE FROM turns WHERE session_id = ? AND chat_id = ?", (session_id, chat_id), barrier=True)
-        self._writer.execute("UPDATE sessions SET chat_id = NULL WHERE id = ? AND chat_id = ?", (session_id, chat_id), barrier=True)
+        self._writer.execute(FORGET_TURNS, (session_id, chat_id), barrier=True)
+        self._writer.execute(FORGET_CHAT, (session_id, chat_id), barrier=True)
 
     def delete(self, session_id: str) -> None:
         """Delete (and count) the session's row; its turns go by cascade, its upstream chats
@@ -251,12 +226,64 @@ class SessionRepo:
         self._writer.execute(reads.TALLY_DELETING, (session_id,), barrier=True)
         self._writer.execute(reads.DELETE_SESSION, (session_id,), barrier=True)
 
-    async def chats_to_delete(self, providers: list[str], session_id: str | None = None) -> list[tuple[str, str, str]]:
-        return await reads.chats_to_delete(self._conn, providers, session_id=session_id)
-
     def chat_deleted(self, provider: str, chat_id: str, session_id: str, now: float, error: str | None = None) -> None:
         """Record an attempt to delete an upstream chat: done unless `error`."""
         self._writer.execute(reads.CHAT_DELETION, (provider, chat_id, session_id, None if error else iso(now), error))
+
+
+class SessionRepo(QueuedWrites):
+    """The `SessionStore` of a SQLite database: reads through `conn`, changes queued."""
+
+    def __init__(self, conn: aiosqlite.Connection, writer: StatementQueue) -> None:
+        super().__init__(writer)
+        self._conn = conn
+
+    async def load_active(self, now: float) -> list[Session]:
+        """Active, unexpired sessions, least recently used first."""
+        sql = f"SELECT {COLUMNS} FROM sessions WHERE state = 'active' AND expires_at > ? ORDER BY last_accessed_at"
+        async with self._conn.execute(sql, (iso(now),)) as cur:
+            return [session_of(r) for r in await cur.fetchall()]
+
+    async def find_active(self, fingerprint: str, now: float) -> Session | None:
+        """The active, unexpired session a request with this opening continues (never a
+        named one: those are joined by name only)."""
+        sql = (
+            f"SELECT {COLUMNS} FROM sessions WHERE fingerprint = ? AND state = 'active' AND expires_at > ? "
+            "AND json_extract(coalesce(metadata, '{}'), '$.explicit') IS NULL ORDER BY last_accessed_at DESC LIMIT 1"
+        )
+        async with self._conn.execute(sql, (fingerprint, iso(now))) as cur:
+            row = await cur.fetchone()
+        return session_of(row) if row else None
+
+    async def expiring(self, now: float) -> list[tuple[str, str, float]]:
+        """(id, client, last access) of the active rows past their expiry."""
+        async with self._conn.execute(reads.EXPIRING, (iso(now),)) as cur:
+            return [(r[0], r[1], _ts(r[2])) for r in await cur.fetchall()]
+
+    async def beyond_max(self, keep: int) -> list[tuple[str, str, float]]:
+        """(id, client, last access) of the active sessions but the `keep` most recently used."""
+        async with self._conn.execute(reads.BEYOND_MAX, (keep,)) as cur:
+            return [(r[0], r[1], _ts(r[2])) for r in await cur.fetchall()]
+
+    async def tallies(self) -> dict[str, int]:
+        return await reads.tallies(self._conn)
+
+    async def ids(self, prefix: str, client: str | None = None) -> list[str]:
+        """Stored session ids that start with `prefix` (of `client` only, if given)."""
+        return await reads.session_ids(self._conn, prefix, client)
+
+    async def load(self, session_id: str) -> Session | None:
+        async with self._conn.execute(f"SELECT {COLUMNS} FROM sessions WHERE id = ?", (session_id,)) as cur:
+            row = await cur.fetchone()
+        return session_of(row) if row else None
+
+    async def load_turns(self, session_id: str) -> list[Turn]:
+        sql = "SELECT message_hash, turn, chat_id, reply_id FROM turns WHERE session_id = ?"
+        async with self._conn.execute(sql, (session_id,)) as cur:
+            return [Turn(*r) for r in await cur.fetchall()]
+
+    async def chats_to_delete(self, providers: list[str], session_id: str | None = None) -> list[tuple[str, str, str]]:
+        return await reads.chats_to_delete(self._conn, providers, session_id=session_id)
 
 
 class StoreUnavailable(Exception):

@@ -455,9 +455,9 @@ def serve(inp: int, out: BinaryIO) -> None:
 def _open(db: str) -> tuple[Any, Checkpointer | None]:
     """The database to write: a `postgresql://` URL (store/pg), or a SQLite file, whose
     WAL a checkpointer's thread truncates beside the writer."""
-    from .pg import is_url
+    from ..location import is_postgres
 
-    if is_url(db):
+    if is_postgres(db):
         from .pg.writer import PgTarget
 
         return PgTarget(db), None

@@ -5,7 +5,3 @@ log writer's statements (`writer`), retention by partition (`retention`) and rea
 
 from __future__ import annotations
 
-
-def is_url(db: str) -> bool:
-    """Whether `db` (a `--db` value or `database.url`) names a PostgreSQL database."""
-    return db.startswith(("postgresql://", "postgres://"))

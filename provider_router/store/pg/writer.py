@@ -146,6 +146,32 @@ WRITES: dict[str, Callable[[psycopg.Cursor[Any], Rows], None]] = {
 }
 
 
+def in_order(sql: str, order: tuple[int, ...]) -> Callable[[psycopg.Cursor[Any], Rows], None]:
+    """A statement run once per row, in order, with the SQLite parameters at `order`."""
+
+    def write(cur: psycopg.Cursor[Any], rows: Rows) -> None:
+        cur.executemany(sql, [tuple(r[i] for i in order) for r in rows])  # type: ignore[arg-type]
+
+    return write
+
+
+def write_of(sql: str) -> Callable[[psycopg.Cursor[Any], Rows], None] | None:
+    """The PostgreSQL form of a statement the sink gathered. The daemon's session
+    statements (store/pg/sessions.py `WRITES`) join `WRITES` when first met: a writer
+    process imports the daemon's session side only then."""
+    write = WRITES.get(sql)
+    if write is None and not _sessions_added:
+        from .sessions import WRITES as SESSION_WRITES
+
+        WRITES.update({sqlite: in_order(pg, order) for sqlite, (pg, order) in SESSION_WRITES.items()})
+        _sessions_added.append(True)
+        write = WRITES.get(sql)
+    return write
+
+
+_sessions_added: list[bool] = []
+
+
 def _without_nul(row: Sequence[Any]) -> tuple[Any, ...]:
     return tuple(v.replace("\x00", "\ufffd") if isinstance(v, str) else v for v in row)
 
@@ -206,7 +232,7 @@ class PgTarget:
         if self._conn is None or self._conn.closed or self._conn.broken:
             if self._conn is not None:
                 self._conn.close()
-            self._conn = psycopg.connect(self.dsn, autocommit=True, options="-c TimeZone=UTC")
+            self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5, options="-c TimeZone=UTC")
             self._days.clear()
             if self._epoch is None:  # before the tree's first read: what it remembers dates from here
                 (self._epoch,) = self._conn.execute("SELECT n FROM writer_epoch").fetchone()  # type: ignore[misc]
@@ -254,7 +280,7 @@ class PgTarget:
                 self._epoch = epoch
                 raise Stale(f"writer epoch {epoch}")
             for sql, rows in steps:
-                write = WRITES.get(sql)
+                write = write_of(sql)
                 if write is None:
                     raise NotImplementedError(f"not a statement of the PostgreSQL writer: {sql[:80]}")
                 if rows:
