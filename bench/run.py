@@ -1079,15 +1079,15 @@ def measure_workers_pg(ctx: Context) -> list[Row]:
     most = {"1": 0, "2": 0}
     with running_server() as server:
         with psycopg.connect(server.dsn(), autocommit=True) as admin:
-            admin.execute("CREATE DATABASE bench TEMPLATE template0")
-        url = server.dsn("bench")
+            for n in ("1", "2"):  # a database each, so each one's connections are counted apart
+                admin.execute(f"CREATE DATABASE bench{n} TEMPLATE template0")
         with Children(tmp) as kids:
             bases = {}
             for n in ("1", "2"):
                 port = free_port()
                 config, _ = write_proxy_config(tmp, port, ctx.targets["direct"].base_url)
                 proc = kids.start(f"proxy-pg-{n}", [s.python, "-m", "provider_router", "serve", "--config", str(config),
-                                                    "--port", str(port), "--db", url, "--workers", n])
+                                                    "--port", str(port), "--db", server.dsn(f"bench{n}"), "--workers", n])
                 bases[n] = f"http://127.0.0.1:{port}"
                 wait_ready(proc, bases[n] + "/v1/models")
             for rep in range(s.reps):
@@ -1098,9 +1098,7 @@ def measure_workers_pg(ctx: Context) -> list[Row]:
                     def sample(n: str = n, done: threading.Event = done) -> None:
                         with psycopg.connect(server.dsn(), autocommit=True) as c:
                             while not done.wait(0.2):
-                                row = c.execute(
-                                    "SELECT count(*) FROM pg_stat_activity WHERE datname = 'bench' AND pid <> pg_backend_pid()"
-                                ).fetchone()
+                                row = c.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (f"bench{n}",)).fetchone()
                                 most[n] = max(most[n], int(row[0]) if row else 0)
 
                     sampler = threading.Thread(target=sample, daemon=True)
@@ -1113,9 +1111,11 @@ def measure_workers_pg(ctx: Context) -> list[Row]:
                     sent += res.requests
             kids.stop("proxy-pg-1")
             kids.stop("proxy-pg-2")
-        with psycopg.connect(url, autocommit=True) as c:
-            row = c.execute("SELECT count(*) FROM requests WHERE status BETWEEN 200 AND 299").fetchone()
-            logged = int(row[0]) if row else 0
+        logged = 0
+        for n in ("1", "2"):
+            with psycopg.connect(server.dsn(f"bench{n}"), autocommit=True) as c:
+                row = c.execute("SELECT count(*) FROM requests WHERE status BETWEEN 200 AND 299").fetchone()
+                logged += int(row[0]) if row else 0
     ctx.raw["workers_pg"] = {"rps": rps, "sent": sent, "rows_2xx_logged": logged, "most_connections": most}
     one, two = medians(rps)["1"], medians(rps)["2"]
     return [
