@@ -155,9 +155,10 @@ OUTAGE_SECONDS = 10.0  # the scenario: how long the database stays down while re
 
 async def test_the_database_stopped_under_load_crashes_nothing_and_loses_no_row(tmp_path: Path, own_server: Server) -> None:
     """Two instances under steady load; the PostgreSQL server stops for 10 s. Meanwhile
-    both keep answering, and /health answers 503 naming the database and the waiting
-    records; once it is back, /health is 200 again and every answered request has its row
-    (none dropped: the queue held them)."""
+    both keep answering the stateless requests, a named session's turn (whose row cannot
+    be read) is a 503 `database_unavailable`, and /health answers 503 naming the
+    database; once it is back, /health is 200 again and every answered request has its
+    row (none dropped: the queue held them)."""
     url = new_database(own_server)
     async with daemons(tmp_path) as spawn:
         pair = await asyncio.gather(spawn(ECHO, db=url), spawn(ECHO, db=url))
@@ -181,6 +182,11 @@ async def test_the_database_stopped_under_load_crashes_nothing_and_loses_no_row(
             return all(status == 503 and "the database does not answer" in body["reasons"] for status, body in reports)
 
         await until(degraded, "both instances reporting the database down")
+        async with aiohttp.ClientSession() as http:  # a named session's row cannot be read: said, not hung
+            body = {"model": "echo", "messages": [{"role": "user", "content": "named"}]}
+            async with http.post(f"{pair[0].url}/v1/chat/completions", json=body, headers={"X-Session-Id": "named-1"}) as r:
+                refused = (r.status, (await r.json())["error"]["code"])
+        assert refused == (503, "database_unavailable")
         await until(lambda: time.monotonic() - down_at >= OUTAGE_SECONDS, "the outage's length", OUTAGE_SECONDS + 30)
         served_while_down = len(answered) - during
         own_server.start()
@@ -192,7 +198,7 @@ async def test_the_database_stopped_under_load_crashes_nothing_and_loses_no_row(
         health = [await _health(d.url) for d in pair]
         assert sum(body["log"]["dropped"] for _, body in health) == 0
         assert [await d.stop() for d in pair] == [0, 0]  # neither crashed; each flushed its queue
-    assert count(url, "SELECT count(*) FROM requests") == len(answered)
+    assert count(url, "SELECT count(*) FROM requests") == len(answered) + 1  # and the refused one's row
 
 
 async def _healthy(d: Daemon) -> bool:
