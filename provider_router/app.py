@@ -213,7 +213,6 @@ async def _postgres(state: State, stack: contextlib.AsyncExitStack) -> None:
     from .store.pg import daemon as pg
 
     logs, db = state.config.logs, state.config.database
-    where = location.shown(state.db_path)
     try:
         await pg.migrate(state.db_path, progress=_migrating)
         pool = await pg.open_pool(state.db_path, db.pool_max, name="daemon")
@@ -221,7 +220,7 @@ async def _postgres(state: State, stack: contextlib.AsyncExitStack) -> None:
         coord = await pg.coordination(state.db_path)
         stack.push_async_callback(coord.aclose)
     except pg.Error as e:
-        raise postgres_error(e, where) from e
+        raise postgres_error(e, state.db_path) from e
     state.coord = coord
     writer = _new_writer(state)
     await _start_writer(state, writer, stack)

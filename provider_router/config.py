@@ -42,7 +42,22 @@ class ConfigError(ValueError):
 
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A config mapping: unknown keys are refused (a typo must not silently fall back)."""
+    """A config mapping: unknown keys are refused (a typo must not silently fall back).
+    Its repr masks secrets: a traceback's locals show configs, cut short where the
+    redactor would not recognise a secret any more."""
+
+    def __repr__(self) -> str:
+        fields = []
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if name in _SECRET_FIELDS and value:
+                value = location.shown(value) if name == "url" else "***"
+            fields.append(f"{name}={value!r}")
+        return f"{type(self).__name__}({', '.join(fields)})"
+
+
+# The fields holding secrets (or, `proxy` and `url`, URLs that may carry one).
+_SECRET_FIELDS = frozenset({"api_key", "token", "cookie", "headers", "key", "admin_key", "url", "proxy"})
 
 
 class ServerConfig(_Section):
@@ -157,7 +172,7 @@ class Config(_Section):
     def secrets(self) -> list[str]:
         """Every configured secret value, for redaction."""
         out = [p.api_key for p in self.providers] + [p.token for p in self.providers]
-        out.append(location.password(self.database.url) or "")
+        out += location.secrets(self.database.url)
         out += [p.cookie for p in self.providers]
         out += [v for p in self.providers for v in p.headers.values()]
         out += [k.key for k in self.auth.client_keys] + [self.auth.admin_key]
@@ -330,6 +345,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("database.path: empty")
     if cfg.database.url and not location.is_postgres(cfg.database.url):
         raise ConfigError("database.url: must be a postgresql:// URL (a SQLite file goes in database.path)")
+    if why := location.refused(cfg.database.path):
+        raise ConfigError(f"database.path: {why}")
 
 
 def _check_headers(p: ProviderConfig, where: str) -> None:

@@ -12,6 +12,8 @@ import socket
 import sqlite3
 from dataclasses import dataclass
 
+from . import location
+
 
 @dataclass(eq=False)  # exceptions stay hashable
 class StartupError(Exception):
@@ -66,10 +68,11 @@ def database_error(e: BaseException, path: str) -> StartupError:
     )
 
 
-def postgres_error(e: BaseException, where: str) -> StartupError:
-    """The PostgreSQL database at `where` (a URL shown without its password) could not be
-    reached, logged into, or migrated."""
-    error = f"{type(e).__name__}: {e}"
+def postgres_error(e: BaseException, url: str) -> StartupError:
+    """The PostgreSQL database at `url` could not be reached, logged into, or migrated
+    (said with the URL and the error without its password)."""
+    where = location.shown(url)
+    error = f"{type(e).__name__}: {location.error_text(url, e)}"
     text = str(e).lower()
     if "password authentication failed" in text or "no password supplied" in text or "authentication failed" in text:
         return StartupError("PostgreSQL refused the login", where, "check the user and password in database.url (or --db)", error)
@@ -82,7 +85,9 @@ def postgres_error(e: BaseException, where: str) -> StartupError:
             "the PostgreSQL user may not create the log's tables", where,
             "grant it CREATE on the database (or its schema), or use the database's owner", error,
         )  # fmt: skip
-    if "connection" in text or "timeout" in text or "could not translate host name" in text:
+    if any(w in text for w in ("could not translate host name", "name or service not known", "nodename nor servname", "name resolution")):
+        return StartupError("the PostgreSQL server's host name does not resolve", where, "check the host in database.url (or --db)", error)
+    if "connection" in text or "timeout" in text:
         return StartupError(
             "cannot reach the PostgreSQL server", where, "is it running and listening there? (`pg_isready -d URL` tells)", error
         )

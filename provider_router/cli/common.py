@@ -10,6 +10,7 @@ from typing import Any, Callable, TypeVar
 
 import click
 
+from .. import location
 from ..config import Config, ConfigError, ModelConfig, ProviderConfig, load_config
 from ..store.queries import cutoff
 
@@ -78,6 +79,8 @@ pass_settings = click.make_pass_decorator(Settings, ensure=True)
 def _into_settings(name: str) -> Callable[[click.Context, click.Parameter, Any], None]:
     def store(ctx: click.Context, _: click.Parameter, value: Any) -> None:
         if value is not None and value is not False:  # given: a later command's value wins
+            if name == "db" and (why := location.refused(value)):
+                raise click.BadParameter(why)  # never quoting the value: it may carry a password
             setattr(ctx.ensure_object(Settings), name, value)
 
     return store

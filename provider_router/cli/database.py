@@ -12,8 +12,8 @@ from typing import Awaitable, Callable
 import aiosqlite
 import click
 
-from ..location import is_postgres, shown
-from ..store.reads import LogReads, Unavailable, open_reads, open_sqlite, quiet
+from ..location import error_text, is_postgres, shown
+from ..store.reads import LogReads, Unavailable, open_reads, open_sqlite
 from .common import CliError, Settings
 
 Body = Callable[[aiosqlite.Connection], Awaitable[None]]
@@ -39,7 +39,7 @@ def run_reads(location: str, body: ReadsBody, *, write: bool = False) -> None:
         raise CliError(str(e)) from None
     except Exception as e:
         if is_postgres(location) and type(e).__module__.startswith(("psycopg", "psycopg_pool")):
-            raise CliError(f"database error on {shown(location)}: {quiet(location, e)}") from None
+            raise CliError(f"database error on {shown(location)}: {error_text(location, e)}") from None
         raise
 
 

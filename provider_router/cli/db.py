@@ -13,7 +13,6 @@ import click
 
 from .. import location
 from ..store import retention
-from ..store.reads import quiet
 from .common import POSITIVE, CliError, Group, Settings, When, examples, with_settings
 from .database import run_db
 from .output import human_size
@@ -52,7 +51,7 @@ def _postgres(settings: Settings) -> str | None:
 
 
 def _pg_error(url: str, e: Exception) -> CliError:
-    return CliError(f"database error on {location.shown(url)}: {quiet(url, e)}")
+    return CliError(f"database error on {location.shown(url)}: {location.error_text(url, e)}")
 
 
 @db.command(

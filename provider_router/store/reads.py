@@ -19,7 +19,7 @@ from . import series as series_q
 from . import stats as stats_q
 from . import tree_view as tv
 from .db import connect
-from ..location import is_postgres, password, shown
+from ..location import error_text, is_postgres, shown
 from .migrations import MIGRATIONS, migrate_file
 from .page import START, Page, is_cursor
 from .presence import serving
@@ -29,7 +29,7 @@ from .session_reads import DeletedSession
 from .stats import Stats
 from .tree_view import SessionTree
 
-__all__ = ["START", "LogReads", "Page", "SqliteReads", "Unavailable", "is_cursor", "open_reads", "open_sqlite", "quiet"]
+__all__ = ["START", "LogReads", "Page", "SqliteReads", "Unavailable", "is_cursor", "open_reads", "open_sqlite"]
 
 
 class LogReads(Protocol):
@@ -212,13 +212,6 @@ async def open_sqlite(path: Path, *, write: bool = False, progress: Progress | N
     return await connect(path, readonly=not write, migrate_schema=False)
 
 
-def quiet(location: str, e: BaseException) -> str:
-    """An error's first line, the URL's password taken out wherever it appears."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    secret = password(location)
-    return text.replace(secret, "***") if secret else text
-
-
 @contextlib.asynccontextmanager
 async def _pg(location: str, progress: Progress | None) -> AsyncIterator[LogReads]:
     import psycopg
@@ -234,7 +227,7 @@ async def _pg(location: str, progress: Progress | None) -> AsyncIterator[LogRead
             if (await cur.fetchone())[0]:  # type: ignore[index]
                 done = {r[0] for r in await (await conn.execute("SELECT name FROM _migrations")).fetchall()}
     except (psycopg.Error, OSError) as e:
-        raise Unavailable(f"cannot read the database at {where}: {quiet(location, e)}") from None
+        raise Unavailable(f"cannot read the database at {where}: {error_text(location, e)}") from None
     if not done:
         # As SQLite's missing file: only the daemon creates the schema.
         raise Unavailable(f"no provider-router log in the database at {where} (start `provider-router serve --db URL` on it first)")
@@ -244,11 +237,11 @@ async def _pg(location: str, progress: Progress | None) -> AsyncIterator[LogRead
         try:
             await asyncio.to_thread(migrations.migrate, location)
         except psycopg.Error as e:
-            raise Unavailable(f"cannot migrate the database at {where}: {quiet(location, e)}") from None
+            raise Unavailable(f"cannot migrate the database at {where}: {error_text(location, e)}") from None
     try:
         pool = await open_pool(location, POOL_MAX, name="reads")
     except Exception as e:
-        raise Unavailable(f"cannot read the database at {where}: {quiet(location, e)}") from None
+        raise Unavailable(f"cannot read the database at {where}: {error_text(location, e)}") from None
     try:
         yield PgReads(pool)
     finally:

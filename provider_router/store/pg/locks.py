@@ -47,7 +47,6 @@ class LockConnection:
 
     def __init__(self, dsn: str, refresh: float = 1.0) -> None:
         self._dsn = dsn
-        self._secret = location.password(dsn)
         self._refresh = refresh
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._io = asyncio.Lock()
@@ -78,8 +77,7 @@ class LockConnection:
         self._task = asyncio.create_task(self._run(), name="pg-coordination")
 
     def _shown(self, e: BaseException) -> str:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return text.replace(self._secret, "***") if self._secret else text
+        return location.error_text(self._dsn, e)
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         conn = self._conn
