@@ -44,7 +44,7 @@ _SHARED_FIELDS = ("chat_id", "parent_id", "state", "expires", "last_access", "re
 def unavailable() -> ApiError:
     return ApiError(
         503, "The session store's database does not answer; this conversation's thread cannot be read. Try again shortly.",
-        code="database_unavailable",
+        code="database_unavailable", outcome="rejected",  # refused here: nothing reached the upstream
     )  # fmt: skip
 
 
@@ -178,6 +178,8 @@ class Sessions:
         cached = self.active.get(explicit)
         if cached is not None and not self.shared:
             return cached
+        if cached is not None:  # this process's own changes to it committed first, or the row is behind them
+            await self.repo.durable()
         row = await self.repo.load(explicit)
         if not self.shared:
             return self.active.get(explicit) or row  # a concurrent request may have started it
@@ -284,6 +286,8 @@ class Sessions:
         s = self.active.get(sid) if sid else None
         if self.shared and (s is None or threaded):  # another instance may have started or ended it
             try:
+                if s is not None:  # as in _named: the row must not be behind this process's own changes
+                    await self.repo.durable()
                 s = self._adopt(await self.repo.find_active(fp, now), s)
             except StoreUnavailable as e:
                 if threaded:

@@ -130,6 +130,26 @@ async def test_two_instances_racing_turns_of_one_chat_on_postgresql_never_overla
         await c.close()
 
 
+async def test_a_named_session_on_postgresql_counts_turns_sent_back_to_back(spawn: Spawn, pg_db: str) -> None:
+    """Turns of an `X-Session-Id` session sent one right after another (as an SDK does):
+    only the first starts it, and its row counts every request and the latest history,
+    though each turn reads the row before the previous turn's change may be committed."""
+    d = await spawn(ECHO, db=pg_db)
+    client = openai.AsyncOpenAI(base_url=f"{d.url}/v1", api_key="x", max_retries=0)
+    history: list[Any] = [{"role": "user", "content": "hi"}]
+    started = []
+    for i in range(3):
+        raw = await client.chat.completions.with_raw_response.create(
+            model="echo", messages=history, extra_headers={"X-Session-Id": "named-turns"}
+        )  # fmt: skip
+        started.append(raw.headers["x-session-new"])
+        history += [{"role": "assistant", "content": raw.parse().choices[0].message.content}, {"role": "user", "content": f"q{i}"}]
+    await client.close()
+    assert started == ["true", "false", "false"]
+    assert await d.stop() == 0
+    assert count(pg_db, "SELECT request_count || '/' || message_count FROM sessions WHERE id = 'named-turns'") == "3/5"
+
+
 # -- serve --workers N -----------------------------------------------------------------------
 async def test_workers_on_postgresql_share_one_port_and_log_every_row(spawn: Spawn, pg_db: str) -> None:
     d = await spawn(ECHO, "--workers", "2", db=pg_db)

@@ -119,9 +119,11 @@ ORDER BY c.session_id, c.chat_id LIMIT %(limit)s
 
 
 # A read waits this long for a pooled connection (a new one included) before the database
-# counts as not answering; then reads fail at once for DOWN_PAUSE_S.
+# counts as not answering; then reads fail at once for DOWN_PAUSE_S, after which one read
+# looks again, waiting PROBE_WAIT_S only (a request during an outage is not held long).
 READ_WAIT_S = 3.0
-DOWN_PAUSE_S = 1.0
+DOWN_PAUSE_S = 2.0
+PROBE_WAIT_S = 0.5
 
 
 class PgSessionRepo(QueuedWrites):
@@ -140,11 +142,14 @@ class PgSessionRepo(QueuedWrites):
         loop = asyncio.get_running_loop()
         if loop.time() < self._down_until:
             raise StoreUnavailable("the database did not answer a moment ago")
+        wait = PROBE_WAIT_S if self._down_until else READ_WAIT_S
         for attempt in (1, 2):
             try:
-                async with self._pool.connection(timeout=READ_WAIT_S) as conn, conn.cursor(row_factory=dict_row) as cur:
+                async with self._pool.connection(timeout=wait) as conn, conn.cursor(row_factory=dict_row) as cur:
                     await cur.execute(sql, params)
-                    return await cur.fetchall()
+                    rows = await cur.fetchall()
+                self._down_until = 0.0
+                return rows
             except psycopg.OperationalError as e:
                 # A pooled connection the server closed meanwhile (a restart) fails its next
                 # query, and the pool then discards it: once more on another. A database
