@@ -288,3 +288,25 @@ def test_the_same_records_read_back_the_same_from_sqlite_and_postgresql(pg_db: s
     for a, b in zip(asyncio.run(sqlite_rows()), asyncio.run(_read(pg_db, [r.id for r in pg])), strict=True):
         assert {k: v for k, v in a.items() if k not in _OWN} == {k: v for k, v in b.items() if k not in _OWN}
     pg_sink.db.close()  # type: ignore[attr-defined]
+
+
+def test_a_batch_whose_roll_ups_mix_whole_and_fractional_times_is_written_as_one(pg_db: str) -> None:
+    """Roll-ups of one batch where one key's times sum to a whole number (a request with no
+    first byte: 0) and another's do not: the batch is written whole, not failed into
+    one-by-one writes (PostgreSQL arrays take one element type)."""
+    migrate(pg_db)
+    frames: list[Any] = []
+    w = sink.Sink(PgTarget(pg_db), max_body_bytes=1 << 20, redactor=Redactor([]), emit=frames.append)
+    records = []
+    for model, status in (("a", 200), ("b", 503)):
+        r = RequestRecord("POST", "/v1/chat/completions")
+        r.request_body = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}]}' % model.encode()
+        r.model = model
+        if status == 200:
+            r.ttfb_ms = 1.25
+        r.finish(status, "ok" if status == 200 else "rejected")
+        records.append(r)
+    w.apply([([], records)])
+    assert (w.written, w.failed) == (2, 0)
+    assert not [f for f in frames if f[0] == "log" and f[2] == "log_batch_failed"], frames
+    w.db.close()  # type: ignore[attr-defined]

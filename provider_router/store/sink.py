@@ -201,6 +201,7 @@ class Sink:
         self._busy_since: float | None = None  # when the database was first found locked
         self._busy_pause = 0.05
         self._busy_warned = 0.0
+        self._daemon = os.getppid()  # gone (killed, or stopped by its watchdog): waiting is over
 
     def log(self, level: str, event: str, **fields: Any) -> None:
         self.emit(("log", level, event, fields))
@@ -267,9 +268,14 @@ class Sink:
             self._one_by_one(steps, batch)
         self.records_done += n
 
-    def _wait_busy(self, e: BaseException) -> None:
-        """Another process holds the database: wait (longer each time, up to a second) and
-        let the caller try the same batch again; say so once per interval."""
+    def _wait_busy(self, e: BaseException) -> bool:
+        """Another process holds the database (or, PostgreSQL, the server does not answer):
+        wait (longer each time, up to a second) and let the caller try the same batch
+        again; say so once per interval. False once the daemon is gone: nobody will read
+        what it would report, and a writer left waiting for a database that does not come
+        back would outlive it with no bound (the rest is lost, as the daemon said)."""
+        if os.getppid() != self._daemon:
+            return False
         waited = self._busy_since
         now = time.monotonic()
         if waited is None:
@@ -281,6 +287,7 @@ class Sink:
             self.log("warning", "log_database_busy", waited_s=round(now - waited, 1), error=str(e))
         time.sleep(self._busy_pause)
         self._busy_pause = min(self._busy_pause * 2, BUSY_RETRY_MAX_S)
+        return True
 
     def _one_by_one(self, steps: list[Group], records: list[RequestRecord]) -> None:
         for sql, many in steps:
@@ -316,9 +323,8 @@ class Sink:
             except Exception as e:
                 self._rollback()
                 self._discard()
-                if not self.db.retryable(e):
+                if not self.db.retryable(e) or not self._wait_busy(e):
                     return e
-                self._wait_busy(e)
 
     def _write(self, steps: list[Group]) -> None:
         self.db.write(steps)

@@ -92,7 +92,7 @@ class Writes:
         else:
             self.since = time.time()
             if state == "stalled":
-                log.warning("log_writer_stalled", waiting=self.writer.depth, hint="is another process holding the database locked?")
+                log.warning("log_writer_stalled", waiting=self.writer.depth, hint="is the database locked by another process, or not answering?")
         self.state = state
 
     def reason(self) -> str | None:

@@ -7,6 +7,7 @@ database is PostgreSQL, so a SQLite daemon never loads psycopg.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Callable
 
 import psycopg
@@ -21,6 +22,11 @@ from .sessions import PgSessionRepo
 __all__ = ["Error", "PgReads", "PgSessionRepo", "coordination", "migrate", "open_pool", "prune"]
 
 Error = psycopg.Error
+
+# The pool's own warnings (one per failed connection attempt, about every second while the
+# server is down) would flood the daemon's log in another format; the daemon says it
+# once, in its own lines (`session_store_unavailable`, `log_writer_stalled`, /health).
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 
 async def migrate(url: str, progress: Callable[[str, int, int], None] | None = None) -> list[str]:

@@ -69,7 +69,8 @@ def copy_rows(cur: psycopg.Cursor[Any], table: str, columns: Sequence[str], rows
 
 def unnest_insert(cur: psycopg.Cursor[Any], table: str, columns: Sequence[str], types: Sequence[str], rows: Rows, tail: str = "") -> None:
     """All `rows` in one INSERT: one array parameter per column, whatever their number."""
-    arrays = [list(col) for col in zip(*rows)]
+    # One element type per array: a float column given 0 and 1.5 must send floats only.
+    arrays = [[None if v is None else float(v) for v in col] if t == "float8" else list(col) for col, t in zip(zip(*rows), types)]
     args = ", ".join(f"%s::{t}[]" for t in types)
     cur.execute(f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({args}) {tail}", arrays)  # type: ignore[arg-type]
 
