@@ -100,6 +100,20 @@ POLL_FIRST_S = 0.002
 POLL_MOST_S = 0.05
 
 
+async def poll(attempt: Callable[[float], Awaitable[bool]], deadline: float) -> None:
+    """Wait for a lock another process holds: `attempt(seconds left)` until it succeeds,
+    pausing POLL_FIRST_S between tries, doubling up to POLL_MOST_S; TimeoutError once
+    `deadline` (the running loop's clock) has passed."""
+    loop = asyncio.get_running_loop()
+    pause = POLL_FIRST_S
+    while not await attempt(deadline - loop.time()):
+        left = deadline - loop.time()
+        if left <= 0:
+            raise TimeoutError
+        await asyncio.sleep(min(pause, left))
+        pause = min(pause * 2, POLL_MOST_S)
+
+
 class FileLocks:
     """Locks shared by the processes on one database: a byte each of `<db>.locks`, locked
     with POSIX record locks (kernel-held, gone with their process). Turns of this process
@@ -116,21 +130,18 @@ class FileLocks:
     async def acquire(self, key: str, deadline: float) -> Release:
         release_local = await self._local.acquire(key, deadline)
         fcntl, fd, at = self._fcntl, self._fd, _offset(key)
-        loop = asyncio.get_running_loop()
-        pause = POLL_FIRST_S
+
+        async def attempt(_: float) -> bool:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, at, os.SEEK_SET)
+                return True
+            except OSError as e:  # EAGAIN or EACCES: another process holds it
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                return False
+
         try:
-            while True:
-                try:
-                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, at, os.SEEK_SET)
-                    break
-                except OSError as e:  # EAGAIN or EACCES: another process holds it
-                    if e.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                left = deadline - loop.time()
-                if left <= 0:
-                    raise TimeoutError
-                await asyncio.sleep(min(pause, left))
-                pause = min(pause * 2, POLL_MOST_S)
+            await poll(attempt, deadline)
         except BaseException:
             release_local()
             raise

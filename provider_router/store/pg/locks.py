@@ -21,7 +21,7 @@ import psycopg
 import structlog
 
 from ... import location
-from ..locks import POLL_FIRST_S, POLL_MOST_S, Coordination, LocalLocks, Release
+from ..locks import Coordination, LocalLocks, Release, poll
 from ..sessions import StoreUnavailable
 
 log = structlog.get_logger("provider_router")
@@ -219,31 +219,31 @@ class PgLocks:
         release_local = await self._local.acquire(key, deadline)
         conn, at = self.connection, lock_key(key)
         loop = asyncio.get_running_loop()
-        pause = POLL_FIRST_S
+        held = -1  # the generation of the connection the lock was taken on
         down_since: float | None = None  # while the lock connection is being opened again
+
+        async def attempt(left: float) -> bool:
+            nonlocal held, down_since
+            got, generation = await self._try(at, left)
+            if got:
+                held = generation
+            elif generation != -1:
+                down_since = None
+            elif down_since is None:
+                down_since = loop.time()
+            elif loop.time() - down_since >= DOWN_GIVE_UP_S:  # not a blip: the database is down
+                raise StoreUnavailable("the lock connection cannot be opened")
+            return got
+
         try:
-            while True:
-                got, generation = await self._try(at, deadline - loop.time())
-                if got:
-                    break
-                if generation != -1:
-                    down_since = None
-                elif down_since is None:
-                    down_since = loop.time()
-                elif loop.time() - down_since >= DOWN_GIVE_UP_S:  # not a blip: the database is down
-                    raise StoreUnavailable("the lock connection cannot be opened")
-                left = deadline - loop.time()
-                if left <= 0:
-                    raise TimeoutError
-                await asyncio.sleep(min(pause, left))
-                pause = min(pause * 2, POLL_MOST_S)
+            await poll(attempt, deadline)
         except BaseException:
             release_local()
             raise
 
         def release() -> None:
             try:
-                conn.unlock_later(generation, at)
+                conn.unlock_later(held, at)
             finally:
                 release_local()
 
