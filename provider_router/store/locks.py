@@ -100,18 +100,34 @@ POLL_FIRST_S = 0.002
 POLL_MOST_S = 0.05
 
 
-async def poll(attempt: Callable[[float], Awaitable[bool]], deadline: float) -> None:
-    """Wait for a lock another process holds: `attempt(seconds left)` until it succeeds,
-    pausing POLL_FIRST_S between tries, doubling up to POLL_MOST_S; TimeoutError once
-    `deadline` (the running loop's clock) has passed."""
+async def take(
+    local: LocalLocks, key: str, deadline: float, attempt: Callable[[float], Awaitable[bool]], unlock: Callable[[], None]
+) -> Release:
+    """A lock shared with other processes: this process's turns queue on `local` first (one
+    poller per key), then `attempt(seconds left)` is tried until it succeeds, pausing
+    POLL_FIRST_S between tries, doubling up to POLL_MOST_S; TimeoutError once `deadline`
+    (the running loop's clock) has passed. The release calls `unlock`."""
+    release_local = await local.acquire(key, deadline)
     loop = asyncio.get_running_loop()
     pause = POLL_FIRST_S
-    while not await attempt(deadline - loop.time()):
-        left = deadline - loop.time()
-        if left <= 0:
-            raise TimeoutError
-        await asyncio.sleep(min(pause, left))
-        pause = min(pause * 2, POLL_MOST_S)
+    try:
+        while not await attempt(deadline - loop.time()):
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, POLL_MOST_S)
+    except BaseException:
+        release_local()
+        raise
+
+    def release() -> None:
+        try:
+            unlock()
+        finally:
+            release_local()
+
+    return release
 
 
 class FileLocks:
@@ -128,7 +144,6 @@ class FileLocks:
         self._local = LocalLocks()
 
     async def acquire(self, key: str, deadline: float) -> Release:
-        release_local = await self._local.acquire(key, deadline)
         fcntl, fd, at = self._fcntl, self._fd, _offset(key)
 
         async def attempt(_: float) -> bool:
@@ -140,19 +155,7 @@ class FileLocks:
                     raise
                 return False
 
-        try:
-            await poll(attempt, deadline)
-        except BaseException:
-            release_local()
-            raise
-
-        def release() -> None:
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_UN, 1, at, os.SEEK_SET)
-            finally:
-                release_local()
-
-        return release
+        return await take(self._local, key, deadline, attempt, lambda: fcntl.lockf(fd, fcntl.LOCK_UN, 1, at, os.SEEK_SET))
 
     def waiting(self, key: str) -> int:
         return self._local.waiting(key)

@@ -21,7 +21,7 @@ import psycopg
 import structlog
 
 from ... import location
-from ..locks import Coordination, LocalLocks, Release, poll
+from ..locks import Coordination, LocalLocks, Release, take
 from ..sessions import StoreUnavailable
 
 log = structlog.get_logger("provider_router")
@@ -216,7 +216,6 @@ class PgLocks:
         self._local = LocalLocks()
 
     async def acquire(self, key: str, deadline: float) -> Release:
-        release_local = await self._local.acquire(key, deadline)
         conn, at = self.connection, lock_key(key)
         loop = asyncio.get_running_loop()
         held = -1  # the generation of the connection the lock was taken on
@@ -235,19 +234,7 @@ class PgLocks:
                 raise StoreUnavailable("the lock connection cannot be opened")
             return got
 
-        try:
-            await poll(attempt, deadline)
-        except BaseException:
-            release_local()
-            raise
-
-        def release() -> None:
-            try:
-                conn.unlock_later(held, at)
-            finally:
-                release_local()
-
-        return release
+        return await take(self._local, key, deadline, attempt, lambda: conn.unlock_later(held, at))
 
     async def _try(self, at: int, left: float) -> tuple[bool, int]:
         """One attempt, given up at the deadline (TimeoutError) or cancelled, never leaving
