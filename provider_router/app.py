@@ -197,7 +197,6 @@ async def _sqlite(state: State, stack: contextlib.AsyncExitStack) -> None:
         state.db_path, writer, bound=logs.queue_size, reopen=reopen,
         interval=db.check_interval_seconds, checkpoint=db.checkpoint_interval_seconds,
     )  # fmt: skip
-    state.db, state.reader = handles  # type: ignore[assignment]  # a Reopenable stands in for its connection
     state.reads = SqliteReads(handles[1])  # type: ignore[arg-type]  # follows the reopened file
     state.session_store = SessionRepo(handles[0], writer)  # type: ignore[arg-type]
     state.writer, state.watch = writer, watch
@@ -234,7 +233,7 @@ async def _postgres(state: State, stack: contextlib.AsyncExitStack) -> None:
 
 
 def _clear(state: State) -> None:
-    state.writer = state.db = state.reader = state.reads = state.watch = state.session_store = None
+    state.writer = state.reads = state.watch = state.session_store = None
 
 
 async def _task(stack: contextlib.AsyncExitStack, coro: Coroutine[Any, Any, None], name: str) -> None:

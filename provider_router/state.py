@@ -9,7 +9,6 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import aiosqlite
 from aiohttp import web
 
 from .config import Config
@@ -38,9 +37,7 @@ class State:
     worker: tuple[int, int] | None = None  # (this worker's number from 1, how many) under `serve --workers N`
     coord: Coordination | None = None  # locks and leader: of this process, or shared with the other instances
     providers: dict[str, Provider] = field(default_factory=dict)
-    db: aiosqlite.Connection | None = None  # migrations and session reads; writes go through `writer`
-    reader: aiosqlite.Connection | None = None  # read-only: operator queries never queue behind writes
-    reads: LogReads | None = None  # the inspection reads (admin API, sessions API, dashboard), on `reader` or a pool
+    reads: LogReads | None = None  # the inspection reads (admin API, sessions API, dashboard): a read-only SQLite connection, or a pool
     writer: LogWriter | None = None
     session_store: SessionStore | None = None  # sessions as stored (SQLite or PostgreSQL)
     watch: LogWatch | None = None  # the log's health (and a SQLite file's identity: store/watch.py)

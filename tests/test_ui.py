@@ -369,8 +369,8 @@ async def test_stats_draw_the_roll_ups_over_time(make_proxy: ProxyFactory) -> No
     for name in series.RANGES:
         status, _, body = await fetch(p, f"/ui/stats?range={name}")
         assert status == 200 and body.count("<svg") == 6 and "<polyline" in body
-    assert p.state.reader is not None
-    ts = await series.series(p.state.reader, series.RANGES["1h"])
+    assert p.state.reads is not None
+    ts = await p.state.reads.series(series.RANGES["1h"])
     assert sum(g.requests for g in ts.total) == 3 and len(ts.starts) in (61, 62)
 
 

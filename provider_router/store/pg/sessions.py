@@ -16,6 +16,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .. import session_reads as sr
 from .. import sessions as ss
+from ... import location
 from ...records import iso
 from ..sessions import QueuedWrites, Session, StatementQueue, StoreUnavailable, Turn, session_of
 
@@ -156,7 +157,7 @@ class PgSessionRepo(QueuedWrites):
                 # that does not answer fails the read.
                 if attempt == 2 or isinstance(e, PoolTimeout):
                     self._down_until = loop.time() + DOWN_PAUSE_S
-                    raise StoreUnavailable(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from e
+                    raise StoreUnavailable(location.error_text(self._pool.conninfo, e)) from e
         raise AssertionError("unreachable")
 
     async def _sessions(self, sql: str, params: Any) -> list[Session]:
