@@ -31,9 +31,10 @@ from .store.session_reads import EVENTS, pick
 from .store.sessions import Session, SessionStore, StoreUnavailable, Turn
 
 JOINED = web.RequestKey("joined_session", Session)  # a request's session, across its attempts
-# Whether the request started that session (`X-Session-New`): its first request, decided
-# when the request first joins it, not again on a retry.
-STARTED_IT = web.RequestKey("started_session", bool)
+# The session a request started, if it started one (`X-Session-New` says whether it is the
+# one it joined): known where the session is made, not from its request count, which
+# another instance's turn may not have committed yet.
+CREATED = web.RequestKey("created_session", Session)
 log = structlog.get_logger("provider_router.sessions")
 
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -226,6 +227,7 @@ class Sessions:
             s.chat_id = sid  # stateless upstreams: the conversation's id is our own
         self._turns[sid] = {}
         self._remember(s)
+        request[CREATED] = s
         if explicit or threaded:
             self._create(s)
         # else: a one-shot request pays for no session row; a second request stores it.
@@ -408,7 +410,6 @@ class Sessions:
                 else:
                     self.repo.save(before)
             request[JOINED] = s
-            request[STARTED_IT] = s.request_count == 1
         self.active.move_to_end(s.id)
         rec.session_id = s.id
         rec.log_session = s.stored or s.first is not rec

@@ -150,6 +150,25 @@ async def test_a_named_session_on_postgresql_counts_turns_sent_back_to_back(spaw
     assert count(pg_db, "SELECT request_count || '/' || message_count FROM sessions WHERE id = 'named-turns'") == "3/5"
 
 
+async def test_a_named_session_alternating_between_instances_is_new_only_on_its_first_turn(spawn: Spawn, pg_db: str) -> None:
+    """`X-Session-New` says whether this request made the session: true on the first turn
+    only, whichever instance the next turns reach, and whatever count that instance read
+    from a row the other may not have updated yet."""
+    pair = await asyncio.gather(spawn(ECHO, db=pg_db), spawn(ECHO, db=pg_db))
+    clients = [openai.AsyncOpenAI(base_url=f"{d.url}/v1", api_key="x", max_retries=0) for d in pair]
+    history: list[Any] = [{"role": "user", "content": "hi"}]
+    started = []
+    for i in range(4):
+        raw = await clients[i % 2].chat.completions.with_raw_response.create(
+            model="echo", messages=history, extra_headers={"X-Session-Id": "named-across"}
+        )  # fmt: skip
+        started.append(raw.headers["x-session-new"])
+        history += [{"role": "assistant", "content": raw.parse().choices[0].message.content}, {"role": "user", "content": f"q{i}"}]
+    for c in clients:
+        await c.close()
+    assert started == ["true", "false", "false", "false"]
+
+
 # -- serve --workers N -----------------------------------------------------------------------
 async def test_workers_on_postgresql_share_one_port_and_log_every_row(spawn: Spawn, pg_db: str) -> None:
     d = await spawn(ECHO, "--workers", "2", db=pg_db)

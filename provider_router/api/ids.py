@@ -11,7 +11,7 @@ from typing import Callable
 
 from aiohttp import web
 
-from ..sessions import JOINED, STARTED_IT
+from ..sessions import CREATED, JOINED
 from ..records import RequestRecord
 from ..state import REQUEST_ID
 
@@ -36,4 +36,4 @@ def stamp(request: web.Request, response: web.StreamResponse, rec: RequestRecord
         headers["X-Session-Id"] = rec.session_id
         joined = request.get(JOINED)
         if joined is not None and joined.id == rec.session_id:
-            headers["X-Session-New"] = "true" if request[STARTED_IT] else "false"
+            headers["X-Session-New"] = "true" if request.get(CREATED) is joined else "false"
