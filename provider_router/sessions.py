@@ -417,6 +417,10 @@ class Sessions:
             rec.chat_id = s.id
             s.message_count = len(messages)
         self.repo.save(s)
+        if self.shared and explicit is not None and not threaded:
+            # Its next turn may reach another instance, which reads the row: committed before
+            # the reply, as a threaded turn is when it ends (its counts would be read stale).
+            await self.repo.durable()
         return s
 
     def _store(self, s: Session, rec: RequestRecord) -> None:

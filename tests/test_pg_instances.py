@@ -167,6 +167,8 @@ async def test_a_named_session_alternating_between_instances_is_new_only_on_its_
     for c in clients:
         await c.close()
     assert started == ["true", "false", "false", "false"]
+    # and its row counts every request and the latest history, though turns alternated
+    assert count(pg_db, "SELECT request_count || '/' || message_count FROM sessions WHERE id = 'named-across'") == "4/7"
 
 
 # -- serve --workers N -----------------------------------------------------------------------
