@@ -98,9 +98,12 @@ def _admit(request: web.Request, state: State, rec: RequestRecord | None) -> Non
 
 
 def _hand_over(state: State, rec: RequestRecord) -> None:
-    """The finished record to the metrics and the log writer."""
+    """The finished record to the log writer and the metrics."""
     if state.metrics is not None:
-        state.metrics.observe(rec)
+        # Once the loop is next free: after aiohttp has written the response this handler
+        # returns (at one request in flight the client reads it meanwhile), and before
+        # anything that comes in later (a scrape of /metrics included).
+        asyncio.get_running_loop().call_soon(state.metrics.observe, rec)
     # The canonical line is rendered from the record by the log writer process, off the
     # event loop; here only if the record could not be queued.
     # `bind()`: the configured logger itself (cached on first use); an attribute of the lazy

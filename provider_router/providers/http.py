@@ -20,6 +20,7 @@ from multidict import CIMultiDictProxy
 from ..config import ConfigError, ProviderConfig
 from ..errors import ApiError, upstream_timeout, upstream_unreachable
 from .bodies import Inflate, LineCap, decoder_for
+from .deadline import Deadline
 from .proxies import proxy_for
 
 MAX_BODY = 64 * 1024 * 1024  # a non-streamed upstream body, decoded, may not be larger
@@ -130,7 +131,7 @@ class Upstream:
         resp: aiohttp.ClientResponse | None = None
         queue_ms = 0.0
         try:
-            async with asyncio.timeout(self.t.first_byte):
+            with Deadline(self.t.first_byte):
                 if slot is not None:
                     if slot.locked():
                         loop = asyncio.get_running_loop()
@@ -179,7 +180,7 @@ class Upstream:
         try:
             # One deadline moved per piece (not a new timer context per piece); it is off
             # while a piece is with the consumer, whose own awaits it must never cancel.
-            async with asyncio.timeout(None) as deadline:
+            with Deadline(None) as deadline:
                 while True:
                     deadline.reschedule(now() + idle)
                     try:
@@ -221,7 +222,7 @@ class Upstream:
                 raise ApiError(502, "upstream body too large", code="upstream_error")
             parts: list[bytes] = []
             size = 0
-            async with asyncio.timeout(self.t.idle):
+            with Deadline(self.t.idle):
                 while True:
                     data = await resp.content.readany()
                     if not data:
