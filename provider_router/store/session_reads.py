@@ -55,17 +55,7 @@ async def list_sessions(
     `client` on the client key's name."""
     if not await has_table(conn, "sessions"):
         return []
-    state = None if state == "all" else state
-    where: list[str] = []
-    params: list[Any] = []
-    if state:
-        where.append("state = ?")
-        params.append(state)
-    if client is not None:
-        where.append("client = ?")
-        params.append(client)
-    sql = "SELECT * FROM sessions" + (" WHERE " + " AND ".join(where) if where else "")
-    sql += " ORDER BY last_accessed_at DESC, id DESC"
+    sql, params = listing(state, client, "?")
     if limit > 0 or offset:
         sql += " LIMIT ? OFFSET ?"
         params += [limit if limit > 0 else -1, offset]
@@ -73,6 +63,21 @@ async def list_sessions(
     if not newest_first:
         rows.reverse()
     return [parse_metadata(r) for r in rows]
+
+
+def listing(state: str | None, client: str | None, mark: str) -> tuple[str, list[Any]]:
+    """The session listing's statement, most recently used first, filtered by `state`
+    (all: None) and `client`, with its parameters; `mark`: the driver's placeholder."""
+    where: list[str] = []
+    params: list[Any] = []
+    if state and state != "all":
+        where.append(f"state = {mark}")
+        params.append(state)
+    if client is not None:
+        where.append(f"client = {mark}")
+        params.append(client)
+    sql = "SELECT * FROM sessions" + (" WHERE " + " AND ".join(where) if where else "")
+    return sql + " ORDER BY last_accessed_at DESC, id DESC", params
 
 
 def parse_metadata(row: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from ...records import iso as iso_of
-from ..session_reads import DeletedSession, lifecycle_figures, parse_metadata
+from ..session_reads import DeletedSession, lifecycle_figures, listing, parse_metadata
 from ..tree_view import SessionTree, assembled, missing_replies, tree_node, tree_requests
 from .lookup import by_prefix, iso, times
 
@@ -27,17 +27,7 @@ async def list_sessions(
     conn: Conn, *, state: str | None = None, client: str | None = None, limit: int = 20, offset: int = 0, newest_first: bool = False
 ) -> list[dict[str, Any]]:
     """As session_reads.list_sessions: by `sessions_order` (or the state's or client's index)."""
-    state = None if state == "all" else state
-    where: list[str] = []
-    params: list[Any] = []
-    if state:
-        where.append("state = %s")
-        params.append(state)
-    if client is not None:
-        where.append("client = %s")
-        params.append(client)
-    sql = "SELECT * FROM sessions" + (" WHERE " + " AND ".join(where) if where else "")
-    sql += " ORDER BY last_accessed_at DESC, id DESC"
+    sql, params = listing(state, client, "%s")
     if limit > 0:
         sql += " LIMIT %s"
         params.append(limit)
