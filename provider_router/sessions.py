@@ -345,7 +345,7 @@ class Sessions:
     async def chat_made(self, s: Session, chat_id: str) -> None:
         """A turn made the session's upstream chat: the turns that waited for it go there,
         and other instances see it before they may look (they wait on the same lock)."""
-        s.chat_id = chat_id
+        s.move(chat_id, s.parent_id)
         self.repo.save(s)
         if self.shared:
             await self.repo.durable()

@@ -167,7 +167,7 @@ class Threads:
             return
         h = node_key(p.keys[-1], {"role": "assistant", "content": rec.response_text or ""})
         t = Turn(message_hash=h, turn=rec.turn or 1, chat_id=rec.chat_id, reply_id=rec.reply_id)
-        s.chat_id, s.parent_id = rec.chat_id, rec.reply_id
+        s.move(rec.chat_id, rec.reply_id)
         s.message_count = len(p.history) + 1
         repo = self.sessions.repo
         repo.save(s)

@@ -337,3 +337,48 @@ async def test_exactly_one_instance_leads_and_another_takes_over(pg_db: str, coo
         assert not leader.leader.lead()
     finally:
         await third.aclose()
+
+
+async def _saved_after_another_moved_it(repo: SessionStore, durable: Callable[[], Awaitable[bool]]) -> Session | None:
+    """Instance B read the session; instance A then moved its thread to a new chat; B saves
+    its copy (counting its request): the row keeps A's chat. Before, B's save wrote its
+    stale chat back, and B's own "chat gone" then cleared A's chat: a third upstream chat."""
+    a = _session("sess-m", "fp-m", "alice", T0, chat_id="chat-old", parent_id="r1")
+    repo.create(a)
+    assert await durable()
+    b = await repo.load("sess-m")
+    assert b is not None and b.chat_id == "chat-old"
+    a.move("chat-new", None)
+    repo.save(a)
+    assert await durable()
+    b.request_count += 1
+    repo.save(b)
+    assert await durable()
+    return await repo.load("sess-m")
+
+
+async def test_a_stale_copy_saved_keeps_the_thread_another_instance_moved_sqlite(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    conn = await connect(db)
+    writer = LogWriter(str(db))
+    await writer.start()
+    try:
+        repo = SessionRepo(conn, writer)
+        row = await _saved_after_another_moved_it(repo, repo.durable)
+    finally:
+        await writer.stop()
+        await conn.close()
+    assert row is not None and (row.chat_id, row.parent_id, row.request_count) == ("chat-new", "r1", 1)
+
+
+async def test_a_stale_copy_saved_keeps_the_thread_another_instance_moved_postgresql(pg_db: str) -> None:
+    migrate(pg_db)
+    writer = LogWriter(pg_db)
+    await writer.start()
+    async with AsyncConnectionPool(pg_db, min_size=1, max_size=2) as pool:
+        try:
+            repo = PgSessionRepo(pool, writer)
+            row = await _saved_after_another_moved_it(repo, repo.durable)
+        finally:
+            await writer.stop()
+    assert row is not None and (row.chat_id, row.parent_id, row.request_count) == ("chat-new", "r1", 1)

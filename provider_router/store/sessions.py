@@ -45,6 +45,14 @@ class Session:
     metadata: dict[str, Any] = field(default_factory=dict)
     stored: bool = True  # has a row (or one is queued); False: one request so far, stateless
     first: RequestRecord | None = None  # while not stored: the request that started it
+    # This process moved the thread (`move`) since the session's last save: that save writes
+    # `chat_id` and `parent_id`. Any other save leaves the row's, which another instance
+    # sharing the database may have moved since this copy was read.
+    thread_moved: bool = False
+
+    def move(self, chat_id: str | None, parent_id: str | None) -> None:
+        """The thread continues in `chat_id` from `parent_id` (the upstream's reply id)."""
+        self.chat_id, self.parent_id, self.thread_moved = chat_id, parent_id, True
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +101,12 @@ WHERE id=?1
 
 
 def _params(s: Session) -> tuple[Any, ...]:
+    """The row's parameters as of this flush; the thread's position only if this process
+    moved it since the last one (UPDATE keeps the row's where they are NULL)."""
+    moved, s.thread_moved = s.thread_moved, False
+    chat_id, parent_id = (s.chat_id, s.parent_id) if moved else (None, None)
     return (
-        s.id, s.fingerprint, s.client, s.provider, s.upstream_model, s.chat_id, s.parent_id, s.state,
+        s.id, s.fingerprint, s.client, s.provider, s.upstream_model, chat_id, parent_id, s.state,
         iso(s.created), iso(s.last_access), iso(s.expires), s.message_count, s.request_count,
         orjson.dumps(s.metadata).decode() if s.metadata else None,
     )
@@ -184,6 +196,7 @@ class QueuedWrites:
     def create(self, s: Session) -> None:
         """Store a new session (before any of its turns: they reference it)."""
         s.stored = True
+        s.thread_moved = True  # a new row has the session's position, none included
         self._writer.latest(f"session:{s.id}", UPSERT, lambda: _params(s))
         self._writer.execute(reads.TALLY, (1, "created"))
 
