@@ -20,7 +20,7 @@ from multidict import CIMultiDictProxy
 from ..config import ConfigError, ProviderConfig
 from ..errors import ApiError, upstream_timeout, upstream_unreachable
 from .bodies import Inflate, LineCap, decoder_for
-from .deadline import Deadline
+from .deadline import Deadlines
 from .proxies import proxy_for
 
 MAX_BODY = 64 * 1024 * 1024  # a non-streamed upstream body, decoded, may not be larger
@@ -112,6 +112,7 @@ class Upstream:
         self.waiting = 0  # calls waiting for one
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.t.connect)
         self._on_queue = on_queue
+        self._deadlines = Deadlines()  # of its calls: one timer for all of them
 
     def _free(self) -> None:
         self.in_use -= 1
@@ -131,7 +132,7 @@ class Upstream:
         resp: aiohttp.ClientResponse | None = None
         queue_ms = 0.0
         try:
-            with Deadline(self.t.first_byte):
+            with self._deadlines.after(self.t.first_byte):
                 if slot is not None:
                     if slot.locked():
                         loop = asyncio.get_running_loop()
@@ -180,7 +181,7 @@ class Upstream:
         try:
             # One deadline moved per piece (not a new timer context per piece); it is off
             # while a piece is with the consumer, whose own awaits it must never cancel.
-            with Deadline(None) as deadline:
+            with self._deadlines.after(None) as deadline:
                 while True:
                     deadline.reschedule(now() + idle)
                     try:
@@ -222,7 +223,7 @@ class Upstream:
                 raise ApiError(502, "upstream body too large", code="upstream_error")
             parts: list[bytes] = []
             size = 0
-            with Deadline(self.t.idle):
+            with self._deadlines.after(self.t.idle):
                 while True:
                     data = await resp.content.readany()
                     if not data:
