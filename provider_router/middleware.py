@@ -97,13 +97,13 @@ def _admit(request: web.Request, state: State, rec: RequestRecord | None) -> Non
             rec.client = _client_name(request, state.client_keys)
 
 
-def _hand_over(state: State, rec: RequestRecord) -> None:
+def _hand_over(state: State, rec: RequestRecord, loop: asyncio.AbstractEventLoop) -> None:
     """The finished record to the log writer and the metrics."""
     if state.metrics is not None:
         # Once the loop is next free: after aiohttp has written the response this handler
         # returns (at one request in flight the client reads it meanwhile), and before
         # anything that comes in later (a scrape of /metrics included).
-        asyncio.get_running_loop().call_soon(state.metrics.observe, rec)
+        loop.call_soon(state.metrics.observe, rec)
     # The canonical line is rendered from the record by the log writer process, off the
     # event loop; here only if the record could not be queued.
     # `bind()`: the configured logger itself (cached on first use); an attribute of the lazy
@@ -126,8 +126,12 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
     structlog.contextvars.bind_contextvars(request_id=rid)
     answered: int | None = None
     failure: ApiError | None = None  # how the handler ended, if not with a response
-    task = asyncio.current_task()
-    if rec is not None and task is not None:
+    # aiohttp runs each request in a task of its own (`request.task` is the connection's).
+    # Its loop given, `current_task` needs no `get_running_loop()`, which under Python 3.11
+    # is a getpid() system call.
+    task = asyncio.current_task(request.task.get_loop())
+    assert task is not None
+    if rec is not None:
         state.inflight.add(task)
     try:
         _admit(request, state, rec)
@@ -145,7 +149,7 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
         failure = _from_http_exception(e)
         return _answer(request, _error_response(failure), rec)
     except (asyncio.CancelledError, ConnectionResetError):
-        if state.ending and task is not None and task.cancelling():
+        if state.ending and task.cancelling():
             # Our own shutdown cancelled it (see app._mark_shutting_down): answer, don't vanish.
             task.uncancel()
             failure = ApiError(503, "The proxy is shutting down.", code="proxy_shutdown", outcome="shutdown")
@@ -159,8 +163,8 @@ async def edge(request: web.Request, handler: web.Handler) -> web.StreamResponse
         error = _error_response(ApiError(500, "Internal proxy error.", code="internal_error", type="server_error"))
         return _answer(request, _unless_started(request, error), rec)
     finally:
-        state.inflight.discard(task)  # type: ignore[arg-type]
+        state.inflight.discard(task)
         if rec is not None:
             settle(request, rec, answered, failure)
-            _hand_over(state, rec)
+            _hand_over(state, rec, task.get_loop())
 

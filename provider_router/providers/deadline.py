@@ -79,7 +79,7 @@ class Deadline:
         if task is None:
             raise RuntimeError("a Deadline is used inside a task")
         self._task = task
-        self._loop = asyncio.get_running_loop()
+        self._loop = task.get_loop()  # not `get_running_loop()`: under Python 3.11 each call is a getpid() system call
         self._cancelling = task.cancelling()
         if self._delay is not None:
             self._owner._set(self, self._loop.time() + self._delay)

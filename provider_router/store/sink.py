@@ -5,7 +5,8 @@ The daemon (`writer.LogWriter`) starts it as ``python -m provider_router.store.s
 talks to it over its stdin/stdout in length-prefixed pickle frames:
 
 - in: a config frame first (database path, body limit, secrets to redact: never argv,
-  which `ps` shows), then ``("batch", statements, records)`` and ``("sync", n)`` frames;
+  which `ps` shows), then ``("batch", statements, records)`` frames (each record as
+  `records.as_fields` of it) and ``("sync", n)`` frames;
   end of input means stop: commit what arrived, then exit.
 - out: ``("progress", records_done, written, failed, last_sync)`` after each commit, and
   ``("log", level, event, fields)`` for the daemon to log.
@@ -37,7 +38,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Protocol, Sequence
 
 from .checkpointer import Checkpointer
 from .db import PRAGMAS
-from ..records import RequestRecord, request_line
+from ..records import RequestRecord, from_fields, request_line
 from ..redact import Redactor
 from .rows import ATTACH, INSERT_REQUEST, UPSERT_ROLLUP, Rows
 from .tree import Ids, Tree
@@ -448,7 +449,7 @@ def serve(inp: int, out: BinaryIO) -> None:
     )  # fmt: skip
     while not source.eof or source.pending:
         taken = source.gather()
-        batches = [(f[1], f[2]) for f in taken if f[0] == "batch"]
+        batches = [(f[1], [from_fields(r) for r in f[2]]) for f in taken if f[0] == "batch"]
         syncs = [f[1] for f in taken if f[0] == "sync"]
         if batches:
             sink.apply(batches)

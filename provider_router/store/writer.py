@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import structlog
 
-from ..records import RequestRecord
+from ..records import RequestRecord, as_fields
 from .sink import Frames, frame, frame_parts
 
 log = structlog.get_logger("provider_router.writer")
@@ -302,7 +302,7 @@ class LogWriter:
                 self._batches.append((self._sent, size))
             # Its length and its pickle in one write (uvloop: one writev, no copy): the
             # process is woken once per frame, not once for four bytes and again for the rest.
-            proc.stdin.writelines(frame_parts(("batch", groups, records)))
+            proc.stdin.writelines(frame_parts(("batch", groups, [as_fields(r) for r in records])))
             for r in records:  # in the frame now: a session may hold the record, not its bodies
                 r.request_body = r.response_body = r.stream_body = None
             groups = []
