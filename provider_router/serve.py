@@ -78,6 +78,13 @@ class _Server(web.Server):
         return handler
 
 
+# Connections the kernel holds for us before we accept them (capped by net.core.somaxconn).
+# aiohttp's default, 128, is overrun by an agent or a benchmark opening hundreds at once: the
+# kernel then drops the handshakes past it and the clients retry a second later (1,000
+# streams opened at once waited about 1 s each for their first byte; bench/README.md).
+LISTEN_BACKLOG = 2048
+
+
 def _new_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop  # optional extra `speed`: a faster event loop
@@ -241,7 +248,7 @@ async def _serve(
     try:
         # Instances sharing the database may share the port too: the kernel spreads the
         # connections among them.
-        site = web.TCPSite(runner, host, port, reuse_port=shared or None)
+        site = web.TCPSite(runner, host, port, reuse_port=shared or None, backlog=LISTEN_BACKLOG)
         await site.start()
     except OSError as e:
         await _undo_start(app, watchdog)
