@@ -6,6 +6,7 @@ locks and the leader across instances."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,32 +196,43 @@ async def _reads(repo: SessionStore) -> dict[str, Any]:
     }
 
 
+@contextlib.asynccontextmanager
+async def _sqlite_repo(db: Path) -> AsyncIterator[tuple[SessionRepo, LogWriter]]:
+    """A SQLite session repository writing through a log writer process, both stopped after."""
+    conn = await connect(db)
+    writer = LogWriter(str(db))
+    await writer.start()
+    try:
+        yield SessionRepo(conn, writer), writer
+    finally:
+        await writer.stop()
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def _pg_repo(pg_db: str) -> AsyncIterator[tuple[PgSessionRepo, LogWriter]]:
+    """The PostgreSQL session repository writing through a log writer process, both stopped after."""
+    writer = LogWriter(pg_db)
+    await writer.start()
+    async with AsyncConnectionPool(pg_db, min_size=1, max_size=2) as pool:
+        try:
+            yield PgSessionRepo(pool, writer), writer
+        finally:
+            await writer.stop()
+
+
 async def test_the_repository_reads_back_what_sqlite_reads_for_the_same_changes(pg_db: str, tmp_path: Path) -> None:
     """The same changes (create, save, turns, forget_chat, expire, evict, end, delete,
     chat deletions) queued through the log writer to SQLite and to PostgreSQL: every
     read of the SessionStore gives the same, tallies included."""
     migrate(pg_db)
     got = []
-    db = tmp_path / "s.db"
-    conn = await connect(db)
-    sqlite_writer = LogWriter(str(db))
-    await sqlite_writer.start()
-    try:
-        sqlite_repo = SessionRepo(conn, sqlite_writer)
+    async with _sqlite_repo(tmp_path / "s.db") as (sqlite_repo, _):
         await _changes(sqlite_repo, sqlite_repo.durable)
         got.append(await _reads(sqlite_repo))
-    finally:
-        await sqlite_writer.stop()
-        await conn.close()
-    writer = LogWriter(pg_db)
-    await writer.start()
-    async with AsyncConnectionPool(pg_db, min_size=1, max_size=2) as pool:
-        try:
-            pg_repo = PgSessionRepo(pool, writer)
-            await _changes(pg_repo, pg_repo.durable)
-            got.append(await _reads(pg_repo))
-        finally:
-            await writer.stop()
+    async with _pg_repo(pg_db) as (pg_repo, writer):
+        await _changes(pg_repo, pg_repo.durable)
+        got.append(await _reads(pg_repo))
     assert writer.failed == 0
     sqlite, pg = got
     for k in sqlite:
@@ -358,27 +370,13 @@ async def _saved_after_another_moved_it(repo: SessionStore, durable: Callable[[]
 
 
 async def test_a_stale_copy_saved_keeps_the_thread_another_instance_moved_sqlite(tmp_path: Path) -> None:
-    db = tmp_path / "s.db"
-    conn = await connect(db)
-    writer = LogWriter(str(db))
-    await writer.start()
-    try:
-        repo = SessionRepo(conn, writer)
+    async with _sqlite_repo(tmp_path / "s.db") as (repo, _):
         row = await _saved_after_another_moved_it(repo, repo.durable)
-    finally:
-        await writer.stop()
-        await conn.close()
     assert row is not None and (row.chat_id, row.parent_id, row.request_count) == ("chat-new", "r1", 1)
 
 
 async def test_a_stale_copy_saved_keeps_the_thread_another_instance_moved_postgresql(pg_db: str) -> None:
     migrate(pg_db)
-    writer = LogWriter(pg_db)
-    await writer.start()
-    async with AsyncConnectionPool(pg_db, min_size=1, max_size=2) as pool:
-        try:
-            repo = PgSessionRepo(pool, writer)
-            row = await _saved_after_another_moved_it(repo, repo.durable)
-        finally:
-            await writer.stop()
+    async with _pg_repo(pg_db) as (repo, _):
+        row = await _saved_after_another_moved_it(repo, repo.durable)
     assert row is not None and (row.chat_id, row.parent_id, row.request_count) == ("chat-new", "r1", 1)
