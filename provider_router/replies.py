@@ -193,25 +193,3 @@ def completion_like(body: bytes) -> dict[str, Any] | None:
     except orjson.JSONDecodeError:
         return None
     return obj if isinstance(obj, dict) else None
-
-
-def reply_text(reply: Any) -> str | None:
-    """The text of an answer that is not a chat completion (a Responses `output`, a text
-    completion's choices), for listings."""
-    if not isinstance(reply, dict):
-        return None
-    if isinstance(reply.get("output"), list):
-        parts = []
-        for item in reply["output"]:
-            if not isinstance(item, dict):
-                continue
-            if item.get("type") == "function_call":
-                parts.append(f"{item.get('name')}({item.get('arguments')})")
-            for c in item.get("content") or () if isinstance(item.get("content"), list) else ():
-                if isinstance(c, dict) and isinstance(c.get("text"), str):
-                    parts.append(c["text"])
-        return "\n".join(parts)
-    choices = reply.get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], dict) and isinstance(choices[0].get("text"), str):
-        return str(choices[0]["text"])
-    return None

@@ -18,6 +18,11 @@ class Route:
     upstream_model: str
 
 
+def is_glob(name: str) -> bool:
+    """A model route's name that is a pattern (`llama*`), not one name."""
+    return any(c in name for c in "*?[")
+
+
 class NoRoute(LookupError):
     """No enabled route; `str()` is a message fit for the client."""
 
@@ -54,13 +59,23 @@ class Router:
                 continue
             upstream = m.upstream_model or model
             return Route(m, p, upstream)
-        names = ", ".join(m.name for m in self.available) or "none"
+        names = self._available_text()
         if disabled is not None:
             return (
                 f"The model `{model}` routes to provider `{disabled.name}`, which is switched off "
                 f"(no api_key configured). Available models: {names}"
             )
         return f"The model `{model}` does not exist or is not routed. Available models: {names}"
+
+    def _available_text(self) -> str:
+        """The routable models as a client can send them: exact names, then the patterns
+        (a pattern is not a name to send; `GET /v1/models` lists the names it matches)."""
+        exact = [m.name for m in self.available if not is_glob(m.name)]
+        patterns = [m.name for m in self.available if is_glob(m.name)]
+        text = ", ".join(exact) or "none"
+        if patterns:
+            text += f"; and names matching {', '.join(patterns)} (GET /v1/models lists them)"
+        return text
 
     def chain(self, model: str) -> list[Route]:
         """The route for `model`, then its configured fallbacks that are routable."""

@@ -5,12 +5,17 @@ unknown paths answer with what is supported."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
+from click.testing import CliRunner
+
+from provider_router.cli import cli as root
 
 from tests.conftest import UPSTREAM_KEY, Proxy, ProxyFactory, base_config
 from tests.fakes.openai import OpenAIFake
@@ -144,7 +149,7 @@ async def test_a_chat_only_model_says_what_it_serves(p: Proxy, call: str) -> Non
             await sdk.completions.create(model="echo", prompt="hi")
     assert e.value.code == "unsupported_endpoint" and "POST /v1/chat/completions" in e.value.message
     [row] = await p.rows(COLUMNS)
-    assert (row["model"], row["status"], row["outcome"]) == ("echo", 400, "rejected")
+    assert (row["model"], row["provider"], row["status"], row["outcome"]) == ("echo", "echo", 400, "rejected")
 
 
 async def test_an_unknown_path_lists_the_endpoints(p: Proxy) -> None:
@@ -153,7 +158,7 @@ async def test_an_unknown_path_lists_the_endpoints(p: Proxy) -> None:
         async with s.post(f"{p.url}/v1/images/generations", json={"model": "gpt-4o"}) as r:
             assert r.status == 404
             message = (await r.json())["error"]["message"]
-    for endpoint in ("POST /v1/responses", "POST /v1/embeddings", "POST /v1/completions", "GET /v1/models/{model}"):
+    for endpoint in ("POST /v1/responses", "POST /v1/embeddings", "POST /v1/completions", "GET /v1/models/{model}", "GET /v1/sessions/{id}"):
         assert endpoint in message
 
 
@@ -170,10 +175,56 @@ async def test_the_log_reads_responses_and_completions_as_it_reads_chat(p: Proxy
         usage = (await sdk.responses.create(model="gpt-4o", input="hello log")).usage
         await sdk.completions.create(model="gpt-3.5-turbo-instruct", prompt="log me")
     responses, completions = await p.rows()
-    assert responses["response_text"] is None  # no chat reply node; the text is in the record
+    # The `request_log` view, which sqlite3 users read, has their texts as it has chat's.
+    assert (responses["prompt_text"], responses["response_text"]) == ("hello log", "upstream answered: hello log")
+    assert (completions["prompt_text"], completions["response_text"]) == ("log me", "upstream answered: log me")
     record = await p.record(responses["id"])
     assert record["request"]["input"] == "hello log" and record["response"]["status"] == "completed"
     assert record["response_text"] == "upstream answered: hello log"
     assert (responses["prompt_tokens"], responses["completion_tokens"], responses["finish_reason"]) == (usage.input_tokens, usage.output_tokens, "completed")
     record = await p.record(completions["id"])
     assert record["response_text"] == "upstream answered: log me" and completions["completion_tokens"] == len("upstream answered: log me".split())
+
+
+async def cli(*args: str) -> str:
+    """`provider-router ARGS...` as a user runs it (in a thread: it runs its own event loop)."""
+    result = await asyncio.to_thread(CliRunner().invoke, root, list(args))
+    assert result.exit_code == 0, result.stderr
+    return result.stdout
+
+
+async def test_the_log_finds_and_shows_every_endpoint_as_it_does_chat(p: Proxy) -> None:
+    """`logs -q` finds a Responses request and a legacy completion by prompt or reply, as it
+    finds chat; `logs` lists their texts; `logs show` prints them as transcripts (a
+    Responses request's instructions, tool call and its result included); an embeddings row
+    has its usage."""
+    sdk = p.sdk()
+    await sdk.responses.create(model="gpt-4o", instructions="be brief", input=[
+        {"role": "user", "content": [{"type": "input_text", "text": "find the zephyr file"}]},
+        {"type": "function_call", "call_id": "call_1", "name": "lookup", "arguments": '{"name": "zephyr"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "found in /tmp"},
+        {"type": "message", "role": "user", "content": "what next"},
+    ])  # fmt: skip
+    await sdk.completions.create(model="gpt-3.5-turbo-instruct", prompt="quokka facts")
+    await sdk.embeddings.create(model="text-embedding-3-small", input=["a", "bb"])
+    responses, completion, embeddings = await p.rows()
+    db = str(p.db_path)
+
+    async def found(*query: str) -> list[str]:
+        return [json.loads(line)["id"] for line in (await cli("logs", "--db", db, "-n", "0", "--json", *query)).splitlines()]
+
+    # As for chat, search reads the prompt (the last user message) and the reply.
+    assert await found("-q", "what next") == [responses["id"]]
+    assert await found("-q", "quokka") == [completion["id"]]
+    assert await found("-q", "upstream answered") == [responses["id"], completion["id"]]
+    listed = await cli("logs", "--db", db, "-n", "0")
+    assert "what next" in listed and "quokka facts" in listed and "upstream answered: quokka facts" in listed
+    shown = await cli("logs", "--db", db, "show", responses["id"])
+    for line in ("system: be brief", "user: find the zephyr file", '-> lookup({"name": "zephyr"}) [call_1]',
+                 "tool [call_1]: found in /tmp", "user: what next", "assistant: upstream answered: what next", "finish: completed"):
+        assert line in shown, line
+    shown = await cli("logs", "--db", db, "show", completion["id"])
+    assert "user: quokka facts" in shown and "assistant: upstream answered: quokka facts" in shown
+    assert (embeddings["prompt_tokens"], embeddings["total_tokens"], embeddings["completion_tokens"]) == (2, 2, None)
+    record = await p.record(completion["id"])  # the answer as it came, not as the log reads it
+    assert "message" not in record["response"]["choices"][0]

@@ -14,7 +14,7 @@ PACKAGE = Path(provider_router.__file__).parent
 # Lowest first; a module belongs to the first prefix that names it (the longest is listed first).
 LAYERS: list[tuple[str, ...]] = [
     ("config", "location"),
-    ("errors", "messages", "history", "sse", "replies", "routing", "records", "redact", "logsetup", "rowtext"),
+    ("errors", "messages", "as_chat", "history", "sse", "replies", "routing", "records", "redact", "logsetup", "rowtext"),
     ("store",),
     ("providers",),
     ("sessions", "threads"),

@@ -51,3 +51,12 @@ async def test_retrieving_one_model_agrees_with_the_list(proxy: Proxy) -> None:
         assert e.value.code == "model_not_found"
     rows = await proxy.rows("SELECT path, model, status FROM requests ORDER BY rowid")
     assert rows[-1] == {"path": "/v1/models/nope", "model": "nope", "status": 404}
+
+
+async def test_an_unknown_model_is_told_the_names_apart_from_the_patterns(proxy: Proxy) -> None:
+    """The 404 for a model no route takes names the exact models, and the glob routes as
+    patterns to match (the listing has their ids), not as models to send."""
+    with pytest.raises(openai.NotFoundError) as e:
+        await proxy.sdk().chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.code == "model_not_found"
+    assert "Available models: echo; and names matching llama*, gpt-* (GET /v1/models lists them)" in e.value.message

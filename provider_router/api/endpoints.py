@@ -32,10 +32,17 @@ SUPPORTED = (
     "POST /v1/completions",
     "GET /v1/models",
     "GET /v1/models/{model}",
+    "GET /v1/sessions/{id}",
+    "POST /v1/sessions/{id}/refresh",
+    "DELETE /v1/sessions/{id}",
 )
 CHAT_ONLY = "POST /v1/chat/completions, GET /v1/models"
 # (method, path pattern) of each: a path served under another method answers 405, not 404.
-_ROUTES = tuple((m, re.compile(re.escape(p).replace(r"\{model\}", ".+"))) for m, p in (s.split(" ", 1) for s in SUPPORTED))
+# A model id may hold slashes (`org/model`); a session id does not.
+_ROUTES = tuple(
+    (m, re.compile(re.escape(p).replace(r"\{model\}", ".+").replace(r"\{id\}", "[^/]+")))
+    for m, p in (s.split(" ", 1) for s in SUPPORTED)
+)
 
 
 def endpoint(
@@ -60,6 +67,7 @@ def endpoint(
         served = [r for r in routes if forwards(state.providers[r.provider.name])]
         if not served:
             p = routes[0].provider
+            rec.provider = p.name  # the row says whose endpoints these are
             raise ApiError(
                 400, f"The model `{model}` is served by provider `{p.name}` (type {p.type}), which does not serve "
                 f"POST /v1{path}; it serves {CHAT_ONLY}.", param="model", code="unsupported_endpoint",
@@ -105,5 +113,5 @@ async def not_found(request: web.Request) -> web.Response:
 def setup(app: web.Application) -> None:
     """Route the endpoints of this module (chat and models are routed by `app.py`)."""
     app.router.add_post("/v1/responses", endpoint("/responses", streams=True, reply_format="responses"))
-    app.router.add_post("/v1/embeddings", endpoint("/embeddings", streams=False, summarise=embeddings_summary))
+    app.router.add_post("/v1/embeddings", endpoint("/embeddings", streams=False, summarise=embeddings_summary, reply_format="embeddings"))
     app.router.add_post("/v1/completions", endpoint("/completions", streams=True, reply_format="text_completion"))

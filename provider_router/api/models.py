@@ -19,17 +19,13 @@ from aiohttp import web
 from ..config import ModelConfig
 from ..errors import ApiError
 from ..providers import forwards
-from ..routing import NoRoute
+from ..routing import NoRoute, is_glob
 from ..state import RECORD, STATE, State
 
 log = structlog.get_logger("provider_router.api")
 FRESH_SECONDS = 60.0  # an upstream's list is reused this long
 RETRY_SECONDS = 10.0  # an upstream that did not answer is asked again after this
 FETCH_TIMEOUT = 3.0  # a model list is small: an upstream slower than this is left out
-
-
-def is_glob(name: str) -> bool:
-    return any(c in name for c in "*?[")
 
 
 class Catalog:

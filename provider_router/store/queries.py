@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import aiosqlite
 import orjson
 
-from ..replies import reply_text
+from ..as_chat import KIND_OF_PATH, reply_text, request_messages
 from ..messages import content_text
 from ..records import iso
 from . import search
@@ -202,9 +202,6 @@ _LISTED = (
 )
 
 
-_OTHER_ENDPOINTS = ("/v1/responses", "/v1/completions")
-
-
 def _text_of(body: str | None) -> str | None:
     if body is None:
         return None
@@ -223,7 +220,7 @@ def listed_row(row: dict[str, Any]) -> dict[str, Any]:
     row["prompt_text"] = _text_of(row.pop("_prompt"))
     reply = row.pop("_reply")
     row["response_text"] = _text_of(reply)
-    if reply is None and row.get("response") and row.get("path") in _OTHER_ENDPOINTS:
+    if reply is None and row.get("response") and row.get("path") in KIND_OF_PATH:  # written before `as_chat`
         row["response_text"] = reply_text(_json_or_text(row["response"]))
     m = orjson.loads(reply) if reply else {}
     row["reasoning_text"] = (m.get("reasoning_content") or m.get("reasoning")) if isinstance(m, dict) else None
@@ -430,9 +427,10 @@ async def rebuild(tree: TreeReader, row: dict[str, Any]) -> tuple[Any, Any, list
     for rid in reply_ids:
         body = await tree.body(rid) if rid is not None else None
         replies.append(orjson.loads(body) if body is not None else None)
-    if isinstance(response, dict) and isinstance(response.get("choices"), list):
-        # Each choice with a message has a reply node, in order; a choice keeps its own
-        # message where it differs from the node's body.
+    if row.get("body_blob") is None and isinstance(response, dict) and isinstance(response.get("choices"), list):
+        # Each choice of a chat reply has a reply node, in order; a choice keeps its own
+        # message where it differs from the node's body. (A request kept whole, in a blob,
+        # keeps its whole response: its reply node is only a reading of it, `as_chat`.)
         for choice, m in zip([c for c in response["choices"] if isinstance(c, dict)], replies):
             if "message" not in choice and m is not None:
                 choice["message"] = m
@@ -457,6 +455,8 @@ def rebuilt_row(row: dict[str, Any], request: Any, response: Any) -> dict[str, A
     if isinstance(row.get("attempts"), str):
         row["attempts"] = orjson.loads(row["attempts"])
     messages = request.get("messages") if isinstance(request, dict) else None
+    if messages is None and row.get("path") in KIND_OF_PATH:
+        messages = request_messages(KIND_OF_PATH[row["path"]], request)
     users = [m for m in messages or () if isinstance(m, dict) and m.get("role") == "user"]
     row["prompt_text"] = content_text(users[-1].get("content")) if users else None
     choices = response.get("choices") if isinstance(response, dict) else None

@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 import orjson
 
-from ..replies import assemble_stream, completion, responses_reply, text_completion_reply
+from ..as_chat import KINDS, reply_message, request_messages
+from ..replies import assemble_stream, completion, completion_like, responses_reply, text_completion_reply
 from ..records import RequestRecord, iso
 from .tree import CUT_MARK, Tree
 
@@ -119,7 +120,9 @@ class Rows:
         placed, request = self._request(r, cut)
         tip = placed.tip if placed is not None else None
         reply_message = replies = response = None
-        if reply is not None and placed is not None and tip is not None:
+        if reply is not None and placed is not None and tip is not None and r.reply_format in KINDS:
+            reply_message, response = self._answer_node(placed, r.reply_format, reply), self._json(reply)
+        elif reply is not None and placed is not None and tip is not None:
             reply_message, replies, response = self._replies(placed, reply, choices)
         elif reply is not None:
             response = self._json(reply)
@@ -174,7 +177,7 @@ class Rows:
         """The reply `r` got, read as its format says ("chat", also "stream" and
         "completion", the names of this schema's first release: a chat reply, its events if
         it was streamed through, else its JSON; "responses"; "text_completion"); the
-        record's tokens, finish reason and reply id taken from it."""
+        record's tokens, finish reason and reply id taken from it; "embeddings": its usage)."""
         reply: dict[str, Any] | None = None
         if r.reply_format in CHAT_FORMATS and r.stream_body is not None:
             reply = assemble_stream(r.stream_body)
@@ -187,6 +190,8 @@ class Rows:
             reply = read(data, r.stream_body is not None) if data is not None else None
             if reply is not None and "_events" in reply:
                 r.chunk_count = reply.pop("_events")
+        elif r.reply_format == "embeddings" and r.status == 200 and r.response_body:
+            reply = completion_like(r.response_body)  # model and usage (the vectors are not kept)
         if r.stream_cut:
             cut.append(f"response stream ({r.stream_cut} bytes not kept)")
         if reply is None:
@@ -230,7 +235,27 @@ class Rows:
         body_blob = tree.blob(r.request_body[: self.max_body])
         if len(r.request_body) > self.max_body:
             cut.append("request body")
-        return None, (None, None, None, body_blob)
+        return self._read_as_chat(r), (None, None, None, body_blob)
+
+    def _read_as_chat(self, r: RequestRecord) -> Any:
+        """A Responses or legacy completion request's messages (`as_chat`) in the tree, in
+        no conversation (where its prompt is, for search and listings); None for any other
+        body. The request itself is kept whole, in its blob."""
+        if r.reply_format not in KINDS or not r.request_body:
+            return None
+        messages = request_messages(r.reply_format, completion_like(r.request_body))
+        if not messages:
+            return None
+        try:
+            return self.tree.place(orjson.dumps(messages), None)
+        except (ValueError, TypeError):  # nested past orjson's depth
+            return None
+
+    def _answer_node(self, placed: Any, kind: str, reply: dict[str, Any]) -> int | None:
+        """The node of an answer read as one assistant message (`as_chat`), under the
+        request's messages; its response keeps the whole answer besides."""
+        m = reply_message(kind, reply)
+        return None if m is None else self.tree.reply(placed, m, "output")[0]
 
     def _replies(self, placed: Any, reply: dict[str, Any], choices: list[dict[str, Any]]) -> tuple[Any, Any, str | None]:
         """Each choice's message as a node under the request's tip: (the first choice's

@@ -1,0 +1,105 @@
+"""The Responses API's and the legacy completions' bodies read as chat messages.
+
+The log keeps such a request as it was sent and its answer as it came (`replies.py` assembles
+a stream's), and also reads both as chat messages: the request's `instructions` and `input`
+items (or a completion's `prompt`), and the answer's text and function calls as one
+assistant message. Those messages go into the conversation tree as a chat request's do, so
+search, listings, the `request_log` view and `logs show` read every endpoint's text the same
+way. They are a reading for the log, never sent anywhere. (A stateful `/v1/responses` would
+place its `input` items the same way.)
+
+Domain, below the store: the log writer process and the readers use it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .messages import content_text
+
+# The `reply_format` of a record whose request and answer are read here, by endpoint.
+KIND_OF_PATH = {"/v1/responses": "responses", "/v1/completions": "text_completion"}
+KINDS = tuple(KIND_OF_PATH.values())
+
+
+def request_messages(kind: str, body: Any) -> list[dict[str, Any]]:
+    """A Responses request (`kind` "responses") or a legacy completion's ("text_completion")
+    as chat messages; [] when it holds none that can be read."""
+    if not isinstance(body, dict):
+        return []
+    if kind == "text_completion":
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            prompt = "\n".join(prompt)  # several prompts in one request: one text (token arrays: none)
+        return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else []
+    out: list[dict[str, Any]] = []
+    if isinstance(body.get("instructions"), str):
+        out.append({"role": "system", "content": body["instructions"]})
+    items = body.get("input")
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    for item in items if isinstance(items, list) else ():
+        m = _item_message(item)
+        if m is not None:
+            out.append(m)
+    return out
+
+
+def reply_message(kind: str, reply: Any) -> dict[str, Any] | None:
+    """An answer (the final `response` object, or a `text_completion`) as one assistant
+    message: its text, and a Responses answer's function calls as tool calls; None when it
+    has neither."""
+    if not isinstance(reply, dict):
+        return None
+    if kind == "text_completion":
+        choices = reply.get("choices")
+        first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+        return {"role": "assistant", "content": first["text"]} if isinstance(first.get("text"), str) else None
+    output = reply.get("output")
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for item in output if isinstance(output, list) else ():
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "function_call":
+            calls.append(_tool_call(item))
+        elif item.get("type") == "message":
+            texts.append(content_text(item.get("content")))
+    if not texts and not calls:
+        return None
+    m: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts)}
+    if calls:
+        m["tool_calls"] = calls
+    return m
+
+
+def reply_text(reply: Any) -> str | None:
+    """The text of an answer that is not a chat completion (a Responses `output`, a text
+    completion's choices), its function calls as `name(arguments)`: for listings."""
+    kind = "responses" if isinstance(reply, dict) and "output" in reply else "text_completion"
+    m = reply_message(kind, reply)
+    if m is None:
+        return None
+    calls = [f"{c['function']['name']}({c['function']['arguments']})" for c in m.get("tool_calls", ())]
+    return "\n".join(([m["content"]] if m["content"] else []) + calls)
+
+
+def _item_message(item: Any) -> dict[str, Any] | None:
+    """One `input` item as a chat message: a message (its text), a function call (an
+    assistant's tool call) or a function call's output (a tool message); None for others
+    (reasoning, references to stored items)."""
+    if not isinstance(item, dict):
+        return None
+    kind = item.get("type")
+    if kind == "function_call":
+        return {"role": "assistant", "content": None, "tool_calls": [_tool_call(item)]}
+    if kind == "function_call_output":
+        output = item.get("output")
+        return {"role": "tool", "tool_call_id": item.get("call_id"), "content": output if isinstance(output, str) else content_text(output)}
+    if kind in (None, "message") and isinstance(item.get("role"), str):
+        return {"role": item["role"], "content": content_text(item.get("content"))}
+    return None
+
+
+def _tool_call(item: dict[str, Any]) -> dict[str, Any]:
+    return {"id": item.get("call_id"), "type": "function", "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
