@@ -195,7 +195,7 @@ async def cli(*args: str) -> str:
 
 async def test_the_log_finds_and_shows_every_endpoint_as_it_does_chat(p: Proxy) -> None:
     """`logs -q` finds a Responses request and a legacy completion by prompt or reply, as it
-    finds chat; `logs` lists their texts; `logs show` prints them as transcripts (a
+    finds chat; `logs` lists their texts (an embeddings call, with none, its endpoint); `logs show` prints them as transcripts (a
     Responses request's instructions, tool call and its result included); an embeddings row
     has its usage."""
     sdk = p.sdk()
@@ -219,6 +219,7 @@ async def test_the_log_finds_and_shows_every_endpoint_as_it_does_chat(p: Proxy) 
     assert await found("-q", "upstream answered") == [responses["id"], completion["id"]]
     listed = await cli("logs", "--db", db, "-n", "0")
     assert "what next" in listed and "quokka facts" in listed and "upstream answered: quokka facts" in listed
+    assert "POST /v1/embeddings" in listed  # no prompt: what it asked for instead
     shown = await cli("logs", "--db", db, "show", responses["id"])
     for line in ("system: be brief", "user: find the zephyr file", '-> lookup({"name": "zephyr"}) [call_1]',
                  "tool [call_1]: found in /tmp", "user: what next", "assistant: upstream answered: what next", "finish: completed"):

@@ -14,6 +14,15 @@ from .output import cells as cells_of
 ID_WIDTH = 16  # ms + sequence: unique within a daemon; `logs show` takes any prefix
 
 
+def prompt_cell(r: dict[str, Any]) -> str:
+    """The prompt's first line; for a request with none that is not a chat (an embeddings
+    call, a model lookup), what it asked for: `POST /v1/embeddings`."""
+    text = first_line(r.get("prompt_text"))
+    if not text and r.get("path") and r["path"] != "/v1/chat/completions":
+        return f"{r.get('method') or ''} {r['path']}".strip()
+    return text
+
+
 class LogTable:
     """Fixed columns sized from the first rows; prompt and reply share whatever the terminal
     has left. Narrow terminals drop the provider, ttfb and token columns first."""
@@ -46,7 +55,7 @@ class LogTable:
             self.widths[i] = min(self.widths[i], floor)
         # The prompt takes what its longest first line needs (up to half), the reply the rest.
         room = self._room()
-        longest = max([cells_of(first_line(r.get("prompt_text"))) for r in rows] or [room])
+        longest = max([cells_of(prompt_cell(r)) for r in rows] or [room])
         self.prompt_width = max(min(room // 2, max(longest, self.MIN_TEXT)), 8)
         self.reply_width = max(room - self.prompt_width, 8)
 
@@ -86,4 +95,4 @@ class LogTable:
             cells[0] = cells[0][-8:]
         if len(cells[4]) > self.widths[4]:  # a narrow status column keeps the code, not "404 re…"
             cells[4] = cells[4].split()[0]
-        return self._line(cells + [first_line(r.get("prompt_text")), reply])
+        return self._line(cells + [prompt_cell(r), reply])
