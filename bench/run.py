@@ -460,7 +460,7 @@ def ensure_wrk() -> None:
 
 def note_wrk_errors(ctx: Context, name: str, what: str, res: WrkResult) -> None:
     if res.errors or res.non_2xx:
-        ctx.notes.append(f"{LABELS[name]} {what}: {res.non_2xx} non-2xx and {res.errors} socket "
+        ctx.notes.append(f"{LABELS.get(name, name)} {what}: {res.non_2xx} non-2xx and {res.errors} socket "
                          f"errors out of {res.requests} requests; its figures are suspect.")
 
 

@@ -72,3 +72,12 @@ def first_line(text: str | None, limit: int | None = None) -> str:
             line = "".join(c if c.isprintable() else " " for c in line.strip())
             return line if limit is None or len(line) <= limit else line[: limit - 1] + "…"
     return ""
+
+
+def prompt_line(row: dict[str, Any], limit: int | None = None) -> str:
+    """The prompt's first line; for a request with none that is not a chat (an embeddings
+    call, a model lookup), what it asked for: `POST /v1/embeddings`."""
+    text = first_line(row.get("prompt_text"), limit)
+    if not text and row.get("path") and row["path"] != "/v1/chat/completions":
+        return first_line(f"{row.get('method') or ''} {row['path']}", limit)
+    return text

@@ -20,6 +20,7 @@ from provider_router.store import tree_view as tv
 from provider_router.ui.conversation import lanes
 from tests.conftest import Proxy, ProxyFactory, base_config, qwen_config
 from tests.daemon import Spawn
+from tests.fakes.openai import OpenAIFake
 from tests.fakes.qwen import QwenFake
 
 ADMIN = "ui-admin-key-canary-77"
@@ -295,6 +296,25 @@ async def test_a_request_page_shows_tool_calls_results_and_the_raw_json(make_pro
     status, headers, raw = await fetch(p, f"/ui/requests/{rid}/json")
     assert status == 200 and headers["Content-Type"].startswith("application/json")
     assert '"tool_call_id": "call_w1"' in raw
+
+
+async def test_a_responses_request_page_reads_as_a_transcript(make_proxy: ProxyFactory, openai_fake: OpenAIFake) -> None:
+    """A Responses request's page shows its instructions and input items (a function call
+    and its output) as the conversation, and the answer as the reply, the response as it
+    came folded beneath."""
+    p = await make_proxy(ui_config(base_config(openai_fake.base_url)))  # type: ignore[attr-defined]
+    raw = await p.sdk().responses.with_raw_response.create(model="gpt-4o", instructions="be brief", input=[
+        {"role": "user", "content": "weather in Oslo?"},
+        {"type": "function_call", "call_id": "call_o1", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
+        {"type": "function_call_output", "call_id": "call_o1", "output": "rain, 8C"},
+        {"role": "user", "content": "so?"},
+    ])  # fmt: skip
+    rid = str(raw.headers["x-request-id"])
+    await p.drained()
+    _, _, body = await fetch(p, f"/ui/requests/{rid}")
+    assert " 5 messages" in body and "be brief" in body and "get_weather" in body and "rain, 8C" in body
+    assert "<h2>Reply</h2>" in body and "upstream answered: so?" in body and "finish: completed" in body
+    assert "<summary>Response as it came</summary>" in body
 
 
 async def test_a_session_tree_shows_branches_and_the_upstream_thread(make_proxy: ProxyFactory, qwen_fake: QwenFake) -> None:

@@ -8,19 +8,11 @@ import shutil
 from datetime import datetime
 from typing import Any, Sequence
 
+from ..rowtext import prompt_line
 from .output import PIPE_WIDTH, first_line, fit, local_time, ms, pad, status, tokens
 from .output import cells as cells_of
 
 ID_WIDTH = 16  # ms + sequence: unique within a daemon; `logs show` takes any prefix
-
-
-def prompt_cell(r: dict[str, Any]) -> str:
-    """The prompt's first line; for a request with none that is not a chat (an embeddings
-    call, a model lookup), what it asked for: `POST /v1/embeddings`."""
-    text = first_line(r.get("prompt_text"))
-    if not text and r.get("path") and r["path"] != "/v1/chat/completions":
-        return f"{r.get('method') or ''} {r['path']}".strip()
-    return text
 
 
 class LogTable:
@@ -55,7 +47,7 @@ class LogTable:
             self.widths[i] = min(self.widths[i], floor)
         # The prompt takes what its longest first line needs (up to half), the reply the rest.
         room = self._room()
-        longest = max([cells_of(prompt_cell(r)) for r in rows] or [room])
+        longest = max([cells_of(prompt_line(r)) for r in rows] or [room])
         self.prompt_width = max(min(room // 2, max(longest, self.MIN_TEXT)), 8)
         self.reply_width = max(room - self.prompt_width, 8)
 
@@ -95,4 +87,4 @@ class LogTable:
             cells[0] = cells[0][-8:]
         if len(cells[4]) > self.widths[4]:  # a narrow status column keeps the code, not "404 re…"
             cells[4] = cells[4].split()[0]
-        return self._line(cells + [prompt_cell(r), reply])
+        return self._line(cells + [prompt_line(r), reply])

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..as_chat import KIND_OF_PATH, reply_message, request_messages
 from ..messages import content_text
 from ..store import tree_view as tv
 from . import fmt
@@ -138,12 +139,14 @@ def request_page(r: dict[str, Any]) -> Markup:
     ]
     if r.get("error"):
         body += [el("h2", "Error"), el("pre", str(r["error"]), class_="error")]
+    kind = KIND_OF_PATH.get(r.get("path") or "")  # a Responses or legacy completion request, read as chat
     if isinstance(request, dict):
-        messages = request.get("messages")
+        messages = request.get("messages") if kind is None else request_messages(kind, request)
         body.append(el("h2", "Conversation", el("span", f" {len(messages)} messages" if isinstance(messages, list) else "", class_="muted")))
         if isinstance(messages, list):
             body.append(el("div", [message_block(m) for m in messages], class_="transcript"))
-        params = {k: v for k, v in request.items() if k != "messages"}
+        read = ("messages", "input", "instructions", "prompt") if kind is not None and messages else ("messages",)
+        params = {k: v for k, v in request.items() if k not in read}
         if params:
             body.append(el("details", el("summary", "Request parameters (", ", ".join(params), ")"), el("pre", fmt.pretty_json(params)), class_="params"))
     elif request is not None:
@@ -155,6 +158,11 @@ def request_page(r: dict[str, Any]) -> Markup:
             title = "assistant" if len(choices) == 1 else f"choice {i + 1}"
             finish = el("p", f"finish: {choice.get('finish_reason') or '-'}", class_="muted")
             body.append(el("div", message_block(choice["message"], title), finish, class_="transcript reply"))
+    elif kind is not None and isinstance(response, dict) and (answer := reply_message(kind, response)) is not None:
+        ended = response.get("status") if kind == "responses" else (choices[0] if choices else {}).get("finish_reason")
+        body.append(el("h2", "Reply"))
+        body.append(el("div", message_block(answer, "assistant"), el("p", f"finish: {ended or '-'}", class_="muted"), class_="transcript reply"))
+        body.append(el("details", el("summary", "Response as it came"), el("pre", fmt.pretty_json(response)), class_="params"))
     elif response is not None:
         body += [el("h2", "Response"), el("pre", fmt.pretty_json(response))]
     attempts = _attempts(r.get("attempts"))

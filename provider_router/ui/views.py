@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Sequence
 
-from ..rowtext import OUTCOMES
+from ..rowtext import OUTCOMES, prompt_line
 from ..store import series as series_q
 from ..store.queries import RequestFilter
 from ..store.stats import GroupStats, Stats
@@ -83,7 +83,7 @@ def row_cells(row: dict[str, Any]) -> list[dict[str, str]]:
     """One listed request as the table's cells (text, class, link, tooltip): the same for
     the page and for the rows the live stream pushes, which the script only places as text."""
     ok = row.get("outcome") in (None, "ok")
-    prompt, reply = fmt.first_line(row.get("prompt_text"), 160), fmt.first_line(row.get("response_text"), 160)
+    prompt, reply = prompt_line(row, 160), fmt.first_line(row.get("response_text"), 160)
     if not reply and row.get("error") and not ok:
         reply = fmt.first_line(str(row["error"]), 160)
     cells = [
