@@ -75,13 +75,15 @@ def reply_message(kind: str, reply: Any) -> dict[str, Any] | None:
 
 def reply_text(reply: Any) -> str | None:
     """The text of an answer that is not a chat completion (a Responses `output`, a text
-    completion's choices), its function calls as `name(arguments)`: for listings."""
+    completion's choices), or its function calls as `name(arguments)` when it has none."""
     kind = "responses" if isinstance(reply, dict) and "output" in reply else "text_completion"
     m = reply_message(kind, reply)
     if m is None:
         return None
-    calls = [f"{c['function']['name']}({c['function']['arguments']})" for c in m.get("tool_calls", ())]
-    return "\n".join(([m["content"]] if m["content"] else []) + calls)
+    if m["content"]:
+        return str(m["content"])
+    # As a chat reply's text is listed: its tool calls only when it has no text.
+    return " ".join(f"{c['function']['name']}({c['function']['arguments']})" for c in m.get("tool_calls", ()))
 
 
 def _item_message(item: Any) -> dict[str, Any] | None:

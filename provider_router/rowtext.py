@@ -50,11 +50,21 @@ def or_dash(value: Any) -> str:
 
 
 def tokens(row: dict[str, Any]) -> str:
-    """`in/out` tokens of a request row, `?` for a side the upstream did not report."""
+    """`in/out` tokens of a request row, `?` for a side the upstream did not report (an
+    embeddings call has no out side: its input tokens alone)."""
     p, c = row.get("prompt_tokens"), row.get("completion_tokens")
-    if p is None and c is None:
-        return or_dash(row.get("total_tokens"))
+    if (p is None and c is None) or row.get("path") == "/v1/embeddings":
+        return or_dash(p if p is not None else row.get("total_tokens"))
     return f"{p if p is not None else '?'}/{c if c is not None else '?'}"
+
+
+def usage(row: dict[str, Any]) -> str | None:
+    """A request row's token counts spelled out (`prompt 8, completion -, total 8`), or None
+    when the upstream reported none."""
+    if all(row.get(k) is None for k in ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens")):
+        return None
+    out = f"prompt {or_dash(row.get('prompt_tokens'))}, completion {or_dash(row.get('completion_tokens'))}, total {or_dash(row.get('total_tokens'))}"
+    return out + (f", cached {row['cached_tokens']}" if row.get("cached_tokens") is not None else "")
 
 
 def status(row: dict[str, Any]) -> str:

@@ -51,7 +51,8 @@ def test_an_answer_reads_as_one_assistant_message_with_its_function_calls() -> N
         "content": "Checking.",
         "tool_calls": [{"id": "c2", "type": "function", "function": {"name": "grep", "arguments": '{"q": "x"}'}}],
     }
-    assert reply_text(response) == 'Checking.\ngrep({"q": "x"})'
+    assert reply_text(response) == "Checking."  # its text; its calls only when it has none
+    assert reply_text({"output": response["output"][2:]}) == 'grep({"q": "x"})'
     assert reply_message("responses", {"output": [{"type": "reasoning"}]}) is None
     completion = {"object": "text_completion", "choices": [{"index": 0, "text": "twice", "finish_reason": "stop"}]}
     assert reply_message("text_completion", completion) == {"role": "assistant", "content": "twice"}

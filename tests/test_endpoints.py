@@ -219,7 +219,8 @@ async def test_the_log_finds_and_shows_every_endpoint_as_it_does_chat(p: Proxy) 
     assert await found("-q", "upstream answered") == [responses["id"], completion["id"]]
     listed = await cli("logs", "--db", db, "-n", "0")
     assert "what next" in listed and "quokka facts" in listed and "upstream answered: quokka facts" in listed
-    assert "POST /v1/embeddings" in listed  # no prompt: what it asked for instead
+    [embeddings_line] = [line for line in listed.splitlines() if "POST /v1/embeddings" in line]  # no prompt: what it asked
+    assert " 2 " in embeddings_line and "/?" not in embeddings_line  # its input tokens; it has no output side
     shown = await cli("logs", "--db", db, "show", responses["id"])
     for line in ("system: be brief", "user: find the zephyr file", '-> lookup({"name": "zephyr"}) [call_1]',
                  "tool [call_1]: found in /tmp", "user: what next", "assistant: upstream answered: what next", "finish: completed"):
@@ -227,5 +228,6 @@ async def test_the_log_finds_and_shows_every_endpoint_as_it_does_chat(p: Proxy) 
     shown = await cli("logs", "--db", db, "show", completion["id"])
     assert "user: quokka facts" in shown and "assistant: upstream answered: quokka facts" in shown
     assert (embeddings["prompt_tokens"], embeddings["total_tokens"], embeddings["completion_tokens"]) == (2, 2, None)
+    assert "usage             prompt 2, completion -, total 2" in await cli("logs", "--db", db, "show", embeddings["id"])
     record = await p.record(completion["id"])  # the answer as it came, not as the log reads it
     assert "message" not in record["response"]["choices"][0]

@@ -315,6 +315,10 @@ async def test_a_responses_request_page_reads_as_a_transcript(make_proxy: ProxyF
     assert " 5 messages" in body and "be brief" in body and "get_weather" in body and "rain, 8C" in body
     assert "<h2>Reply</h2>" in body and "upstream answered: so?" in body and "finish: completed" in body
     assert "<summary>Response as it came</summary>" in body
+    e = await p.sdk().embeddings.with_raw_response.create(model="gpt-4o", input=["a"])
+    await p.drained()
+    _, _, body = await fetch(p, f"/ui/requests/{e.headers['x-request-id']}")
+    assert "prompt 1, completion -, total 1" in body and "None" not in body and "Conversation" not in body
 
 
 async def test_a_session_tree_shows_branches_and_the_upstream_thread(make_proxy: ProxyFactory, qwen_fake: QwenFake) -> None:

@@ -11,7 +11,7 @@ import orjson
 
 from .. import rowtext
 from ..as_chat import KIND_OF_PATH, reply_message, request_messages
-from .output import fields, full_time, json_doc, json_line, or_dash, section, status
+from .output import fields, full_time, json_doc, json_line, section, status
 
 
 def content_text(content: Any) -> str:
@@ -90,19 +90,6 @@ def reply_transcript(choice: dict[str, Any]) -> list[str]:
     return out
 
 
-def _usage(r: dict[str, Any]) -> str | None:
-    keys = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens")
-    if all(r.get(k) is None for k in keys):
-        return None
-    out = (
-        f"prompt {or_dash(r.get('prompt_tokens'))}, completion {or_dash(r.get('completion_tokens'))}, "
-        f"total {or_dash(r.get('total_tokens'))}"
-    )
-    if r.get("cached_tokens") is not None:
-        out += f", cached {r['cached_tokens']}"
-    return out
-
-
 def _request_fields(r: dict[str, Any]) -> list[str]:
     stream = {None: None, 0: "no", 1: "yes"}.get(r.get("stream"), r.get("stream"))
     if stream == "yes" and r.get("chunk_count") is not None:
@@ -122,7 +109,7 @@ def _request_fields(r: dict[str, Any]) -> list[str]:
         ("finish reason", r.get("finish_reason")),
         ("ttfb", None if r.get("ttfb_ms") is None else f"{r['ttfb_ms']:.1f} ms"),
         ("duration", None if r.get("duration_ms") is None else f"{r['duration_ms']:.1f} ms"),
-        ("usage", _usage(r)),
+        ("usage", rowtext.usage(r)),
         ("session", r.get("session_id")),
         ("turn", r.get("turn")),
         ("chat_id", r.get("chat_id")),

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..as_chat import KIND_OF_PATH, reply_message, request_messages
+from .. import rowtext
 from ..messages import content_text
 from ..store import tree_view as tv
 from . import fmt
@@ -80,13 +81,6 @@ def _fields(pairs: list[tuple[str, Any]]) -> Markup:
     return el("dl", [[el("dt", k), el("dd", v)] for k, v in pairs if v is not None and v != ""], class_="fields")
 
 
-def _usage(r: dict[str, Any]) -> str | None:
-    if all(r.get(k) is None for k in ("prompt_tokens", "completion_tokens", "total_tokens")):
-        return None
-    out = f"prompt {r.get('prompt_tokens', '-')}, completion {r.get('completion_tokens', '-')}, total {r.get('total_tokens', '-')}"
-    return out + (f", cached {r['cached_tokens']}" if r.get("cached_tokens") is not None else "")
-
-
 def _attempts(attempts: Any) -> Markup | None:
     if not attempts:
         return None
@@ -125,7 +119,7 @@ def request_page(r: dict[str, Any]) -> Markup:
         ("finish reason", r.get("finish_reason")),
         ("time to first byte", None if r.get("ttfb_ms") is None else fmt.ms(r["ttfb_ms"])),
         ("duration", None if r.get("duration_ms") is None else fmt.ms(r["duration_ms"])),
-        ("usage", _usage(r)),
+        ("usage", rowtext.usage(r)),
         ("session", session),
         ("turn", r.get("turn")),
         ("upstream chat", r.get("chat_id") if r.get("chat_id") != r.get("session_id") else None),
@@ -142,8 +136,8 @@ def request_page(r: dict[str, Any]) -> Markup:
     kind = KIND_OF_PATH.get(r.get("path") or "")  # a Responses or legacy completion request, read as chat
     if isinstance(request, dict):
         messages = request.get("messages") if kind is None else request_messages(kind, request)
-        body.append(el("h2", "Conversation", el("span", f" {len(messages)} messages" if isinstance(messages, list) else "", class_="muted")))
-        if isinstance(messages, list):
+        if isinstance(messages, list):  # none in an embeddings request: its parameters below
+            body.append(el("h2", "Conversation", el("span", f" {len(messages)} messages", class_="muted")))
             body.append(el("div", [message_block(m) for m in messages], class_="transcript"))
         read = ("messages", "input", "instructions", "prompt") if kind is not None and messages else ("messages",)
         params = {k: v for k, v in request.items() if k not in read}
