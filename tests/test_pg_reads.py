@@ -101,9 +101,22 @@ def records() -> list[RequestRecord]:
     odd.request_body, odd.response_body, odd.model, odd.client = b'{"model": "e", "input": ["a", "b"]}', b'{"data": []}', "e", "carol"
     odd.finish(200, "ok")
     odd.finished, odd.duration_ms = odd.started + 0.25, 250.0
+    at = BASE + 9 * 3 * 3600 + 60
+    resp = RequestRecord("POST", "/v1/responses", id=_id(at, 11), started=at)  # read as chat messages too (`as_chat`)
+    resp.request_body = orjson.dumps({"model": "gpt-4o", "instructions": "be brief", "input": [
+        {"type": "function_call", "call_id": "c9", "name": "find_walrus", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c9", "output": "none found"},
+        {"role": "user", "content": [{"type": "input_text", "text": "where is the walrus"}]},
+    ]})  # fmt: skip
+    resp.response_body = orjson.dumps({"object": "response", "status": "completed", "output": [
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "the pelican knows"}]},
+    ], "usage": {"input_tokens": 9, "output_tokens": 3, "total_tokens": 12}})  # fmt: skip
+    resp.reply_format, resp.model, resp.provider, resp.client = "responses", "gpt-4o", "openai", "carol"
+    resp.finish(200, "ok")
+    resp.finished, resp.duration_ms = resp.started + 0.5, 500.0
     late = _chat(10, [{"role": "user", "content": "a request whose id is newer than its time"}], {"role": "assistant", "content": "late"})
     late.id = _id(time.time(), 10)  # an id from another time than its `received_at`: found all the same
-    return [*out, odd, late]
+    return [*out, odd, resp, late]
 
 
 # (id, client, provider, model, chat_id, state, created, last access, expires, messages, requests, metadata)
@@ -240,14 +253,15 @@ async def test_pages_walk_back_the_same_way(pair: Pair) -> None:
             break
         seen = page + seen
         before = page[0]["id"]
-    assert len(seen) == 11
+    assert len(seen) == 12
     assert await pair.same(lambda r: r.recent_requests(RequestFilter(before="f" * 28), 3), _rows) == []
 
 
-@pytest.mark.parametrize("query", ["migration", "migr*", "vacuum migration", "sunny", "Oslo", "你好", "get_weather", "nothing-like-this", "!!"])
+@pytest.mark.parametrize("query", ["migration", "migr*", "vacuum migration", "sunny", "Oslo", "你好", "get_weather", "walrus", "pelican", "nothing-like-this", "!!"])
 async def test_a_search_finds_the_same_requests(pair: Pair, query: str) -> None:
-    """A word, a prefix, two words, a word only in a reply, Chinese, a tool call's name, no
-    match, and text with no word (no search) find the same requests."""
+    """A word, a prefix, two words, a word only in a reply, Chinese, a tool call's name, a
+    Responses request's prompt and reply, no match, and text with no word (no search) find
+    the same requests."""
     rows = await pair.same(lambda r: r.recent_requests(RequestFilter(query=query), 20), _rows)
     assert bool(rows) == (query != "nothing-like-this")
 
@@ -256,7 +270,7 @@ async def test_new_rows_after_a_cursor_are_the_same(pair: Pair) -> None:
     """From the start, every row; after a filtered page's last row, the rows after it; after
     the newest, none; with a limit, the newest few."""
     everything = await pair.same(lambda r: r.new_requests(RequestFilter(), START), _rows)
-    assert len(everything) == 11
+    assert len(everything) == 12
     await pair.same(lambda r: r.new_requests(RequestFilter(model="gpt-4o"), START, 2), _rows)
     assert len(await pair.same(lambda r: r.new_requests(RequestFilter(query="migr* database"), START), _rows)) == 1  # each row's messages checked
     after = []
