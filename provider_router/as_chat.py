@@ -22,27 +22,52 @@ KIND_OF_PATH = {"/v1/responses": "responses", "/v1/completions": "text_completio
 KINDS = tuple(KIND_OF_PATH.values())
 
 
+# The fields of such a request that its messages are read from.
+READ_FIELDS = ("input", "instructions", "prompt")
+
+
 def request_messages(kind: str, body: Any) -> list[dict[str, Any]]:
     """A Responses request (`kind` "responses") or a legacy completion's ("text_completion")
     as chat messages; [] when it holds none that can be read."""
+    return _reading(kind, body)[0]
+
+
+def shown(path: str | None, request: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """A request body as `logs show` and the dashboard show it: its messages (a chat's, or
+    the reading of a Responses or legacy completion body; None if it has none), and its
+    other fields. The fields a reading comes from are left out of the others only when all
+    of them was read (not token prompts, references to stored items or reasoning)."""
+    kind = KIND_OF_PATH.get(path or "")
+    if kind is None:
+        return request.get("messages"), {k: v for k, v in request.items() if k != "messages"}
+    messages, whole = _reading(kind, request)
+    read = READ_FIELDS if messages and whole else ()
+    return messages or None, {k: v for k, v in request.items() if k not in read}
+
+
+def _reading(kind: str, body: Any) -> tuple[list[dict[str, Any]], bool]:
+    """`request_messages`, and whether every part of the fields they come from was read."""
     if not isinstance(body, dict):
-        return []
+        return [], False
     if kind == "text_completion":
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
             prompt = "\n".join(prompt)  # several prompts in one request: one text (token arrays: none)
-        return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else []
+        return ([{"role": "user", "content": prompt}], True) if isinstance(prompt, str) else ([], False)
     out: list[dict[str, Any]] = []
+    whole = body.get("instructions") is None or isinstance(body.get("instructions"), str)
     if isinstance(body.get("instructions"), str):
         out.append({"role": "system", "content": body["instructions"]})
     items = body.get("input")
     if isinstance(items, str):
         items = [{"role": "user", "content": items}]
+    whole = whole and isinstance(items, list)
     for item in items if isinstance(items, list) else ():
         m = _item_message(item)
         if m is not None:
             out.append(m)
-    return out
+        whole = whole and m is not None
+    return out, whole
 
 
 def reply_message(kind: str, reply: Any) -> dict[str, Any] | None:
@@ -99,9 +124,11 @@ def _item_message(item: Any) -> dict[str, Any] | None:
         output = item.get("output")
         return {"role": "tool", "tool_call_id": item.get("call_id"), "content": output if isinstance(output, str) else content_text(output)}
     if kind in (None, "message") and isinstance(item.get("role"), str):
-        return {"role": item["role"], "content": content_text(item.get("content"))}
+        content = item.get("content")  # parts stay parts: their text is read, an image shown as one
+        return {"role": item["role"], "content": content if isinstance(content, (str, list)) else content_text(content)}
     return None
 
 
 def _tool_call(item: dict[str, Any]) -> dict[str, Any]:
-    return {"id": item.get("call_id"), "type": "function", "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
+    arguments = item.get("arguments")  # a JSON string; anything else, as text
+    return {"id": item.get("call_id"), "type": "function", "function": {"name": item.get("name"), "arguments": arguments if isinstance(arguments, str) else str(arguments)}}

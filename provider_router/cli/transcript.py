@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from .. import rowtext
-from ..as_chat import KIND_OF_PATH, reply_message, request_messages
+from ..as_chat import reply_message, shown
 from .output import fields, full_time, json_doc, json_line, section, status
 
 
@@ -123,14 +123,11 @@ def render_request(r: dict[str, Any]) -> list[str]:
     """One request in full: fields, the request as a transcript (tool calls and results
     included), each choice's reply, usage, what was cut, upstream attempts."""
     request, response = r.get("request"), r.get("response")
-    kind = KIND_OF_PATH.get(r.get("path") or "")  # a Responses or legacy completion request, read as chat
     out = [f"request {r['id']}", *_request_fields(r)]
     if r.get("error"):
         out += [section("error"), str(r["error"])]
     if isinstance(request, dict):
-        messages = request.get("messages") if kind is None else request_messages(kind, request)
-        read = ("messages", "input", "instructions", "prompt") if kind is not None and messages else ("messages",)
-        params = {k: v for k, v in request.items() if k not in read}
+        messages, params = shown(r.get("path"), request)  # a Responses or legacy completion body: read as chat
         out += [section("request"), *message_transcript(messages)]
         if params:
             out.append("params: " + json_line(params))
@@ -141,7 +138,7 @@ def render_request(r: dict[str, Any]) -> list[str]:
         for i, choice in enumerate(choices):
             title = "reply" if len(choices) == 1 else f"reply {i + 1} of {len(choices)}"
             out += [section(title), *reply_transcript(choice if isinstance(choice, dict) else {})]
-    elif kind == "responses" and isinstance(response, dict) and (answer := reply_message(kind, response)) is not None:
+    elif r.get("path") == "/v1/responses" and isinstance(response, dict) and (answer := reply_message("responses", response)) is not None:
         out += [section("reply"), *message_lines(answer), *transcript_lines("finish", str(response.get("status") or "-"))]
     elif response is not None:
         out += [section("response body"), response if isinstance(response, str) else json_doc(response)]

@@ -220,7 +220,7 @@ def listed_row(row: dict[str, Any]) -> dict[str, Any]:
     row["prompt_text"] = _text_of(row.pop("_prompt"))
     reply = row.pop("_reply")
     row["response_text"] = _text_of(reply)
-    if reply is None and row.get("response") and row.get("path") in KIND_OF_PATH:  # written before `as_chat`
+    if reply is None and row.get("response") and row.get("path") in KIND_OF_PATH:  # no reading (an older row, or none to read)
         row["response_text"] = reply_text(_json_or_text(row["response"]))
     m = orjson.loads(reply) if reply else {}
     row["reasoning_text"] = (m.get("reasoning_content") or m.get("reasoning")) if isinstance(m, dict) else None

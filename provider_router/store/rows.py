@@ -25,6 +25,7 @@ COLUMNS = (
     "attempts",
 )  # fmt: skip
 CHAT_FORMATS = ("chat", "stream", "completion")
+READING_ROOT = b"as_chat"  # the parent key of a reading's first message (a chat's is b"")
 ATTACH = "UPDATE requests SET session_id = ?1, chat_id = ?1 WHERE id = ?2 AND session_id IS NULL"
 INSERT_REQUEST = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
@@ -119,16 +120,18 @@ class Rows:
         choices = [c for c in (reply or {}).get("choices") or () if isinstance(c, dict)]
         placed, request = self._request(r, cut)
         tip = placed.tip if placed is not None else None
+        # A body kept whole (its blob) whose messages were placed: a reading (`as_chat`).
+        reading = placed is not None and request[3] is not None
         reply_message = replies = response = None
-        if reply is not None and placed is not None and tip is not None and r.reply_format in KINDS:
-            reply_message, response = self._answer_node(placed, r.reply_format, reply), self._json(reply)
+        if reply is not None and placed is not None and tip is not None and reading:
+            reply_message, response = self._answer_node(placed, r.reply_format or "", reply), self._json(reply)
         elif reply is not None and placed is not None and tip is not None:
             reply_message, replies, response = self._replies(placed, reply, choices)
         elif reply is not None:
             response = self._json(reply)
         elif r.response_body is not None:
             response = self._capped(r.response_body, cut, "response body")
-        if placed is not None:
+        if placed is not None and not reading:  # a reading's caps cut only the reading: nothing stored
             cut += placed.cut
         received = iso(r.started)
         row = (
@@ -177,7 +180,7 @@ class Rows:
         """The reply `r` got, read as its format says ("chat", also "stream" and
         "completion", the names of this schema's first release: a chat reply, its events if
         it was streamed through, else its JSON; "responses"; "text_completion"); the
-        record's tokens, finish reason and reply id taken from it; "embeddings": its usage)."""
+        record's tokens, finish reason and reply id taken from it ("embeddings": its usage)."""
         reply: dict[str, Any] | None = None
         if r.reply_format in CHAT_FORMATS and r.stream_body is not None:
             reply = assemble_stream(r.stream_body)
@@ -216,7 +219,9 @@ class Rows:
     def _request(self, r: RequestRecord, cut: list[str]) -> tuple[Any, tuple[Any, ...]]:
         """The request body in the tree: (where its history was placed, or None; its
         columns params, params_blobs, overrides, body_blob). A body that is not a chat
-        request is kept whole as a blob (cut at the body cap)."""
+        request is kept whole as a blob (cut at the body cap); a Responses or legacy
+        completion body that fits is also read as chat messages, placed for search and
+        listings (`_read_as_chat`)."""
         tree = self.tree
         found = None
         if r.request_body:
@@ -235,19 +240,22 @@ class Rows:
         body_blob = tree.blob(r.request_body[: self.max_body])
         if len(r.request_body) > self.max_body:
             cut.append("request body")
-        return self._read_as_chat(r), (None, None, None, body_blob)
+        reading = self._read_as_chat(r) if len(r.request_body) <= self.max_body else None
+        return reading, (None, None, None, body_blob)
 
     def _read_as_chat(self, r: RequestRecord) -> Any:
         """A Responses or legacy completion request's messages (`as_chat`) in the tree, in
         no conversation (where its prompt is, for search and listings); None for any other
-        body. The request itself is kept whole, in its blob."""
+        body. The request itself is kept whole, in its blob. Readings grow from a root of
+        their own: their nodes are never a chat request's, whose resent forms and overrides
+        they would otherwise decide."""
         if r.reply_format not in KINDS or not r.request_body:
             return None
         messages = request_messages(r.reply_format, completion_like(r.request_body))
         if not messages:
             return None
         try:
-            return self.tree.place(orjson.dumps(messages), None)
+            return self.tree.place(orjson.dumps(messages), None, root=READING_ROOT)
         except (ValueError, TypeError):  # nested past orjson's depth
             return None
 

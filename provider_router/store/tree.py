@@ -316,11 +316,11 @@ class Tree:
                 k += 1
         return k, raws[k:]
 
-    def place(self, array: bytes, conversation: str | None, known: tuple[int, list[bytes]] | None = None) -> Placed:
+    def place(self, array: bytes, conversation: str | None, known: tuple[int, list[bytes]] | None = None, root: bytes = b"") -> Placed:
         """Put a request's `messages` (the array as sent) in the tree; `conversation` (a
         session id) names where its previous request's resolution is remembered; `known`:
         how many of its messages the previous request's start with, and the others, when
-        the caller has found them."""
+        the caller has found them; `root`: the parent key of its first message."""
         placed = Placed()
         prev = self._paths.get(conversation) if conversation else None
         k, new = known if known is not None else self._resend(array, prev)
@@ -334,7 +334,7 @@ class Tree:
             m = orjson.loads(raw)  # a message nested past orjson's depth: ValueError
             if not isinstance(m, dict):
                 raise ValueError(f"message {i} is not an object")
-            nid, key, same = self.node(ids[-1] if ids else None, keys[-1] if keys else b"", m, placed, f"messages[{i}]")
+            nid, key, same = self.node(ids[-1] if ids else None, keys[-1] if keys else root, m, placed, f"messages[{i}]")
             if not same:
                 overrides[i] = m
             raws.append(raw)

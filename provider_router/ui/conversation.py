@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..as_chat import KIND_OF_PATH, reply_message, request_messages
+from ..as_chat import reply_message, shown
 from .. import rowtext
 from ..messages import content_text
 from ..store import tree_view as tv
@@ -81,6 +81,15 @@ def _fields(pairs: list[tuple[str, Any]]) -> Markup:
     return el("dl", [[el("dt", k), el("dd", v)] for k, v in pairs if v is not None and v != ""], class_="fields")
 
 
+def _said(choice: Any) -> dict[str, Any] | None:
+    """What a choice said: a chat choice's message, or a legacy completion's text as one."""
+    if not isinstance(choice, dict):
+        return None
+    if isinstance(choice.get("message"), dict):
+        return choice["message"]  # type: ignore[no-any-return]
+    return {"role": "assistant", "content": choice["text"]} if isinstance(choice.get("text"), str) else None
+
+
 def _attempts(attempts: Any) -> Markup | None:
     if not attempts:
         return None
@@ -133,29 +142,27 @@ def request_page(r: dict[str, Any]) -> Markup:
     ]
     if r.get("error"):
         body += [el("h2", "Error"), el("pre", str(r["error"]), class_="error")]
-    kind = KIND_OF_PATH.get(r.get("path") or "")  # a Responses or legacy completion request, read as chat
     if isinstance(request, dict):
-        messages = request.get("messages") if kind is None else request_messages(kind, request)
+        messages, params = shown(r.get("path"), request)  # a Responses or legacy completion body: read as chat
         if isinstance(messages, list):  # none in an embeddings request: its parameters below
             body.append(el("h2", "Conversation", el("span", f" {len(messages)} messages", class_="muted")))
             body.append(el("div", [message_block(m) for m in messages], class_="transcript"))
-        read = ("messages", "input", "instructions", "prompt") if kind is not None and messages else ("messages",)
-        params = {k: v for k, v in request.items() if k not in read}
         if params:
             body.append(el("details", el("summary", "Request parameters (", ", ".join(params), ")"), el("pre", fmt.pretty_json(params)), class_="params"))
     elif request is not None:
         body += [el("h2", "Request body"), el("pre", fmt.pretty_json(request))]
     choices = response.get("choices") if isinstance(response, dict) else None
-    if isinstance(choices, list) and choices and all(isinstance(c, dict) and "message" in c for c in choices):
-        body.append(el("h2", "Reply" if len(choices) == 1 else f"Replies ({len(choices)} choices)"))
-        for i, choice in enumerate(choices):
-            title = "assistant" if len(choices) == 1 else f"choice {i + 1}"
+    choices = choices if isinstance(choices, list) else []
+    said = [_said(c) for c in choices]
+    if said and all(m is not None for m in said):
+        body.append(el("h2", "Reply" if len(said) == 1 else f"Replies ({len(said)} choices)"))
+        for i, (choice, m) in enumerate(zip(choices, said)):
+            title = "assistant" if len(said) == 1 else f"choice {i + 1}"
             finish = el("p", f"finish: {choice.get('finish_reason') or '-'}", class_="muted")
-            body.append(el("div", message_block(choice["message"], title), finish, class_="transcript reply"))
-    elif kind is not None and isinstance(response, dict) and (answer := reply_message(kind, response)) is not None:
-        ended = response.get("status") if kind == "responses" else (choices[0] if choices else {}).get("finish_reason")
+            body.append(el("div", message_block(m, title), finish, class_="transcript reply"))
+    elif r.get("path") == "/v1/responses" and isinstance(response, dict) and (answer := reply_message("responses", response)) is not None:
         body.append(el("h2", "Reply"))
-        body.append(el("div", message_block(answer, "assistant"), el("p", f"finish: {ended or '-'}", class_="muted"), class_="transcript reply"))
+        body.append(el("div", message_block(answer, "assistant"), el("p", f"finish: {response.get('status') or '-'}", class_="muted"), class_="transcript reply"))
         body.append(el("details", el("summary", "Response as it came"), el("pre", fmt.pretty_json(response)), class_="params"))
     elif response is not None:
         body += [el("h2", "Response"), el("pre", fmt.pretty_json(response))]
