@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from .messages import content_text
 
 # The `reply_format` of a record whose request and answer are read here, by endpoint.
@@ -61,12 +63,20 @@ def _reading(kind: str, body: Any) -> tuple[list[dict[str, Any]], bool]:
     items = body.get("input")
     if isinstance(items, str):
         items = [{"role": "user", "content": items}]
-    whole = whole and isinstance(items, list)
+    whole = whole and (items is None or isinstance(items, list))
     for item in items if isinstance(items, list) else ():
         m = _item_message(item)
-        if m is not None:
-            out.append(m)
         whole = whole and m is not None
+        if m is None:
+            continue
+        last = out[-1] if out else None
+        if last is not None and last["role"] == "assistant" and m["role"] == "assistant" and m["content"] is None:
+            # An answer resent: its text and its function calls (separate items) are one
+            # assistant message, as `reply_message` read them, so the conversation goes on
+            # through that reply's node.
+            last["tool_calls"] = [*last.get("tool_calls", ()), *m["tool_calls"]]
+            continue
+        out.append(m)
     return out, whole
 
 
@@ -92,7 +102,7 @@ def reply_message(kind: str, reply: Any) -> dict[str, Any] | None:
             texts.append(content_text(item.get("content")))
     if not texts and not calls:
         return None
-    m: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts)}
+    m: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts) if texts else None}
     if calls:
         m["tool_calls"] = calls
     return m
@@ -124,11 +134,22 @@ def _item_message(item: Any) -> dict[str, Any] | None:
         output = item.get("output")
         return {"role": "tool", "tool_call_id": item.get("call_id"), "content": output if isinstance(output, str) else content_text(output)}
     if kind in (None, "message") and isinstance(item.get("role"), str):
-        content = item.get("content")  # parts stay parts: their text is read, an image shown as one
-        return {"role": item["role"], "content": content if isinstance(content, (str, list)) else content_text(content)}
+        content = item.get("content")
+        if not isinstance(content, str) and not (isinstance(content, list) and any(_not_text(p) for p in content)):
+            content = content_text(content)  # text parts as one text, as an answer's are read
+        return {"role": item["role"], "content": content}  # with an image among them: the parts
     return None
 
 
+def _not_text(part: Any) -> bool:
+    return not (isinstance(part, dict) and isinstance(part.get("text"), str))
+
+
 def _tool_call(item: dict[str, Any]) -> dict[str, Any]:
-    arguments = item.get("arguments")  # a JSON string; anything else, as text
-    return {"id": item.get("call_id"), "type": "function", "function": {"name": item.get("name"), "arguments": arguments if isinstance(arguments, str) else str(arguments)}}
+    arguments = item.get("arguments")  # a JSON string; anything else, as JSON text
+    if not isinstance(arguments, str):
+        try:
+            arguments = "" if arguments is None else orjson.dumps(arguments).decode()
+        except (orjson.JSONEncodeError, TypeError):  # nested past orjson's depth
+            arguments = str(arguments)
+    return {"id": item.get("call_id"), "type": "function", "function": {"name": item.get("name"), "arguments": arguments}}

@@ -48,6 +48,11 @@ def test_a_request_read_whole_is_shown_as_its_messages_and_its_other_fields() ->
     assert shown("/v1/completions", {"model": "m", "prompt": [[1, 2]]}) == (None, {"model": "m", "prompt": [[1, 2]]})
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     assert shown("/v1/chat/completions", chat) == (chat["messages"], {"model": "m"})
+    # Instructions with no input (a stateful call): read whole; arguments that are not a string, as JSON.
+    assert shown("/v1/responses", {"model": "m", "instructions": "hi", "previous_response_id": "r"}) == (
+        [{"role": "system", "content": "hi"}], {"model": "m", "previous_response_id": "r"})
+    call = request_messages("responses", {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": {"a": True, "b": None}}]})
+    assert call[0]["tool_calls"][0]["function"]["arguments"] == '{"a":true,"b":null}'
 
 
 def test_a_completion_prompt_reads_as_one_user_message() -> None:
@@ -155,3 +160,34 @@ def test_a_reading_shares_no_node_with_a_chat_of_the_same_messages(tmp_path: Pat
     out.apply([([], [chat, resp])])
     prompts = [r[0] for r in db.execute("SELECT prompt_message FROM requests ORDER BY rowid")]
     assert len(set(prompts)) == 2 and None not in prompts
+
+
+def test_a_resent_answer_continues_the_conversation_through_its_reply(tmp_path: Path) -> None:
+    """A client that resends its whole `input` (no stored state) sends the answer back as
+    items, a message and its function calls: read, they are that answer's reply node, so
+    the second turn's messages grow from the first turn's reply, as chat's do."""
+    db, out = _writer(tmp_path)
+    hi = {"role": "user", "content": "hi"}
+    said = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "looking", "annotations": []}]}
+    call = {"type": "function_call", "call_id": "c1", "name": "ls", "arguments": "{}"}
+    first = _record("/v1/responses", "responses", {"model": "m", "input": [hi]}, {**ANSWER, "output": [said, call]})
+    second = _record("/v1/responses", "responses", {"model": "m", "input": [
+        hi, said, call, {"type": "function_call_output", "call_id": "c1", "output": "a.txt"}, {"role": "user", "content": "and?"},
+    ]}, ANSWER)  # fmt: skip
+    out.apply([([], [first, second])])
+    (reply,) = db.execute("SELECT reply_message FROM requests WHERE id = ?", (first.id,)).fetchone()
+    (prompt,) = db.execute("SELECT prompt_message FROM requests WHERE id = ?", (second.id,)).fetchone()
+    path = []
+    node = prompt
+    while node is not None:
+        path.append(node)
+        (node,) = db.execute("SELECT parent_id FROM messages WHERE id = ?", (node,)).fetchone()
+    assert reply in path and len(path) == 4  # hi, the reply (text and call), the result, and?
+    assert db.execute("SELECT count(*) FROM messages WHERE role = 'assistant'").fetchone() == (2,)  # that reply, and the second's
+
+
+def test_a_responses_answer_sent_with_messages_comes_back_as_it_came(tmp_path: Path) -> None:
+    db, out = _writer(tmp_path)
+    rec = _record("/v1/responses", "responses", {"model": "m", "messages": [{"role": "user", "content": "hi"}]}, ANSWER)
+    out.apply([([], [rec])])
+    assert _rebuilt(tmp_path / "w.db", rec.id)["response"] == ANSWER

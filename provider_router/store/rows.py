@@ -283,7 +283,8 @@ class Rows:
         if ids:
             reply_message = ids[0]
             replies = orjson.dumps(ids).decode() if len(ids) > 1 or ids[0] is None else None
-        return reply_message, replies, self._json({**reply, "choices": meta_choices})
+        # An answer without choices (a Responses one sent with `messages`) is kept as it came.
+        return reply_message, replies, self._json({**reply, "choices": meta_choices} if "choices" in reply else reply)
 
     def _roll(self, r: RequestRecord, minute: str) -> None:
         key = (minute, self._text(r.model) or "", r.provider or "", r.outcome or "", r.client or "")

@@ -160,6 +160,8 @@ def request_page(r: dict[str, Any]) -> Markup:
             title = "assistant" if len(said) == 1 else f"choice {i + 1}"
             finish = el("p", f"finish: {choice.get('finish_reason') or '-'}", class_="muted")
             body.append(el("div", message_block(m, title), finish, class_="transcript reply"))
+        if r.get("path") == "/v1/completions":  # its text is read as a message: the rest (logprobs...) here
+            body.append(el("details", el("summary", "Response as it came"), el("pre", fmt.pretty_json(response)), class_="params"))
     elif r.get("path") == "/v1/responses" and isinstance(response, dict) and (answer := reply_message("responses", response)) is not None:
         body.append(el("h2", "Reply"))
         body.append(el("div", message_block(answer, "assistant"), el("p", f"finish: {response.get('status') or '-'}", class_="muted"), class_="transcript reply"))
