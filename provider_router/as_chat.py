@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from .messages import content_text
+from .messages import content_text, said_text
 
 # The `reply_format` of a record whose request and answer are read here, by endpoint.
 KIND_OF_PATH = {"/v1/responses": "responses", "/v1/completions": "text_completion"}
@@ -88,8 +88,7 @@ def reply_message(kind: str, reply: Any) -> dict[str, Any] | None:
         return None
     if kind == "text_completion":
         choices = reply.get("choices")
-        first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
-        return {"role": "assistant", "content": first["text"]} if isinstance(first.get("text"), str) else None
+        return choice_message(choices[0]) if isinstance(choices, list) and choices else None
     output = reply.get("output")
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
@@ -108,17 +107,22 @@ def reply_message(kind: str, reply: Any) -> dict[str, Any] | None:
     return m
 
 
+def choice_message(choice: Any) -> dict[str, Any] | None:
+    """What one choice of an answer said: a chat choice's message, or a legacy completion's
+    text as an assistant message; None if neither."""
+    if not isinstance(choice, dict):
+        return None
+    if isinstance(choice.get("message"), dict):
+        return choice["message"]  # type: ignore[no-any-return]
+    return {"role": "assistant", "content": choice["text"]} if isinstance(choice.get("text"), str) else None
+
+
 def reply_text(reply: Any) -> str | None:
     """The text of an answer that is not a chat completion (a Responses `output`, a text
     completion's choices), or its function calls as `name(arguments)` when it has none."""
     kind = "responses" if isinstance(reply, dict) and "output" in reply else "text_completion"
     m = reply_message(kind, reply)
-    if m is None:
-        return None
-    if m["content"]:
-        return str(m["content"])
-    # As a chat reply's text is listed: its tool calls only when it has no text.
-    return " ".join(f"{c['function']['name']}({c['function']['arguments']})" for c in m.get("tool_calls", ()))
+    return None if m is None else said_text(m)  # as a chat reply's text is listed
 
 
 def _item_message(item: Any) -> dict[str, Any] | None:

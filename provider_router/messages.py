@@ -15,3 +15,15 @@ def content_text(content: Any) -> str:
     if isinstance(content, list):
         return "\n".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     return ""
+
+
+def said_text(m: Any) -> str:
+    """What a message said, as listings show it: its text, or when it has none its tool
+    calls as `name(arguments)`."""
+    if not isinstance(m, dict):
+        return ""
+    text = content_text(m.get("content"))
+    if not text and isinstance(m.get("tool_calls"), list):
+        calls = [tc.get("function") for tc in m["tool_calls"] if isinstance(tc, dict)]
+        text = " ".join(f"{fn.get('name')}({fn.get('arguments')})" for fn in calls if isinstance(fn, dict))
+    return text

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from .. import rowtext
-from ..as_chat import reply_message, shown
+from ..as_chat import choice_message, reply_message, shown
 from .output import fields, full_time, json_doc, json_line, section, status
 
 
@@ -76,9 +76,7 @@ def message_transcript(messages: Any) -> list[str]:
 
 def reply_transcript(choice: dict[str, Any]) -> list[str]:
     """One choice of the response: reasoning, text, refusal, tool calls, finish reason."""
-    msg = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-    if not msg and isinstance(choice.get("text"), str):  # a legacy completion's choice
-        msg = {"role": "assistant", "content": choice["text"]}
+    msg = choice_message(choice) or {}  # a legacy completion's text, as a message
     out: list[str] = []
     reasoning = msg.get("reasoning_content") or msg.get("reasoning")
     if reasoning:

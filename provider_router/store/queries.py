@@ -17,8 +17,8 @@ from typing import Any, Protocol
 import aiosqlite
 import orjson
 
-from ..as_chat import KIND_OF_PATH, reply_text, request_messages
-from ..messages import content_text
+from ..as_chat import KIND_OF_PATH, reply_text, shown
+from ..messages import content_text, said_text
 from ..records import iso
 from . import search
 
@@ -203,14 +203,7 @@ _LISTED = (
 
 
 def _text_of(body: str | None) -> str | None:
-    if body is None:
-        return None
-    m = orjson.loads(body)
-    text = content_text(m.get("content")) if isinstance(m, dict) else ""
-    if not text and isinstance(m, dict) and m.get("tool_calls"):
-        calls = [tc.get("function", {}) for tc in m["tool_calls"] if isinstance(tc, dict)]
-        text = " ".join(f"{fn.get('name')}({fn.get('arguments')})" for fn in calls if isinstance(fn, dict))
-    return text
+    return None if body is None else said_text(orjson.loads(body))
 
 
 def listed_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -454,15 +447,13 @@ def rebuilt_row(row: dict[str, Any], request: Any, response: Any) -> dict[str, A
         row.pop(col, None)
     if isinstance(row.get("attempts"), str):
         row["attempts"] = orjson.loads(row["attempts"])
-    messages = request.get("messages") if isinstance(request, dict) else None
-    if messages is None and row.get("path") in KIND_OF_PATH:
-        messages = request_messages(KIND_OF_PATH[row["path"]], request)
+    messages = shown(row.get("path"), request)[0] if isinstance(request, dict) else None
     users = [m for m in messages or () if isinstance(m, dict) and m.get("role") == "user"]
     row["prompt_text"] = content_text(users[-1].get("content")) if users else None
     choices = response.get("choices") if isinstance(response, dict) else None
     first = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
     first = first if isinstance(first, dict) else None
-    row["response_text"] = _text_of(orjson.dumps(first).decode()) if first else reply_text(response)
+    row["response_text"] = said_text(first) if first else reply_text(response)
     row["reasoning_text"] = (first.get("reasoning_content") or first.get("reasoning")) if first else None
     row["request"] = request
     row["response"] = response

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..as_chat import reply_message, shown
+from ..as_chat import choice_message, reply_message, shown
 from .. import rowtext
 from ..messages import content_text
 from ..store import tree_view as tv
@@ -81,15 +81,6 @@ def _fields(pairs: list[tuple[str, Any]]) -> Markup:
     return el("dl", [[el("dt", k), el("dd", v)] for k, v in pairs if v is not None and v != ""], class_="fields")
 
 
-def _said(choice: Any) -> dict[str, Any] | None:
-    """What a choice said: a chat choice's message, or a legacy completion's text as one."""
-    if not isinstance(choice, dict):
-        return None
-    if isinstance(choice.get("message"), dict):
-        return choice["message"]  # type: ignore[no-any-return]
-    return {"role": "assistant", "content": choice["text"]} if isinstance(choice.get("text"), str) else None
-
-
 def _attempts(attempts: Any) -> Markup | None:
     if not attempts:
         return None
@@ -153,7 +144,7 @@ def request_page(r: dict[str, Any]) -> Markup:
         body += [el("h2", "Request body"), el("pre", fmt.pretty_json(request))]
     choices = response.get("choices") if isinstance(response, dict) else None
     choices = choices if isinstance(choices, list) else []
-    said = [_said(c) for c in choices]
+    said = [choice_message(c) for c in choices]
     if said and all(m is not None for m in said):
         body.append(el("h2", "Reply" if len(said) == 1 else f"Replies ({len(said)} choices)"))
         for i, (choice, m) in enumerate(zip(choices, said)):
